@@ -1,0 +1,58 @@
+"""Argument checks shared by every op family.
+
+Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
+device, layout) naming the argument and saying what was expected and what was given,
+so bad input never reaches a kernel as an illegal memory access or a wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return " or ".join(str(d) for d in dtypes)
+
+
+def check_tensor(name: str, value, *, dtypes: Sequence[torch.dtype] | None = None,
+                 ndims: Sequence[int] | None = None) -> torch.Tensor:
+    """``value`` is a tensor of one of ``dtypes`` with one of ``ndims`` dimensions."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"expected {name} of dtype {_dtype_names(dtypes)}, got {value.dtype}")
+    if ndims is not None and value.dim() not in ndims:
+        expected = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"expected {name} with {expected} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(value.shape) != tuple(expected):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"expected {name} of shape {tuple(expected)}{hint}, got {tuple(value.shape)}")
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0]
+    for name, tensor in zip(names[1:], tensors[1:]):
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"expected {name} of dtype {first.dtype} (the dtype of {names[0]}), got {tensor.dtype}")
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0]
+    for name, tensor in zip(names[1:], tensors[1:]):
+        if tensor.device != first.device:
+            raise ValueError(f"expected {name} on {first.device} (the device of {names[0]}), got {tensor.device}")
+
+
+def check_last_dim_contiguous(name: str, value: torch.Tensor) -> None:
+    """Kernels read rows with unit stride; other dimensions may have any strides."""
+    if value.shape[-1] > 1 and value.stride(-1) != 1:
+        raise ValueError(f"expected {name} with a contiguous last dimension (stride 1), "
+                         f"got strides {tuple(value.stride())}")

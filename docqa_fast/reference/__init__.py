@@ -1,0 +1,8 @@
+"""Pure-PyTorch ground truth for every op: readable, fp32 accumulation, the exact semantics.
+
+These are the test oracles and the CPU fallback; the fast paths must match them.
+"""
+
+from .merge_attention import merge_attention_states_ref, merge_stacked_attention_states_ref
+
+__all__ = ["merge_attention_states_ref", "merge_stacked_attention_states_ref"]

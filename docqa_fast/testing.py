@@ -1,0 +1,56 @@
+"""Test helpers shared by every op family: flash-attn's tolerance rule.
+
+The rule (DESIGN.md, Numerics): a kernel's max error against an exact (fp64) computation is
+at most ``factor`` times the max error of the same computation done in plain PyTorch at the
+kernel's precision -- 2x for forward outputs, 2-3x for gradients. NaN never passes, and
+infinities must sit in the same places with the same sign.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _error_floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """A few units in the last place of ``dtype`` at the exact result's magnitude.
+
+    When the plain-PyTorch computation happens to be exact (fp32 inputs, say), 2x its error
+    is 0 and a correct kernel that merely rounds in another order would fail; this floor is
+    the rounding any implementation at ``dtype`` is entitled to.
+    """
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    return 4 * torch.finfo(dtype).eps * max(scale, 1.0)
+
+
+def assert_close_by_rule(actual: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, *,
+                         factor: float = 2.0, name: str = "output") -> None:
+    """Assert ``actual`` is within ``factor`` x the error of ``plain``, both against ``exact``.
+
+    Args:
+        actual: the kernel's result.
+        exact: the same computation in fp64 (the ground truth).
+        plain: the same computation in plain PyTorch at the kernel's precision.
+        factor: 2 for outputs, 2-3 for gradients.
+        name: what is compared, for the message.
+    """
+    if actual.shape != exact.shape or plain.shape != exact.shape:
+        raise AssertionError(f"{name}: shapes differ: actual {tuple(actual.shape)}, exact {tuple(exact.shape)}, "
+                             f"plain {tuple(plain.shape)}")
+    actual64, exact64, plain64 = actual.double(), exact.double(), plain.double()
+    if torch.isnan(actual64).any():
+        raise AssertionError(f"{name}: {int(torch.isnan(actual64).sum())} NaN values (NaN never passes)")
+    if torch.isnan(exact64).any():
+        raise AssertionError(f"{name}: the exact result has NaN: the test itself is wrong")
+    inf_mismatch = torch.isinf(actual64) != torch.isinf(exact64)
+    inf_mismatch |= torch.isinf(exact64) & (actual64 != exact64)
+    if inf_mismatch.any():
+        where = inf_mismatch.nonzero()[0].tolist()
+        raise AssertionError(f"{name}: infinities differ from the exact result, first at {where}: "
+                             f"got {actual64[tuple(where)].item()}, expected {exact64[tuple(where)].item()}")
+    finite = torch.isfinite(exact64)
+    error = (actual64 - exact64)[finite].abs().max().item() if finite.any() else 0.0
+    plain_error = (plain64 - exact64)[finite].abs().nan_to_num(0.0).max().item() if finite.any() else 0.0
+    allowed = factor * plain_error + _error_floor(exact64[finite], actual.dtype)
+    if not error <= allowed:
+        raise AssertionError(f"{name}: max error {error:.3g} > {factor} x plain-PyTorch error {plain_error:.3g} "
+                             f"(+ rounding floor; allowed {allowed:.3g})")

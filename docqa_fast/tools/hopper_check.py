@@ -1,0 +1,131 @@
+"""Compile every registered Triton kernel config for Hopper (sm_90a) with no GPU and read its resources.
+
+For each :class:`docqa_fast.kernels.registry.KernelConfig` this compiles PTX and a cubin
+with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and runs the ``cuobjdump``
+shipped in the Triton wheel: ``-res-usage`` for registers, stack, local memory and static
+shared memory, ``-sass`` for the instruction mix (HGMMA = Hopper warpgroup tensor-core
+MMA). A config is a problem when it spills (stack or local memory > 0), needs more
+shared memory than a Hopper block can have, or multiplies matrices without HGMMA.
+
+Run ``python -m docqa_fast.tools.hopper_check`` for a table.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+# Shared memory one block may use on sm_90 (227 KiB opt-in maximum).
+HOPPER_MAX_SHARED_BYTES = 227 * 1024
+
+
+@dataclass
+class HopperReport:
+    name: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    shared_bytes: int  # dynamic (Triton's allocation) + static
+    hgmma_count: int
+    uses_tensor_cores: bool
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def cuobjdump_path() -> str:
+    import triton.backends.nvidia as nvidia_backend
+
+    return os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
+
+
+_RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def compile_config(config) -> HopperReport:
+    """Compile one config for sm_90 and report its resources and problems."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(config.fn, config.signature, constexprs=config.constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump_path(), "-res-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump_path(), "-sass", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    match = _RES_USAGE.search(usage)
+    if match is None:
+        raise RuntimeError(f"cannot read cuobjdump -res-usage output for {config.name}:\n{usage}")
+    registers, stack, static_shared, local = (int(g) for g in match.groups())
+    report = HopperReport(
+        name=config.name, num_warps=config.num_warps, num_stages=config.num_stages,
+        registers=registers, stack_bytes=stack, local_bytes=local,
+        shared_bytes=static_shared + int(compiled.metadata.shared),
+        hgmma_count=len(re.findall(r"\bHGMMA\b", sass)), uses_tensor_cores=config.uses_tensor_cores,
+    )
+    if stack or local:
+        report.problems.append(f"spills: stack {stack} B, local {local} B")
+    if report.shared_bytes > HOPPER_MAX_SHARED_BYTES:
+        report.problems.append(f"shared memory {report.shared_bytes} B > Hopper limit {HOPPER_MAX_SHARED_BYTES} B")
+    if config.uses_tensor_cores and report.hgmma_count == 0:
+        report.problems.append("multiplies matrices but has no HGMMA (tensor-core) instruction")
+    return report
+
+
+def _compile_natively() -> None:
+    """Pool initializer: compile real kernels even if the parent runs the Triton interpreter.
+
+    Triton decides interpreted-or-compiled when a kernel module is imported, so the
+    workers (fresh spawned processes) switch the interpreter off before importing any.
+    """
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
+def _compile_by_name(name: str) -> HopperReport:
+    from docqa_fast.kernels.registry import registered_configs
+
+    return compile_config(next(c for c in registered_configs() if c.name == name))
+
+
+def check_all(names=None, workers: int | None = None) -> list[HopperReport]:
+    """Compile every registered config (or those in ``names``), in parallel processes."""
+    from docqa_fast.kernels.registry import registered_configs
+
+    selected = [c.name for c in registered_configs() if names is None or c.name in names]
+    if not selected:
+        return []
+    workers = workers or min(len(selected), os.cpu_count() or 1)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_compile_natively) as pool:
+        return list(pool.map(_compile_by_name, selected))
+
+
+def format_table(reports: list[HopperReport]) -> str:
+    lines = ["| kernel config | warps | regs | shared KiB | spill B | HGMMA | ok |",
+             "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        verdict = "yes" if r.ok else "NO: " + "; ".join(r.problems)
+        lines.append(f"| {r.name} | {r.num_warps} | {r.registers} | {r.shared_bytes / 1024:.1f} | "
+                     f"{r.stack_bytes + r.local_bytes} | {r.hgmma_count} | {verdict} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_table(check_all()))

@@ -1,0 +1,10 @@
+"""Triton kernels of docqa_fast (installed as ``docqa_fast.kernels``).
+
+One module per op family, holding only ``@triton.jit`` kernels, their launchers and the
+list of configurations each launcher can pick (registered in :mod:`.registry` so the
+Hopper compile check covers every one of them). Autograd, validation and dispatch live
+in ``docqa_fast/<family>/``.
+"""
+
+# Every module here that defines kernels; the Hopper check imports them all.
+KERNEL_MODULES = ("merge_attention",)

@@ -1,0 +1,73 @@
+"""Shared test setup: which backends run here, on which device and dtypes.
+
+Tests that take a ``backend`` argument (and optionally ``dtype``) are run once per backend
+this machine can execute -- on a GPU machine on CUDA tensors (bf16 included), elsewhere on
+CPU tensors: the Triton kernels under the interpreter (fp16/fp32: the interpreter
+miscomputes bf16) and the extension's C++ twins of the CUDA kernels. Backends that cannot
+run here appear as skipped, with the reason docqa_fast.backends() gives.
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # Must happen before any Triton kernel module is imported: Triton decides then.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import docqa_fast  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:
+    if backend == "triton" and not ON_GPU:
+        return (torch.float16, torch.float32)
+    return ALL_DTYPES
+
+
+def _backend_param(backend: str, status):
+    marks = () if status.available else pytest.mark.skip(reason=f"{backend} backend {status}")
+    return backend, marks
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames:
+        return
+    statuses = docqa_fast.backends()
+    params = []
+    for backend in docqa_fast.BACKENDS:
+        name, marks = _backend_param(backend, statuses[backend])
+        if "dtype" in metafunc.fixturenames:
+            params += [pytest.param(name, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}")
+                       for dtype in dtypes_for(name)]
+        else:
+            params.append(pytest.param(name, marks=marks, id=name))
+    argnames = ("backend", "dtype") if "dtype" in metafunc.fixturenames else "backend"
+    metafunc.parametrize(argnames, params)
+
+
+@pytest.fixture(autouse=True)
+def _force_backend(request, monkeypatch):
+    """A test parametrized by ``backend`` runs every op call through exactly that backend."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    if backend is not None:
+        monkeypatch.setenv("DOCQA_FAST_BACKEND", backend)
+    else:
+        monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Different random inputs in every test, the same ones on every run of that test.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
