@@ -23,18 +23,24 @@ from .registry import KernelConfig, pointer_type, register
 # power of two, so these are every block width a launcher can pick.
 MAX_HEAD_DIM = 1024
 BLOCK_D_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
-# Elements of one output tile: 4096 keeps ~32 elements per thread per input at 4 warps.
-TILE_ELEMENTS = 4096
+# Elements of one output tile: 16 per thread per input at 4 warps -- two 16-byte loads of
+# fp16 when rows are aligned, and few enough per-element pointers to never spill when not.
+TILE_ELEMENTS = 2048
 NUM_WARPS = 4
 
 
 @triton.jit
 def _row_coordinates(rows, S, H):
-    """Row r of the flattened (B, S, H) grid -> (b, s, h)."""
+    """Row r of the flattened (B, S, H) grid -> (b, s, h), widened to int64 for the offsets.
+
+    The division runs in int32 (the launcher guarantees B*S*H < 2^31): int64 division is a
+    called subroutine on NVIDIA GPUs that costs registers and stack. Element offsets such
+    as b * stride_b can pass 2^31 at 128K tokens, hence the int64 results.
+    """
     h = rows % H
     s = (rows // H) % S
     b = rows // (H * S)
-    return b, s, h
+    return b.to(tl.int64), s.to(tl.int64), h.to(tl.int64)
 
 
 @triton.jit
@@ -68,10 +74,10 @@ def merge_pair_kernel(
     ob_sb, ob_ss, ob_sh, lb_sb, lb_sh, lb_ss,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # int64 rows: B*S*H*D passes 2^31 for long contexts.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     b, s, h = _row_coordinates(rows, S, H)
+    rows = rows.to(tl.int64)  # rows * D passes 2^31 for long contexts
 
     lse_a = _load_lse(lse_a_ptr, b, s, h, la_sb, la_sh, la_ss, row_ok)
     lse_b = _load_lse(lse_b_ptr, b, s, h, lb_sb, lb_sh, lb_ss, row_ok)
@@ -100,9 +106,10 @@ def merge_stacked_kernel(
     o_sp, o_sb, o_ss, o_sh, l_sp, l_sb, l_sh, l_ss,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     b, s, h = _row_coordinates(rows, S, H)
+    rows = rows.to(tl.int64)
 
     # Pass 1 over the (small, cached) LSEs: the max; pass 2: the normaliser.
     lse_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -128,6 +135,11 @@ def merge_stacked_kernel(
     tl.store(lse_out_ptr + (b * H + h) * S + s, lse, mask=row_ok)
 
 
+def _check_row_count(n_rows: int) -> None:
+    if n_rows >= 2**31:
+        raise ValueError(f"batch * seqlen * heads = {n_rows} rows is above the supported 2^31 - 1")
+
+
 def _tile(head_dim: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D) for a head dim: the whole row in one tile, ~TILE_ELEMENTS per program."""
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -142,6 +154,7 @@ def merge_pair(out_a, lse_a, out_b, lse_b, out, lse_out) -> None:
     n_rows = B * S * H
     if n_rows == 0:
         return
+    _check_row_count(n_rows)
     block_r, block_d = _tile(D)
     grid = (triton.cdiv(n_rows, block_r),)
     merge_pair_kernel[grid](
@@ -159,6 +172,7 @@ def merge_stacked(outs, lses, out, lse_out) -> None:
     n_rows = B * S * H
     if n_rows == 0:
         return
+    _check_row_count(n_rows)
     block_r, block_d = _tile(D)
     grid = (triton.cdiv(n_rows, block_r),)
     merge_stacked_kernel[grid](
@@ -170,33 +184,40 @@ def merge_stacked(outs, lses, out, lse_out) -> None:
 
 
 def _configs():
-    """Every (kernel, dtype, tile) the two launchers above can pick."""
-    ints = lambda *names: {name: "i64" for name in names}  # noqa: E731
+    """Every (kernel, dtype, tile, alignment) the two launchers above can compile."""
+    pair_signature = {
+        "out_a_ptr": "OUT", "lse_a_ptr": "*fp32", "out_b_ptr": "OUT", "lse_b_ptr": "*fp32",
+        "out_ptr": "OUT", "lse_out_ptr": "*fp32", "S": "i32", "H": "i32", "D": "i64", "n_rows": "i32",
+        **dict.fromkeys(("oa_sb", "oa_ss", "oa_sh", "la_sb", "la_sh", "la_ss",
+                         "ob_sb", "ob_ss", "ob_sh", "lb_sb", "lb_sh", "lb_ss"), "i64"),
+        "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
+    }
+    stacked_signature = {
+        "outs_ptr": "OUT", "lses_ptr": "*fp32", "out_ptr": "OUT", "lse_out_ptr": "*fp32",
+        "n_parts": "i32", "S": "i32", "H": "i32", "D": "i64", "n_rows": "i32",
+        **dict.fromkeys(("o_sp", "o_sb", "o_ss", "o_sh", "l_sp", "l_sb", "l_sh", "l_ss"), "i64"),
+        "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
+    }
+    # Aligned: head dim and output strides multiples of 16 (D = 64, 80, 128, ...), the usual case.
+    aligned = {
+        "pair": ("out_a_ptr", "lse_a_ptr", "out_b_ptr", "lse_b_ptr", "out_ptr", "lse_out_ptr", "D",
+                 "oa_sb", "oa_ss", "oa_sh", "ob_sb", "ob_ss", "ob_sh"),
+        "stacked": ("outs_ptr", "lses_ptr", "out_ptr", "lse_out_ptr", "D", "o_sp", "o_sb", "o_ss", "o_sh"),
+    }
+    kernels = {"pair": (merge_pair_kernel, pair_signature), "stacked": (merge_stacked_kernel, stacked_signature)}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         ptr = pointer_type(dtype)
         for block_d in BLOCK_D_CHOICES:
-            block_r = TILE_ELEMENTS // block_d
-            tag = f"{ptr[1:]},BLOCK_D={block_d}"
-            constexprs = {"BLOCK_R": block_r, "BLOCK_D": block_d}
-            yield KernelConfig(
-                name=f"merge_pair[{tag}]",
-                fn=merge_pair_kernel,
-                signature={"out_a_ptr": ptr, "lse_a_ptr": "*fp32", "out_b_ptr": ptr, "lse_b_ptr": "*fp32",
-                           "out_ptr": ptr, "lse_out_ptr": "*fp32",
-                           **ints("S", "H", "D", "n_rows", "oa_sb", "oa_ss", "oa_sh", "la_sb", "la_sh", "la_ss",
-                                  "ob_sb", "ob_ss", "ob_sh", "lb_sb", "lb_sh", "lb_ss"),
-                           "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-                constexprs=constexprs, num_warps=NUM_WARPS,
-            )
-            yield KernelConfig(
-                name=f"merge_stacked[{tag}]",
-                fn=merge_stacked_kernel,
-                signature={"outs_ptr": ptr, "lses_ptr": "*fp32", "out_ptr": ptr, "lse_out_ptr": "*fp32",
-                           **ints("n_parts", "S", "H", "D", "n_rows", "o_sp", "o_sb", "o_ss", "o_sh",
-                                  "l_sp", "l_sb", "l_sh", "l_ss"),
-                           "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
-                constexprs=constexprs, num_warps=NUM_WARPS,
-            )
+            for kind, (fn, signature) in kernels.items():
+                for alignment in ("aligned", "unaligned"):
+                    yield KernelConfig(
+                        name=f"merge_{kind}[{ptr[1:]},BLOCK_D={block_d},{alignment}]",
+                        fn=fn,
+                        signature={arg: ptr if t == "OUT" else t for arg, t in signature.items()},
+                        constexprs={"BLOCK_R": TILE_ELEMENTS // block_d, "BLOCK_D": block_d},
+                        num_warps=NUM_WARPS,
+                        divisible_by_16=aligned[kind] if alignment == "aligned" else (),
+                    )
 
 
 register(_configs())

@@ -60,7 +60,9 @@ def compile_config(config) -> HopperReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(config.fn, config.signature, constexprs=config.constexprs)
+    names = list(config.signature)
+    attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in config.divisible_by_16}
+    source = ASTSource(config.fn, config.signature, constexprs=config.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
