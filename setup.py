@@ -50,6 +50,30 @@ def _cuda_library_dir(cuda_home):
     return None
 
 
+def _find_cuda_home(torch_guess):
+    """The CUDA toolkit folder: has bin/nvcc and libcudart in lib64/ or lib/.
+
+    PyTorch guesses from the nvcc on PATH, which on some machines is a wrapper script in
+    /usr/local/bin (giving /usr/local); try the explicit settings, then that guess, then
+    the folder that owns the real nvcc (found by asking the wrapper), then /usr/local/cuda.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_guess]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:
+            with open(nvcc) as f:  # a shell wrapper names the real binary
+                candidates += [os.path.dirname(os.path.dirname(word)) for word in f.read(4096).split()
+                               if word.endswith("/bin/nvcc")]
+        except (OSError, UnicodeDecodeError):
+            pass
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and _cuda_library_dir(home):
+            return home
+    return None
+
+
 def _plan_extension():
     """Decide what to build. Returns (ext_modules, cmdclass, build_info)."""
     if os.environ.get("DOCQA_FAST_NO_EXTENSION", "0") not in ("", "0"):
@@ -69,17 +93,20 @@ def _plan_extension():
 
     cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: PyTorch adds the standard its headers need (C++17 or C++20).
+    cxx_flags = ["-O3"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
     why_no_cuda = None
+    cuda_home = _find_cuda_home(cpp_extension.CUDA_HOME)
     if torch.version.cuda is None:
         why_no_cuda = "PyTorch is a CPU build"
-    elif cpp_extension.CUDA_HOME is None:
-        why_no_cuda = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    elif _cuda_library_dir(cpp_extension.CUDA_HOME) is None:
-        why_no_cuda = f"libcudart not found under {cpp_extension.CUDA_HOME}/lib64 or /lib"
+    elif cuda_home is None:
+        why_no_cuda = "no CUDA toolkit found (nvcc with libcudart in lib64/ or lib/; set CUDA_HOME)"
+    else:
+        # BuildExtension runs nvcc from this module-level setting.
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
 
     if why_no_cuda is not None:
         ext = cpp_extension.CppExtension(
@@ -89,16 +116,16 @@ def _plan_extension():
 
     archs = os.environ.get("DOCQA_FAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     gencode, arch_names = _gencode_flags(archs)
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
     ext = cpp_extension.CUDAExtension(
         "docqa_fast._C",
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
-        library_dirs=[_cuda_library_dir(cpp_extension.CUDA_HOME)],
+        library_dirs=[_cuda_library_dir(cuda_home)],
         define_macros=[("DOCQA_FAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags + ["-DDOCQA_FAST_WITH_CUDA=1"], "nvcc": nvcc_flags},
     )
-    info = {"extension": "cuda", "reason": "", "cuda_archs": arch_names, "cuda_home": cpp_extension.CUDA_HOME}
+    info = {"extension": "cuda", "reason": "", "cuda_archs": arch_names, "cuda_home": cuda_home}
     return [ext], cmdclass, info
 
 

@@ -1,0 +1,48 @@
+# docqa_fast: everything a fresh clone needs, from one command.
+#   make test    set up the virtualenv, build the extension, run the test suite
+#   make bench   set up the same, run the benchmark suite on whatever device is here
+# Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_SPEC (installed
+# only when the venv cannot import torch yet), MAX_JOBS, DOCQA_FAST_CUDA_ARCHS,
+# DOCQA_FAST_NO_EXTENSION=1, BENCH_ARGS (e.g. "--quick --filter merge").
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+DEPS := pytest pytest-benchmark ninja numpy matplotlib tqdm setuptools wheel
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS
+
+SETUP_STAMP := $(VENV)/.docqa_fast-deps
+BUILD_STAMP := $(VENV)/.docqa_fast-built
+SOURCES := setup.py pyproject.toml $(shell find csrc kernels docqa_fast -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: test bench install hopper-report clean
+
+# The venv sees the system's packages, so a machine that already has PyTorch (a GPU box
+# with its own CUDA build, no network) reuses it; pip skips what is already satisfied.
+$(SETUP_STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# Editable install: builds docqa_fast._C in place (C++ always, CUDA when nvcc is found).
+$(BUILD_STAMP): $(SETUP_STAMP) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import docqa_fast; [print(f'  {k:9s} {v}') for k, v in docqa_fast.backends().items()]"
+	touch $@
+
+install: $(BUILD_STAMP)
+
+test: install
+	DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs
+
+bench: install
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+hopper-report: install
+	$(PY) -m docqa_fast.tools.hopper_check
+
+clean:
+	rm -rf build *.egg-info docqa_fast/_C*.so docqa_fast/_build_info.json $(BUILD_STAMP)

@@ -1,0 +1,27 @@
+"""Benchmark suite of docqa_fast: every op beside its peers, on the workloads of WORKLOADS.md.
+
+Run it two ways (from the repository root):
+
+* ``python -m benchmarks [--quick] [--filter SUBSTR] [--out DIR] [--no-hopper-report]``
+  prints a table per case and writes ``results.json``, ``summary.md`` and PNG plots to
+  ``benchmarks/results/<device-slug>/`` (``cpu``, ``nvidia-h100-80gb-hbm3``, ...).
+* ``pytest benchmarks/ --benchmark-json=out.json``: the same cases at quick sizes
+  through pytest-benchmark (``pytest tests/`` never collects them).
+
+Adding a kernel family ``foo``:
+
+1. Write ``benchmarks/foo.py`` with a function decorated ``@register_family("foo")``
+   that takes ``quick: bool`` and returns a list of :class:`benchmarks.harness.Case`:
+   a name, a group (cases differing only in the swept size), the parameters, a maker of
+   random inputs ``make_inputs(params, device)`` (never all zeros), the providers
+   (``ours_per_backend(docqa_fast.foo)`` then peers such as ``eager_provider(foo_ref)``
+   and ``compiled_provider(foo_ref)``; the reference provider is named ``"eager"``
+   unless the case says otherwise), and a work model: ``bytes_moved`` (reported as GB/s
+   against the copy bandwidth) or ``flops`` (TFLOP/s against the bf16 matmul rate).
+2. Add ``"foo"`` to :data:`FAMILIES` below.
+
+``benchmarks/merge_attention.py`` is the worked example.
+"""
+
+# Family modules in this package, in the order they run.
+FAMILIES = ("merge_attention",)

@@ -1,0 +1,86 @@
+"""``python -m benchmarks``: run the cases, print a table each, write results.json, summary.md, plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import harness, report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a minute or two on CPU)")
+    parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output folder (default: benchmarks/results/<device-slug>/)")
+    parser.add_argument("--no-hopper-report", action="store_true",
+                        help="skip the static sm_90 compile report of the Triton kernels")
+    parser.add_argument("--list", action="store_true", help="list the selected cases and their providers, then exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cases = harness.collect_cases(quick=args.quick, filter=args.filter)
+    if not cases:
+        print(f"no benchmark case matches --filter {args.filter!r}", file=sys.stderr)
+        return 2
+    if args.list:
+        for case in cases:
+            print(f"{case.id}: {', '.join(p.name for p in case.providers)}")
+        return 0
+
+    device = harness.default_device()
+    env = report.environment(device)
+    out_dir = args.out or Path(__file__).resolve().parent / "results" / env["device_slug"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{env['device']} | torch {env['torch']} | Triton {env['triton']} | {len(cases)} cases -> {out_dir}")
+    for name, status in env["backends"].items():
+        print(f"  backend {name}: {status}")
+
+    load = env["load_average"]
+    if device.type == "cpu" and load and load[0] > 0.75:
+        # On a few cores, one busy neighbour stalls every multi-threaded (OpenMP) op for whole
+        # scheduler slices: peers' times can grow 10-100x, so say so next to the numbers.
+        print(f"warning: load average {load[0]:.1f} before starting: other work shares these "
+              f"{env['cpu_count']} cores, CPU timings will be noisy and inflated")
+    ceilings = harness.measure_ceilings(device)
+    print(report.ceilings_text(ceilings))
+
+    started = time.perf_counter()
+    records = []
+    # disable=None: a bar on a terminal, none in logs (the tables still print as cases finish).
+    with tqdm(total=sum(len(c.providers) for c in cases), unit="provider", disable=None) as progress:
+        for case in cases:
+            progress.set_description(case.id)
+            record = harness.run_case(case, device, args.quick, on_provider_done=lambda _: progress.update())
+            harness.add_ceiling_fractions(record, ceilings)
+            records.append(record)
+            progress.write(f"\n{report.case_heading(record)}\n{report.case_table(record)}")
+    print(f"timed {len(cases)} cases in {time.perf_counter() - started:.0f} s")
+
+    # After the timings, so its compiler processes never share the CPU with a timed call.
+    if args.no_hopper_report:
+        hopper = {"skipped": "--no-hopper-report"}
+    else:
+        print("static Hopper (sm_90) compile report of the Triton kernels ...")
+        hopper = report.hopper_report()
+        print(report.hopper_summary(hopper))
+
+    settings = {"quick": args.quick, "filter": args.filter, "quantiles": list(harness.QUANTILES),
+                "timing": ("triton.testing.do_bench, L2 flushed, ms" if device.type == "cuda"
+                           else "time.perf_counter per call, ms")}
+    plots = report.write_plots(out_dir, records, ceilings)
+    report.write_json(out_dir / "results.json", env, ceilings, records, hopper, settings)
+    report.write_summary(out_dir / "summary.md", env, ceilings, records, hopper, settings, plots)
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'summary.md'} and {len(plots)} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

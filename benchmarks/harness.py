@@ -1,0 +1,399 @@
+"""Cases, providers and timing: everything a benchmark run measures, nothing it prints.
+
+A :class:`Case` is one problem size of one op: a maker of random inputs, the providers
+that compute it (ours per backend, then the peers) and a work model (bytes moved or
+FLOPs) that turns a time into GB/s or TFLOP/s. Family modules register a function
+returning their cases (:func:`register_family`); :func:`collect_cases` gathers them.
+
+Timing runs every provider of a case in one process on the same input sets, rotated
+between repetitions so no provider is timed on data already sitting in a cache:
+
+* GPU: ``triton.testing.do_bench`` (flushes L2 before every repetition) at quantiles
+  0.2/0.5/0.8; peak memory from ``torch.cuda.max_memory_allocated``.
+* CPU: ``time.perf_counter`` around each call, p20/p50/p80 over the repetitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+QUANTILES = (0.2, 0.5, 0.8)
+DEFAULT_INPUT_SETS = 3
+# Repetition settings: (CPU warmup calls, min reps, max reps, seconds per provider),
+# and do_bench's (warmup ms, rep ms) on a GPU.
+CPU_REPS = {"quick": (1, 3, 20, 0.25), "full": (2, 10, 200, 2.0)}
+GPU_BENCH_MS = {"quick": (5, 20), "full": (25, 100)}
+# Relative/absolute tolerance of the cross-check against the reference, by output dtype.
+CHECK_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+class Unavailable(Exception):
+    """Raised while preparing a provider that cannot run here; it is reported as skipped."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation of a case's op, called as ``fn(*inputs)``.
+
+    ``build`` (instead of ``fn``) makes the callable once per case, e.g. a fresh
+    ``torch.compile``; ``env`` is set while the provider runs and restored after;
+    ``unavailable(device)`` returns why it cannot run here, or None.
+    """
+
+    name: str
+    fn: Callable[..., Any] | None = None
+    build: Callable[[], Callable[..., Any]] | None = None
+    ours: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    unavailable: Callable[[torch.device], str | None] = lambda device: None
+
+    def make(self) -> Callable[..., Any]:
+        return self.build() if self.build is not None else self.fn
+
+
+@dataclass(frozen=True)
+class Case:
+    """One size of one op. Cases of a ``group`` differ only in ``params[sweep]`` (a plot's x axis)."""
+
+    family: str
+    name: str  # unique within the family, filter- and pytest-friendly: "ring_pair-S8192"
+    group: str
+    description: str  # one line shared by the group: shapes and dtype
+    params: dict[str, Any]
+    sweep: str
+    make_inputs: Callable[[dict, torch.device], tuple]  # random, never all zeros
+    providers: tuple[Provider, ...]
+    reference: str = "eager"  # provider whose output every other provider is checked against
+    bytes_moved: int | None = None  # -> GB/s against the copy-bandwidth ceiling
+    flops: int | None = None  # -> TFLOP/s against the bf16 matmul ceiling
+    target: float | None = None  # fraction of the ceiling our providers should reach
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}/{self.name}"
+
+    @property
+    def metric(self) -> str:
+        return "TFLOP/s" if self.flops is not None else "GB/s"
+
+    def rate(self, ms: float) -> float:
+        """Work per second at a time of ``ms`` milliseconds, in the case's metric."""
+        if self.flops is not None:
+            return self.flops / (ms * 1e-3) / 1e12
+        return self.bytes_moved / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------- registry
+
+_FAMILIES: dict[str, Callable[[bool], list[Case]]] = {}
+
+
+def register_family(name: str):
+    """Decorator for a family's ``cases(quick: bool) -> list[Case]``."""
+
+    def register(make_cases):
+        _FAMILIES[name] = make_cases
+        return make_cases
+
+    return register
+
+
+def collect_cases(quick: bool, filter: str | None = None) -> list[Case]:
+    """Every registered case (quick sizes or full), keeping those whose id contains ``filter``."""
+    from . import FAMILIES
+
+    for module in FAMILIES:
+        importlib.import_module(f"{__package__}.{module}")
+    cases = [case for make_cases in _FAMILIES.values() for case in make_cases(quick)]
+    ids = [case.id for case in cases]
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    if duplicates:
+        raise ValueError(f"benchmark case ids registered twice: {sorted(duplicates)}")
+    return [case for case in cases if not filter or filter in case.id]
+
+
+# ------------------------------------------------------------------- provider helpers
+
+def ours_per_backend(fn: Callable, backends=("cuda", "triton")) -> list[Provider]:
+    """``docqa_fast[<backend>]`` providers of a public op, each forcing its backend.
+
+    The dispatcher reads DOCQA_FAST_BACKEND on every call, so setting it around the
+    measurement times exactly that backend. On CPU, ``cuda`` runs the extension's C++
+    twins; Triton would run only under its interpreter, which is far too slow to time.
+    """
+    return [Provider(f"docqa_fast[{backend}]", fn=fn, ours=True, env={"DOCQA_FAST_BACKEND": backend},
+                     unavailable=_backend_unavailable(backend)) for backend in backends]
+
+
+def _backend_unavailable(backend: str):
+    def check(device: torch.device) -> str | None:
+        if backend == "triton" and device.type != "cuda":
+            return "no GPU: the Triton interpreter is far too slow to time"
+        import docqa_fast
+
+        status = docqa_fast.backends()[backend]
+        return None if status.available else status.detail
+
+    return check
+
+
+def eager_provider(fn: Callable, name: str = "eager") -> Provider:
+    return Provider(name, fn=fn)
+
+
+def compiled_provider(fn: Callable, name: str = "torch.compile") -> Provider:
+    """``torch.compile(fn)``, compiled afresh for each case before it is timed."""
+
+    def build():
+        # A fresh start per case: specialised to this shape, and never hitting Dynamo's
+        # recompile limit (past it Dynamo silently runs eager).
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
+
+    def unavailable(device):
+        if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+            return "no C++ compiler for Inductor's CPU code"
+        return None
+
+    return Provider(name, build=build, unavailable=unavailable)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """Set environment variables for the duration of a block, restoring the old values."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def make_input_sets(case: Case, device: torch.device) -> list[tuple]:
+    """Several independent random input sets, as many as fit a memory budget (at least 2)."""
+    torch.manual_seed(0)
+    first = case.make_inputs(case.params, device)
+    set_bytes = sum(t.nbytes for t in _tensors(first))
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory // 8
+    else:
+        budget = 4 << 30
+    count = max(2, min(DEFAULT_INPUT_SETS, budget // max(set_bytes, 1)))
+    sets = [first]
+    for seed in range(1, count):
+        torch.manual_seed(seed)
+        sets.append(case.make_inputs(case.params, device))
+    for tensor in _tensors(sets):
+        # All-zero data lets hardware and kernels take shortcuts real data never allows.
+        if tensor.is_floating_point() and not tensor.any():
+            raise ValueError(f"{case.id}: make_inputs returned an all-zero tensor {tuple(tensor.shape)}")
+    return sets
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(provider: Provider, inputs: tuple, device: torch.device):
+    """Build the provider and call it once, untimed (compiles, JIT, first-touch).
+
+    Returns ``(fn, output, peak_memory_bytes, setup_seconds)``; the peak is the memory
+    the call allocated above what was already resident (None on CPU). Raises
+    :class:`Unavailable` when the dispatcher refuses a forced backend on this machine.
+    """
+    start = time.perf_counter()
+    fn = provider.make()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        output = fn(*inputs)
+    except RuntimeError as exc:
+        # docqa_fast's dispatcher says "DOCQA_FAST_BACKEND=x cannot run ...: why" when a
+        # forced backend cannot run these tensors (e.g. a CPU-only extension on a GPU).
+        if any(str(exc).startswith(f"{key}=") for key in provider.env):
+            raise Unavailable(str(exc).splitlines()[0]) from exc
+        raise
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
+    return fn, output, peak, time.perf_counter() - start
+
+
+def time_calls(fn: Callable, input_sets: list[tuple], device: torch.device, quick: bool) -> dict:
+    """p20/p50/p80 in milliseconds (and the raw samples on CPU), rotating the input sets."""
+    mode = "quick" if quick else "full"
+    rotation = itertools.cycle(input_sets)
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup_ms, rep_ms = GPU_BENCH_MS[mode]
+        # Same call on Triton 3.6 and 3.8: do_bench(fn, warmup, rep, grad_to_none, quantiles, return_mode).
+        p20, p50, p80 = triton.testing.do_bench(lambda: fn(*next(rotation)), warmup=warmup_ms, rep=rep_ms,
+                                                quantiles=list(QUANTILES))
+        return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "samples_ms": None}
+
+    warmup, min_reps, max_reps, seconds = CPU_REPS[mode]
+    for _ in range(warmup):
+        fn(*next(rotation))
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < deadline):
+        args = next(rotation)
+        start = time.perf_counter()
+        fn(*args)
+        samples.append((time.perf_counter() - start) * 1e3)
+    p20, p50, p80 = np.quantile(samples, QUANTILES).tolist()
+    return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "samples_ms": samples}
+
+
+def compare(output, expected) -> tuple[float, bool]:
+    """(max abs difference, whether every tensor is within the dtype's tolerance)."""
+    got, want = _tensors(output), _tensors(expected)
+    if len(got) != len(want):
+        return float("inf"), False
+    worst, ok = 0.0, True
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return float("inf"), False
+        tol = CHECK_TOLERANCE.get(w.dtype, 1e-4)
+        g, w = g.float(), w.float()
+        finite = torch.isfinite(w)
+        ok &= bool(torch.equal(torch.isfinite(g), finite))
+        if finite.any():
+            worst = max(worst, (g[finite] - w[finite]).abs().max().item())
+            ok &= torch.allclose(g[finite], w[finite], rtol=tol, atol=tol)
+    return worst, ok
+
+
+# -------------------------------------------------------------------------------- runs
+
+def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=None) -> dict:
+    """Measure every provider of ``case``; one record with a row per provider, skips included."""
+    input_sets = make_input_sets(case, device)
+    expected = None
+    reference = next((p for p in case.providers if p.name == case.reference), None)
+    if reference is not None and reference.unavailable(device) is None:
+        with environment(reference.env):
+            expected = reference.make()(*input_sets[0])
+
+    rows = []
+    for provider in case.providers:
+        rows.append(_measure(provider, case, input_sets, device, quick, expected))
+        if on_provider_done is not None:
+            on_provider_done(provider)
+    del input_sets, expected
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _add_speedups(rows)
+    return {
+        "case": case.id, "family": case.family, "name": case.name, "group": case.group,
+        "description": case.description, "params": case.params, "sweep": case.sweep,
+        "metric": case.metric, "bytes_moved": case.bytes_moved, "flops": case.flops,
+        "target": case.target, "providers": rows,
+    }
+
+
+def _measure(provider, case, input_sets, device, quick, expected) -> dict:
+    row = {"provider": provider.name, "ours": provider.ours, "status": "skipped", "reason": None}
+    reason = provider.unavailable(device)
+    if reason is not None:
+        row["reason"] = reason
+        return row
+    with environment(provider.env):
+        try:
+            fn, output, peak, setup_s = prepare(provider, input_sets[0], device)
+            error, matches = compare(output, expected) if expected is not None else (None, None)
+            del output
+            timing = time_calls(fn, input_sets, device, quick)
+        except Unavailable as exc:
+            row["reason"] = str(exc)
+            return row
+        except Exception as exc:  # a failing provider is reported, and the run goes on
+            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return row
+    row.update(status="ok", **timing, rate=case.rate(timing["p50_ms"]), peak_memory_bytes=peak,
+               setup_s=setup_s, max_abs_error=error, matches_reference=matches)
+    return row
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """For each of our providers: how many times faster than each peer (ratio of medians)."""
+    peers = [r for r in rows if not r["ours"] and r["status"] == "ok"]
+    for row in rows:
+        if row["ours"] and row["status"] == "ok":
+            row["speedup"] = {peer["provider"]: peer["p50_ms"] / row["p50_ms"] for peer in peers}
+
+
+def add_ceiling_fractions(record: dict, ceilings: dict) -> None:
+    """Each row's fraction of the matching device ceiling, and whether ours meet the target."""
+    ceiling = ceilings.get(CEILING_OF_METRIC[record["metric"]])
+    for row in record["providers"]:
+        if row["status"] != "ok":
+            continue
+        row["fraction_of_ceiling"] = row["rate"] / ceiling if ceiling else None
+        if row["ours"] and record["target"] is not None and ceiling:
+            row["meets_target"] = row["fraction_of_ceiling"] >= record["target"]
+
+
+# --------------------------------------------------------------------------- ceilings
+
+CEILING_OF_METRIC = {"GB/s": "copy_gbps", "TFLOP/s": "matmul_bf16_tflops"}
+MATMUL_SIZE = 8192
+COPY_BYTES = 1 << 30  # far beyond any L2, so the copy runs at DRAM speed
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """The device's measured bf16 matmul rate and device-to-device copy bandwidth (GPU only)."""
+    if device.type != "cuda":
+        return {"skipped": "no GPU; the bf16 matmul and copy-bandwidth ceilings are measured on GPUs only"}
+    import triton.testing
+
+    n = MATMUL_SIZE
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    matmul_ms = triton.testing.do_bench(lambda: torch.mm(a, b), quantiles=list(QUANTILES))[1]
+    del a, b
+    src = torch.rand(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=list(QUANTILES))[1]
+    del src, dst
+    torch.cuda.empty_cache()
+    return {
+        "matmul_bf16_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        "matmul_shape": [n, n, n],
+        # A copy reads and writes every byte: count both, like the kernels' bytes moved.
+        "copy_gbps": 2 * COPY_BYTES / (copy_ms * 1e-3) / 1e9,
+        "copy_bytes": COPY_BYTES,
+    }
