@@ -18,10 +18,15 @@ Adding a kernel family ``foo``:
    and ``compiled_provider(foo_ref)``; the reference provider is named ``"eager"``
    unless the case says otherwise), and a work model: ``bytes_moved`` (reported as GB/s
    against the copy bandwidth) or ``flops`` (TFLOP/s against the bf16 matmul rate).
-2. Add ``"foo"`` to :data:`FAMILIES` below.
+2. Nothing else: every module of this package other than the harness itself is a family
+   (:data:`FAMILIES` lists them).
 
 ``benchmarks/merge_attention.py`` is the worked example.
 """
 
-# Family modules in this package, in the order they run.
-FAMILIES = ("merge_attention",)
+import pkgutil
+
+# Family modules in this package, in the order they run: all but the harness's own modules.
+_HARNESS_MODULES = {"harness", "report", "__main__"}
+FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                        if m.name not in _HARNESS_MODULES and not m.name.startswith("test_")))
