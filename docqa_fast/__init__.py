@@ -7,7 +7,21 @@ reference (see :func:`backends` and ``DOCQA_FAST_BACKEND``).
 
 from ._backend import BACKENDS, backends
 from .merge_attention import merge_attention_states, merge_stacked_attention_states
+from .reward import (
+    RewardEnsembleHead,
+    RewardOutput,
+    aggregate,
+    all_pairs_ranking_loss,
+    ensemble_rewards,
+    pairwise_loss,
+    plackett_luce_loss,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backends", "merge_attention_states", "merge_stacked_attention_states", "__version__"]
+__all__ = [
+    "BACKENDS", "backends", "__version__",
+    "merge_attention_states", "merge_stacked_attention_states",
+    "RewardEnsembleHead", "RewardOutput", "aggregate", "all_pairs_ranking_loss", "ensemble_rewards",
+    "pairwise_loss", "plackett_luce_loss",
+]

@@ -56,3 +56,12 @@ def check_last_dim_contiguous(name: str, value: torch.Tensor) -> None:
     if value.shape[-1] > 1 and value.stride(-1) != 1:
         raise ValueError(f"expected {name} with a contiguous last dimension (stride 1), "
                          f"got strides {tuple(value.stride())}")
+
+
+def value_checks_enabled() -> bool:
+    """Checks that read tensor values (one host sync each) run in eager mode only.
+
+    Under ``torch.compile`` a value check would break the graph (or fail with
+    ``fullgraph=True``), so compiled code skips them: validate inputs eagerly once.
+    """
+    return not torch.compiler.is_compiling()

@@ -3,9 +3,11 @@
 For each :class:`docqa_fast.kernels.registry.KernelConfig` this compiles PTX and a cubin
 with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and runs the ``cuobjdump``
 shipped in the Triton wheel: ``-res-usage`` for registers, stack, local memory and static
-shared memory, ``-sass`` for the instruction mix (HGMMA = Hopper warpgroup tensor-core
-MMA). A config is a problem when it spills (stack or local memory > 0), needs more
-shared memory than a Hopper block can have, or multiplies matrices without HGMMA.
+shared memory, ``-sass`` for the instruction mix: HGMMA is Hopper's warpgroup tensor-core
+MMA (Triton emits it for tiles of >= 64 rows), HMMA the warp-level tensor-core MMA it uses
+for skinnier tiles (e.g. 16 gathered rows). A config is a problem when it spills (stack or
+local memory > 0), needs more shared memory than a Hopper block can have, or multiplies
+matrices without any tensor-core instruction.
 
 Run ``python -m docqa_fast.tools.hopper_check`` for a table.
 """
@@ -34,6 +36,7 @@ class HopperReport:
     local_bytes: int
     shared_bytes: int  # dynamic (Triton's allocation) + static
     hgmma_count: int
+    hmma_count: int
     uses_tensor_cores: bool
     problems: list[str] = field(default_factory=list)
 
@@ -80,14 +83,15 @@ def compile_config(config) -> HopperReport:
         name=config.name, num_warps=config.num_warps, num_stages=config.num_stages,
         registers=registers, stack_bytes=stack, local_bytes=local,
         shared_bytes=static_shared + int(compiled.metadata.shared),
-        hgmma_count=len(re.findall(r"\bHGMMA\b", sass)), uses_tensor_cores=config.uses_tensor_cores,
+        hgmma_count=len(re.findall(r"\bHGMMA\b", sass)), hmma_count=len(re.findall(r"\bHMMA\b", sass)),
+        uses_tensor_cores=config.uses_tensor_cores,
     )
     if stack or local:
         report.problems.append(f"spills: stack {stack} B, local {local} B")
     if report.shared_bytes > HOPPER_MAX_SHARED_BYTES:
         report.problems.append(f"shared memory {report.shared_bytes} B > Hopper limit {HOPPER_MAX_SHARED_BYTES} B")
-    if config.uses_tensor_cores and report.hgmma_count == 0:
-        report.problems.append("multiplies matrices but has no HGMMA (tensor-core) instruction")
+    if config.uses_tensor_cores and report.hgmma_count + report.hmma_count == 0:
+        report.problems.append("multiplies matrices but has no tensor-core instruction (HGMMA or HMMA)")
     return report
 
 
@@ -120,12 +124,12 @@ def check_all(names=None, workers: int | None = None) -> list[HopperReport]:
 
 
 def format_table(reports: list[HopperReport]) -> str:
-    lines = ["| kernel config | warps | regs | shared KiB | spill B | HGMMA | ok |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel config | warps | regs | shared KiB | spill B | HGMMA | HMMA | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         verdict = "yes" if r.ok else "NO: " + "; ".join(r.problems)
         lines.append(f"| {r.name} | {r.num_warps} | {r.registers} | {r.shared_bytes / 1024:.1f} | "
-                     f"{r.stack_bytes + r.local_bytes} | {r.hgmma_count} | {verdict} |")
+                     f"{r.stack_bytes + r.local_bytes} | {r.hgmma_count} | {r.hmma_count} | {verdict} |")
     return "\n".join(lines)
 
 

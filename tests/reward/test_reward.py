@@ -1,0 +1,329 @@
+"""Reward-ensemble scoring against the all-tokens-then-gather reference and fp64."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import docqa_fast
+from docqa_fast.reference.reward import (
+    ReferenceRewardEnsemble,
+    aggregate_ref,
+    all_pairs_ranking_loss_ref,
+    pairwise_loss_ref,
+    plackett_luce_loss_ref,
+)
+from docqa_fast.reward.ops import _reward_heads_op
+from docqa_fast.testing import assert_close_by_rule
+
+pytestmark = pytest.mark.backends("reference", "triton")  # no CUDA C++ kernel: Triton is the fast path
+
+
+def padded_batch(batch, seqlen, hidden, dtype, device, padding):
+    """Random hidden states and a mask with random lengths (>= 1), padded on ``padding``'s side."""
+    x = torch.randn(batch, seqlen, hidden, device=device).to(dtype)
+    lengths = torch.randint(1, seqlen + 1, (batch,), device=device)
+    lengths[0] = seqlen
+    positions = torch.arange(seqlen, device=device)
+    if padding == "right":
+        mask = positions[None, :] < lengths[:, None]
+    else:
+        mask = positions[None, :] >= (seqlen - lengths)[:, None]
+    return x, mask.long()
+
+
+def packed_batch(lengths, hidden, dtype, device):
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu_seqlens[1:] = torch.tensor(lengths, device=device).cumsum(0)
+    return torch.randn(sum(lengths), hidden, device=device).to(dtype), cu_seqlens
+
+
+def make_heads(hidden, num_heads, bias, device):
+    reference = ReferenceRewardEnsemble(hidden, num_heads, bias=bias, device=device)
+    for head in reference.heads:  # a spread of head scales, so min/var are not trivial
+        nn.init.normal_(head.weight, std=1.0 / hidden**0.5)
+        if bias:
+            nn.init.normal_(head.bias, std=0.5)
+    return reference
+
+
+def scored_inputs(layout, dtype, device, hidden=100):
+    if layout in ("right", "left"):
+        x, mask = padded_batch(4, 13, hidden, dtype, device, layout)
+        return x, {"attention_mask": mask}
+    if layout == "packed":
+        x, cu = packed_batch([5, 1, 17, 3], hidden, dtype, device)  # a length-1 sequence included
+        return x, {"cu_seqlens": cu}
+    x = torch.randn(3, 11, hidden, device=device).to(dtype)  # last_index overrides everything
+    return x, {"last_index": torch.tensor([10, 0, 6], device=device)}
+
+
+def _cast(module, dtype):
+    copy = ReferenceRewardEnsemble(module.heads[0].in_features, len(module.heads),
+                                   bias=module.heads[0].bias is not None, dtype=dtype,
+                                   device=module.heads[0].weight.device)
+    copy.load_state_dict(module.state_dict())
+    return copy
+
+
+LAYOUTS = ["right", "left", "packed", "last_index"]
+
+
+@pytest.mark.parametrize("num_heads", [1, 5, 20])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rewards_match_reference(backend, dtype, layout, num_heads, device):
+    reference = make_heads(100, num_heads, bias=num_heads != 5, device=device)
+    head = docqa_fast.RewardEnsembleHead(100, num_heads, bias=num_heads != 5, dtype=dtype, device=device)
+    head.load_state_dict(reference.state_dict())
+    x, where = scored_inputs(layout, dtype, device)
+
+    out = head(x, **where)
+    reference = _cast(reference, dtype)  # the parameters as the head holds them
+    exact = _cast(reference, torch.float64)(x.double(), **where)
+    plain = reference(x, **where)  # what the peers compute: Linear in dtype, then gather
+    assert out.rewards.dtype == torch.float32 and out.rewards.shape == exact.shape
+    assert_close_by_rule(out.rewards, exact, plain, name="rewards")
+    for name in ("mean", "min"):
+        assert_close_by_rule(getattr(out, name), aggregate_ref(exact, name), aggregate_ref(plain, name), name=name)
+    exact_var = exact.var(-1) if num_heads > 1 else torch.zeros_like(exact[:, 0])
+    plain_var = plain.var(-1) if num_heads > 1 else torch.zeros_like(plain[:, 0])
+    assert_close_by_rule(out.var, exact_var, plain_var, name="var")
+    torch.testing.assert_close(out.score, out.mean)
+
+
+def test_hidden_size_3584(backend, dtype, device):
+    """The Qwen2.5-VL hidden size: many hidden tiles, K = 8."""
+    reference = make_heads(3584, 8, bias=False, device=device)
+    weight = torch.cat([h.weight.detach() for h in reference.heads]).to(dtype)
+    x, mask = padded_batch(3, 5, 3584, dtype, device, "left")
+    got = docqa_fast.ensemble_rewards(x, weight, attention_mask=mask)
+    reference = _cast(reference, dtype)
+    exact = _cast(reference, torch.float64)(x.double(), attention_mask=mask)
+    plain = _cast(reference, dtype)(x, attention_mask=mask)
+    assert_close_by_rule(got, exact, plain, name="rewards")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_match_reference(backend, dtype, layout, device):
+    num_heads = 6
+    reference = make_heads(64, num_heads, bias=True, device=device)
+    head = docqa_fast.RewardEnsembleHead(64, num_heads, bias=True, dtype=dtype, device=device)
+    head.load_state_dict(reference.state_dict())
+    x, where = scored_inputs(layout, dtype, device, hidden=64)
+    batch = len(next(iter(where.values()))) - (1 if layout == "packed" else 0)
+    g_rewards, g_mean, g_var, g_min = (torch.randn(batch, num_heads, device=device), *torch.randn(3, batch,
+                                                                                                  device=device))
+
+    def backward(x, params, rewards, mean, var, minimum):
+        loss = (rewards * g_rewards).sum() + (mean * g_mean).sum() + (var * g_var).sum() + (minimum * g_min).sum()
+        return torch.autograd.grad(loss, (x, *params))
+
+    x_fast = x.detach().requires_grad_()
+    out = head(x_fast, **where)
+    got = backward(x_fast, (head.weight, head.bias), out.rewards, out.mean, out.var, out.min)
+
+    def reference_grads(module, inputs):
+        inputs = inputs.detach().requires_grad_()
+        rewards = module(inputs, **where)
+        mean, var, minimum = rewards.mean(-1), rewards.var(-1), rewards.amin(-1)
+        weight = [h.weight for h in module.heads]
+        bias = [h.bias for h in module.heads]
+        grads = backward(inputs, (*weight, *bias), rewards, mean, var, minimum)
+        return grads[0], torch.cat(grads[1 : 1 + num_heads]), torch.cat(grads[1 + num_heads :])
+
+    reference = _cast(reference, dtype)
+    exact = reference_grads(_cast(reference, torch.float64), x.double())
+    plain = reference_grads(reference, x)
+    for name, g, e, p in zip(("d hidden", "d weight", "d bias"), got, exact, plain):
+        assert_close_by_rule(g, e, p, factor=3.0, name=name)
+
+
+def test_min_ties_share_the_gradient(backend, device):
+    head = docqa_fast.RewardEnsembleHead(32, 4, device=device)
+    with torch.no_grad():
+        head.weight[1:] = head.weight[0]  # heads 0..3 identical: a four-way tie at the min
+    x = torch.randn(2, 3, 32, device=device)
+    out = head(x)
+    out.min.sum().backward()
+    torch.testing.assert_close(head.weight.grad, x[:, -1].sum(0).expand(4, 32) / 4)
+
+
+def test_single_head_variance_is_zero_and_uwo_is_mean(backend, device):
+    head = docqa_fast.RewardEnsembleHead(48, 1, aggregation="uwo", uwo_lambda=0.3, device=device)
+    out = head(torch.randn(3, 7, 48, device=device))
+    assert torch.equal(out.var, torch.zeros(3, device=device))
+    torch.testing.assert_close(out.score, out.mean)
+    torch.testing.assert_close(out.mean, out.rewards[:, 0])
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "min", "uwo"])
+def test_aggregation_choices(backend, aggregation, device):
+    head = docqa_fast.RewardEnsembleHead(40, 5, aggregation=aggregation, uwo_lambda=0.25, device=device)
+    out = head(torch.randn(4, 6, 40, device=device))
+    expected = aggregate_ref(out.rewards, aggregation, uwo_lambda=0.25)
+    torch.testing.assert_close(out.score, expected)
+    torch.testing.assert_close(docqa_fast.aggregate(out.rewards, aggregation, uwo_lambda=0.25), expected)
+
+
+def test_dense_positions_match_linear(device):
+    head = docqa_fast.RewardEnsembleHead(24, 3, bias=True, device=device)
+    x = torch.randn(2, 5, 24, device=device)
+    out = head(x, positions="all")
+    torch.testing.assert_close(out.rewards, nn.functional.linear(x, head.weight, head.bias))
+    assert out.score.shape == (2, 5)
+
+
+def test_custom_op_gradcheck_fp64():
+    x = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    seq, tok = torch.arange(3), torch.tensor([3, 0, 2])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOCQA_FAST_BACKEND", "reference")
+        assert torch.autograd.gradcheck(lambda *a: _reward_heads_op(*a), (x, seq, tok, weight, bias))
+
+
+def test_opcheck_and_compile(backend, device):
+    x = torch.randn(3, 9, 32, device=device)
+    weight = torch.randn(4, 32, device=device)
+    seq, tok = torch.arange(3, device=device), torch.tensor([8, 2, 5], device=device)
+    torch.library.opcheck(_reward_heads_op, (x, seq, tok, weight, None))
+
+    head = docqa_fast.RewardEnsembleHead(32, 4, aggregation="uwo", device=device)
+    mask = torch.ones(3, 9, dtype=torch.long, device=device)
+    mask[1, :3] = 0
+
+    def step(x):
+        out = head(x, attention_mask=mask)
+        return docqa_fast.pairwise_loss(out.score[:1], out.score[1:2])
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(x), step(x))
+
+
+# ---------------------------------------------------------------------------- losses
+
+def test_pairwise_loss_matches_reference_and_gradcheck():
+    chosen = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    rejected = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    margin = torch.rand(6, 1, dtype=torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        got = docqa_fast.pairwise_loss(chosen, rejected, margin=margin, reduction=reduction)
+        torch.testing.assert_close(got, pairwise_loss_ref(chosen, rejected, margin, reduction))
+    assert torch.autograd.gradcheck(lambda c, r: docqa_fast.pairwise_loss(c, r, margin=0.5), (chosen, rejected))
+
+
+def test_all_pairs_ranking_loss_matches_reference():
+    scores = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    ranks = torch.stack([torch.randperm(6) for _ in range(5)])
+    ranks[0] = torch.tensor([0, 1, 1, 2, 3, 3])  # ties carry no preference
+    got = docqa_fast.all_pairs_ranking_loss(scores, ranks)
+    expected = all_pairs_ranking_loss_ref(scores, ranks)
+    torch.testing.assert_close(got, expected)
+    g_got, = torch.autograd.grad(got, scores)
+    g_expected, = torch.autograd.grad(expected, scores)
+    torch.testing.assert_close(g_got, g_expected)
+    assert torch.autograd.gradcheck(lambda s: docqa_fast.all_pairs_ranking_loss(s, ranks), (scores,))
+
+
+def test_plackett_luce_loss_matches_reference():
+    scores = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    order = torch.stack([torch.randperm(5) for _ in range(4)])
+    got = docqa_fast.plackett_luce_loss(scores, order)
+    expected = plackett_luce_loss_ref(scores, order)
+    torch.testing.assert_close(got, expected)
+    g_got, = torch.autograd.grad(got, scores)
+    g_expected, = torch.autograd.grad(expected, scores)
+    torch.testing.assert_close(g_got, g_expected)
+    assert torch.autograd.gradcheck(lambda s: docqa_fast.plackett_luce_loss(s, order), (scores,))
+
+
+# ------------------------------------------------------------------------ interop
+
+def test_linear_heads_round_trip():
+    heads = [nn.Linear(20, 1) for _ in range(3)]
+    ensemble = docqa_fast.RewardEnsembleHead.from_linear_heads(heads, aggregation="min")
+    x = torch.randn(2, 4, 20)
+    expected = torch.cat([h(x[:, -1]) for h in heads], -1)
+    torch.testing.assert_close(ensemble(x).rewards, expected)
+    for original, back in zip(heads, ensemble.to_linear_heads()):
+        assert torch.equal(original.weight, back.weight) and torch.equal(original.bias, back.bias)
+
+
+def test_transformers_score_head_loads_directly():
+    score = nn.Linear(16, 1, bias=False)  # what *ForSequenceClassification.score is
+    ensemble = docqa_fast.RewardEnsembleHead(16, 1)
+    ensemble.load_state_dict(score.state_dict())
+    assert torch.equal(ensemble.weight, score.weight)
+    assert torch.equal(docqa_fast.RewardEnsembleHead.from_linear(score).weight, score.weight)
+    assert torch.equal(ensemble.to_linear().weight, score.weight)
+
+
+def test_reference_checkpoint_round_trip():
+    reference = ReferenceRewardEnsemble(12, 4, bias=True)
+    ensemble = docqa_fast.RewardEnsembleHead(12, 4, bias=True)
+    ensemble.load_state_dict(reference.state_dict())  # K separate heads -> one (K, H) weight
+    back = ReferenceRewardEnsemble(12, 4, bias=True)
+    back.load_state_dict(ensemble.separate_heads_state_dict())
+    for a, b in zip(reference.parameters(), back.parameters()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ bad input
+
+def _bad_call(case):
+    x = torch.randn(2, 5, 8)
+    weight = torch.randn(3, 8)
+    kwargs = {}
+    if case == "hidden_mismatch":
+        weight = torch.randn(3, 9)
+    elif case == "all_padding":
+        kwargs["attention_mask"] = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    elif case == "cu_seqlens_total":
+        x, kwargs["cu_seqlens"] = torch.randn(10, 8), torch.tensor([0, 4, 9], dtype=torch.int32)
+    elif case == "cu_seqlens_empty_sequence":
+        x, kwargs["cu_seqlens"] = torch.randn(10, 8), torch.tensor([0, 4, 4, 10], dtype=torch.int32)
+    elif case == "cu_seqlens_with_padded":
+        kwargs["cu_seqlens"] = torch.tensor([0, 5, 10], dtype=torch.int32)
+    elif case == "packed_without_boundaries":
+        x = torch.randn(10, 8)
+    elif case == "last_index_range":
+        kwargs["last_index"] = torch.tensor([4, 5])
+    elif case == "last_index_float":
+        kwargs["last_index"] = torch.tensor([4.0, 1.0])
+    elif case == "too_many_heads":
+        weight = torch.randn(65, 8)
+    elif case == "bias_shape":
+        kwargs["bias"] = torch.randn(4)
+    return lambda: docqa_fast.ensemble_rewards(x, weight, **kwargs)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("hidden_mismatch", ValueError, "expected weight of shape (num_heads, 8)"),
+    ("all_padding", ValueError, "attention_mask has all-padding rows [1]"),
+    ("cu_seqlens_total", ValueError, "end at hidden_states' 10 tokens"),
+    ("cu_seqlens_empty_sequence", ValueError, "cu_seqlens strictly increasing"),
+    ("cu_seqlens_with_padded", ValueError, "cu_seqlens is for packed hidden_states"),
+    ("packed_without_boundaries", ValueError, "need cu_seqlens or last_index"),
+    ("last_index_range", ValueError, "every last_index value in [0, 5)"),
+    ("last_index_float", TypeError, "last_index of dtype"),
+    ("too_many_heads", ValueError, "1 to 64 heads"),
+    ("bias_shape", ValueError, "bias of shape (3,)"),
+])
+def test_bad_input_names_the_argument(case, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        _bad_call(case)()
+
+
+def test_bad_options_name_the_argument():
+    with pytest.raises(ValueError, match="aggregation"):
+        docqa_fast.RewardEnsembleHead(8, 2, aggregation="median")
+    with pytest.raises(ValueError, match="positions"):
+        docqa_fast.RewardEnsembleHead(8, 2)(torch.randn(1, 2, 8), positions="first")
+    with pytest.raises(ValueError, match="rejected of shape"):
+        docqa_fast.pairwise_loss(torch.randn(3), torch.randn(4))
+    with pytest.raises(ValueError, match="permutation"):
+        docqa_fast.plackett_luce_loss(torch.randn(2, 3), torch.tensor([[0, 1, 1], [2, 1, 0]]))
+    with pytest.raises(ValueError, match="ranks of shape"):
+        docqa_fast.all_pairs_ranking_loss(torch.randn(2, 3), torch.tensor([[0, 1], [1, 0]]))
