@@ -214,29 +214,25 @@ def test_pairwise_loss_matches_reference_and_gradcheck():
     assert torch.autograd.gradcheck(lambda c, r: docqa_fast.pairwise_loss(c, r, margin=0.5), (chosen, rejected))
 
 
+def check_listwise_loss(loss, loss_ref, scores, labels):
+    """Value and gradient equal to the loop-over-pairs reference; gradcheck in fp64."""
+    got, expected = loss(scores, labels), loss_ref(scores, labels)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, scores)[0], torch.autograd.grad(expected, scores)[0])
+    assert torch.autograd.gradcheck(lambda s: loss(s, labels), (scores,))
+
+
 def test_all_pairs_ranking_loss_matches_reference():
     scores = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     ranks = torch.stack([torch.randperm(6) for _ in range(5)])
     ranks[0] = torch.tensor([0, 1, 1, 2, 3, 3])  # ties carry no preference
-    got = docqa_fast.all_pairs_ranking_loss(scores, ranks)
-    expected = all_pairs_ranking_loss_ref(scores, ranks)
-    torch.testing.assert_close(got, expected)
-    g_got, = torch.autograd.grad(got, scores)
-    g_expected, = torch.autograd.grad(expected, scores)
-    torch.testing.assert_close(g_got, g_expected)
-    assert torch.autograd.gradcheck(lambda s: docqa_fast.all_pairs_ranking_loss(s, ranks), (scores,))
+    check_listwise_loss(docqa_fast.all_pairs_ranking_loss, all_pairs_ranking_loss_ref, scores, ranks)
 
 
 def test_plackett_luce_loss_matches_reference():
     scores = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     order = torch.stack([torch.randperm(5) for _ in range(4)])
-    got = docqa_fast.plackett_luce_loss(scores, order)
-    expected = plackett_luce_loss_ref(scores, order)
-    torch.testing.assert_close(got, expected)
-    g_got, = torch.autograd.grad(got, scores)
-    g_expected, = torch.autograd.grad(expected, scores)
-    torch.testing.assert_close(g_got, g_expected)
-    assert torch.autograd.gradcheck(lambda s: docqa_fast.plackett_luce_loss(s, order), (scores,))
+    check_listwise_loss(docqa_fast.plackett_luce_loss, plackett_luce_loss_ref, scores, order)
 
 
 # ------------------------------------------------------------------------ interop
