@@ -6,6 +6,15 @@ reference (see :func:`backends` and ``DOCQA_FAST_BACKEND``).
 """
 
 from ._backend import BACKENDS, backends
+from .attention import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    scaled_dot_product_attention,
+)
 from .merge_attention import merge_attention_states, merge_stacked_attention_states
 from .reward import (
     RewardEnsembleHead,
@@ -21,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "backends", "__version__",
+    "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "scaled_dot_product_attention",
     "merge_attention_states", "merge_stacked_attention_states",
     "RewardEnsembleHead", "RewardOutput", "aggregate", "all_pairs_ranking_loss", "ensemble_rewards",
     "pairwise_loss", "plackett_luce_loss",

@@ -53,9 +53,15 @@ def _attention_one(q, k, v, softmax_scale, causal, window_size, softcap):
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                  cu_seqlens_q=None, cu_seqlens_k=None):
-    """flash-attn's attention in plain PyTorch -> (out, lse). See the module docstring."""
+                  cu_seqlens_q=None, cu_seqlens_k=None, upcast=True):
+    """flash-attn's attention in plain PyTorch -> (out, lse). See the module docstring.
+
+    ``upcast=False`` computes in the inputs' dtype throughout: the "plain PyTorch at the
+    kernel's precision" that the tolerance rule compares a kernel's error with.
+    """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not upcast:
+        acc = q.dtype
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     args = (softmax_scale, causal, tuple(window_size), softcap)

@@ -1,0 +1,240 @@
+"""Training attention (flash-attn / SDPA front ends) against the reference, forward and backward.
+
+On CPU the Triton kernels run under the interpreter, so sizes stay small there; a GPU run
+adds the long sequences (1000, 4096) and bf16.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import docqa_fast
+from docqa_fast.attention.ops import _attention_forward_op
+from docqa_fast.reference.attention import attention_ref
+from docqa_fast.testing import assert_close_by_rule
+
+pytestmark = pytest.mark.backends("reference", "triton")  # no CUDA C++ attention: Triton is the fast path
+ON_GPU = torch.cuda.is_available()
+
+
+# The kernels take fp16/bf16 (fp32 runs on the reference path); the interpreter miscomputes bf16.
+PRECISIONS = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
+
+
+def check_attention(q, k, v, *, factor_grad=3.0, **options):
+    """Forward (out, LSE) and the three gradients of our attention against fp64 and plain PyTorch."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    if "cu_seqlens_q" in options:
+        out, lse, _ = docqa_fast.flash_attn_varlen_func(q, k, v, return_attn_probs=True, **options)
+    else:
+        out, lse, _ = docqa_fast.flash_attn_func(q, k, v, return_attn_probs=True, **options)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    ref_options = {key: val for key, val in options.items() if not key.startswith("max_seqlen")}
+
+    def reference(dtype, upcast):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = attention_ref(*leaves, upcast=upcast, **ref_options)
+        return ref_out, ref_lse, torch.autograd.grad(ref_out, leaves, dout.to(dtype), allow_unused=True)
+
+    exact_out, exact_lse, exact_grads = reference(torch.float64, True)
+    plain_out, plain_lse, plain_grads = reference(q.dtype, False)
+    assert_close_by_rule(out, exact_out, plain_out, name="out")
+    assert_close_by_rule(lse, exact_lse, exact_lse.float(), name="lse")
+    for name, g, e, p in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
+        e = torch.zeros_like(g, dtype=torch.float64) if e is None else e
+        p = torch.zeros_like(g) if p is None else p
+        assert_close_by_rule(g, e, p, factor=factor_grad, name=name)
+
+
+# (seqlen_q, seqlen_k, head_dim, heads, kv_heads, causal): odd lengths, Sq != Sk both ways,
+# the ViT head dim 80, GQA 7:1 and 8:1.
+DENSE_CASES = [
+    (1, 1, 64, 2, 2, False),
+    (17, 17, 80, 7, 1, True),
+    (113, 113, 128, 8, 1, True),
+    (17, 113, 96, 4, 2, True),  # decode-like: queries at the end of a longer key range
+    (113, 17, 64, 2, 1, True),  # more queries than keys: the first rows see no key at all
+    (33, 33, 256, 2, 2, False),
+    (40, 40, 32, 3, 1, False),
+]
+if ON_GPU:
+    DENSE_CASES += [(1000, 1000, 128, 28, 4, True), (4096, 4096, 128, 8, 1, True), (203, 4096, 80, 16, 16, False)]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=str)
+@pytest.mark.parametrize("seqlen_q, seqlen_k, head_dim, heads, kv_heads, causal", DENSE_CASES, ids=str)
+def test_dense_matches_reference(backend, precision, seqlen_q, seqlen_k, head_dim, heads, kv_heads, causal, device):
+    dtype = precision
+    q = torch.randn(2, seqlen_q, heads, head_dim, device=device).to(dtype)
+    k = torch.randn(2, seqlen_k, kv_heads, head_dim, device=device).to(dtype)
+    v = torch.randn(2, seqlen_k, kv_heads, head_dim, device=device).to(dtype)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("window_size, causal", [((8, -1), False), ((8, -1), True), ((5, 3), False),
+                                                 ((0, 0), False), ((20, 4), True)], ids=str)
+def test_sliding_windows(backend, window_size, causal, device):
+    q, k, v = (torch.randn(1, 45, 4, 64, device=device).half() for _ in range(3))
+    check_attention(q, k[:, :, :2], v[:, :, :2], causal=causal, window_size=window_size)
+
+
+def test_softcap_and_scale(backend, device):
+    q = torch.randn(2, 37, 4, 64, device=device).half() * 3  # large scores: the cap matters
+    k, v = (torch.randn(2, 37, 2, 64, device=device).half() for _ in range(2))
+    check_attention(q, k, v, causal=True, softcap=5.0, softmax_scale=0.2)
+
+
+@pytest.mark.parametrize("num_sequences", [1, 7, 33])
+def test_varlen_matches_reference(backend, num_sequences, device):
+    lengths_q = torch.randint(1, 30, (num_sequences,))
+    if num_sequences > 1:
+        lengths_q[num_sequences // 2] = 0  # an empty sequence inside the batch
+    lengths_k = lengths_q + torch.randint(0, 6, (num_sequences,))
+    cu_q = F.pad(lengths_q.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    cu_k = F.pad(lengths_k.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    q = torch.randn(int(lengths_q.sum()), 8, 64, device=device).half()
+    k, v = (torch.randn(int(lengths_k.sum()), 2, 64, device=device).half() for _ in range(2))
+    check_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(lengths_q.max()),
+                    max_seqlen_k=int(lengths_k.max()), causal=True)
+
+
+def test_varlen_equals_dense_per_sequence(backend, device):
+    """A packed batch gives each sequence exactly what it gets alone: no attention across documents."""
+    lengths = [5, 0, 19, 1]
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to(device)
+    q, k, v = (torch.randn(sum(lengths), 4, 80, device=device).half() for _ in range(3))
+    packed = docqa_fast.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    for start, length in zip(cu[:-1].tolist(), lengths):
+        if length:
+            alone = docqa_fast.flash_attn_func(*(t[None, start : start + length] for t in (q, k, v)), causal=True)
+            torch.testing.assert_close(packed[start : start + length], alone[0], atol=2e-3, rtol=2e-3)
+
+
+def test_deterministic_backward_is_bitwise_reproducible(backend, device):
+    q = torch.randn(2, 50, 8, 64, device=device).half().requires_grad_()
+    k, v = (torch.randn(2, 50, 2, 64, device=device).half().requires_grad_() for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def grads():
+        out = docqa_fast.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    for first, second in zip(grads(), grads()):
+        assert torch.equal(first, second)
+
+
+def test_packed_variants_equal_the_unpacked_call(backend, device):
+    qkv = torch.randn(2, 21, 3, 4, 64, device=device).half()
+    expected = docqa_fast.flash_attn_func(*qkv.unbind(2), causal=True)
+    torch.testing.assert_close(docqa_fast.flash_attn_qkvpacked_func(qkv, causal=True), expected)
+    torch.testing.assert_close(docqa_fast.flash_attn_kvpacked_func(qkv[:, :, 0], qkv[:, :, 1:], causal=True),
+                               expected)
+    cu = torch.tensor([0, 21, 42], dtype=torch.int32, device=device)
+    flat = qkv.flatten(0, 1)
+    packed = docqa_fast.flash_attn_varlen_qkvpacked_func(flat, cu, 21, causal=True)
+    torch.testing.assert_close(packed, expected.flatten(0, 1))
+    packed = docqa_fast.flash_attn_varlen_kvpacked_func(flat[:, 0], flat[:, 1:], cu, cu, 21, 21, causal=True)
+    torch.testing.assert_close(packed, expected.flatten(0, 1))
+
+
+def test_sdpa_front_end(backend, device):
+    """Our SDPA equals torch's, whether our kernel runs (CUDA fp16/bf16) or torch's own does."""
+    q = torch.randn(2, 4, 33, 64, device=device).half()
+    k, v = (torch.randn(2, 2, 33, 64, device=device).half() for _ in range(2))
+    for kwargs in ({"is_causal": True, "enable_gqa": True}, {"enable_gqa": True, "scale": 0.3}):
+        got = docqa_fast.scaled_dot_product_attention(q, k, v, **kwargs)
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).half()
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    mask = torch.rand(33, 33, device=device) > 0.3  # an explicit mask: torch's SDPA runs it
+    got = docqa_fast.scaled_dot_product_attention(q, k[:, :1].expand_as(q), v[:, :1].expand_as(q), attn_mask=mask)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k[:, :1].expand_as(q),
+                                                                   v[:, :1].expand_as(q), attn_mask=mask))
+
+
+def test_fp32_runs_on_the_reference_path(device, monkeypatch):
+    q, k, v = (torch.randn(1, 11, 2, 32, device=device) for _ in range(3))
+    check_attention(q, k, v, causal=True)
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="take fp16/bf16"):
+        docqa_fast.flash_attn_func(q, k, v)
+
+
+def test_fully_masked_rows_give_zero_and_neg_inf(backend, device):
+    q, k, v = (torch.randn(1, 9, 2, 32, device=device).half() for _ in range(3))
+    out, lse, _ = docqa_fast.flash_attn_func(q, k[:, :4], v[:, :4], causal=True, return_attn_probs=True)
+    # 9 queries over 4 keys, bottom-right aligned: queries 0..4 see no key.
+    assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5]))
+    assert torch.isneginf(lse[..., :5]).all() and torch.isfinite(lse[..., 5:]).all()
+
+
+def test_compile_fullgraph_forward_and_backward(backend, device):
+    q, k, v = (torch.randn(1, 24, 2, 32, device=device).half().requires_grad_() for _ in range(3))
+
+    def step(q, k, v):
+        return docqa_fast.flash_attn_func(q, k, v, causal=True).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(step(q, k, v), (q, k, v))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_opcheck(backend, device):
+    q, k, v = (torch.randn(1, 7, 2, 16, device=device).half() for _ in range(3))
+    torch.library.opcheck(_attention_forward_op, (q, k, v, None, None, 7, 7, 0.25, True, -1, -1, 0.0))
+
+
+# ------------------------------------------------------------------------- bad input
+
+def _qkv(**changes):
+    shapes = {"q": (2, 8, 4, 64), "k": (2, 8, 2, 64), "v": (2, 8, 2, 64)}
+    tensors = {name: torch.randn(shape).half() for name, shape in shapes.items()}
+    tensors.update(changes)
+    return tensors["q"], tensors["k"], tensors["v"]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: docqa_fast.flash_attn_func(*_qkv(q=torch.randn(2, 8, 4, 64).int())), TypeError, "q of dtype"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(k=torch.randn(2, 8, 2, 64).float())), TypeError,
+     "k of dtype torch.float16"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(k=torch.randn(2, 8, 3, 64).half(), v=torch.randn(2, 8, 3, 64).half())),
+     ValueError, "multiple of k's (3)"),
+    (lambda: docqa_fast.flash_attn_func(*(torch.randn(2, 8, 4, 68).half() for _ in range(3))), ValueError,
+     "multiple of 8"),
+    (lambda: docqa_fast.flash_attn_func(*(torch.randn(1, 8, 2, 264).half() for _ in range(3))), ValueError,
+     "at most 256"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(k=torch.randn(2, 8, 2, 32).half(), v=torch.randn(2, 8, 2, 32).half())),
+     ValueError, "k with head dim 64"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(v=torch.randn(2, 8, 2, 64).half().to("meta"))), ValueError,
+     "v on cpu"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(), window_size=(-2, 0)), ValueError, "window_size values >= -1"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(), dropout_p=0.1), NotImplementedError, "dropout_p"),
+    (lambda: docqa_fast.flash_attn_func(*_qkv(), alibi_slopes=torch.ones(4)), NotImplementedError, "alibi"),
+])
+def test_bad_dense_input_names_the_argument(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+def _varlen(cu_q, cu_k=None, max_q=8, max_k=8, dtype=torch.int32):
+    q, k, v = torch.randn(10, 4, 64).half(), torch.randn(10, 2, 64).half(), torch.randn(10, 2, 64).half()
+    cu_q = torch.tensor(cu_q, dtype=dtype)
+    cu_k = cu_q if cu_k is None else torch.tensor(cu_k, dtype=dtype)
+    return lambda: docqa_fast.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (_varlen([0, 4, 10], dtype=torch.int64), TypeError, "cu_seqlens_q of dtype torch.int32"),
+    (_varlen([0, 6, 4, 10]), ValueError, "cu_seqlens_q to be non-decreasing"),
+    (_varlen([0, 4, 9]), ValueError, "end at the token count 10"),
+    (_varlen([0, 2, 10], max_q=5, max_k=8), ValueError, "max_seqlen_q >= every sequence length, got 5 < 8"),
+    (_varlen([0, 4, 10], [0, 10]), ValueError, "cu_seqlens_k of shape (3,)"),
+])
+def test_bad_varlen_input_names_the_argument(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call()
