@@ -1,0 +1,222 @@
+"""Benchmarks of training attention (docqa_fast.flash_attn_func / flash_attn_varlen_func).
+
+Cases (docs WORKLOADS.md): the LLM shape (28 query / 4 KV heads, D 128; and Mistral's 32/8)
+at S = 1K ... 128K with B*S = 16K tokens (B = 1 from 16K on), causal and not; packed
+documents (4-32 documents of 2K-32K tokens in one varlen row, causal); the ViT shape
+(16 heads, D 80, non-causal, varlen over images of 4,800 patches). Each in three modes:
+forward, backward (the graph built once per input set, outside the timing) and forward +
+backward. TFLOP/s by flash-attn's formula: 4 * S_q * S_k * H * D per sequence, halved for
+causal, x2.5 for the backward, x3.5 for forward + backward.
+
+Peers: torch SDPA with each backend (FLASH_ATTENTION, CUDNN_ATTENTION, EFFICIENT_ATTENTION;
+dense cases), FlexAttention (compiled, with a causal / document block mask), flash-attn's
+own functions when it is importable. ``sdpa`` (torch's choice of backend, dense) or
+FlexAttention (packed) is the output every provider is checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import docqa_fast
+
+from .harness import Case, Provider, register_family
+
+FAMILY = "attention"
+DTYPE = torch.bfloat16
+PATCHES_PER_IMAGE = 4800
+SIZES = {
+    "full": {"llm_S": (1024, 4096, 16384, 32768, 131072), "tokens": 16384, "docs": ((4, 2048), (8, 8192), (32, 2048),
+                                                                                   (4, 32768)),
+             "images": (8, 32, 100)},
+    "quick": {"llm_S": (256,), "tokens": 512, "docs": ((4, 128),), "images": (1,)},
+}
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def _dense_inputs(params, device):
+    B, S, H, Hk, D = params["B"], params["S"], params["H"], params["Hk"], params["D"]
+    q = torch.randn(B, S, H, D, device=device, dtype=DTYPE)
+    k, v = (torch.randn(B, S, Hk, D, device=device, dtype=DTYPE) for _ in range(2))
+    return _with_grad(q, k, v, params)
+
+
+def _packed_inputs(params, device):
+    lengths, H, Hk, D = params["lengths"], params["H"], params["Hk"], params["D"]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = torch.randn(total, H, D, device=device, dtype=DTYPE)
+    k, v = (torch.randn(total, Hk, D, device=device, dtype=DTYPE) for _ in range(2))
+    return (*_with_grad(q, k, v, params), cu)
+
+
+def _with_grad(q, k, v, params):
+    if params["mode"] != "fwd":
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        return q, k, v, torch.randn_like(q)
+    return q, k, v, None
+
+
+# ----------------------------------------------------------------------------- providers
+
+def _in_mode(forward, mode):
+    """forward(q, k, v, *rest) -> out, turned into the timed callable of ``mode``."""
+    if mode == "fwd":
+        return lambda q, k, v, dout, *rest: forward(q, k, v, *rest)
+    if mode == "fwd_bwd":
+        return lambda q, k, v, dout, *rest: torch.autograd.grad(forward(q, k, v, *rest), (q, k, v), dout)
+    graphs = {}  # bwd: one forward per input set, built on first use (the untimed warm-up)
+
+    def backward_only(q, k, v, dout, *rest):
+        if id(q) not in graphs:
+            graphs[id(q)] = forward(q, k, v, *rest)
+        return torch.autograd.grad(graphs[id(q)], (q, k, v), dout, retain_graph=True)
+
+    return backward_only
+
+
+def _ours(mode, causal, packed):
+    if packed:
+        def forward(q, k, v, cu):
+            max_len = int((cu[1:] - cu[:-1]).max())
+            return docqa_fast.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal)
+    else:
+        def forward(q, k, v):
+            return docqa_fast.flash_attn_func(q, k, v, causal=causal)
+    unavailable = (lambda device: None if device.type == "cuda" else
+                   "no GPU: the Triton interpreter is far too slow to time")
+    return Provider("docqa_fast[triton]", fn=_in_mode(forward, mode), ours=True,
+                    env={"DOCQA_FAST_BACKEND": "triton"}, unavailable=unavailable)
+
+
+def _sdpa(mode, causal, backend=None):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forward(q, k, v):
+        args = [t.transpose(1, 2) for t in (q, k, v)]
+        gqa = q.shape[2] != k.shape[2]
+        if backend is None:
+            out = F.scaled_dot_product_attention(*args, is_causal=causal, enable_gqa=gqa)
+        else:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                out = F.scaled_dot_product_attention(*args, is_causal=causal, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+    unavailable = (lambda device: None) if backend is None else (
+        lambda device: None if device.type == "cuda" else f"{backend} needs a CUDA device")
+    return Provider(f"sdpa[{backend}]" if backend else "sdpa", fn=_in_mode(forward, mode), unavailable=unavailable)
+
+
+def _flex(mode, causal, packed):
+    def build():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        masks = {}
+
+        def forward(q, k, v, cu=None):
+            seqlen = q.shape[-3]
+            key = (seqlen, None if cu is None else id(cu))
+            if key not in masks:
+                if cu is not None:
+                    document = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device),
+                                                       (cu[1:] - cu[:-1]).long())
+
+                    def mask_mod(b, h, qi, ki):
+                        same = document[qi] == document[ki]
+                        return (same & (qi >= ki)) if causal else same
+                else:
+                    def mask_mod(b, h, qi, ki):
+                        return qi >= ki
+                masks[key] = create_block_mask(mask_mod, None, None, seqlen, seqlen, device=q.device)
+            if cu is not None:  # one packed row: (1, H, total, D)
+                q, k, v = (t[None] for t in (q, k, v))
+            args = [t.transpose(-3, -2) for t in (q, k, v)]
+            block_mask = masks[key] if (causal or cu is not None) else None
+            out = compiled(*args, block_mask=block_mask, enable_gqa=q.shape[-2] != k.shape[-2])
+            out = out.transpose(-3, -2)
+            return out[0] if cu is not None else out
+
+        return _in_mode(forward, mode)
+
+    return Provider("flex_attention", build=build,
+                    unavailable=lambda device: None if device.type == "cuda" else "FlexAttention benchmarked on GPU only")
+
+
+def _flash_attn(mode, causal, packed):
+    def unavailable(device):
+        if device.type != "cuda":
+            return "flash-attn needs a CUDA device"
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "flash-attn is not installed"
+        return None
+
+    def build():
+        import flash_attn
+
+        if packed:
+            def forward(q, k, v, cu):
+                max_len = int((cu[1:] - cu[:-1]).max())
+                return flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal)
+        else:
+            def forward(q, k, v):
+                return flash_attn.flash_attn_func(q, k, v, causal=causal)
+        return _in_mode(forward, mode)
+
+    return Provider("flash-attn", build=build, unavailable=unavailable)
+
+
+# ---------------------------------------------------------------------------------- cases
+
+def _flops(lengths, heads, head_dim, causal, mode):
+    per_sequence = sum(4 * s * s * heads * head_dim for s in lengths)
+    return int(per_sequence * (0.5 if causal else 1.0) * FLOP_FACTOR[mode])
+
+
+def _case(name, group, description, params, sweep, lengths, causal, packed):
+    mode = params["mode"]
+    providers = [_ours(mode, causal, packed), _flex(mode, causal, packed), _flash_attn(mode, causal, packed)]
+    if not packed:
+        providers += [_sdpa(mode, causal, backend) for backend in
+                      (None, "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")]
+    return Case(family=FAMILY, name=name, group=group, description=description, params=params, sweep=sweep,
+                make_inputs=_packed_inputs if packed else _dense_inputs, providers=tuple(providers),
+                reference="flex_attention" if packed else "sdpa",
+                flops=_flops(lengths, params["H"], params["D"], causal, mode))
+
+
+@register_family(FAMILY)
+def cases(quick: bool) -> list[Case]:
+    sizes = SIZES["quick" if quick else "full"]
+    found = []
+    for mode in MODES:
+        for causal in (True, False):
+            tag = "causal" if causal else "full"
+            for (H, Hk) in ((28, 4), (32, 8)):
+                for S in sizes["llm_S"]:
+                    if (H, Hk) == (32, 8) and S != sizes["llm_S"][0] * 4 and not quick:
+                        continue  # Mistral's shape at one length
+                    B = max(1, sizes["tokens"] // S)
+                    params = {"B": B, "S": S, "H": H, "Hk": Hk, "D": 128, "mode": mode, "dtype": "bfloat16"}
+                    found.append(_case(f"llm{H}x{Hk}-{tag}-{mode}-S{S}", f"llm{H}x{Hk}-{tag}-{mode}",
+                                       f"LLM attention {mode}, {tag}, H {H}/{Hk}, D 128, B*S={B * S}, bf16",
+                                       params, "S", [S] * B, causal, packed=False))
+        for docs, length in sizes["docs"]:
+            params = {"lengths": [length] * docs, "docs": docs, "doc_len": length, "H": 28, "Hk": 4, "D": 128,
+                      "mode": mode, "dtype": "bfloat16"}
+            found.append(_case(f"packed-{mode}-{docs}x{length}", f"packed-{mode}",
+                               f"packed documents {mode}, causal, H 28/4, D 128, bf16", params, "docs",
+                               [length] * docs, True, packed=True))
+        for images in sizes["images"]:
+            params = {"lengths": [PATCHES_PER_IMAGE] * images, "images": images, "H": 16, "Hk": 16, "D": 80,
+                      "mode": mode, "dtype": "bfloat16"}
+            found.append(_case(f"vit-{mode}-images{images}", f"vit-{mode}",
+                               f"ViT attention {mode}, non-causal varlen, 16 heads, D 80, bf16", params, "images",
+                               [PATCHES_PER_IMAGE] * images, False, packed=True))
+    return found
