@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := pytest pytest-benchmark ninja numpy matplotlib tqdm setuptools wheel
+DEPS := pytest pytest-benchmark ninja numpy matplotlib tqdm transformers setuptools wheel
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 

@@ -1,0 +1,105 @@
+"""A transformers attention backend: ``attn_implementation="docqa_fast"``.
+
+``register()`` adds ``"docqa_fast"`` to transformers' public registries
+(``AttentionInterface`` for the attention function, ``AttentionMaskInterface`` for the mask
+it needs), so any model that dispatches attention through them -- Llama, Mistral, Qwen2,
+Qwen2-VL, Qwen2.5-VL among them -- runs on our kernels::
+
+    from docqa_fast.integrations.transformers import register
+    register()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="docqa_fast")
+
+Like transformers' own flash-attention path, the mask handed to the function is the 2-D
+padding mask (or None when nothing is padded). Per call:
+
+* ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments (a padding-free collator, or a
+  model that passes them) -> the varlen kernel over the flattened batch;
+* a padding mask -> the padded rows are dropped, the varlen kernel runs, the rows go back;
+* ``position_ids`` that restart inside a single flattened row (packed documents) -> varlen
+  with the boundaries read from them (one host sync, as in transformers);
+* otherwise -> the dense kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import flash_attn_func, flash_attn_varlen_func
+
+NAME = "docqa_fast"
+
+
+def _window(sliding_window):
+    # transformers counts the current token in the window: a window of W sees W - 1 keys back.
+    return (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _max_length(value) -> int:
+    return int(value)
+
+
+def _packed_boundaries(position_ids: torch.Tensor):
+    """cu_seqlens of the documents in one flattened row whose positions restart, or None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    positions = position_ids[0]
+    starts = (positions == positions.min()).nonzero().flatten()
+    if starts.numel() < 2:
+        return None
+    return torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
+
+
+def docqa_fast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                 sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """transformers' attention-function contract: (B, H, S, D) in, ((B, S, H, D) out, None)."""
+    if kwargs.get("output_attentions", False):
+        raise ValueError("attn_implementation='docqa_fast' does not return attention weights; use 'eager'")
+    batch, query_length = query.shape[0], query.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views
+    causal = module.is_causal if is_causal is None else is_causal
+    options = dict(dropout_p=dropout if module.training else 0.0, softmax_scale=scaling,
+                   causal=bool(causal) and not (query_length == 1), window_size=_window(sliding_window),
+                   softcap=softcap or 0.0)
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        max_q = kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max())
+        out = flash_attn_varlen_func(*(t.reshape(-1, *t.shape[-2:]) for t in (q, k, v)), cu_q.to(torch.int32),
+                                     cu_k.to(torch.int32), _max_length(max_q), _max_length(max_k), **options)
+        return out.view(batch, query_length, *out.shape[-2:]), None
+
+    if attention_mask is not None:
+        keep_k = attention_mask[:, -k.shape[1]:].bool()
+        keep_q = keep_k[:, -query_length:] if query_length > 1 else torch.ones_like(keep_k[:, :1])
+        lengths_q, lengths_k = keep_q.sum(-1), keep_k.sum(-1)
+        rows_q = keep_q.flatten().nonzero().flatten()
+        out = flash_attn_varlen_func(q.reshape(-1, *q.shape[-2:])[rows_q], k[keep_k], v[keep_k],
+                                     _cu_seqlens(lengths_q), _cu_seqlens(lengths_k), int(lengths_q.max()),
+                                     int(lengths_k.max()), **options)
+        padded = out.new_zeros(batch * query_length, *out.shape[-2:])
+        padded[rows_q] = out
+        return padded.view(batch, query_length, *out.shape[-2:]), None
+
+    boundaries = _packed_boundaries(kwargs.get("position_ids")) if batch == 1 else None
+    if boundaries is not None:
+        longest = int((boundaries[1:] - boundaries[:-1]).max())
+        out = flash_attn_varlen_func(q[0], k[0], v[0], boundaries, boundaries, longest, longest, **options)
+        return out[None], None
+
+    return flash_attn_func(q, k, v, **options), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="docqa_fast"`` available to every transformers model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, docqa_fast_attention_forward)
+    # The flash-attention mask: None when nothing is padded, else the 2-D padding mask.
+    AttentionMaskInterface.register(NAME, flash_attention_mask)

@@ -1,0 +1,121 @@
+"""attn_implementation="docqa_fast" against "eager" on tiny random-weight transformers models."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+from docqa_fast.integrations.transformers import register  # noqa: E402
+
+pytestmark = pytest.mark.backends("reference", "triton")
+register()
+
+
+def _precision(backend):
+    # The Triton kernels take fp16/bf16 (bf16 is wrong under the CPU interpreter); fp32 runs the reference.
+    if backend == "triton":
+        return torch.float16, dict(atol=3e-3, rtol=3e-3)
+    return torch.float32, dict(atol=1e-5, rtol=1e-5)
+
+
+def _pair(model_class, config, dtype, device):
+    """The same random weights under "eager" and "docqa_fast"."""
+    torch.manual_seed(0)
+    eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager", torch_dtype=dtype)
+    ours = model_class._from_config(copy.deepcopy(config), attn_implementation="docqa_fast", torch_dtype=dtype)
+    ours.load_state_dict(eager.state_dict())
+    return eager.to(device).eval(), ours.to(device).eval()
+
+
+def _llama_config(**overrides):
+    return transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    **overrides)
+
+
+def _logits_and_grads(model, **inputs):
+    model.zero_grad()
+    logits = model(**inputs).logits
+    # Padded positions' outputs are arbitrary (eager computes them, flash-style kernels skip them):
+    # the loss reads real tokens only, as a training loss does.
+    mask = inputs.get("attention_mask")
+    weight = torch.ones(logits.shape[:2], device=logits.device) if mask is None else mask.float()
+    (logits.float().square().mean(-1) * weight).sum().backward()
+    return logits, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(eager_result, ours_result, tolerance, rows=None):
+    (e_logits, e_grads), (o_logits, o_grads) = eager_result, ours_result
+    if rows is not None:
+        e_logits, o_logits = e_logits[rows], o_logits[rows]
+    torch.testing.assert_close(o_logits, e_logits, **tolerance)
+    assert e_grads.keys() == o_grads.keys()
+    for name in e_grads:
+        torch.testing.assert_close(o_grads[name], e_grads[name], **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_llama_padded_batch(backend, padding, device):
+    dtype, tolerance = _precision(backend)
+    eager, ours = _pair(transformers.LlamaForCausalLM, _llama_config(), dtype, device)
+    ids = torch.randint(0, 97, (3, 23), device=device)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :7], mask[2, :1] = 0, 0
+    elif padding == "right":
+        mask[1, 15:], mask[2, 22:] = 0, 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    _assert_same(_logits_and_grads(eager, **inputs), _logits_and_grads(ours, **inputs), tolerance, mask.bool())
+
+
+def test_llama_packed_documents_match_separate_forwards(backend, device):
+    """Documents packed into one row with restarting position_ids: no attention across them."""
+    dtype, tolerance = _precision(backend)
+    eager, ours = _pair(transformers.LlamaForCausalLM, _llama_config(), dtype, device)
+    lengths = [9, 1, 14]
+    ids = torch.randint(0, 97, (1, sum(lengths)), device=device)
+    position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    packed = ours(input_ids=ids, position_ids=position_ids).logits[0]
+    start = 0
+    for n in lengths:
+        alone = eager(input_ids=ids[:, start : start + n]).logits[0]
+        torch.testing.assert_close(packed[start : start + n], alone, **tolerance)
+        start += n
+
+
+def test_llama_sliding_window_matches_eager(backend, device):
+    dtype, tolerance = _precision(backend)
+    config = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, sliding_window=6,
+                                        max_position_embeddings=128)
+    eager, ours = _pair(transformers.MistralForCausalLM, config, dtype, device)
+    ids = torch.randint(0, 97, (2, 19), device=device)
+    _assert_same(_logits_and_grads(eager, input_ids=ids), _logits_and_grads(ours, input_ids=ids), tolerance)
+
+
+def _qwen2_5_vl_config():
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                  in_channels=3)
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    return transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=151,
+                                         video_token_id=152, vision_start_token_id=153, vision_end_token_id=154)
+
+
+def test_qwen2_5_vl_text_and_vision_match_eager(backend, device):
+    dtype, tolerance = _precision(backend)
+    eager, ours = _pair(transformers.Qwen2_5_VLForConditionalGeneration, _qwen2_5_vl_config(), dtype, device)
+    grid = torch.tensor([[1, 4, 8], [1, 8, 4]], device=device)  # two images: 32 patches -> 8 tokens each
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device=device).to(dtype)
+    image = [153] + [151] * 8 + [154]
+    row = [5, 6] + image + [7, 8, 9] + image + [10, 11]
+    ids = torch.tensor([row, [1] * 3 + row[:-3]], device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([pixels, pixels]),
+                  image_grid_thw=torch.cat([grid, grid]))
+    _assert_same(_logits_and_grads(eager, **inputs), _logits_and_grads(ours, **inputs), tolerance, mask.bool())
