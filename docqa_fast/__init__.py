@@ -15,6 +15,16 @@ from .attention import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
+from .losses import (
+    FusedLinearDPOLoss,
+    FusedLinearLongPOLoss,
+    LinearCrossEntropyLoss,
+    dpo_loss,
+    linear_cross_entropy,
+    linear_logprobs,
+    longpo_loss,
+    sequence_logprobs,
+)
 from .merge_attention import merge_attention_states, merge_stacked_attention_states
 from .reward import (
     RewardEnsembleHead,
@@ -33,6 +43,8 @@ __all__ = [
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "scaled_dot_product_attention",
     "merge_attention_states", "merge_stacked_attention_states",
+    "linear_logprobs", "linear_cross_entropy", "sequence_logprobs", "dpo_loss", "longpo_loss",
+    "LinearCrossEntropyLoss", "FusedLinearDPOLoss", "FusedLinearLongPOLoss",
     "RewardEnsembleHead", "RewardOutput", "aggregate", "all_pairs_ranking_loss", "ensemble_rewards",
     "pairwise_loss", "plackett_luce_loss",
 ]

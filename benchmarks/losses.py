@@ -1,0 +1,178 @@
+"""Benchmarks of fused linear log-probs and preference losses (docqa_fast.losses).
+
+Shapes (docs WORKLOADS.md): N = 8K / 32K / 128K tokens through the LM head of Qwen2.5-VL-7B
+(hidden 3584, vocabulary 152,064) and of Mistral-7B (hidden 4096, vocabulary 32,000), bf16;
+DPO on chosen + rejected answers of 2K / 8K tokens each through Qwen's head. Forward alone
+and forward + backward (d hidden, d weight). Providers:
+
+* ``docqa_fast[triton]``: linear_cross_entropy / FusedLinearDPOLoss (no logits anywhere);
+  ``docqa_fast[reference]``: the same API on its CPU path (materialised logits, fp32);
+* ``eager``: the naive path trainers run -- ``hidden @ weight.T`` -> fp32 cross-entropy
+  (transformers' causal-LM loss) or log_softmax -> gather -> sum -> DPO (TRL);
+* ``torch.compile`` of the naive path;
+* ``liger``: Liger-Kernel's LigerFusedLinearCrossEntropyLoss / LigerFusedLinearDPOLoss
+  (chunked logits, gradients computed in the forward), when importable.
+
+Work model: 2·N·H·V FLOPs forward, 3x that for forward + backward (the backward's recompute
+of the logits is not counted as work). Targets on an H100: forward + backward within 1.2x of
+the naive path's time where it fits, >= 1.5x faster than Liger, and peak memory beyond the
+inputs and gradients <= 1% of the naive path's at 32K tokens (peak memory is reported per
+provider; the fraction is read off the table). Quick sizes (CPU smoke runs) use Qwen2.5-0.5B's
+head (hidden 896, vocabulary 151,936) and 128 tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from docqa_fast.losses import FusedLinearDPOLoss, linear_cross_entropy
+
+from .harness import Case, Provider, compiled_provider, eager_provider, ours_per_backend, register_family
+
+FAMILY = "losses"
+DTYPE = torch.bfloat16
+HEADS = {"qwen": (3584, 152064), "mistral": (4096, 32000)}
+QUICK_HEADS = {"qwen": (896, 151936), "mistral": (4096, 32000)}
+SIZES = {"full": {"ce_tokens": (8192, 32768, 131072), "dpo_tokens": (2048, 8192)},
+         "quick": {"ce_tokens": (128,), "dpo_tokens": (64,)}}
+BETA = 0.1
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _head(params, device):
+    hidden_size, vocab = params["H"], params["V"]
+    weight = torch.randn(vocab, hidden_size, device=device, dtype=DTYPE) / hidden_size**0.5
+    return weight.requires_grad_(params["backward"])
+
+
+def _ce_inputs(params, device):
+    n, hidden_size, vocab = params["N"], params["H"], params["V"]
+    hidden = torch.randn(n, hidden_size, device=device, dtype=DTYPE).requires_grad_(params["backward"])
+    labels = torch.randint(0, vocab, (n,), device=device)
+    labels[: n // 8] = -100  # a prompt that does not count
+    return hidden, _head(params, device), labels
+
+
+def _dpo_inputs(params, device):
+    n, hidden_size, vocab = params["N"], params["H"], params["V"]
+    hidden_c = torch.randn(1, n, hidden_size, device=device, dtype=DTYPE).requires_grad_(params["backward"])
+    hidden_r = torch.randn(1, n, hidden_size, device=device, dtype=DTYPE).requires_grad_(params["backward"])
+    labels_c = torch.randint(0, vocab, (1, n), device=device)
+    labels_r = torch.randint(0, vocab, (1, n), device=device)
+    ref_c = torch.randn(1, device=device) - 10.5 * n
+    ref_r = torch.randn(1, device=device) - 10.5 * n
+    return _head(params, device), hidden_c, hidden_r, labels_c, labels_r, ref_c, ref_r
+
+
+def _with_backward(forward, grads_of):
+    """forward(*inputs) -> scalar loss; returns the loss and the gradients of ``grads_of(inputs)``."""
+
+    def run(*inputs):
+        loss = forward(*inputs)
+        wrt = [t for t in grads_of(inputs) if t.requires_grad]
+        if not wrt:
+            return loss.detach()
+        return (loss.detach(), *torch.autograd.grad(loss, wrt))
+
+    return run
+
+
+# ------------------------------------------------------------------------ providers
+
+def ours_ce(hidden, weight, labels):
+    return linear_cross_entropy(hidden, weight, labels)
+
+
+def naive_ce(hidden, weight, labels):
+    """transformers' causal-LM loss: the full logits, upcast to fp32, cross-entropy."""
+    return F.cross_entropy((hidden @ weight.T).float(), labels)
+
+
+_DPO = FusedLinearDPOLoss(beta=BETA)
+
+
+def ours_dpo(weight, hidden_c, hidden_r, labels_c, labels_r, ref_c, ref_r):
+    return _DPO(weight, hidden_c, hidden_r, labels_c, labels_r, ref_c, ref_r)[0]
+
+
+def naive_dpo(weight, hidden_c, hidden_r, labels_c, labels_r, ref_c, ref_r):
+    """TRL's path: logits -> log_softmax (fp32) -> gather -> masked sum -> sigmoid DPO."""
+
+    def logps(hidden, labels):
+        log_probs = (hidden @ weight.T).float().log_softmax(-1)
+        mask = labels != -100
+        picked = log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (picked * mask).sum(-1)
+
+    margin = (logps(hidden_c, labels_c) - logps(hidden_r, labels_r)) - (ref_c - ref_r)
+    return -F.logsigmoid(BETA * margin).mean()
+
+
+def _liger_unavailable(device):
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not installed"
+    if device.type != "cuda":
+        return "Liger-Kernel runs on CUDA only"
+    return None
+
+
+def _liger_ce():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda hidden, weight, labels: loss(weight, hidden, labels)
+
+
+def _liger_dpo():
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # The reference log-probs are given (like ours), so Liger does not run a reference head.
+    loss = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False)
+
+    def run(weight, hidden_c, hidden_r, labels_c, labels_r, ref_c, ref_r):
+        return loss(weight, torch.cat([hidden_c, hidden_r]), torch.cat([labels_c, labels_r]))[0]
+
+    return run
+
+
+def _providers(ours, naive, liger_build, grads_of, backward):
+    wrap = (lambda fn: _with_backward(fn, grads_of)) if backward else (lambda fn: fn)
+    liger = Provider("liger", build=lambda: wrap(liger_build()), unavailable=_liger_unavailable)
+    return (*ours_per_backend(wrap(ours), backends=("triton", "reference")), eager_provider(wrap(naive)),
+            compiled_provider(wrap(naive)), liger)
+
+
+# ---------------------------------------------------------------------------- cases
+
+@register_family(FAMILY)
+def cases(quick: bool) -> list[Case]:
+    sizes = SIZES["quick" if quick else "full"]
+    heads = QUICK_HEADS if quick else HEADS
+    dtype = str(DTYPE).removeprefix("torch.")
+    found = []
+    for backward in (False, True):
+        mode = "fwdbwd" if backward else "fwd"
+        work = 3 if backward else 1
+        for model, (hidden_size, vocab) in heads.items():
+            providers = _providers(ours_ce, naive_ce, _liger_ce, lambda inputs: inputs[:2], backward)
+            for n in sizes["ce_tokens"]:
+                params = {"N": n, "H": hidden_size, "V": vocab, "backward": backward, "dtype": dtype}
+                found.append(Case(
+                    family=FAMILY, name=f"ce_{model}_{mode}-N{n}", group=f"ce_{model}_{mode}",
+                    description=f"linear cross-entropy {mode}, H={hidden_size} V={vocab} {dtype}",
+                    params=params, sweep="N", make_inputs=_ce_inputs, providers=providers,
+                    flops=work * 2 * n * hidden_size * vocab))
+        hidden_size, vocab = heads["qwen"]
+        providers = _providers(ours_dpo, naive_dpo, _liger_dpo, lambda inputs: inputs[:3], backward)
+        for n in sizes["dpo_tokens"]:
+            params = {"N": n, "H": hidden_size, "V": vocab, "backward": backward, "dtype": dtype}
+            found.append(Case(
+                family=FAMILY, name=f"dpo_qwen_{mode}-N{n}", group=f"dpo_qwen_{mode}",
+                description=f"DPO {mode}, chosen + rejected of N tokens each, H={hidden_size} V={vocab} {dtype}",
+                params=params, sweep="N", make_inputs=_dpo_inputs, providers=providers,
+                flops=work * 2 * 2 * n * hidden_size * vocab))
+    return found

@@ -1,0 +1,423 @@
+"""Triton kernels for log-probabilities through the LM head without materialising the logits.
+
+Notation: hidden h (N, H), weight W (V, H) (``lm_head.weight``), optional bias (V,),
+labels y (N,), temperature T; the logits are z = (h @ W^T + bias) / T, never stored whole.
+
+Forward (:func:`logit_stats`): one program per (token block, vocabulary split) walks its
+vocabulary tiles; each logits tile is a tensor-core matmul over H in BLOCK_K chunks and is
+consumed at once by an online log-sum-exp that also picks the label logit, sums the logits
+(label smoothing) and accumulates the entropy. Only (N,)-shaped fp32 statistics leave the
+kernel (per split; the splits are merged in PyTorch, O(N x splits)):
+
+    lse = log sum_j exp(z_j),  label_logit = z_y,  sum_logits = sum_j z_j,
+    entropy = -sum_j p_j log p_j        (p = softmax(z)).
+
+Every loss of docqa_fast.losses is a function of these four, so one backward covers them
+all: with per-row coefficients (a, b, c, d) built from the upstream gradients,
+
+    dL/dz_j = p_j * (a + b * log p_j) + c * [j == y] + d
+
+(lse -> a; label logit -> c; sum of logits -> d; entropy -> a = -H g, b = -g).
+
+Backward (:func:`logit_stats_backward`) walks the vocabulary in chunks of ``Vc`` columns:
+``logits_grad_kernel`` recomputes the logits tiles of the chunk and writes dL/dlogits for
+(N, Vc) only, then two tensor-core matmuls consume it: d_weight[chunk] = G^T @ h (the whole
+reduction over tokens in one fp32 accumulator: written once, no bf16 drift) and
+d_hidden += G @ W[chunk] into an fp32 (N, H) accumulator. Memory beyond inputs and
+gradients: the (N, Vc) chunk (capped at CHUNK_BYTES) and, for 16-bit hidden states, the fp32
+d_hidden accumulator -- neither grows with the vocabulary. G is stored in the input dtype,
+divided by a per-call scale (the largest row coefficient) so that tiny gradients (a mean
+over many tokens) do not flush to zero in fp16; the matmuls multiply the scale back.
+
+fp32 inputs multiply with ``input_precision="ieee"`` (no TF32), so results match an fp32
+reference on GPU and under the interpreter alike; fp16/bf16 use tensor cores (HGMMA on sm_90).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelConfig, pointer_type, register
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch shape of every kernel for one input dtype."""
+
+    block_n: int  # token rows of a logits tile
+    block_v: int  # vocabulary columns of a logits tile
+    block_k: int  # hidden features per step of the tile's matmul
+    mm_block_m: int  # the backward matmuls' C tile (M x N), K step and L2 grouping
+    mm_block_n: int
+    mm_block_k: int
+    num_warps: int
+    num_stages: int
+    mm_group_m: int = 8
+
+
+# The heuristic, one entry per dtype (no autotuning; each entry compiles for sm_90 without
+# spills, also unaligned -- see the registered configs). 16-bit: 64-row tiles are the M of
+# one warpgroup MMA (HGMMA); 8 warps split the 64 x 128 fp32 logits tile so the online
+# softmax state and its temporaries stay in registers; K steps of 32 keep the unaligned
+# (per-element pointer) loads from spilling. fp32 multiplies with IEEE FMAs (no tensor
+# cores) on smaller tiles.
+TILES = {
+    torch.float16: Tiles(64, 128, 32, 64, 128, 32, num_warps=8, num_stages=4),
+    torch.bfloat16: Tiles(64, 128, 32, 64, 128, 32, num_warps=8, num_stages=4),
+    torch.float32: Tiles(32, 64, 32, 32, 64, 32, num_warps=8, num_stages=2),
+}
+# Forward: split the vocabulary until about this many programs run (two waves on an H100's
+# 132 SMs), so short answers (few token blocks) still fill the GPU. A constant, not the
+# device's SM count, so results are bitwise the same on every device.
+TARGET_PROGRAMS = 264
+# Backward: the largest (N, Vc) chunk of dL/dlogits held at once.
+CHUNK_BYTES = 128 << 20
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc += a @ b; fp32 operands multiply exactly (IEEE), 16-bit ones on tensor cores."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temperature,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z = (h[rows] @ W[cols]^T + bias[cols]) / T in fp32; columns past the vocabulary are -inf."""
+    ks = tl.arange(0, BLOCK_K)
+    # int64 offsets: rows * stride passes 2^31 at 128K tokens x 8K hidden.
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hn + ks[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None]  # W^T tile: (BLOCK_K, BLOCK_V)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, H, BLOCK_K):
+        k_ok = ks < H - k
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(h, w, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def logit_stats_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
+    N, V, H, stride_hn, stride_wv, ignore_index, inv_temperature, tiles_per_split,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Per (token block, vocabulary split): the split's lse, label logit, logit sum and entropy.
+
+    ``part_ptr`` is (4, n_splits, N) fp32. The running state per row is the max m, the sum
+    s = sum exp(z - m) and t = sum exp(z - m) * (z - m); the split's entropy is log s - t / s,
+    computed relative to the max so it does not cancel when the logits are large.
+    """
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    has_label = labels != ignore_index
+
+    # A finite start (not -inf) so the first rescale computes 0 * finite, never 0 * inf.
+    m = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    label_logit = tl.zeros((BLOCK_N,), tl.float32)
+    sum_logits = tl.zeros((BLOCK_N,), tl.float32)
+    first_tile = split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                         inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        shifted = z - m_new[:, None]
+        e = tl.exp(shifted)  # 0 in masked columns
+        # Rescale t to the new max: sum e^(z-m)(z-m_new) = alpha * (t + s (m - m_new)).
+        t = alpha * (t + s * (m - m_new)) + tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        is_label = (cols[None, :] == labels[:, None]) & has_label[:, None]
+        label_logit += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        sum_logits += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+
+    log_s = tl.log(s)
+    out = part_ptr + split * N + rows
+    plane = n_splits * N
+    tl.store(out, m + log_s, mask=row_ok)
+    tl.store(out + plane, label_logit, mask=row_ok)
+    tl.store(out + 2 * plane, sum_logits, mask=row_ok)
+    tl.store(out + 3 * plane, log_s - t / s, mask=row_ok)
+
+
+@triton.jit
+def logits_grad_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_ptr, scale_ptr, g_ptr,
+    N, H, stride_hn, stride_wv, stride_gn, v_start, v_end, ignore_index, inv_temperature,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """G[:, cols - v_start] = dL/dz / scale for the vocabulary columns [v_start, v_end).
+
+    coef_ptr is (4, N) fp32: rows a, b, c, d of dL/dz_j = p_j (a + b log p_j) + c [j == y] + d.
+    The temperature's 1/T (dz/dlogits) is folded into the matmuls' scale, not applied here.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                     inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    b = tl.load(coef_ptr + N + rows, mask=row_ok, other=0.0)
+    c = tl.load(coef_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+    d = tl.load(coef_ptr + 3 * N + rows, mask=row_ok, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    inv_scale = 1.0 / tl.load(scale_ptr)
+
+    # Masked columns: p = exp(-inf) = 0, and log p is set to 0 so no 0 * inf arises.
+    p = tl.exp(z - lse[:, None])
+    log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
+    grad = p * (a[:, None] + b[:, None] * log_p)
+    is_label = (cols[None, :] == labels[:, None]) & (labels != ignore_index)[:, None]
+    grad += tl.where(is_label, c[:, None], 0.0) + d[:, None]
+    g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - v_start)[None, :]
+    tl.store(g_ptrs, (grad * inv_scale).to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def scaled_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, scale_ptr,
+    M, N, K, stride_a, stride_bk, stride_cm,
+    TRANS_A: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C (+)= scale * (A @ B) with an fp32 accumulator; B and C have unit column stride.
+
+    A is (M, K) row-major with row stride ``stride_a``, or with TRANS_A the transpose of a
+    row-major (K, M) array (unit stride along M, ``stride_a`` along K): d_weight multiplies
+    G^T without a copy. ACCUMULATE adds to C (the fp32 d_hidden accumulator).
+    """
+    # Grouped order: GROUP_M row blocks share their B columns while they sit in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
+    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    if TRANS_A:
+        a_ptrs = a_ptr + rk.to(tl.int64)[None, :] * stride_a + rm[:, None]
+    else:
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_a + rk[None, :]
+    b_ptrs = b_ptr + rk.to(tl.int64)[:, None] * stride_bk + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = rk < K - k
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc)
+        if TRANS_A:
+            a_ptrs += BLOCK_K * stride_a.to(tl.int64)
+        else:
+            a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk.to(tl.int64)
+    acc *= tl.load(scale_ptr)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    c_ok = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+def _vocab_splits(n_rows: int, vocab: int, tiles: Tiles) -> tuple[int, int]:
+    """(tiles per split, number of splits): enough programs for TARGET_PROGRAMS, whole tiles each."""
+    vocab_tiles = triton.cdiv(vocab, tiles.block_v)
+    wanted = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, tiles.block_n))))
+    per_split = triton.cdiv(vocab_tiles, wanted)
+    return per_split, triton.cdiv(vocab_tiles, per_split)
+
+
+def _bias_arg(bias, weight):
+    # Triton needs a pointer even when HAS_BIAS is off; the weight is never read through it.
+    return (bias, True) if bias is not None else (weight, False)
+
+
+def _tile_args(tiles: Tiles) -> dict:
+    return {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_K": tiles.block_k,
+            "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+
+
+def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float):
+    """(lse, label_logit, sum_logits, entropy), each (N,) fp32, of z = (hidden @ weight^T + bias) / T.
+
+    hidden (N, H) and weight (V, H) of one dtype with unit stride along H; bias (V,) or
+    None; labels (N,) int64.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    tiles = TILES[hidden.dtype]
+    per_split, n_splits = _vocab_splits(n_rows, vocab, tiles)
+    parts = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=hidden.device)
+    if n_rows:
+        bias_ptr, has_bias = _bias_arg(bias, weight)
+        logit_stats_kernel[(triton.cdiv(n_rows, tiles.block_n), n_splits)](
+            hidden, weight, bias_ptr, labels, parts,
+            n_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), ignore_index, 1.0 / temperature,
+            per_split, HAS_BIAS=has_bias, **_tile_args(tiles),
+        )
+    split_lse, label_logit, sum_logits, split_entropy = parts.unbind(0)
+    if n_splits == 1:  # separate tensors, not views of one buffer (a custom op's outputs may not alias)
+        return split_lse[0].clone(), label_logit[0].clone(), sum_logits[0].clone(), split_entropy[0].clone()
+    lse = torch.logsumexp(split_lse, dim=0)
+    # Split s holds probability mass pi_s = exp(lse_s - lse); H = sum pi_s (H_s + lse - lse_s).
+    mass = torch.exp(split_lse - lse)
+    entropy = (mass * (split_entropy + (lse - split_lse))).sum(0)
+    return lse, label_logit.sum(0), sum_logits.sum(0), entropy
+
+
+def _matmul(a, b, c, scale, tiles: Tiles, *, trans_a: bool, accumulate: bool) -> None:
+    """c (+)= scale * (a @ b); with trans_a, ``a`` is given as the (K, M) array to transpose."""
+    k, m = a.shape if trans_a else a.shape[::-1]
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        return
+    grid = (triton.cdiv(m, tiles.mm_block_m) * triton.cdiv(n, tiles.mm_block_n),)
+    scaled_matmul_kernel[grid](
+        a, b, c, scale, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+        TRANS_A=trans_a, ACCUMULATE=accumulate, BLOCK_M=tiles.mm_block_m, BLOCK_N=tiles.mm_block_n,
+        BLOCK_K=tiles.mm_block_k, GROUP_M=tiles.mm_group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def chunk_columns(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Vocabulary columns per backward chunk: whole tiles, at most CHUNK_BYTES of (N, Vc), at least one tile."""
+    block_v = TILES[dtype].block_v
+    fit = CHUNK_BYTES // max(1, n_rows * dtype.itemsize) // block_v * block_v
+    return max(block_v, min(fit, triton.cdiv(vocab, block_v) * block_v))
+
+
+def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index: int, temperature: float,
+                         need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Gradients (d_hidden, d_weight, d_bias) of a loss whose dL/dz rows are given by ``coefs`` (4, N).
+
+    Gradients come back in the inputs' dtype; unneeded ones as empty tensors. Nothing of
+    size (N, V) is allocated.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    tiles = TILES[hidden.dtype]
+    d_hidden32 = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=torch.float32, device=device)
+    d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=weight.dtype, device=device)
+    d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
+    if n_rows and vocab:
+        # |dL/dz| <= |a| + |b| / e + |c| + |d| per row, so G = (dL/dz) / scale stays within
+        # about [-1, 1]: fp16 keeps its precision however small the upstream gradient.
+        scale = coefs.abs().sum(0).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+        out_scale = scale / temperature  # dL/dlogits = (dL/dz) / T = G * scale / T
+        columns = chunk_columns(n_rows, vocab, hidden.dtype)
+        grad = torch.empty((n_rows, columns), dtype=hidden.dtype, device=device)
+        bias_ptr, has_bias = _bias_arg(bias, weight)
+        for v_start in range(0, vocab, columns):
+            v_end = min(vocab, v_start + columns)
+            width = v_end - v_start
+            logits_grad_kernel[(triton.cdiv(n_rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
+                hidden, weight, bias_ptr, labels, lse, coefs, scale, grad,
+                n_rows, hidden_size, hidden.stride(0), weight.stride(0), grad.stride(0), v_start, v_end,
+                ignore_index, 1.0 / temperature, HAS_BIAS=has_bias, **_tile_args(tiles),
+            )
+            chunk = grad[:, :width]
+            if need_weight:  # d_weight[chunk] = G^T @ hidden: every token in one fp32 accumulator
+                _matmul(chunk, hidden, d_weight[v_start:v_end], out_scale, tiles, trans_a=True, accumulate=False)
+            if need_bias:
+                d_bias[v_start:v_end] = chunk.sum(0, dtype=torch.float32) * out_scale
+            if need_hidden:  # d_hidden += G @ W[chunk], accumulated over the chunks in fp32
+                _matmul(chunk, weight[v_start:v_end], d_hidden32, out_scale, tiles, trans_a=False, accumulate=True)
+    d_hidden = d_hidden32.to(hidden.dtype) if need_hidden else d_hidden32
+    return d_hidden, d_weight, d_bias.to(weight.dtype) if need_bias else d_bias
+
+
+# --------------------------------------------------------------------------- configurations
+
+def _configs():
+    """Every (kernel, dtype, variant, alignment) the launchers above compile."""
+    stats_signature = {
+        "h_ptr": "IN", "w_ptr": "IN", "b_ptr": "IN", "labels_ptr": "*i64", "part_ptr": "*fp32",
+        "N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "ignore_index": "i32",
+        "inv_temperature": "fp32", "tiles_per_split": "i32",
+        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+    }
+    grad_signature = {
+        "h_ptr": "IN", "w_ptr": "IN", "b_ptr": "IN", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+        "coef_ptr": "*fp32", "scale_ptr": "*fp32", "g_ptr": "IN",
+        "N": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "stride_gn": "i32",
+        "v_start": "i32", "v_end": "i32", "ignore_index": "i32", "inv_temperature": "fp32",
+        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+    }
+    matmul_signature = {
+        "a_ptr": "IN", "b_ptr": "IN", "c_ptr": "OUT", "scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+        "stride_a": "i32", "stride_bk": "i32", "stride_cm": "i32",
+        "TRANS_A": "constexpr", "ACCUMULATE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+    }
+    # Integers are typed as the launcher types Python ints that fit 32 bits (strides at H <= 8192);
+    # the kernels widen them to int64 before multiplying by row indices.
+    # Aligned: 16-byte aligned tensors and hidden size / row strides multiples of 16 (every
+    # real model: hidden 896-8192, vocab 32000 / 152064); unaligned: none of it.
+    aligned = {
+        "logit_stats": ("h_ptr", "w_ptr", "b_ptr", "labels_ptr", "part_ptr", "H", "stride_hn", "stride_wv"),
+        "logits_grad": ("h_ptr", "w_ptr", "b_ptr", "labels_ptr", "lse_ptr", "coef_ptr", "g_ptr", "H",
+                        "stride_hn", "stride_wv", "stride_gn"),
+        "scaled_matmul": ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_a", "stride_bk", "stride_cm"),
+    }
+    for dtype, tiles in TILES.items():
+        ptr = pointer_type(dtype)
+        # fp32 multiplies in IEEE fp32 on purpose (exact against the fp32 reference): no tensor cores.
+        common = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+                  "uses_tensor_cores": dtype != torch.float32}
+        tile_constexprs = {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_K": tiles.block_k}
+        tile_name = f"{tiles.block_n}x{tiles.block_v}x{tiles.block_k}"
+        mm_constexprs = {"BLOCK_M": tiles.mm_block_m, "BLOCK_N": tiles.mm_block_n, "BLOCK_K": tiles.mm_block_k,
+                         "GROUP_M": tiles.mm_group_m}
+        mm_name = f"{tiles.mm_block_m}x{tiles.mm_block_n}x{tiles.mm_block_k}"
+        for alignment in ("aligned", "unaligned"):
+            for has_bias in (False, True):
+                for kind, fn, signature in (("logit_stats", logit_stats_kernel, stats_signature),
+                                            ("logits_grad", logits_grad_kernel, grad_signature)):
+                    yield KernelConfig(
+                        name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''},{tile_name},{alignment}]", fn=fn,
+                        signature={arg: ptr if t == "IN" else t for arg, t in signature.items()},
+                        constexprs={"HAS_BIAS": has_bias, **tile_constexprs},
+                        divisible_by_16=aligned[kind] if alignment == "aligned" else (), **common)
+            # d_weight: A = G^T, C in the weight's dtype; d_hidden: C = the fp32 accumulator.
+            for role, trans_a, accumulate, out in (("d_weight", True, False, ptr), ("d_hidden", False, True, "*fp32")):
+                yield KernelConfig(
+                    name=f"scaled_matmul[{ptr[1:]},{role},{mm_name},{alignment}]", fn=scaled_matmul_kernel,
+                    signature={arg: ptr if t == "IN" else out if t == "OUT" else t
+                               for arg, t in matmul_signature.items()},
+                    constexprs={"TRANS_A": trans_a, "ACCUMULATE": accumulate, **mm_constexprs},
+                    divisible_by_16=aligned["scaled_matmul"] if alignment == "aligned" else (), **common)
+
+
+register(_configs())
