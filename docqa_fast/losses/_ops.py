@@ -164,8 +164,9 @@ def _backward(ctx, grad_lse, grad_label, grad_sum, grad_entropy):
                                                     for g in (grad_lse, grad_label, grad_sum, grad_entropy))
     # d lse/dz = p; d label/dz = onehot; d sum/dz = 1; d entropy/dz = -p (log p + entropy).
     coefs = torch.stack([grad_lse - grad_entropy * entropy, -grad_entropy, grad_label, grad_sum]).contiguous()
+    # The bias is passed even when it needs no gradient (a frozen bias): the recomputed logits include it.
     d_hidden, d_weight, d_bias = linear_logit_stats_backward(
-        hidden, weight, bias if need_bias else None, labels, lse, coefs, ctx.ignore_index, ctx.temperature,
+        hidden, weight, bias, labels, lse, coefs, ctx.ignore_index, ctx.temperature,
         bool(need_hidden), bool(need_weight), bool(need_bias))
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
             None, None, None)

@@ -157,6 +157,17 @@ def test_only_needed_gradients(backend, device):
     torch.testing.assert_close(w.grad, w_ref.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_frozen_bias_still_shapes_the_gradients(backend, device):
+    """A bias that needs no gradient still enters the recomputed logits of the backward."""
+    hidden, weight, _ = random_head(10, 16, 64, torch.float32, device)
+    bias = torch.randn(64, device=device) * 3  # large enough to move the softmax
+    labels = random_labels((10,), 64, device)
+    h, h_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    linear_cross_entropy(h, weight, labels, bias).backward()
+    linear_cross_entropy_ref(h_ref, weight, labels, bias).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-6, rtol=1e-5)
+
+
 # --------------------------------------------------------------------- autograd and ops
 
 def test_stats_backward_matches_finite_differences_fp64():
