@@ -11,9 +11,10 @@ natural log; a query that sees no key gets out 0 and LSE -inf.
 
 Techniques: scores are taken in base 2 with the softmax scale and log2(e) folded into one
 multiplier (exp2 is one instruction); key blocks outside a query block's causal / window
-band are never visited (the loop bounds are computed per block), and only blocks that
-straddle a band edge pay for the mask; head dims that are not powers of two (80, 96, 192)
-are masked, not padded by a copy. The backward is the FlashAttention-2 split: one kernel
+band are never visited (the loop bounds are computed per block); head dims that are not
+powers of two (80, 96, 192) are masked, not padded by a copy. Every visited block applies
+the mask (MASK=True): splitting off the blocks fully inside the band into an unmasked
+stage is left for GPU tuning. The backward is the FlashAttention-2 split: one kernel
 per KV block accumulating dK/dV over every query head of its group (no atomics, so the
 gradients are bitwise reproducible), one kernel per query block for dQ.
 """
@@ -342,9 +343,13 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     )
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              softmax_scale, causal, window_size, softcap):
-    """Fill dq, dk, dv (shaped like q, k, v). Deterministic: no atomics anywhere."""
+    """Fill dq, dk, dv (shaped like q, k, v). Deterministic: no atomics anywhere.
+
+    ``grad_lse`` (like lse, or None) is the LSE's own gradient: dL/ds_ij = p_ij (dP_ij - delta_i)
+    + p_ij dlse_i, so it enters as delta_i - dlse_i and the kernels need nothing more.
+    """
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -353,6 +358,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, ma
     # delta_i = rowsum(dO_i * O_i), in the LSE's layout: one pass in PyTorch.
     delta = (dout.float() * out.float()).sum(-1)
     delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
     common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
               _scales(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1])
 

@@ -100,8 +100,11 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, en
         return "inputs that are not 4-D (B, H, S, D)"
     if query.dtype not in FAST_DTYPES or not query.is_cuda:
         return "a dtype or device our kernels do not take"
-    if query.shape[-1] % 8 or query.shape[-1] > MAX_HEAD_DIM or key.shape[-1] != query.shape[-1]:
-        return "an unsupported head dim"
+    if query.shape[-1] % 8 or query.shape[-1] > MAX_HEAD_DIM or key.shape[-1] != query.shape[-1] \
+            or value.shape[-1] != query.shape[-1]:
+        return "an unsupported head dim (or one that differs between query, key and value)"
+    if key.shape[0] != query.shape[0] or value.shape != key.shape:
+        return "key / value shapes that broadcast rather than match"
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return "different head counts without enable_gqa"
     if is_causal and query.shape[2] != key.shape[2]:

@@ -131,26 +131,26 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 
 @torch.library.custom_op("docqa_fast::attention_backward", mutates_args=())
 def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                           lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                           lse: torch.Tensor, grad_lse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                            softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
     if _choose(q) == "reference":
-        return attention_backward_ref(dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-                                      window_size=window, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
-                                      cu_seqlens_k=cu_seqlens_k)
+        return attention_backward_ref(dout, q, k, v, out, lse, grad_lse=grad_lse, softmax_scale=softmax_scale,
+                                      causal=causal, window_size=window, softcap=softcap,
+                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     from ..kernels import attention as kernels
 
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    kernels.backward(dout.contiguous(), q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, softmax_scale, causal, window, softcap)
+    kernels.backward(dout.contiguous(), q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap)
     return dq, dk, dv
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap):
+def _(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      causal, window_left, window_right, softcap):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -164,8 +164,10 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # The LSE is returned for merging partial results, not differentiated through (as in flash-attn).
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options)
+    # The LSE has a gradient when partial results are merged by it (ring / split-KV attention
+    # through merge_attention_states): d lse_i / d s_ij = p_ij, folded into the backward's delta.
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
+                                        *ctx.options)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -189,6 +191,8 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndims=(1,))
         check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
         check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q)
+        # The kernels read cu_seqlens with unit stride.
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     return _attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

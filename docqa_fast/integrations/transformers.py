@@ -54,13 +54,37 @@ def _packed_boundaries(position_ids: torch.Tensor):
     return torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
 
 
+def _trim_unfilled_cache(k, v, query_length, position_ids):
+    """Drop a static cache's unfilled slots when no mask says where they start.
+
+    With no padding, ``generate`` passes no mask for non-flash implementations, while a static
+    cache hands over all ``max_cache_len`` slots; the tokens seen so far are the positions up to
+    the current one. Only plain (B, S) position ids are read (one host sync); 3-D M-RoPE
+    positions do not count keys.
+    """
+    if query_length >= k.shape[1] or position_ids is None or position_ids.dim() != 2:
+        return k, v
+    seen = int(position_ids.max()) + 1
+    return (k[:, :seen], v[:, :seen]) if seen < k.shape[1] else (k, v)
+
+
 def docqa_fast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                  sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers' attention-function contract: (B, H, S, D) in, ((B, S, H, D) out, None)."""
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='docqa_fast' does not return attention weights; use 'eager'")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by attn_implementation='docqa_fast'")
     batch, query_length = query.shape[0], query.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("attn_implementation='docqa_fast' takes the 2-D padding mask that its registered "
+                             f"mask function builds, got a mask of shape {tuple(attention_mask.shape)}")
+        # A static cache is longer than the tokens seen so far; the mask covers just those.
+        k, v = k[:, : attention_mask.shape[1]], v[:, : attention_mask.shape[1]]
+    else:
+        k, v = _trim_unfilled_cache(k, v, query_length, kwargs.get("position_ids"))
     causal = module.is_causal if is_causal is None else is_causal
     options = dict(dropout_p=dropout if module.training else 0.0, softmax_scale=scaling,
                    causal=bool(causal) and not (query_length == 1), window_size=_window(sliding_window),

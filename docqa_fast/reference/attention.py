@@ -80,7 +80,7 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     return out.to(q.dtype), lse
 
 
-def _attention_backward_one(dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap):
+def _attention_backward_one(dout, q, k, v, out, lse, grad_lse, softmax_scale, causal, window_size, softcap):
     """The FlashAttention backward in closed form for one sequence (the kernels' math, written plainly)."""
     groups = q.shape[1] // k.shape[1]
     k_rep, v_rep = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -93,6 +93,8 @@ def _attention_backward_one(dout, q, k, v, out, lse, softmax_scale, causal, wind
     lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows that saw no key: p = 0
     probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse[..., None])
     delta = (dout * out).sum(-1).t()  # (H, Sq): rowsum(dO * O)
+    if grad_lse is not None:  # d lse_i / d s_ij = p_ij
+        delta = delta - grad_lse
     dv = torch.einsum("hqk,qhd->khd", probs, dout)
     dprobs = torch.einsum("qhd,khd->hqk", dout, v_rep)
     dscores = probs * (dprobs - delta[..., None]) * slope
@@ -102,17 +104,19 @@ def _attention_backward_one(dout, q, k, v, out, lse, softmax_scale, causal, wind
     return dq, fold(dk), fold(dv)
 
 
-def attention_backward_ref(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None):
-    """(dq, dk, dv) of attention_ref given the upstream gradient and the forward's out and lse."""
+def attention_backward_ref(dout, q, k, v, out, lse, *, grad_lse=None, softmax_scale=None, causal=False,
+                           window_size=(-1, -1), softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None):
+    """(dq, dk, dv) of attention_ref given the upstream gradients of out (and of lse) and the forward's results."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     args = (softmax_scale, causal, tuple(window_size), softcap)
     cast = lambda *ts: [t.to(acc) for t in ts]  # noqa: E731
     if cu_seqlens_q is None:
-        grads = [_attention_backward_one(*cast(d, qb, kb, vb, ob), lb.to(acc), *args)
-                 for d, qb, kb, vb, ob, lb in zip(dout, q, k, v, out, lse)]
+        grad_lses = grad_lse if grad_lse is not None else [None] * len(q)
+        grads = [_attention_backward_one(*cast(d, qb, kb, vb, ob), lb.to(acc), None if gl is None else gl.to(acc),
+                                         *args)
+                 for d, qb, kb, vb, ob, lb, gl in zip(dout, q, k, v, out, lse, grad_lses)]
         return tuple(torch.stack(g).to(t.dtype) for g, t in zip(zip(*grads), (q, k, v)))
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     for b in range(len(cu_seqlens_q) - 1):
@@ -120,6 +124,8 @@ def attention_backward_ref(dout, q, k, v, out, lse, *, softmax_scale=None, causa
         ks, ke = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
         if qe == qs or ke == ks:
             continue
+        part_grad_lse = None if grad_lse is None else grad_lse[:, qs:qe].to(acc)
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = _attention_backward_one(
-            *cast(dout[qs:qe], q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe]), lse[:, qs:qe].to(acc), *args)
+            *cast(dout[qs:qe], q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe]), lse[:, qs:qe].to(acc), part_grad_lse,
+            *args)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -127,6 +127,31 @@ def test_deterministic_backward_is_bitwise_reproducible(backend, device):
         assert torch.equal(first, second)
 
 
+def test_split_keys_merged_by_lse_match_full_attention_with_gradients(backend, device):
+    """Ring / split-KV attention: two halves of the keys merged by their LSEs. The LSE's gradient
+    must reach q and k, or dq and dk are silently wrong."""
+    q = torch.randn(1, 8, 2, 32, device=device).half().requires_grad_()
+    k, v = (torch.randn(1, 16, 2, 32, device=device).half().requires_grad_() for _ in range(2))
+    dout = torch.randn(1, 8, 2, 32, device=device).half()
+    out_a, lse_a, _ = docqa_fast.flash_attn_func(q, k[:, :8], v[:, :8], return_attn_probs=True)
+    out_b, lse_b, _ = docqa_fast.flash_attn_func(q, k[:, 8:], v[:, 8:], return_attn_probs=True)
+    merged, _ = docqa_fast.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    got = torch.autograd.grad(merged, (q, k, v), dout)
+    full = docqa_fast.flash_attn_func(q, k, v)
+    expected = torch.autograd.grad(full, (q, k, v), dout)
+    torch.testing.assert_close(merged, full, atol=2e-3, rtol=2e-3)
+    for name, g, e in zip(("dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(g, e, atol=3e-3, rtol=3e-3, msg=name)
+
+
+def test_strided_cu_seqlens_are_read_correctly(backend, device):
+    cu = torch.tensor([0, 5, 5, 9, 12], dtype=torch.int32, device=device)[::2]  # values [0, 5, 12], stride 2
+    q, k, v = (torch.randn(12, 2, 32, device=device).half() for _ in range(3))
+    got = docqa_fast.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True)
+    torch.testing.assert_close(got, docqa_fast.flash_attn_varlen_func(q, k, v, cu.contiguous(), cu.contiguous(), 7, 7,
+                                                                      causal=True))
+
+
 def test_packed_variants_equal_the_unpacked_call(backend, device):
     qkv = torch.randn(2, 21, 3, 4, 64, device=device).half()
     expected = docqa_fast.flash_attn_func(*qkv.unbind(2), causal=True)
@@ -149,6 +174,9 @@ def test_sdpa_front_end(backend, device):
         got = docqa_fast.scaled_dot_product_attention(q, k, v, **kwargs)
         expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).half()
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    v_narrow = torch.randn(2, 4, 33, 32, device=device).half()  # value head dim != query's: torch's SDPA runs it
+    torch.testing.assert_close(docqa_fast.scaled_dot_product_attention(q, q, v_narrow, is_causal=True),
+                               F.scaled_dot_product_attention(q, q, v_narrow, is_causal=True))
     mask = torch.rand(33, 33, device=device) > 0.3  # an explicit mask: torch's SDPA runs it
     got = docqa_fast.scaled_dot_product_attention(q, k[:, :1].expand_as(q), v[:, :1].expand_as(q), attn_mask=mask)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k[:, :1].expand_as(q),

@@ -119,3 +119,31 @@ def test_qwen2_5_vl_text_and_vision_match_eager(backend, device):
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([pixels, pixels]),
                   image_grid_thw=torch.cat([grid, grid]))
     _assert_same(_logits_and_grads(eager, **inputs), _logits_and_grads(ours, **inputs), tolerance, mask.bool())
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_generate_with_a_static_cache_matches_eager(backend, padding, device):
+    """A static cache is longer than the tokens seen: with or without a padding mask, the
+    unfilled slots must not be attended to."""
+    dtype, tolerance = _precision(backend)
+    eager, ours = _pair(transformers.LlamaForCausalLM, _llama_config(), dtype, device)
+    ids = torch.randint(1, 97, (2, 7), device=device)
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, :2] = 0
+    options = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", output_scores=True,
+                   return_dict_in_generate=True, pad_token_id=0)
+    expected = eager.generate(input_ids=ids, attention_mask=mask, **options)
+    got = ours.generate(input_ids=ids, attention_mask=mask, **options)
+    for e, g in zip(expected.scores, got.scores):
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_attention_sinks_are_refused(device):
+    from docqa_fast.integrations.transformers import docqa_fast_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    q = torch.randn(1, 2, 4, 16, device=device)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        docqa_fast_attention_forward(module, q, q, q, None, s_aux=torch.zeros(2, device=device))
