@@ -69,13 +69,15 @@ def pairwise_loss_ref(chosen, rejected, margin=None, reduction="mean"):
 
 def all_pairs_ranking_loss_ref(scores, ranks):
     """InstructGPT: per prompt, the mean over its pairs (i, j) with rank_i < rank_j (0 = best)
-    of -log sigmoid(s_i - s_j) -- C(N, 2) pairs when no ranks tie; then the batch mean."""
+    of -log sigmoid(s_i - s_j) -- C(N, 2) pairs when no ranks tie; then the mean over the
+    prompts that have any such pair."""
     per_prompt = []
     for row_scores, row_ranks in zip(scores, ranks):
         losses = [-F.logsigmoid(row_scores[i] - row_scores[j])
                   for i, j in itertools.permutations(range(len(row_scores)), 2) if row_ranks[i] < row_ranks[j]]
-        per_prompt.append(torch.stack(losses).mean() if losses else row_scores.sum() * 0)
-    return torch.stack(per_prompt).mean()
+        if losses:  # a prompt whose responses all tie states no preference
+            per_prompt.append(torch.stack(losses).mean())
+    return torch.stack(per_prompt).mean() if per_prompt else scores.sum() * 0
 
 
 def plackett_luce_loss_ref(scores, order):

@@ -82,7 +82,8 @@ def all_pairs_ranking_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.T
 
     ``scores`` (B, N); ``ranks`` (B, N) integers, 0 = best. For each prompt, the mean of
     -log sigmoid(s_i - s_j) over the pairs with rank_i < rank_j (C(N, 2) of them when no
-    ranks tie; tied pairs carry no preference), then the mean over prompts.
+    ranks tie; tied pairs carry no preference), then the mean over the prompts that have at
+    least one such pair.
     """
     check_tensor("scores", scores, dtypes=FLOAT_DTYPES + (torch.float64,), ndims=(2,))
     check_tensor("ranks", ranks, dtypes=(torch.int32, torch.int64))
@@ -92,8 +93,11 @@ def all_pairs_ranking_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.T
         raise ValueError(f"expected scores with at least 2 responses per prompt, got shape {tuple(scores.shape)}")
     preferred = (ranks[:, :, None] < ranks[:, None, :]).to(scores.dtype)  # [b, i, j]: i beats j
     pair_losses = -F.logsigmoid(scores[:, :, None] - scores[:, None, :])
-    per_prompt = (pair_losses * preferred).sum((1, 2)) / preferred.sum((1, 2)).clamp(min=1)
-    return per_prompt.mean()
+    pairs = preferred.sum((1, 2))
+    per_prompt = (pair_losses * preferred).sum((1, 2)) / pairs.clamp(min=1)
+    # A prompt whose responses all tie states no preference: it is left out of the mean.
+    has_pairs = (pairs > 0).to(scores.dtype)
+    return (per_prompt * has_pairs).sum() / has_pairs.sum().clamp(min=1)
 
 
 def plackett_luce_loss(scores: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
