@@ -39,6 +39,18 @@ def _sequence(cu_seqlens_ptr, b, fixed_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head_start(ptr, b, head, start, stride_b, stride_h, stride_t):
+    """Pointer to token ``start`` of (batch b, head): int64, as offsets pass 2^31 at 128K tokens."""
+    return ptr + b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + start.to(tl.int64) * stride_t
+
+
+@triton.jit
+def _tile_offsets(tokens, stride_t, dims):
+    """Offsets of a (tokens, head dim) tile from its head's start; the head dim is contiguous."""
+    return tokens[:, None].to(tl.int64) * stride_t + dims[None, :]
+
+
+@triton.jit
 def _key_range(m_start, len_q, len_k, BLOCK_M: tl.constexpr, WINDOW_LEFT, WINDOW_RIGHT, CAUSAL: tl.constexpr):
     """[lo, hi) of keys any query of rows [m_start, m_start + BLOCK_M) can see."""
     offset = len_k - len_q  # bottom-right alignment: query i's diagonal is key i + offset
@@ -95,11 +107,10 @@ def attention_forward_kernel(
     rows = m_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    # int64 bases: token * stride passes 2^31 elements at 128K tokens x 28 heads x 128.
-    q_base = q_ptr + b.to(tl.int64) * q_sb + h.to(tl.int64) * q_sh + q_start.to(tl.int64) * q_st
-    k_base = k_ptr + b.to(tl.int64) * k_sb + kv_h.to(tl.int64) * k_sh + k_start.to(tl.int64) * k_st
-    v_base = v_ptr + b.to(tl.int64) * v_sb + kv_h.to(tl.int64) * v_sh + k_start.to(tl.int64) * v_st
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * q_st + dims[None, :],
+    q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
+    k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
+    v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+    q = tl.load(q_base + _tile_offsets(rows, q_st, dims),
                 mask=(rows < len_q)[:, None] & dim_ok[None, :], other=0.0)
 
     window_l = window_left if HAS_WINDOW else -1
@@ -111,7 +122,7 @@ def attention_forward_kernel(
     for n_start in range(lo, hi, BLOCK_N):
         cols = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (cols < len_k)[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * k_st + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + _tile_offsets(cols, k_st, dims), mask=kv_mask, other=0.0)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, True)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -120,7 +131,7 @@ def attention_forward_kernel(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * v_st + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + _tile_offsets(cols, v_st, dims), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -129,8 +140,8 @@ def attention_forward_kernel(
     # Back to natural log: lse = (m + log2 l) / log2(e).
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     row_ok = rows < len_q
-    o_base = out_ptr + b.to(tl.int64) * o_sb + h.to(tl.int64) * o_sh + q_start.to(tl.int64) * o_st
-    tl.store(o_base + rows[:, None].to(tl.int64) * o_st + dims[None, :], out.to(out_ptr.dtype.element_ty),
+    o_base = _head_start(out_ptr, b, h, q_start, o_sb, o_sh, o_st)
+    tl.store(o_base + _tile_offsets(rows, o_st, dims), out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
     lse_base = lse_ptr + b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
     tl.store(lse_base + rows, lse, mask=row_ok)
@@ -172,10 +183,10 @@ def attention_backward_dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     kv_mask = (cols < len_k)[:, None] & dim_ok[None, :]
-    k_base = k_ptr + b.to(tl.int64) * k_sb + kv_h.to(tl.int64) * k_sh + k_start.to(tl.int64) * k_st
-    v_base = v_ptr + b.to(tl.int64) * v_sb + kv_h.to(tl.int64) * v_sh + k_start.to(tl.int64) * v_st
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * k_st + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols[:, None].to(tl.int64) * v_st + dims[None, :], mask=kv_mask, other=0.0)
+    k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
+    v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+    k = tl.load(k_base + _tile_offsets(cols, k_st, dims), mask=kv_mask, other=0.0)
+    v = tl.load(v_base + _tile_offsets(cols, v_st, dims), mask=kv_mask, other=0.0)
 
     # Queries that can see any key of this block (the key range of _key_range, inverted).
     window_l = window_left if HAS_WINDOW else -1
@@ -196,15 +207,15 @@ def attention_backward_dkdv_kernel(
     # fixed order, so GQA needs no atomics and the result is reproducible.
     for g in range(heads_per_kv):
         h = kv_h * heads_per_kv + g
-        q_base = q_ptr + b.to(tl.int64) * q_sb + h.to(tl.int64) * q_sh + q_start.to(tl.int64) * q_st
-        do_base = dout_ptr + b.to(tl.int64) * do_sb + h.to(tl.int64) * do_sh + q_start.to(tl.int64) * do_st
+        q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
+        do_base = _head_start(dout_ptr, b, h, q_start, do_sb, do_sh, do_st)
         stat_base = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
         for m_start in range(q_lo, q_hi, BLOCK_M):
             rows = m_start + tl.arange(0, BLOCK_M)
             row_ok = rows < len_q
             q_mask = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(q_base + rows[:, None].to(tl.int64) * q_st + dims[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None].to(tl.int64) * do_st + dims[None, :], mask=q_mask, other=0.0)
+            q = tl.load(q_base + _tile_offsets(rows, q_st, dims), mask=q_mask, other=0.0)
+            do = tl.load(do_base + _tile_offsets(rows, do_st, dims), mask=q_mask, other=0.0)
             lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw no key: p = 0, not NaN
             delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
@@ -216,11 +227,11 @@ def attention_backward_dkdv_kernel(
             ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
-    dk_base = dk_ptr + b.to(tl.int64) * dk_sb + kv_h.to(tl.int64) * dk_sh + k_start.to(tl.int64) * dk_st
-    dv_base = dv_ptr + b.to(tl.int64) * dv_sb + kv_h.to(tl.int64) * dv_sh + k_start.to(tl.int64) * dv_st
-    tl.store(dk_base + cols[:, None].to(tl.int64) * dk_st + dims[None, :], dk.to(dk_ptr.dtype.element_ty),
+    dk_base = _head_start(dk_ptr, b, kv_h, k_start, dk_sb, dk_sh, dk_st)
+    dv_base = _head_start(dv_ptr, b, kv_h, k_start, dv_sb, dv_sh, dv_st)
+    tl.store(dk_base + _tile_offsets(cols, dk_st, dims), dk.to(dk_ptr.dtype.element_ty),
              mask=kv_mask)
-    tl.store(dv_base + cols[:, None].to(tl.int64) * dv_st + dims[None, :], dv.to(dv_ptr.dtype.element_ty),
+    tl.store(dv_base + _tile_offsets(cols, dv_st, dims), dv.to(dv_ptr.dtype.element_ty),
              mask=kv_mask)
 
 
@@ -245,12 +256,12 @@ def attention_backward_dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q_base = q_ptr + b.to(tl.int64) * q_sb + h.to(tl.int64) * q_sh + q_start.to(tl.int64) * q_st
-    do_base = dout_ptr + b.to(tl.int64) * do_sb + h.to(tl.int64) * do_sh + q_start.to(tl.int64) * do_st
-    k_base = k_ptr + b.to(tl.int64) * k_sb + kv_h.to(tl.int64) * k_sh + k_start.to(tl.int64) * k_st
-    v_base = v_ptr + b.to(tl.int64) * v_sb + kv_h.to(tl.int64) * v_sh + k_start.to(tl.int64) * v_st
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * q_st + dims[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + rows[:, None].to(tl.int64) * do_st + dims[None, :], mask=q_mask, other=0.0)
+    q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
+    do_base = _head_start(dout_ptr, b, h, q_start, do_sb, do_sh, do_st)
+    k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
+    v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+    q = tl.load(q_base + _tile_offsets(rows, q_st, dims), mask=q_mask, other=0.0)
+    do = tl.load(do_base + _tile_offsets(rows, do_st, dims), mask=q_mask, other=0.0)
     stat_base = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
     lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -263,16 +274,16 @@ def attention_backward_dq_kernel(
     for n_start in range(lo, hi, BLOCK_N):
         cols = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (cols < len_k)[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * k_st + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * v_st + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + _tile_offsets(cols, k_st, dims), mask=kv_mask, other=0.0)
+        v = tl.load(v_base + _tile_offsets(cols, v_st, dims), mask=kv_mask, other=0.0)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, True)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k)
-    dq_base = dq_ptr + b.to(tl.int64) * dq_sb + h.to(tl.int64) * dq_sh + q_start.to(tl.int64) * dq_st
-    tl.store(dq_base + rows[:, None].to(tl.int64) * dq_st + dims[None, :], dq.to(dq_ptr.dtype.element_ty),
+    dq_base = _head_start(dq_ptr, b, h, q_start, dq_sb, dq_sh, dq_st)
+    tl.store(dq_base + _tile_offsets(rows, dq_st, dims), dq.to(dq_ptr.dtype.element_ty),
              mask=q_mask)
 
 
