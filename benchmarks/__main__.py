@@ -15,6 +15,9 @@ from . import harness, report
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a minute or two on CPU)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full workload sizes even without a GPU (the default there is --quick: full "
+                             "sizes need tens of GB and hours on a CPU)")
     parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: benchmarks/results/<device-slug>/)")
@@ -26,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.quick and not args.full and harness.default_device().type == "cpu":
+        print("no CUDA device: running the --quick sizes (pass --full to force the workload sizes)")
+        args.quick = True
     cases = harness.collect_cases(quick=args.quick, filter=args.filter)
     if not cases:
         print(f"no benchmark case matches --filter {args.filter!r}", file=sys.stderr)
