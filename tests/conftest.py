@@ -8,10 +8,15 @@ run here appear as skipped, with the reason docqa_fast.backends() gives.
 """
 
 import os
+import tempfile
 import zlib
 
-import pytest
-import torch
+# A fresh compile cache per run: AOTAutograd's cache keys on the forward graph, not on a
+# custom op's Python backward, so a cache left by an older checkout can replay a stale backward.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="docqa_fast_inductor_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
