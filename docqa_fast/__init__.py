@@ -15,6 +15,7 @@ from .attention import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
+from .inference import flash_attn_with_kvcache
 from .losses import (
     FusedLinearDPOLoss,
     FusedLinearLongPOLoss,
@@ -42,6 +43,7 @@ __all__ = [
     "BACKENDS", "backends", "__version__",
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "scaled_dot_product_attention",
+    "flash_attn_with_kvcache",
     "merge_attention_states", "merge_stacked_attention_states",
     "linear_logprobs", "linear_cross_entropy", "sequence_logprobs", "dpo_loss", "longpo_loss",
     "LinearCrossEntropyLoss", "FusedLinearDPOLoss", "FusedLinearLongPOLoss",

@@ -4,6 +4,7 @@ These are the test oracles and the CPU fallback; the fast paths must match them.
 """
 
 from .attention import attention_backward_ref, attention_ref
+from .kvcache import append_kv_ref, apply_rotary_ref, flash_attn_with_kvcache_ref
 from .losses import (
     dpo_loss_ref,
     fused_linear_dpo_loss_ref,
@@ -17,6 +18,6 @@ from .losses import (
 from .merge_attention import merge_attention_states_ref, merge_stacked_attention_states_ref
 from .reward import ReferenceRewardEnsemble, aggregate_ref, last_token_index_ref
 
-__all__ = ["dpo_loss_ref", "fused_linear_dpo_loss_ref", "fused_linear_longpo_loss_ref", "linear_cross_entropy_ref",
+__all__ = ["append_kv_ref", "apply_rotary_ref", "flash_attn_with_kvcache_ref","dpo_loss_ref", "fused_linear_dpo_loss_ref", "fused_linear_longpo_loss_ref", "linear_cross_entropy_ref",
            "linear_logits_ref", "linear_logprobs_ref", "longpo_loss_ref", "sequence_logprobs_ref","ReferenceRewardEnsemble", "attention_backward_ref", "attention_ref", "aggregate_ref", "last_token_index_ref", "merge_attention_states_ref",
            "merge_stacked_attention_states_ref"]

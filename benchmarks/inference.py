@@ -1,0 +1,168 @@
+"""Benchmarks of attention for inference (docqa_fast.flash_attn_with_kvcache).
+
+Cases (Qwen2.5-VL-7B: 28 query / 4 KV heads, D 128; Mistral's 32 / 8 at one size), bf16:
+
+* ``decode-<layout>-H28x4-B<B>``: one new token per row appended and attended over a cache
+  of ``ctx`` tokens, B = 1, 8, 64 x ctx = 4K ... 512K (B * ctx capped at 2M tokens, 4 GiB of
+  K/V per input set), contiguous and paged (page 16 and 256, pages shuffled). Metric:
+  achieved KV-read bandwidth, bytes of K and V read over the time, against the measured
+  device-to-device copy bandwidth; target 80% when B * ctx >= 128K tokens.
+* ``chunked_prefill``: a 2K-token chunk appended and attended (causal) over a 128K paged
+  cache (page 256), in TFLOP/s (4 * Sq * keys_seen * H * D, keys_seen averaged over the chunk).
+
+Providers: ours (Triton; GPU only -- the interpreter is far too slow to time), the reference
+(``eager``: per-row gather + attention_ref; the output every provider is checked against),
+torch SDPA over the contiguous cache (the new token written with an index op, then SDPA on
+the valid prefix; each backend that takes GQA shapes), flash-attn's ``flash_attn_with_kvcache``
+when importable (paged only with page 256: flash-attn 2 needs a multiple of 256).
+FlexAttention is not a natural peer here (no paged cache, a block mask per length) and is left out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import docqa_fast.inference as inference
+from docqa_fast.reference.kvcache import flash_attn_with_kvcache_ref
+
+from .harness import Case, Provider, register_family
+
+FAMILY = "inference"
+DTYPE = torch.bfloat16
+TARGET_FRACTION, TARGET_MIN_TOKENS = 0.80, 128 * 1024
+MAX_TOKENS = 2 * 1024 * 1024  # B * ctx per input set (4 GiB of bf16 K/V at Hk 4, D 128)
+SIZES = {
+    "full": {"B": (1, 8, 64), "ctx": (4096, 32768, 131072, 524288), "layouts": (None, 16, 256),
+             "prefill": (2048, 131072)},
+    "quick": {"B": (1,), "ctx": (256,), "layouts": (None, 16), "prefill": (32, 256)},
+}
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def _inputs(params, device):
+    """(q, k_cache, v_cache, k, v, cache_seqlens, block_table): the cache full up to ctx - Sq."""
+    B, ctx, Sq, H, Hk, D, page = (params[n] for n in ("B", "ctx", "Sq", "H", "Hk", "D", "page"))
+    q = torch.randn(B, Sq, H, D, device=device, dtype=DTYPE)
+    k, v = (torch.randn(B, Sq, Hk, D, device=device, dtype=DTYPE) for _ in range(2))
+    seqlens = torch.full((B,), ctx - Sq, dtype=torch.int32, device=device)
+    if page is None:
+        shape, table = (B, ctx, Hk, D), None
+    else:
+        pages = -(-ctx // page)
+        shape = (B * pages, page, Hk, D)
+        table = torch.randperm(B * pages, device=device).view(B, pages).int()
+    k_cache, v_cache = (torch.randn(shape, device=device, dtype=DTYPE) for _ in range(2))
+    return q, k_cache, v_cache, k, v, seqlens, table
+
+
+# ----------------------------------------------------------------------------- providers
+
+def _call(fn, causal):
+    def run(q, k_cache, v_cache, k, v, seqlens, table):
+        return fn(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table, causal=causal)
+    return run
+
+
+def _ours(causal):
+    return Provider("docqa_fast[triton]", fn=_call(inference.flash_attn_with_kvcache, causal), ours=True,
+                    env={"DOCQA_FAST_BACKEND": "triton"},
+                    unavailable=lambda device: None if device.type == "cuda" else
+                    "no GPU: the Triton interpreter is far too slow to time")
+
+
+def _reference(causal):
+    return Provider("eager", fn=_call(flash_attn_with_kvcache_ref, causal))
+
+
+def _sdpa(backend, paged):
+    """Append with an index op, then SDPA over the valid prefix of the contiguous cache (decode: no mask)."""
+    def run(q, k_cache, v_cache, k, v, seqlens, table):
+        length = k_cache.shape[1]  # the cases fill the cache to its end: seqlens + 1 == ctx
+        k_cache[:, length - 1:] = k
+        v_cache[:, length - 1:] = v
+        args = [t.transpose(1, 2) for t in (q, k_cache, v_cache)]
+        if backend is None:
+            out = F.scaled_dot_product_attention(*args, enable_gqa=True)
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                out = F.scaled_dot_product_attention(*args, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def unavailable(device):
+        if paged:
+            return "SDPA has no paged cache (a gather first would time a copy, not attention)"
+        if backend is not None and device.type != "cuda":
+            return f"{backend} needs a CUDA device"
+        return None
+
+    return Provider(f"sdpa[{backend}]" if backend else "sdpa", fn=run, unavailable=unavailable)
+
+
+def _flash_attn(causal, page):
+    def unavailable(device):
+        if device.type != "cuda":
+            return "flash-attn needs a CUDA device"
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "flash-attn is not installed"
+        if page is not None and page % 256:
+            return f"flash-attn 2 needs a page size that is a multiple of 256, not {page}"
+        return None
+
+    def build():
+        from flash_attn import flash_attn_with_kvcache
+
+        return _call(flash_attn_with_kvcache, causal)
+
+    return Provider("flash-attn", build=build, unavailable=unavailable)
+
+
+# ---------------------------------------------------------------------------------- cases
+
+def _layout_name(page):
+    return "contiguous" if page is None else f"paged{page}"
+
+
+def _kv_bytes(B, ctx, Hk, D):
+    return 2 * B * ctx * Hk * D * DTYPE.itemsize  # K and V, each read once
+
+
+@register_family(FAMILY)
+def cases(quick: bool) -> list[Case]:
+    sizes = SIZES["quick" if quick else "full"]
+    found = []
+    for (H, Hk) in ((28, 4), (32, 8)):
+        for page in sizes["layouts"]:
+            for B in sizes["B"]:
+                for ctx in sizes["ctx"]:
+                    if B * ctx > MAX_TOKENS or ((H, Hk) == (32, 8) and (page is not None or B != 1)):
+                        continue  # Mistral's shape: contiguous, batch 1 only
+                    params = {"B": B, "ctx": ctx, "Sq": 1, "H": H, "Hk": Hk, "D": 128, "page": page,
+                              "dtype": "bfloat16"}
+                    providers = (_ours(False), _reference(False),
+                                 *(_sdpa(backend, page is not None) for backend in
+                                   (None, "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")),
+                                 _flash_attn(False, page))
+                    group = f"decode-{_layout_name(page)}-H{H}x{Hk}-B{B}"
+                    found.append(Case(
+                        family=FAMILY, name=f"{group}-ctx{ctx}", group=group,
+                        description=f"decode, 1 new token, {_layout_name(page)}, H {H}/{Hk}, D 128, B {B}, bf16",
+                        params=params, sweep="ctx", make_inputs=_inputs, providers=providers,
+                        bytes_moved=_kv_bytes(B, ctx, Hk, 128),
+                        target=TARGET_FRACTION if B * ctx >= TARGET_MIN_TOKENS else None))
+    chunk, ctx = sizes["prefill"]
+    params = {"B": 1, "ctx": ctx, "Sq": chunk, "H": 28, "Hk": 4, "D": 128, "page": 256 if not quick else 16,
+              "dtype": "bfloat16"}
+    keys_seen = ctx - chunk + (chunk + 1) / 2  # causal, bottom-right: the average query's key count
+    found.append(Case(
+        family=FAMILY, name=f"chunked_prefill-chunk{chunk}-ctx{ctx}", group="chunked_prefill",
+        description=f"chunked prefill of {chunk} tokens over a paged cache, causal, H 28/4, D 128, bf16",
+        params=params, sweep="ctx", make_inputs=_inputs,
+        providers=(_ours(True), _reference(True), _flash_attn(True, params["page"])),
+        flops=int(4 * chunk * keys_seen * 28 * 128)))
+    return found
