@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "merge_attention/merge_attention_ops.h"
+#include "packing/packing_ops.h"
 
 namespace {
 
@@ -30,5 +31,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Merge n stacked partial results outs (n, B, S, H, D), lses (n, B, H, S) into preallocated\n"
         "out (B, S, H, D) and lse_out (B, H, S).",
         py::arg("outs"), py::arg("lses"), py::arg("out"), py::arg("lse_out"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("plan_packing", &docqa_fast::plan_packing,
+        "Bin-pack sample lengths (1-D int64 CPU) into bins of max_tokens; strategy 0 greedy, 1 ffd, 2 bfd.\n"
+        "Returns [item_sample, item_start, item_length, bin_offsets, bin_items] (int64).",
+        py::arg("lengths"), py::arg("max_tokens"), py::arg("strategy"), py::arg("split_long"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mrope_position_ids", &docqa_fast::mrope_position_ids,
+        "Qwen2-VL / Qwen2.5-VL M-RoPE position ids on CPU tensors, one pass per row.\n"
+        "Returns [position_ids (3, B, T), deltas (B,), status (7,)] (int64).",
+        py::arg("mm_token_type_ids"), py::arg("attention_mask"), py::arg("image_grid_thw"),
+        py::arg("video_grid_thw"), py::arg("video_steps"), py::arg("steps_are_f32"), py::arg("spatial_merge_size"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("merge_visual_forward", &docqa_fast::merge_visual_forward,
+        "Visual-token merge forward: out[i] = visual[slot[i]] if slot[i] >= 0 else embeds[i] (rows of H).",
+        py::arg("embeds"), py::arg("visual"), py::arg("slot"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("merge_visual_backward", &docqa_fast::merge_visual_backward,
+        "Visual-token merge backward into grad_inputs and (zero-filled) grad_visual.",
+        py::arg("grad"), py::arg("slot"), py::arg("grad_inputs"), py::arg("grad_visual"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -27,6 +27,16 @@ from .losses import (
     sequence_logprobs,
 )
 from .merge_attention import merge_attention_states, merge_stacked_attention_states
+from .packing import (
+    PackedBatch,
+    get_rope_index,
+    merge_visual_tokens,
+    pack_multimodal,
+    patch_transformers_rope_index,
+    plan_packing,
+    unpack,
+    vision_window_index,
+)
 from .reward import (
     RewardEnsembleHead,
     RewardOutput,
@@ -47,6 +57,8 @@ __all__ = [
     "merge_attention_states", "merge_stacked_attention_states",
     "linear_logprobs", "linear_cross_entropy", "sequence_logprobs", "dpo_loss", "longpo_loss",
     "LinearCrossEntropyLoss", "FusedLinearDPOLoss", "FusedLinearLongPOLoss",
+    "PackedBatch", "get_rope_index", "merge_visual_tokens", "pack_multimodal", "patch_transformers_rope_index",
+    "plan_packing", "unpack", "vision_window_index",
     "RewardEnsembleHead", "RewardOutput", "aggregate", "all_pairs_ranking_loss", "ensemble_rewards",
     "pairwise_loss", "plackett_luce_loss",
 ]

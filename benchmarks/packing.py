@@ -1,0 +1,181 @@
+"""Benchmarks of visual-token packing (docqa_fast.packing) against what a user runs today.
+
+Shapes (docs WORKLOADS.md, Qwen2.5-VL-7B): pages of grid (1, 60, 80) ViT patches = 1,200
+LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pages.
+
+* ``rope_index``: ``get_rope_index`` vs transformers' own (``Qwen2_5_VLModel.get_rope_index``,
+  the installed version, called on a stand-in holding a config). Target: >= 50x on a
+  100-page document.
+* ``merge``: ``merge_visual_tokens`` vs ``inputs_embeds.masked_scatter`` (hidden 3584, bf16),
+  bytes moved = embeddings read + written + features read.
+* ``planner``: ``plan_packing`` (C++) vs the pure-Python reference BFD, 100K samples of a
+  long-document mix (2K-128K tokens into 128K rows). Target: >= 1M samples/s on one core.
+  (TRL's ``pack_dataset`` is added when trl is importable.) Bytes moved = the lengths read.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import types
+
+import numpy as np
+import torch
+
+from docqa_fast.packing import get_rope_index, merge_visual_tokens, plan_packing
+from docqa_fast.reference.packing import merge_visual_tokens_ref, plan_packing_ref
+
+from .harness import Case, Provider, ours_per_backend, register_family
+
+FAMILY = "packing"
+IMAGE_ID, VISION_START, VISION_END = 151655, 151652, 151653
+PAGE_GRID = (1, 60, 80)  # ViT patches of one ~100 dpi page; / 4 after the 2x2 merge
+HIDDEN, DTYPE = 3584, torch.bfloat16
+SIZES = {
+    "full": {"rope": ((1, 12), (1, 50), (1, 100), (8, 12)), "merge_T": (16384, 65536, 131072),
+             "planner_n": (10_000, 100_000)},
+    "quick": {"rope": ((1, 12), (2, 12)), "merge_T": (4096,), "planner_n": (10_000,)},
+}
+
+
+# ----------------------------------------------------------------------------- M-RoPE
+
+def _document(rng: random.Random, pages: int):
+    ids, types_ = [], []
+    tokens = PAGE_GRID[0] * PAGE_GRID[1] * PAGE_GRID[2] // 4
+    for _ in range(pages):
+        n_text = rng.randint(20, 200)
+        ids += [rng.randrange(150000) for _ in range(n_text)] + [VISION_START] + [IMAGE_ID] * tokens + [VISION_END]
+        types_ += [0] * (n_text + 1) + [1] * tokens + [0]
+    return ids, types_
+
+
+def _rope_inputs(params, device):
+    rng = random.Random(torch.randint(0, 2**31, ()).item())
+    docs = [_document(rng, params["pages"] - (b % 3)) for b in range(params["B"])]  # unequal lengths: padding
+    T = max(len(d[0]) for d in docs)
+    input_ids = torch.full((params["B"], T), 151643, dtype=torch.long)
+    mm_types = torch.zeros(params["B"], T, dtype=torch.int32)
+    mask = torch.zeros(params["B"], T, dtype=torch.long)
+    for b, (ids, ty) in enumerate(docs):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        mm_types[b, :len(ids)] = torch.tensor(ty, dtype=torch.int32)
+        mask[b, :len(ids)] = 1
+    grids = torch.tensor([PAGE_GRID] * sum(params["pages"] - (b % 3) for b in range(params["B"])))
+    return tuple(t.to(device) for t in (input_ids, mm_types, grids, mask))
+
+
+@functools.cache
+def _transformers_rope():
+    """The installed transformers' Qwen2.5-VL get_rope_index, or None."""
+    try:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+    except ImportError:
+        return None
+    holder = types.SimpleNamespace(config=Qwen2_5_VLConfig(vision_config={"tokens_per_second": 2}))
+    holder.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, holder)
+    return functools.partial(Qwen2_5_VLModel.get_rope_index, holder)
+
+
+def _rope_theirs(input_ids, mm_types, grids, mask):
+    return _transformers_rope()(input_ids, mm_types, image_grid_thw=grids, attention_mask=mask)
+
+
+def _rope_ours(input_ids, mm_types, grids, mask):
+    return get_rope_index(input_ids, mm_types, grids, attention_mask=mask, tokens_per_second=2)
+
+
+def _rope_ours_unchecked(input_ids, mm_types, grids, mask):
+    return get_rope_index(input_ids, mm_types, grids, attention_mask=mask, tokens_per_second=2, check=False)
+
+
+# ------------------------------------------------------------------------------ merge
+
+def _merge_inputs(params, device):
+    T = params["T"]
+    ids = torch.randint(0, 150000, (1, T), device=device)
+    n_visual = T * 9 // 10  # documents are ~90% visual tokens
+    ids[0, torch.randperm(T, device=device)[:n_visual]] = IMAGE_ID
+    embeds = torch.randn(1, T, HIDDEN, device=device, dtype=DTYPE)
+    visual = torch.randn(n_visual, HIDDEN, device=device, dtype=DTYPE)
+    return embeds, ids, visual
+
+
+# ---------------------------------------------------------------------------- planner
+
+def _planner_inputs(params, device):
+    gen = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
+    lengths = np.exp(gen.uniform(np.log(2048), np.log(131072), params["n"])).astype(np.int64)
+    return torch.from_numpy(lengths), params["max_tokens"]
+
+
+def _trl_provider():
+    def unavailable(device):
+        try:
+            import trl  # noqa: F401
+            import datasets  # noqa: F401
+        except ImportError:
+            return "trl / datasets not installed"
+        return None
+
+    def build():
+        from datasets import Dataset
+        from trl import pack_dataset
+
+        def run(lengths, max_tokens):
+            ds = Dataset.from_dict({"input_ids": [[0] * int(n) for n in lengths.tolist()]})
+            return pack_dataset(ds, max_tokens, strategy="bfd")
+
+        return run
+
+    return Provider("trl.pack_dataset", build=build, unavailable=unavailable)
+
+
+@register_family(FAMILY)
+def cases(quick: bool) -> list[Case]:
+    sizes = SIZES["quick" if quick else "full"]
+    found = []
+
+    def no_transformers(device):
+        return None if _transformers_rope() is not None else "transformers (Qwen2.5-VL) not importable"
+
+    rope_providers = (Provider("docqa_fast", fn=_rope_ours, ours=True),
+                      Provider("docqa_fast[check=False]", fn=_rope_ours_unchecked, ours=True),
+                      Provider("transformers", fn=_rope_theirs, unavailable=no_transformers))
+    for B, pages in sizes["rope"]:
+        tokens = B * pages * 1300
+        found.append(Case(
+            family=FAMILY, name=f"rope_index-B{B}-pages{pages}", group=f"rope_index_B{B}",
+            description=f"M-RoPE positions, {B} document(s) of ~{pages} pages (grid {PAGE_GRID}), right padding",
+            params={"B": B, "pages": pages}, sweep="pages", make_inputs=_rope_inputs, providers=rope_providers,
+            reference="transformers", bytes_moved=tokens * (8 + 4 + 8 + 3 * 8)))
+    def merge_checked(e, i, v):
+        return merge_visual_tokens(e, i, v, IMAGE_ID)
+
+    def merge_unchecked(e, i, v):
+        return merge_visual_tokens(e, i, v, IMAGE_ID, check=False)
+
+    merge_providers = (*ours_per_backend(merge_checked, backends=("cuda",)),
+                       *[Provider(p.name + "[check=False]", fn=merge_unchecked, ours=True, env=p.env,
+                                  unavailable=p.unavailable) for p in ours_per_backend(merge_unchecked, ("cuda",))],
+                       Provider("docqa_fast[reference]", fn=merge_checked, ours=True,
+                                env={"DOCQA_FAST_BACKEND": "reference"}),
+                       Provider("eager", fn=lambda e, i, v: merge_visual_tokens_ref(e, i, v, IMAGE_ID)))
+    for T in sizes["merge_T"]:
+        n_visual = T * 9 // 10
+        found.append(Case(
+            family=FAMILY, name=f"merge-T{T}", group="merge",
+            description=f"visual-token merge, (1, T, {HIDDEN}) bf16, 90% visual tokens (eager = masked_scatter)",
+            params={"T": T, "H": HIDDEN}, sweep="T", make_inputs=_merge_inputs, providers=merge_providers,
+            bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
+    planner_providers = (Provider("docqa_fast", fn=plan_packing, ours=True),
+                         Provider("eager", fn=lambda lengths, m: plan_packing_ref(lengths.tolist(), m)),
+                         _trl_provider())
+    for n in sizes["planner_n"]:
+        found.append(Case(
+            family=FAMILY, name=f"planner-n{n}", group="planner",
+            description="BFD plan of n samples of 2K-128K tokens (log-uniform) into 128K rows; "
+                        "samples/s = n / time",
+            params={"n": n, "max_tokens": 131072}, sweep="n", make_inputs=_planner_inputs,
+            providers=planner_providers, bytes_moved=8 * n))
+    return found

@@ -1,0 +1,189 @@
+"""``pack_multimodal``: several multimodal documents as one padding-free row, correct by construction.
+
+A packed row is only safe if three things agree: the LLM's attention must not cross a
+document boundary, the loss must not predict one document's first token from the previous
+document, and each document's M-RoPE positions must be the ones it would get alone. This
+module builds all three from the per-document samples:
+
+* ``position_ids`` in the 4-row form transformers' Qwen2-VL / Qwen2.5-VL models read as packed:
+  row 0 the text positions ``0..L_i-1`` restarting per document (transformers derives its
+  block-diagonal attention mask from where they restart), rows 1-3 each document's own
+  M-RoPE (t, h, w) positions from :func:`get_rope_index`.
+* ``labels`` with ``ignore_index`` at every document's first token.
+* ``cu_seqlens`` / ``max_seqlen`` (int32) for varlen attention, and the vision tower's
+  per-frame ``vision_cu_seqlens`` (what transformers computes from ``image_grid_thw``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .rope import get_rope_index
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedBatch:
+    """One packed row of documents (all tensors on the CPU unless moved with :meth:`to`)."""
+
+    input_ids: torch.Tensor  # (1, T) int64
+    labels: torch.Tensor  # (1, T) int64, ignore_index at each document's first token
+    position_ids: torch.Tensor  # (4, 1, T): text positions restarting per document, then t, h, w
+    mm_token_type_ids: torch.Tensor  # (1, T) int32: 0 text, 1 image, 2 video
+    cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 document boundaries
+    max_seqlen: int
+    doc_lengths: list[int]
+    image_grid_thw: torch.Tensor | None = None  # (n_images, 3), documents' images in order
+    pixel_values: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
+    vision_cu_seqlens: torch.Tensor | None = None  # (frames + 1,) int32 over image_grid_thw's ViT patches
+    image_order: list[tuple[int, int]] = field(default_factory=list)  # (document, image in document)
+    video_order: list[tuple[int, int]] = field(default_factory=list)
+    padding_ratio: float = 0.0  # 1 - T / max_tokens: the share of the row budget left unused
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for a transformers Qwen2-VL / Qwen2.5-VL forward.
+
+        No attention mask and ``use_cache=False``: transformers builds the per-document mask
+        from the restarting text positions only when both are absent (a KV cache, which a
+        forward creates by default, silently turns the detection off and lets documents
+        attend to each other).
+        """
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels,
+                  "use_cache": False}
+        for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            value = getattr(self, name)
+            if value is not None:
+                inputs[name] = value
+        return inputs
+
+    def to(self, device) -> PackedBatch:
+        moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value)
+                 for name, value in vars(self).items()}
+        return PackedBatch(**moved)
+
+
+def _one_dim(name: str, value, doc: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    if value.dim() == 2 and value.shape[0] == 1:
+        value = value[0]
+    if value.dim() != 1:
+        raise ValueError(f"expected samples[{doc}][{name!r}] of shape (L,) or (1, L), got {tuple(value.shape)}")
+    return value
+
+
+def _cat(parts):
+    parts = [p for p in parts if p is not None]
+    return torch.cat(parts) if parts else None
+
+
+def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *, image_token_id: int = 151655,
+                    video_token_id: int = 151656, spatial_merge_size: int = 2, tokens_per_second: float | None = 2,
+                    model_type: str = "qwen2_5_vl", ignore_index: int = IGNORE_INDEX) -> PackedBatch:
+    """Pack ``samples`` (one bin of :func:`plan_packing`) into one row.
+
+    Each sample is a mapping with ``input_ids`` ((L,) or (1, L)) and optionally ``labels``
+    (default: the ids), ``mm_token_type_ids`` (default: from ``image_token_id`` /
+    ``video_token_id``), ``image_grid_thw`` + ``pixel_values``, ``video_grid_thw`` +
+    ``pixel_values_videos`` + ``second_per_grid_ts`` -- what a Qwen2-VL processor returns
+    for one document. Raises ``ValueError`` when the documents exceed ``max_tokens`` or a
+    document's visual tokens do not match its grids.
+    """
+    if not samples:
+        raise ValueError("expected at least one sample to pack, got none")
+    ids, labels, types, text_pos, mrope, lengths = [], [], [], [], [], []
+    grids, pixels, vgrids, vpixels, seconds, image_order, video_order = [], [], [], [], [], [], []
+    for d, sample in enumerate(samples):
+        if "input_ids" not in sample:
+            raise ValueError(f"expected samples[{d}] to have 'input_ids'")
+        doc_ids = _one_dim("input_ids", sample["input_ids"], d).to(torch.long)
+        L = doc_ids.shape[0]
+        if L == 0:
+            raise ValueError(f"expected samples[{d}] with at least one token, got an empty 'input_ids'")
+        doc_labels = _one_dim("labels", sample["labels"], d).to(torch.long).clone() if sample.get("labels") is not None \
+            else doc_ids.clone()
+        if doc_labels.shape != doc_ids.shape:
+            raise ValueError(f"expected samples[{d}]['labels'] of shape {tuple(doc_ids.shape)}, "
+                             f"got {tuple(doc_labels.shape)}")
+        doc_labels[0] = ignore_index  # never predict this document's first token from the previous one
+        if sample.get("mm_token_type_ids") is not None:
+            doc_types = _one_dim("mm_token_type_ids", sample["mm_token_type_ids"], d).to(torch.int32)
+        else:
+            doc_types = ((doc_ids == image_token_id).to(torch.int32) + 2 * (doc_ids == video_token_id).to(torch.int32))
+        grid = sample.get("image_grid_thw")
+        vgrid = sample.get("video_grid_thw")
+        secs = sample.get("second_per_grid_ts")
+        try:
+            pos, _ = get_rope_index(doc_ids[None], doc_types[None], grid, vgrid, secs,
+                                    spatial_merge_size=spatial_merge_size, tokens_per_second=tokens_per_second,
+                                    model_type=model_type)
+        except ValueError as exc:
+            raise ValueError(f"samples[{d}]: {exc}") from exc
+        for name, g in (("image_grid_thw", grid), ("video_grid_thw", vgrid)):
+            if g is not None and bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
+                raise ValueError(f"samples[{d}][{name!r}]: expected h and w divisible by spatial_merge_size="
+                                 f"{spatial_merge_size}, got {g.tolist()}")
+        ids.append(doc_ids)
+        labels.append(doc_labels)
+        types.append(doc_types)
+        text_pos.append(torch.arange(L))
+        mrope.append(pos[:, 0])
+        lengths.append(L)
+        if grid is not None:
+            grids.append(grid.to(torch.long))
+            image_order += [(d, i) for i in range(grid.shape[0])]
+            pixels.append(sample.get("pixel_values"))
+        if vgrid is not None:
+            vgrids.append(vgrid.to(torch.long))
+            video_order += [(d, i) for i in range(vgrid.shape[0])]
+            vpixels.append(sample.get("pixel_values_videos"))
+            if secs is not None:
+                seconds.append(torch.as_tensor(secs))
+    total = sum(lengths)
+    if max_tokens is not None and total > max_tokens:
+        raise ValueError(f"the samples hold {total} tokens, more than max_tokens = {max_tokens} "
+                         "(plan the bins with plan_packing first)")
+    image_grid = _cat(grids)
+    video_grid = _cat(vgrids)
+    position_ids = torch.cat([torch.cat(text_pos)[None], torch.cat(mrope, dim=1)], 0).unsqueeze(1)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    vision_cu = None
+    if image_grid is not None:
+        frames = torch.repeat_interleave(image_grid[:, 1] * image_grid[:, 2], image_grid[:, 0])
+        vision_cu = torch.nn.functional.pad(frames.cumsum(0, dtype=torch.int32), (1, 0))
+    return PackedBatch(
+        input_ids=torch.cat(ids)[None], labels=torch.cat(labels)[None], position_ids=position_ids,
+        mm_token_type_ids=torch.cat(types)[None], cu_seqlens=cu, max_seqlen=max(lengths), doc_lengths=lengths,
+        image_grid_thw=image_grid, pixel_values=_cat(pixels) if len(pixels) == len(grids) else None,
+        video_grid_thw=video_grid, pixel_values_videos=_cat(vpixels) if len(vpixels) == len(vgrids) else None,
+        second_per_grid_ts=_cat(seconds) if seconds and len(seconds) == len(vgrids) else None,
+        vision_cu_seqlens=vision_cu, image_order=image_order, video_order=video_order,
+        padding_ratio=0.0 if max_tokens is None else 1.0 - total / max_tokens)
+
+
+def unpack(packed: PackedBatch, tensor: torch.Tensor, dim: int | None = None) -> list[torch.Tensor]:
+    """Split a tensor over the packed row back into per-document tensors.
+
+    ``dim`` is the token dimension; by default dimension 1 when ``tensor`` is (1, T, ...)
+    (logits, hidden states), else dimension 0 ((T, ...)); position ids (4, 1, T) take ``dim=-1``.
+    """
+    T = sum(packed.doc_lengths)
+    if dim is None:
+        if tensor.dim() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == T:
+            dim = 1
+        elif tensor.dim() >= 1 and tensor.shape[0] == T:
+            dim = 0
+        else:
+            raise ValueError(f"expected a tensor of shape (1, {T}, ...) or ({T}, ...) (the packed row), "
+                             f"got {tuple(tensor.shape)}; pass dim= for other layouts")
+    if tensor.shape[dim] != T:
+        raise ValueError(f"expected tensor dimension {dim} of size {T} (the packed row), got {tuple(tensor.shape)}")
+    return list(torch.split(tensor, packed.doc_lengths, dim=dim))

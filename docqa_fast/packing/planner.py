@@ -1,0 +1,78 @@
+"""``plan_packing``: which samples share one packed row (C++ planner, Python reference)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._backend import choose_backend, extension, forced_backend
+from ..reference.packing import STRATEGIES, plan_packing_ref
+
+_STRATEGY_CODES = {"greedy": 0, "ffd": 1, "bfd": 2}  # csrc/packing/planner.h: Strategy
+
+
+def _lengths_tensor(lengths) -> torch.Tensor:
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() != 1:
+            raise ValueError(f"expected 1-D lengths, got shape {tuple(lengths.shape)}")
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"expected lengths of an integer dtype, got {lengths.dtype}")
+        return lengths.detach().to("cpu", torch.int64)
+    if not isinstance(lengths, Sequence) and not hasattr(lengths, "__array__"):
+        raise TypeError(f"expected lengths to be a sequence of ints or a 1-D tensor, got {type(lengths).__name__}")
+    try:
+        out = torch.as_tensor(lengths, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"expected lengths to be a sequence of ints, got {lengths!r:.80}") from exc
+    if out.dim() != 1:
+        raise ValueError(f"expected 1-D lengths, got shape {tuple(out.shape)}")
+    return out
+
+
+def plan_packing(lengths, max_tokens: int, *, strategy: str = "bfd", split_long: bool = False):
+    """Bin-pack samples of the given token ``lengths`` into rows of at most ``max_tokens``.
+
+    Args:
+        lengths: token count per sample (a sequence of ints, a NumPy array or a 1-D integer tensor).
+        max_tokens: capacity of a packed row (> 0).
+        strategy: ``"bfd"`` (best-fit decreasing: fewest rows in practice), ``"ffd"``
+            (first-fit decreasing) or ``"greedy"`` (next fit in sample order: keeps neighbours
+            together, e.g. for curricula).
+        split_long: a sample longer than ``max_tokens`` raises ``ValueError`` unless this is
+            set; then it is cut into full ``max_tokens`` pieces and a remainder, each packed
+            as an item of its own.
+
+    Returns:
+        A list of bins in the order they were opened, each a list of sample indices in the
+        order they were placed. With ``split_long=True`` each entry is a ``(sample, start,
+        stop)`` token span instead. Identical to :func:`docqa_fast.reference.plan_packing_ref`.
+
+    Runs the C++ planner of ``docqa_fast._C`` (O(n log n)) when the extension is built, the
+    Python reference otherwise (or when ``DOCQA_FAST_BACKEND=reference``).
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise TypeError(f"expected max_tokens to be an int, got {type(max_tokens).__name__}")
+    if max_tokens <= 0:
+        raise ValueError(f"expected max_tokens > 0, got {max_tokens}")
+    if strategy not in _STRATEGY_CODES:
+        raise ValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
+    lengths_t = _lengths_tensor(lengths)
+    # The planner runs on the CPU whatever device the lengths came from, and its C++ code is
+    # the CPU fast path ("cuda" = the extension); DOCQA_FAST_BACKEND still forces either.
+    if forced_backend() is not None:
+        backend = choose_backend("plan_packing", torch.device("cpu"), ("cuda",))
+    else:
+        backend = "cuda" if extension() is not None else "reference"
+    if backend == "reference":
+        return plan_packing_ref(lengths_t.tolist(), max_tokens, strategy=strategy, split_long=split_long)
+    sample, start, length, offsets, items = extension().plan_packing(
+        lengths_t, max_tokens, _STRATEGY_CODES[strategy], bool(split_long))
+    offsets = offsets.tolist()
+    if split_long:
+        spans = list(zip(sample.tolist(), start.tolist(), (start + length).tolist()))
+        flat = [spans[k] for k in items.tolist()]
+    else:
+        flat = sample[items].tolist()
+    return [flat[offsets[b]:offsets[b + 1]] for b in range(len(offsets) - 1)]
+

@@ -1,0 +1,323 @@
+"""M-RoPE position ids (Qwen2-VL / Qwen2.5-VL ``get_rope_index``) without a per-image host sync.
+
+transformers walks every document and every image in Python with a host sync per image
+(``.tolist()``, ``.item()``, ``max`` of grid tensors). Two implementations here:
+
+* CPU tensors (the data loader): one pass per row in C++ (``csrc/packing/mrope_cpu.cpp``).
+* CUDA tensors (and CPU tensors with ``DOCQA_FAST_BACKEND=reference``): a few whole-batch
+  tensor ops, no host sync unless ``check=True``:
+
+1. Compact each row's real tokens to the front (padding may sit left or right).
+2. A vision *run* starts where a token's modality differs from the previous token's (how
+   transformers groups tokens); the k-th image run in batch order takes ``image_grid_thw[k]``,
+   the k-th video run ``video_grid_thw[k]`` (a cumulative sum over run starts).
+3. Every text token advances the running position by 1 and every vision run by
+   ``max(h, w) // merge``; putting a run's advance on its *last* token makes an exclusive
+   cumulative sum give each token its run's start position ``p``.
+4. A vision token at offset ``o`` in its run reads ``(t, h, w)`` from ``o`` and the grid:
+   ``(p + floor(t * step), p + h, p + w)``.
+
+The installed transformers (5.x) has ``get_rope_index`` as a method of ``Qwen2VLModel`` /
+``Qwen2_5_VLModel`` taking ``(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+[second_per_grid_ts,] attention_mask)`` and reading ``spatial_merge_size`` and
+``tokens_per_second`` from the config; this function takes those two as keywords.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_tensor, value_checks_enabled
+
+_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+TEXT, IMAGE, VIDEO = 0, 1, 2
+
+
+def _check_grid(name, grid, device):
+    if grid is None:
+        return None
+    check_tensor(name, grid, ndims=(2,))
+    if grid.shape[-1] != 3:
+        raise ValueError(f"expected {name} of shape (n, 3) (t, h, w per item), got {tuple(grid.shape)}")
+    if grid.dtype.is_floating_point or grid.dtype == torch.bool:
+        raise TypeError(f"expected {name} of an integer dtype, got {grid.dtype}")
+    return grid.to(device=device, dtype=torch.long)
+
+
+def _grid_rows(grid: torch.Tensor | None, run_number: torch.Tensor) -> torch.Tensor:
+    """grid[run_number] per token, clamped so a bad count can never index out of bounds."""
+    if grid is None or grid.shape[0] == 0:
+        return torch.ones(*run_number.shape, 3, dtype=torch.long, device=run_number.device)
+    return grid[run_number.clamp(0, grid.shape[0] - 1)]
+
+
+def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw=None,
+                   video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, *,
+                   spatial_merge_size: int = 2, tokens_per_second: float | None = None,
+                   model_type: str = "qwen2_5_vl", check: bool = True):
+    """M-RoPE ``(position_ids (3, B, T), mrope_position_deltas (B, 1))``, as transformers computes them.
+
+    Args:
+        input_ids: (B, T) token ids (only their shape, dtype and device matter).
+        mm_token_type_ids: (B, T) 0 text, 1 image, 2 video; each maximal run of 1s (2s) is one
+            image (video), taking the next row of ``image_grid_thw`` (``video_grid_thw``).
+        image_grid_thw, video_grid_thw: (n, 3) ViT patch grids (t, h, w).
+        second_per_grid_ts: (n_videos,) seconds per temporal grid step (Qwen2.5-VL).
+        attention_mask: (B, T), 0 at padding (left or right); padding keeps position 0.
+        spatial_merge_size: the vision config's merge size (2 for Qwen2-VL / 2.5-VL).
+        tokens_per_second: the vision config's value (Qwen2.5-VL); ``None`` = 2, its default
+            in the released checkpoints. Ignored for ``model_type="qwen2_vl"``.
+        model_type: ``"qwen2_5_vl"`` (video time scaled by ``tokens_per_second *
+            second_per_grid_ts``) or ``"qwen2_vl"`` (temporal index as is).
+        check: verify (one host sync for the whole batch) that every vision run has
+            exactly t*h*w / merge**2 tokens and that there are grids for every run; with
+            ``check=False`` nothing syncs and a bad input gives wrong positions, never an
+            out-of-bounds access.
+    """
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"expected model_type in {_MODEL_TYPES}, got {model_type!r}")
+    check_tensor("input_ids", input_ids, ndims=(2,))
+    check_tensor("mm_token_type_ids", mm_token_type_ids, ndims=(2,))
+    if mm_token_type_ids.shape != input_ids.shape:
+        raise ValueError(f"expected mm_token_type_ids of shape {tuple(input_ids.shape)} (the shape of input_ids), "
+                         f"got {tuple(mm_token_type_ids.shape)}")
+    if spatial_merge_size < 1:
+        raise ValueError(f"expected spatial_merge_size >= 1, got {spatial_merge_size}")
+    device = input_ids.device
+    B, T = input_ids.shape
+    image_grid = _check_grid("image_grid_thw", image_grid_thw, device)
+    video_grid = _check_grid("video_grid_thw", video_grid_thw, device)
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndims=(2,))
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"expected attention_mask of shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        keep = attention_mask.to(device)
+        keep = keep if keep.dtype == torch.bool else keep != 0
+    else:
+        keep = torch.ones(B, T, dtype=torch.bool, device=device)
+
+    if device.type == "cpu" and _use_cpu_loop():
+        # The C++ loop reads int32/int64 type ids and bool/int32/int64 masks in place.
+        types_cpu = mm_token_type_ids if mm_token_type_ids.dtype in (torch.int32, torch.int64) \
+            else mm_token_type_ids.to(torch.long)
+        mask_cpu = keep if attention_mask is None or attention_mask.dtype not in (torch.bool, torch.int32, torch.int64) \
+            else attention_mask
+        return _rope_index_cpu(input_ids, types_cpu, image_grid, video_grid, second_per_grid_ts, mask_cpu,
+                               spatial_merge_size, tokens_per_second, model_type, check)
+
+    # 1. Compact: real token j of row b moves to column slot[b, j]; the tail is padding (-1).
+    types_in = mm_token_type_ids.to(device=device, dtype=torch.long)
+    lengths = keep.sum(1)  # (B,)
+    slot = torch.where(keep, keep.long().cumsum(1) - 1, T)  # padding goes to a spill column
+    types = torch.full((B, T + 1), -1, dtype=torch.long, device=device)
+    types.scatter_(1, slot, torch.where(keep, types_in, -1))
+    types = types[:, :T]
+    col = torch.arange(T, device=device)
+    real = col < lengths[:, None]
+
+    # 2. Vision runs and which grid row each one takes.
+    is_vis = (types == IMAGE) | (types == VIDEO)
+    prev = torch.cat([torch.full((B, 1), -1, dtype=torch.long, device=device), types[:, :-1]], 1)
+    nxt = torch.cat([types[:, 1:], torch.full((B, 1), -1, dtype=torch.long, device=device)], 1)
+    starts = is_vis & (types != prev)
+    ends = is_vis & (types != nxt)
+    # run number in batch order (row-major), per modality; every token of a run gets its start's.
+    img_no = (starts & (types == IMAGE)).flatten().cumsum(0).view(B, T) - 1
+    vid_no = (starts & (types == VIDEO)).flatten().cumsum(0).view(B, T) - 1
+    start_col = torch.where(starts, col, 0).cummax(1).values  # column of the current run's start
+    grid = torch.where((types == VIDEO)[..., None], _grid_rows(video_grid, vid_no), _grid_rows(image_grid, img_no))
+    gt = grid[..., 0]
+    gh = grid[..., 1] // spatial_merge_size
+    gw = grid[..., 2] // spatial_merge_size
+
+    # 3. Running position: +1 per text token, +max(h, w) on a run's last token.
+    advance = torch.where(is_vis, torch.where(ends, torch.maximum(gh, gw), 0), real.long())
+    before = advance.cumsum(1) - advance  # exclusive cumulative sum
+    run_pos = before.gather(1, start_col)  # p at the run's start (equal to `before` inside it)
+
+    # 4. Offsets inside the run -> (t, h, w).
+    offset = col - start_col
+    hw = (gh * gw).clamp_min(1)
+    ti = offset // hw
+    hi = (offset // gw.clamp_min(1)) % gh.clamp_min(1)
+    wi = offset % gw.clamp_min(1)
+    if model_type == "qwen2_5_vl" and video_grid is not None:
+        tps = 2 if tokens_per_second is None else tokens_per_second
+        if second_per_grid_ts is None:
+            step = torch.full((max(video_grid.shape[0], 1),), tps, dtype=torch.long, device=device)
+        else:
+            check_tensor("second_per_grid_ts", second_per_grid_ts, ndims=(1,))
+            # Same arithmetic as transformers: tps * seconds in the seconds' dtype, then
+            # t * that, truncated to an integer.
+            step = tps * second_per_grid_ts.to(device)
+            if step.shape[0] == 0:
+                step = torch.ones(1, dtype=step.dtype, device=device)
+        t_scaled = (ti * step[vid_no.clamp(0, step.shape[0] - 1)]).long()
+        t_pos = torch.where(types == VIDEO, t_scaled, ti)
+    else:
+        t_pos = ti
+    vis_pos = torch.stack([run_pos + t_pos, run_pos + hi, run_pos + wi])
+    compact = torch.where(is_vis, vis_pos, before.expand(3, B, T))
+    compact = torch.where(real, compact, 0)
+
+    if check and value_checks_enabled():
+        _check_runs(types, starts, ends, col, start_col, gt * gh * gw, img_no, vid_no, image_grid, video_grid,
+                    second_per_grid_ts, model_type)
+
+    # Back to the original columns; padding keeps 0.
+    gathered = compact.gather(2, slot.clamp_max(T - 1).expand(3, B, T)) if T else compact
+    position_ids = torch.where(keep, gathered, 0).to(input_ids.dtype)
+    deltas = compact.amax(dim=(0, 2)) + 1 - lengths
+    return position_ids, deltas.unsqueeze(1)
+
+
+def _use_cpu_loop() -> bool:
+    """CPU tensors run the extension's one-pass C++ loop when it is built.
+
+    ``DOCQA_FAST_BACKEND=reference`` keeps the vectorised PyTorch path (the one CUDA tensors
+    take) on CPU tensors, which is how the tests cover it here; ``=cuda`` requires the loop.
+    """
+    from .._backend import choose_backend, extension, forced_backend
+
+    if forced_backend() is not None:  # raises, naming the reason, for a backend that cannot run this
+        return choose_backend("get_rope_index", torch.device("cpu"), ("cuda",)) == "cuda"
+    ext = extension()
+    return ext is not None and hasattr(ext, "mrope_position_ids")
+
+
+def _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, device):
+    """Per video: tokens_per_second * seconds, in the precision transformers multiplies in."""
+    n = 0 if video_grid is None else video_grid.shape[0]
+    if model_type != "qwen2_5_vl":
+        return torch.ones(n, dtype=torch.float64), False
+    tps = 2 if tokens_per_second is None else tokens_per_second
+    if second_per_grid_ts is None:
+        return torch.full((n,), float(tps), dtype=torch.float64), False
+    check_tensor("second_per_grid_ts", second_per_grid_ts, ndims=(1,))
+    if second_per_grid_ts.shape[0] < n:
+        raise ValueError(f"expected second_per_grid_ts with at least {n} entries (one per video grid), "
+                         f"got {second_per_grid_ts.shape[0]}")
+    steps = tps * second_per_grid_ts.detach().cpu()
+    return steps.to(torch.float64), steps.dtype == torch.float32
+
+
+def _rope_index_cpu(input_ids, mm_token_type_ids, image_grid, video_grid, second_per_grid_ts, keep,
+                    spatial_merge_size, tokens_per_second, model_type, check):
+    from .._backend import extension
+
+    empty = torch.zeros(0, 3, dtype=torch.long)
+    steps, f32 = _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, input_ids.device)
+    positions, deltas, status = extension().mrope_position_ids(
+        mm_token_type_ids, keep, empty if image_grid is None else image_grid,
+        empty if video_grid is None else video_grid, steps, f32, spatial_merge_size)
+    n_img, n_vid, bad, row, col, length, expected = status.tolist()
+    if check:
+        n_img_grids = 0 if image_grid is None else image_grid.shape[0]
+        n_vid_grids = 0 if video_grid is None else video_grid.shape[0]
+        if n_img > n_img_grids:
+            raise ValueError(f"mm_token_type_ids has {n_img} image runs but image_grid_thw has {n_img_grids} rows "
+                             "(image tokens without a grid)")
+        if n_vid > n_vid_grids:
+            raise ValueError(f"mm_token_type_ids has {n_vid} video runs but video_grid_thw has {n_vid_grids} rows "
+                             "(video tokens without a grid)")
+        if bad:
+            raise ValueError(f"a vision run starting at column {col} of row {row} has {length} tokens, but its grid "
+                             f"gives t*h*w/merge**2 = {expected} (token counts do not match image_grid_thw / "
+                             "video_grid_thw)")
+    return (positions if input_ids.dtype == torch.long else positions.to(input_ids.dtype)), deltas.unsqueeze(1)
+
+
+def _check_runs(types, starts, ends, col, start_col, run_tokens, img_no, vid_no, image_grid, video_grid,
+                second_per_grid_ts, model_type):
+    """One host sync for the whole batch: run lengths against grids, grid counts against runs."""
+    run_len = torch.where(ends, col - start_col + 1, 0)
+    bad_len = ends & (run_len != run_tokens)
+    n_img = (starts & (types == IMAGE)).sum()
+    n_vid = (starts & (types == VIDEO)).sum()
+    stats = torch.stack([bad_len.sum(), n_img, n_vid]).tolist()
+    if stats[1] > (0 if image_grid is None else image_grid.shape[0]):
+        raise ValueError(f"mm_token_type_ids has {stats[1]} image runs but image_grid_thw has "
+                         f"{0 if image_grid is None else image_grid.shape[0]} rows (image tokens without a grid)")
+    if stats[2] > (0 if video_grid is None else video_grid.shape[0]):
+        raise ValueError(f"mm_token_type_ids has {stats[2]} video runs but video_grid_thw has "
+                         f"{0 if video_grid is None else video_grid.shape[0]} rows (video tokens without a grid)")
+    if (model_type == "qwen2_5_vl" and second_per_grid_ts is not None and stats[2]
+            and second_per_grid_ts.shape[0] < stats[2]):
+        raise ValueError(f"expected second_per_grid_ts with at least {stats[2]} entries (one per video), "
+                         f"got {second_per_grid_ts.shape[0]}")
+    if stats[0]:
+        b, c = bad_len.nonzero()[0].tolist()
+        raise ValueError(f"a vision run ending at column {c} (compacted) of row {b} has {int(run_len[b, c])} tokens, "
+                         f"but its grid gives t*h*w/merge**2 = {int(run_tokens[b, c])} "
+                         "(token counts do not match image_grid_thw / video_grid_thw)")
+
+
+def patch_transformers_rope_index(*model_classes) -> list[type]:
+    """Replace ``get_rope_index`` of transformers' Qwen2-VL / Qwen2.5-VL models with ours.
+
+    With no arguments patches ``Qwen2VLModel`` and ``Qwen2_5_VLModel`` (those importable);
+    returns the classes patched. The replacement reads ``spatial_merge_size`` and
+    ``tokens_per_second`` from ``self.config.vision_config`` like the original, and keeps
+    its signature. Undo with :func:`unpatch_transformers_rope_index`.
+    """
+    if not model_classes:
+        model_classes = []
+        for module, name in (("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel"),
+                             ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel")):
+            try:
+                model_classes.append(getattr(__import__(module, fromlist=[name]), name))
+            except (ImportError, AttributeError):
+                continue
+    patched = []
+    for cls in model_classes:
+        original = cls.__dict__.get("get_rope_index")
+        if original is None:
+            raise TypeError(f"{cls.__name__} has no get_rope_index method to replace")
+        if getattr(original, "_docqa_fast_original", None) is not None:
+            patched.append(cls)
+            continue
+        get_rope_index_fast = _qwen2_5_vl_method() if "2_5" in cls.__module__ else _qwen2_vl_method()
+        get_rope_index_fast._docqa_fast_original = original
+        get_rope_index_fast.__doc__ = original.__doc__
+        cls.get_rope_index = get_rope_index_fast
+        patched.append(cls)
+    return patched
+
+
+def _qwen2_5_vl_method():
+    # Qwen2_5_VLModel.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+    #                                second_per_grid_ts, attention_mask, **kwargs)
+    def get_rope_index_fast(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                            second_per_grid_ts=None, attention_mask=None, **kwargs):
+        vision = self.config.vision_config
+        return get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                              attention_mask, spatial_merge_size=vision.spatial_merge_size,
+                              tokens_per_second=vision.tokens_per_second, model_type="qwen2_5_vl")
+
+    return get_rope_index_fast
+
+
+def _qwen2_vl_method():
+    # Qwen2VLModel.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+    #                             attention_mask, **kwargs): no second_per_grid_ts.
+    def get_rope_index_fast(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                            attention_mask=None, **kwargs):
+        return get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, None, attention_mask,
+                              spatial_merge_size=self.config.vision_config.spatial_merge_size, model_type="qwen2_vl")
+
+    return get_rope_index_fast
+
+
+def unpatch_transformers_rope_index(*model_classes) -> None:
+    """Restore the original ``get_rope_index`` of classes patched by :func:`patch_transformers_rope_index`."""
+    if not model_classes:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        model_classes = (Qwen2VLModel, Qwen2_5_VLModel)
+    for cls in model_classes:
+        current = cls.__dict__.get("get_rope_index")
+        original = getattr(current, "_docqa_fast_original", None)
+        if original is not None:
+            cls.get_rope_index = original

@@ -1,0 +1,133 @@
+"""merge_visual_tokens against masked_scatter (values and gradients); vision_window_index
+against the installed transformers' Qwen2.5-VL window index."""
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from docqa_fast.packing import merge_visual_tokens, vision_window_index
+from docqa_fast.reference.packing import merge_visual_tokens_ref, vision_window_index_ref
+
+IMAGE, VIDEO = 151655, 151656
+# merge: "cuda" = the extension (CUDA kernels on a GPU, their C++ twins on CPU tensors here),
+# "reference" = the PyTorch path.
+pytestmark = pytest.mark.backends("reference", "cuda")
+
+
+def _ids(shape, n_image, n_video=0):
+    ids = torch.randint(0, 1000, shape)
+    flat = ids.view(-1)
+    pos = torch.randperm(flat.numel())[: n_image + n_video]
+    flat[pos[:n_image]] = IMAGE
+    flat[pos[n_image:]] = VIDEO
+    return ids
+
+
+# dtype: fp16, bf16 and fp32 from the conftest
+@pytest.mark.parametrize("shape, n_image, n_video", [((2, 113, 80), 40, 0), ((203, 16), 0, 0), ((1, 7, 8), 7, 0),
+                                                     ((3, 50, 24), 30, 12)])
+@pytest.mark.parametrize("check", [True, False])
+def test_merge_equals_masked_scatter(backend, shape, n_image, n_video, dtype, check, device):
+    embeds = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    ids = _ids(shape[:-1], n_image, n_video).to(device)
+    visual = torch.randn(n_image + n_video, shape[-1], dtype=dtype, device=device, requires_grad=True)
+    token = IMAGE if not n_video else (IMAGE, VIDEO)
+    out = merge_visual_tokens(embeds, ids, visual, token, check=check)
+    expected = merge_visual_tokens_ref(embeds, ids, visual, token)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    g_ours = torch.autograd.grad(out, (embeds, visual), grad)
+    g_ref = torch.autograd.grad(expected, (embeds, visual), grad)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.equal(a, b)
+
+
+def test_merge_features_with_leading_dims_and_opcheck(backend):
+    embeds = torch.randn(2, 30, 16)
+    ids = _ids((2, 30), 12)
+    visual = torch.randn(3, 4, 16)  # e.g. per-image feature blocks
+    assert torch.equal(merge_visual_tokens(embeds, ids, visual, IMAGE), merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
+    from docqa_fast.packing.merge import _merge_op
+
+    torch.library.opcheck(_merge_op, (embeds.requires_grad_(), ids, visual.requires_grad_(), torch.tensor([IMAGE])))
+    from docqa_fast.packing.merge import _merge_backward_op
+
+    torch.library.opcheck(_merge_backward_op, (torch.randn(2, 30, 16), ids, torch.tensor([IMAGE]), 12))
+
+
+def test_merge_unaligned_rows_and_views(backend):
+    # odd hidden size (no 16-byte vectors), a non-contiguous view of the embeddings
+    base = torch.randn(3, 41, 2 * 13, dtype=torch.float16)
+    embeds = base[..., ::2]
+    ids = _ids((3, 41), 20)
+    visual = torch.randn(20, 13, dtype=torch.float16, requires_grad=True)
+    out = merge_visual_tokens(embeds, ids, visual, IMAGE)
+    assert torch.equal(out, merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
+    out.sum().backward()
+    assert torch.equal(visual.grad, torch.ones_like(visual))
+
+
+def test_merge_compiles_fullgraph(backend):
+    embeds, ids, visual = torch.randn(1, 40, 8), _ids((1, 40), 10), torch.randn(10, 8)
+    fn = torch.compile(lambda e, i, v: merge_visual_tokens(e, i, v, IMAGE, check=False), fullgraph=True)
+    assert torch.equal(fn(embeds, ids, visual), merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
+
+
+def test_merge_bad_input(backend):
+    embeds, ids, visual = torch.randn(2, 10, 8), _ids((2, 10), 4), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="tokens: 4, features: 3"):
+        merge_visual_tokens(embeds, ids, visual[:3], IMAGE)
+    with pytest.raises(TypeError, match="visual_embeds of dtype torch.float32"):
+        merge_visual_tokens(embeds, ids, visual.half(), IMAGE)
+    with pytest.raises(ValueError, match="last dimension of 8"):
+        merge_visual_tokens(embeds, ids, torch.randn(4, 7), IMAGE)
+    with pytest.raises(ValueError, match="input_ids of shape"):
+        merge_visual_tokens(embeds, ids[:, 1:], visual, IMAGE)
+    with pytest.raises(TypeError, match="input_ids of dtype"):
+        merge_visual_tokens(embeds, ids.float(), visual, IMAGE)
+    with pytest.raises(TypeError, match="token_id"):
+        merge_visual_tokens(embeds, ids, visual, 1.5)
+    with pytest.raises(TypeError, match="inputs_embeds of dtype"):
+        merge_visual_tokens(embeds.long(), ids, visual, IMAGE)
+    # unchecked mismatches never index out of bounds
+    assert merge_visual_tokens(embeds, ids, visual[:1], IMAGE, check=False).shape == embeds.shape
+    assert merge_visual_tokens(embeds, ids, visual[:0], IMAGE, check=False).shape == embeds.shape
+    surplus = merge_visual_tokens(embeds, ids, torch.randn(9, 8), IMAGE, check=False)  # features beyond the count
+    assert surplus.shape == embeds.shape
+
+
+def _grids(rng, n, max_side):
+    return torch.tensor([[rng.choice([1, 1, 2, 3]), 2 * rng.randint(1, max_side // 2), 2 * rng.randint(1, max_side // 2)]
+                         for _ in range(n)])
+
+
+@pytest.mark.parametrize("window_size, patch_size", [(112, 14), (56, 14), (224, 16)])
+def test_window_index_equals_transformers(window_size, patch_size, request):
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    for n, side in ((1, 4), (8, 100), (40, 30)):
+        grid = _grids(rng, n, side)
+        expected = vision_utils.get_vision_window_index(grid, 2, window_size, patch_size)
+        ours = vision_window_index(grid, window_size, patch_size, 2)
+        assert torch.equal(ours[0], expected[0]) and ours[0].dtype == expected[0].dtype
+        assert torch.equal(ours[1], expected[1]) and ours[1].dtype == expected[1].dtype
+        ref = vision_window_index_ref(grid, window_size, patch_size, 2)
+        assert torch.equal(ref[0], expected[0]) and torch.equal(ref[1], expected[1])
+
+
+def test_window_index_is_what_the_vision_tower_uses():
+    # Qwen2.5-VL's vision tower takes precomputed (window_index, cu_window_seqlens) kwargs.
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    assert "get_vision_window_index" in vars(modeling_qwen2_5_vl)
+
+
+def test_window_index_bad_input():
+    with pytest.raises(ValueError, match="divisible by spatial_merge_size"):
+        vision_window_index(torch.tensor([[1, 3, 4]]))
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        vision_window_index(torch.tensor([[1, 4]]))
+    with pytest.raises(ValueError, match="window_size"):
+        vision_window_index(torch.tensor([[1, 4, 4]]), window_size=8)

@@ -1,0 +1,124 @@
+"""pack_multimodal / unpack: a tiny random-weight Qwen2.5-VL forward on a packed row equals,
+document by document, forwarding each document alone (no cross-document attention, each
+document's own M-RoPE positions)."""
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from docqa_fast.packing import pack_multimodal, plan_packing, unpack
+
+from .documents import IMAGE_ID, VIDEO_ID, VISION_END, VISION_START, tiny_qwen_config
+
+transformers = pytest.importorskip("transformers")
+
+PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal patch * patch * patch
+
+
+def _sample(rng: random.Random, n_images: int, video: bool = False):
+    """A processor-like sample: ids with vision blocks, grids, random pixel patches."""
+    ids, grids, vgrids = [], [], []
+    for _ in range(n_images):
+        ids += [rng.randrange(100, 1000) for _ in range(rng.randint(0, 6))]
+        h, w = 2 * rng.randint(1, 3), 2 * rng.randint(1, 3)
+        ids += [VISION_START] + [IMAGE_ID] * (h * w // 4) + [VISION_END]
+        grids.append((1, h, w))
+    if video:
+        t, h, w = 2, 4, 2
+        ids += [VISION_START] + [VIDEO_ID] * (t * h * w // 4) + [VISION_END]
+        vgrids.append((t, h, w))
+    ids += [rng.randrange(100, 1000) for _ in range(rng.randint(1, 8))]
+    sample = {"input_ids": torch.tensor(ids)}
+    if grids:
+        grid = torch.tensor(grids)
+        sample["image_grid_thw"] = grid
+        sample["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM)
+    if vgrids:
+        vgrid = torch.tensor(vgrids)
+        sample["video_grid_thw"] = vgrid
+        sample["pixel_values_videos"] = torch.randn(int(vgrid.prod(-1).sum()), PATCH_DIM)
+        sample["second_per_grid_ts"] = torch.tensor([1.5])
+    return sample
+
+
+def _types(ids):
+    return ((ids == IMAGE_ID).int() + 2 * (ids == VIDEO_ID).int())
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = tiny_qwen_config("qwen2_5_vl")
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def test_packed_forward_equals_per_document(model, request):
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    samples = [_sample(rng, n, video=(i == 1)) for i, n in enumerate([2, 1, 0, 3])]
+    packed = pack_multimodal(samples, max_tokens=512)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in packed.model_inputs().items() if k != "labels"})
+        per_doc = unpack(packed, out.logits)
+        for sample, logits in zip(samples, per_doc):
+            ids = sample["input_ids"][None]
+            alone = model(input_ids=ids, mm_token_type_ids=_types(ids),
+                          **{k: v for k, v in sample.items() if k != "input_ids"}).logits
+            torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_fields(request):
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    samples = [_sample(rng, n) for n in (1, 2, 0)]
+    lengths = [s["input_ids"].numel() for s in samples]
+    packed = pack_multimodal(samples, max_tokens=200)
+    T = sum(lengths)
+    assert packed.input_ids.shape == (1, T) and packed.position_ids.shape == (4, 1, T)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert packed.max_seqlen == max(lengths)
+    starts = packed.cu_seqlens[:-1].long()
+    assert (packed.labels[0, starts] == -100).all()
+    # text positions restart at every document (what transformers detects as packed)
+    assert torch.equal(packed.position_ids[0, 0, starts], torch.zeros(len(lengths), dtype=torch.long))
+    assert packed.image_order == [(0, 0), (1, 0), (1, 1)]
+    grid = packed.image_grid_thw
+    assert packed.vision_cu_seqlens.tolist() == [0, *(grid[:, 1] * grid[:, 2]).cumsum(0).tolist()]
+    assert packed.pixel_values.shape[0] == int(grid.prod(-1).sum())
+    assert packed.padding_ratio == pytest.approx(1 - T / 200)
+    pieces = unpack(packed, packed.input_ids)
+    assert all(torch.equal(p[0], s["input_ids"]) for p, s in zip(pieces, samples))
+    assert [p.shape[-1] for p in unpack(packed, packed.position_ids, dim=-1)] == lengths
+
+
+def test_collator_workflow(request):
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    samples = [_sample(rng, rng.randint(0, 3)) for _ in range(20)]
+    lengths = [s["input_ids"].numel() for s in samples]
+    bins = plan_packing(lengths, 128)
+    rows = [pack_multimodal([samples[i] for i in b], max_tokens=128) for b in bins]
+    assert sum(r.input_ids.shape[1] for r in rows) == sum(lengths)
+    assert all(r.input_ids.shape[1] <= 128 for r in rows)
+
+
+def test_bad_input(request):
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    sample = _sample(rng, 2)
+    with pytest.raises(ValueError, match="more than max_tokens"):
+        pack_multimodal([sample, sample], max_tokens=sample["input_ids"].numel())
+    with pytest.raises(ValueError, match=r"samples\[1\].*image_grid_thw has 1 rows"):
+        pack_multimodal([sample, {**sample, "image_grid_thw": sample["image_grid_thw"][:1]}])
+    with pytest.raises(ValueError, match="at least one sample"):
+        pack_multimodal([])
+    with pytest.raises(ValueError, match="input_ids"):
+        pack_multimodal([{"labels": torch.ones(3)}])
+    with pytest.raises(ValueError, match=r"labels'\] of shape"):
+        pack_multimodal([{**sample, "labels": sample["input_ids"][1:]}])
+    packed = pack_multimodal([sample])
+    with pytest.raises(ValueError, match="packed row"):
+        unpack(packed, torch.zeros(3, 5))
