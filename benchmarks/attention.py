@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import docqa_fast
 
-from .harness import Case, Provider, register_family
+from .harness import Case, Provider, flash_attn_unavailable, register_family
 
 FAMILY = "attention"
 DTYPE = torch.bfloat16
@@ -148,15 +148,6 @@ def _flex(mode, causal, packed):
 
 
 def _flash_attn(mode, causal, packed):
-    def unavailable(device):
-        if device.type != "cuda":
-            return "flash-attn needs a CUDA device"
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "flash-attn is not installed"
-        return None
-
     def build():
         import flash_attn
 
@@ -169,7 +160,7 @@ def _flash_attn(mode, causal, packed):
                 return flash_attn.flash_attn_func(q, k, v, causal=causal)
         return _in_mode(forward, mode)
 
-    return Provider("flash-attn", build=build, unavailable=unavailable)
+    return Provider("flash-attn", build=build, unavailable=flash_attn_unavailable)
 
 
 # ---------------------------------------------------------------------------------- cases

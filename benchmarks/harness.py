@@ -147,6 +147,17 @@ def _backend_unavailable(backend: str):
     return check
 
 
+def flash_attn_unavailable(device: torch.device) -> str | None:
+    """Why flash-attn (the peer most attention users would pick) cannot run here, or None."""
+    if device.type != "cuda":
+        return "flash-attn needs a CUDA device"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "flash-attn is not installed"
+    return None
+
+
 def eager_provider(fn: Callable, name: str = "eager") -> Provider:
     return Provider(name, fn=fn)
 

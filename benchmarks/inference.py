@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import docqa_fast.inference as inference
 from docqa_fast.reference.kvcache import flash_attn_with_kvcache_ref
 
-from .harness import Case, Provider, register_family
+from .harness import Case, Provider, flash_attn_unavailable, register_family
 
 FAMILY = "inference"
 DTYPE = torch.bfloat16
@@ -104,12 +104,9 @@ def _sdpa(backend, paged):
 
 def _flash_attn(causal, page):
     def unavailable(device):
-        if device.type != "cuda":
-            return "flash-attn needs a CUDA device"
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "flash-attn is not installed"
+        reason = flash_attn_unavailable(device)
+        if reason is not None:
+            return reason
         if page is not None and page % 256:
             return f"flash-attn 2 needs a page size that is a multiple of 256, not {page}"
         return None
