@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from docqa_fast.losses import FusedLinearDPOLoss, linear_cross_entropy
 
-from .harness import Case, Provider, compiled_provider, eager_provider, ours_per_backend, register_family
+from .harness import CHECK_TOLERANCE, Case, Provider, compiled_provider, eager_provider, ours_per_backend, register_family
 
 FAMILY = "losses"
 DTYPE = torch.bfloat16
@@ -165,7 +165,7 @@ def cases(quick: bool) -> list[Case]:
                     family=FAMILY, name=f"ce_{model}_{mode}-N{n}", group=f"ce_{model}_{mode}",
                     description=f"linear cross-entropy {mode}, H={hidden_size} V={vocab} {dtype}",
                     params=params, sweep="N", make_inputs=_ce_inputs, providers=providers,
-                    flops=work * 2 * n * hidden_size * vocab))
+                    flops=work * 2 * n * hidden_size * vocab, tolerance=CHECK_TOLERANCE[DTYPE]))
         hidden_size, vocab = heads["qwen"]
         providers = _providers(ours_dpo, naive_dpo, _liger_dpo, lambda inputs: inputs[:3], backward)
         for n in sizes["dpo_tokens"]:
@@ -174,5 +174,5 @@ def cases(quick: bool) -> list[Case]:
                 family=FAMILY, name=f"dpo_qwen_{mode}-N{n}", group=f"dpo_qwen_{mode}",
                 description=f"DPO {mode}, chosen + rejected of N tokens each, H={hidden_size} V={vocab} {dtype}",
                 params=params, sweep="N", make_inputs=_dpo_inputs, providers=providers,
-                flops=work * 2 * 2 * n * hidden_size * vocab))
+                flops=work * 2 * 2 * n * hidden_size * vocab, tolerance=CHECK_TOLERANCE[DTYPE]))
     return found

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import docqa_fast
 from docqa_fast.reference.reward import last_token_index_ref
 
-from .harness import Case, compiled_provider, eager_provider, ours_per_backend, register_family
+from .harness import CHECK_TOLERANCE, Case, compiled_provider, eager_provider, ours_per_backend, register_family
 
 FAMILY = "reward"
 DTYPE = torch.bfloat16
@@ -107,6 +107,7 @@ def cases(quick: bool) -> list[Case]:
                 params=params, sweep="S",
                 make_inputs=(lambda p, d, g=backward: _inputs(p, d, requires_grad=g)),
                 providers=providers, reference="all-tokens", bytes_moved=_bytes(params, backward),
+                tolerance=CHECK_TOLERANCE[DTYPE],  # fp32 rewards of bf16 inputs
             ))
     return found
 
