@@ -47,15 +47,19 @@ def _types(ids):
     return ((ids == IMAGE_ID).int() + 2 * (ids == VIDEO_ID).int())
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["eager", "docqa_fast"])
+def model(request):
+    """The same tiny model with transformers' eager attention and with ours (the varlen kernel
+    must keep the packed documents apart exactly as eager's block-diagonal mask does)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from docqa_fast.integrations.transformers import register
+
+    register()
     torch.manual_seed(0)
     config = tiny_qwen_config("qwen2_5_vl")
-    config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "eager"
-    config.vision_config._attn_implementation = "eager"
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = request.param
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
