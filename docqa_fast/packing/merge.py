@@ -100,6 +100,8 @@ def _merge_backward_op(grad: torch.Tensor, input_ids: torch.Tensor, token_ids: t
         grad_visual = grad_flat.new_zeros(n_visual, hidden)
         grad_visual[:where.shape[0]] = grad_flat[where]
         return grad_inputs, grad_visual
+    if grad_flat.shape[0] == 0:  # no token rows at all: nothing to gather from
+        return grad_inputs, grad_flat.new_zeros(n_visual, hidden)
     # The j-th placeholder is the first position where the inclusive count reaches j + 1.
     wanted = torch.arange(1, n_visual + 1, device=grad.device, dtype=count.dtype)
     where = torch.searchsorted(count, wanted)

@@ -97,7 +97,10 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
     else:
         keep = torch.ones(B, T, dtype=torch.bool, device=device)
 
-    if device.type == "cpu" and _use_cpu_loop():
+    # The C++ loop reproduces transformers' arithmetic for fp32/fp64 seconds; half-precision
+    # seconds (a processor output cast to bf16) round in ways only the tensor path mirrors.
+    half_seconds = second_per_grid_ts is not None and second_per_grid_ts.dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cpu" and _use_cpu_loop() and not half_seconds:
         # The C++ loop reads int32/int64 type ids and bool/int32/int64 masks in place.
         types_cpu = mm_token_type_ids if mm_token_type_ids.dtype in (torch.int32, torch.int64) \
             else mm_token_type_ids.to(torch.long)
@@ -145,7 +148,9 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
     if model_type == "qwen2_5_vl" and video_grid is not None:
         tps = 2 if tokens_per_second is None else tokens_per_second
         if second_per_grid_ts is None:
-            step = torch.full((max(video_grid.shape[0], 1),), tps, dtype=torch.long, device=device)
+            # transformers multiplies by tokens_per_second in float when it is not an int (e.g. 1.5).
+            step_dtype = torch.long if isinstance(tps, int) else torch.get_default_dtype()
+            step = torch.full((max(video_grid.shape[0], 1),), tps, dtype=step_dtype, device=device)
         else:
             check_tensor("second_per_grid_ts", second_per_grid_ts, ndims=(1,))
             # Same arithmetic as transformers: tps * seconds in the seconds' dtype, then

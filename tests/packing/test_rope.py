@@ -103,6 +103,21 @@ def test_no_attention_mask_and_seconds_defaults(backend, request):
     _assert_same(_ours("qwen2_5_vl", inputs, 4), _theirs("qwen2_5_vl", inputs, 4))
 
 
+def test_half_precision_seconds(backend, request):
+    """transformers multiplies in the seconds' dtype (bf16 / fp16 after a processor output is
+    cast): both paths must round exactly as it does."""
+    rng = _rng(request)
+    # Long videos (hundreds of frames): bf16 / fp16 rounding of t * step shows from t ~ 256.
+    doc = random_document(rng, max_images=1, max_side=4, video_prob=1.0, max_frames=600)
+    inputs = batch([doc])
+    if inputs.get("video_grid_thw") is None:
+        pytest.skip("the random document drew no video")  # video_prob=1.0 makes this unreachable
+    n_videos = inputs["video_grid_thw"].shape[0]
+    for dtype, seconds, tokens_per_second in ((torch.bfloat16, 1.0, 2), (torch.float16, 0.3, 25)):
+        inputs["second_per_grid_ts"] = torch.full((n_videos,), seconds, dtype=dtype)
+        _assert_same(_ours("qwen2_5_vl", inputs, tokens_per_second), _theirs("qwen2_5_vl", inputs, tokens_per_second))
+
+
 def test_reference_agrees(request):
     rng = _rng(request)
     inputs = batch([random_document(rng, max_images=8, max_side=16, video_prob=0.4) for _ in range(2)], "left")
