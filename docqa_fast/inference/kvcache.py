@@ -32,7 +32,7 @@ from .._validation import (
 )
 from ..attention.ops import FAST_DTYPES, MAX_HEAD_DIM, check_window
 from ..merge_attention import merge_stacked_attention_states
-from ..reference.kvcache import cache_capacity, flash_attn_with_kvcache_ref
+from ..reference.kvcache import cache_capacity, flash_attn_with_kvcache_ref, normalize_window
 
 _IMPLEMENTED = ("triton",)
 PAGE_MULTIPLE = 16
@@ -271,7 +271,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
               block_table, softcap, alibi_slopes, num_splits)
-    left, right = check_window(window_size)
+    left, right = normalize_window(check_window(window_size), cache_capacity(k_cache, block_table))
     batch = q.shape[0]
     if cache_seqlens is None:
         cache_seqlens = cache_capacity(k_cache, block_table)

@@ -39,6 +39,16 @@ def cache_capacity(k_cache, block_table) -> int:
     return k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
 
 
+def normalize_window(window_size, capacity: int) -> tuple[int, int]:
+    """flash-attn's rule: a window side that covers the whole cache is no window (-1).
+
+    It changes no mask, but it decides whether the call is "local", and a non-causal,
+    non-local call rotates every query at cache_seqlens instead of cache_seqlens + i.
+    """
+    left, right = window_size
+    return (-1 if left >= capacity else left, -1 if right >= capacity else right)
+
+
 def rotary_positions(cache_seqlens: torch.Tensor, seqlen: int, per_token: bool) -> torch.Tensor:
     """(B, seqlen) int64 positions: cache_seqlens + i, or cache_seqlens repeated when not per_token."""
     steps = torch.arange(seqlen, device=cache_seqlens.device) if per_token else \
@@ -119,7 +129,8 @@ def flash_attn_with_kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     seqlen_new = 0 if k is None else k.shape[1]
-    local = tuple(window_size) != (-1, -1)
+    window_size = normalize_window(tuple(window_size), cache_capacity(k_cache, block_table))
+    local = window_size != (-1, -1)
     if rotary_cos is not None:
         k = apply_rotary_ref(k, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, seqlen_new, True),
                              rotary_interleaved)

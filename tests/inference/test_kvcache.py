@@ -154,6 +154,23 @@ def test_rotary(backend, interleaved, causal, seqlen_new, device):
                   block_table=table, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved, causal=causal)
 
 
+def test_window_covering_the_cache_is_no_window_for_rotary(backend, device):
+    """flash-attn turns a window side >= the cache capacity into -1: the call is then not local,
+    so (non-causal) every query is rotated at cache_seqlens, exactly as with no window."""
+    results = []
+    for window in ((-1, -1), (64, -1)):  # capacity 64: the second covers the whole cache
+        torch.manual_seed(1)  # the same cache and inputs for both windows
+        k_cache, v_cache, table = make_cache(2, 64, 1, 64, torch.float16, device, 16)
+        q = torch.randn(2, 3, 4, 64, device=device).half()
+        k, v = (torch.randn(2, 3, 1, 64, device=device).half() for _ in range(2))
+        angle = torch.rand(64, 16, device=device) * 2 * math.pi
+        results.append(inference.flash_attn_with_kvcache(
+            q, k_cache, v_cache, k, v, rotary_cos=angle.cos().half(), rotary_sin=angle.sin().half(),
+            cache_seqlens=torch.tensor([5, 40], dtype=torch.int32, device=device), block_table=table,
+            window_size=window))
+    torch.testing.assert_close(results[1], results[0])
+
+
 @pytest.mark.parametrize("window_size, causal, softcap", [((8, -1), True, 0.0), ((5, 3), False, 0.0),
                                                           ((-1, -1), True, 5.0)], ids=str)
 def test_windows_and_softcap(backend, window_size, causal, softcap, device):
