@@ -65,3 +65,31 @@ def value_checks_enabled() -> bool:
     ``fullgraph=True``), so compiled code skips them: validate inputs eagerly once.
     """
     return not torch.compiler.is_compiling()
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like_name: str, *,
+                     dtypes: Sequence[torch.dtype] = (torch.int32,), min_entries: int = 1,
+                     empty_sequences: bool = True) -> torch.Tensor | None:
+    """Packed-batch boundaries: 1-D, on ``like``'s device, starting at 0, ending at ``total``,
+    non-decreasing (strictly increasing when ``empty_sequences`` is False).
+
+    Returns the sequence lengths, or None when the value checks are skipped (under
+    ``torch.compile``; they cost one host sync in eager mode).
+    """
+    check_tensor(name, cu_seqlens, dtypes=dtypes, ndims=(1,))
+    check_same_device((like_name, name), (like, cu_seqlens))
+    if cu_seqlens.numel() < min_entries:
+        raise ValueError(f"expected {name} with at least {min_entries} entries (0 ... the token count), "
+                         f"got {cu_seqlens.numel()}")
+    if not value_checks_enabled():
+        return None
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != total:
+        raise ValueError(f"expected {name} to start at 0 and end at the token count {total}, got {first} ... {last}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if empty_sequences and bool((lengths < 0).any()):
+        raise ValueError(f"expected {name} to be non-decreasing, got {cu_seqlens.tolist()[:16]}")
+    if not empty_sequences and bool((lengths <= 0).any()):
+        raise ValueError(f"expected {name} strictly increasing (every sequence needs a token), "
+                         f"got lengths {lengths.tolist()[:16]}")
+    return lengths

@@ -16,12 +16,12 @@ import torch
 from .._backend import choose_backend, forced_backend
 from .._validation import (
     FLOAT_DTYPES,
+    check_cu_seqlens,
     check_last_dim_contiguous,
     check_same_device,
     check_same_dtype,
     check_shape,
     check_tensor,
-    value_checks_enabled,
 )
 from ..reference.attention import attention_backward_ref, attention_ref
 
@@ -51,23 +51,12 @@ def check_attention_inputs(q, k, v, varlen: bool) -> None:
         raise ValueError(f"expected k with batch size {q.shape[0]} (q's), got {k.shape[0]}")
 
 
-def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen: int, max_name: str, q) -> None:
-    """int32 (B + 1,), starting at 0, non-decreasing, ending at ``total``; lengths <= max_seqlen."""
-    check_tensor(name, cu_seqlens, dtypes=(torch.int32,), ndims=(1,))
-    check_same_device(("q", name), (q, cu_seqlens))
-    if cu_seqlens.numel() < 1:
-        raise ValueError(f"expected {name} with at least one entry (0), got none")
+def _check_boundaries(name: str, cu_seqlens, total: int, max_seqlen: int, max_name: str, q) -> None:
+    """The shared cu_seqlens check, plus: every length fits in ``max_seqlen``."""
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"expected {max_name} to be a non-negative int, got {max_seqlen!r}")
-    if not value_checks_enabled():
-        return
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-        raise ValueError(f"expected {name} to start at 0 and end at the token count {total}, got "
-                         f"{int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
-    if lengths.numel() and int(lengths.min()) < 0:
-        raise ValueError(f"expected {name} to be non-decreasing, got {cu_seqlens.tolist()[:16]}")
-    if lengths.numel() and int(lengths.max()) > max_seqlen:
+    lengths = check_cu_seqlens(name, cu_seqlens, total, q, "q")
+    if lengths is not None and lengths.numel() and int(lengths.max()) > max_seqlen:
         raise ValueError(f"expected {max_name} >= every sequence length, got {max_seqlen} < {int(lengths.max())}")
 
 
@@ -187,10 +176,10 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q)
+        _check_boundaries("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q)
         check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndims=(1,))
         check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q)
+        _check_boundaries("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q)
         # The kernels read cu_seqlens with unit stride.
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:

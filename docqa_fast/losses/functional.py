@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_same_device, check_shape, check_tensor, value_checks_enabled
+from .._validation import check_cu_seqlens, check_same_device, check_shape, check_tensor
 from ._ops import check_head_inputs, check_label_values, check_positive, logit_stats
 
 __all__ = ["linear_logprobs", "linear_cross_entropy", "sequence_logprobs"]
@@ -98,20 +98,6 @@ def cross_entropy_losses(hidden, weight, bias, labels, ignore_index: int, label_
     return torch.where(labels != ignore_index, losses, 0.0)
 
 
-def _check_cu_seqlens(cu_seqlens, total, hidden):
-    check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), ndims=(1,))
-    check_same_device(("hidden", "cu_seqlens"), (hidden, cu_seqlens))
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"expected cu_seqlens with at least 2 entries (0 and the total), got {cu_seqlens.numel()}")
-    # Structural values cost one small host sync; compiled code skips it (see value_checks_enabled).
-    if value_checks_enabled():
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-            raise ValueError(f"expected cu_seqlens to start at 0 and end at the {total} packed tokens, "
-                             f"got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"expected cu_seqlens non-decreasing, got {cu_seqlens.tolist()[:16]}")
-
-
 def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, attention_mask=None, average: bool = False,
                       bias=None, ignore_index: int = -100, temperature: float = 1.0, validate: bool = False):
     """One summed (``average``: mean) log-prob per sequence, fp32, for padded or packed batches.
@@ -139,7 +125,8 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, attention_mask
                              f"got {tuple(hidden.shape)}")
         logprobs, counted = logprobs.reshape(-1), counted.reshape(-1)
         total = logprobs.shape[0]
-        _check_cu_seqlens(cu_seqlens, total, hidden)
+        check_cu_seqlens("cu_seqlens", cu_seqlens, total, hidden, "hidden", dtypes=(torch.int32, torch.int64),
+                         min_entries=2)
         n_seqs = cu_seqlens.shape[0] - 1
         # Sequence of each token; tokens outside [cu[0], cu[-1]) (only with unchecked, wrong
         # cu_seqlens under torch.compile) land in an extra bucket that is dropped.

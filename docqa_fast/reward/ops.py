@@ -16,6 +16,7 @@ import torch
 from .._backend import choose_backend
 from .._validation import (
     FLOAT_DTYPES,
+    check_cu_seqlens,
     check_last_dim_contiguous,
     check_same_device,
     check_shape,
@@ -98,18 +99,8 @@ def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_
         _check_index("last_index", last_index, tuple(last_index.shape), total, hidden_states)
         token = last_index.long()
     elif cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, ndims=(1,))
-        check_same_device(("hidden_states", "cu_seqlens"), (hidden_states, cu_seqlens))
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"expected cu_seqlens with at least 2 entries (0 and the total), got {cu_seqlens.numel()}")
-        if value_checks_enabled():
-            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-                raise ValueError(f"expected cu_seqlens to start at 0 and end at hidden_states' {total} tokens, "
-                                 f"got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
-            if bool((lengths <= 0).any()):
-                raise ValueError("expected cu_seqlens strictly increasing: every sequence needs a token to score, "
-                                 f"got lengths {lengths.tolist()[:16]}")
+        check_cu_seqlens("cu_seqlens", cu_seqlens, total, hidden_states, "hidden_states", dtypes=INDEX_DTYPES,
+                         min_entries=2, empty_sequences=False)
         token = cu_seqlens[1:].long() - 1
     else:
         raise ValueError("packed hidden_states (total, hidden) need cu_seqlens or last_index to find each sequence")

@@ -66,7 +66,7 @@ def test_bad_scalars():
 
 def test_bad_sequences():
     hidden, weight, labels = _inputs(n=10)
-    _raises(ValueError, "end at the 10 packed tokens", sequence_logprobs, hidden, weight, labels,
+    _raises(ValueError, "end at the token count 10", sequence_logprobs, hidden, weight, labels,
             cu_seqlens=torch.tensor([0, 4, 9]))
     _raises(ValueError, "non-decreasing", sequence_logprobs, hidden, weight, labels,
             cu_seqlens=torch.tensor([0, 6, 4, 10]))

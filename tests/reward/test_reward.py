@@ -299,7 +299,7 @@ def _bad_call(case):
 @pytest.mark.parametrize("case, error, message", [
     ("hidden_mismatch", ValueError, "expected weight of shape (num_heads, 8)"),
     ("all_padding", ValueError, "attention_mask has all-padding rows [1]"),
-    ("cu_seqlens_total", ValueError, "end at hidden_states' 10 tokens"),
+    ("cu_seqlens_total", ValueError, "end at the token count 10"),
     ("cu_seqlens_empty_sequence", ValueError, "cu_seqlens strictly increasing"),
     ("cu_seqlens_with_padded", ValueError, "cu_seqlens is for packed hidden_states"),
     ("packed_without_boundaries", ValueError, "need cu_seqlens or last_index"),
