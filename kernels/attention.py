@@ -11,10 +11,13 @@ natural log; a query that sees no key gets out 0 and LSE -inf.
 
 Techniques: scores are taken in base 2 with the softmax scale and log2(e) folded into one
 multiplier (exp2 is one instruction); key blocks outside a query block's causal / window
-band are never visited (the loop bounds are computed per block); head dims that are not
-powers of two (80, 96, 192) are masked, not padded by a copy. Every visited block applies
-the mask (MASK=True): splitting off the blocks fully inside the band into an unmasked
-stage is left for GPU tuning. The backward is the FlashAttention-2 split: one kernel
+band are never visited (the loop bounds are computed per block), and the visited ones run in
+two stages: its inside (blocks every row of the tile sees in full) with no mask and unmasked
+loads, then its edges with the mask; head dims that are not powers of two (80, 96, 192) are
+masked, not padded by a copy. Causal query blocks run longest first. The grid is (block,
+sequence, head), so a packed batch holds at most 65,535 sequences (CUDA's y-axis limit, as
+in flash-attn; the front end checks it). The
+backward is the FlashAttention-2 split: a small kernel for delta = rowsum(dO * O), one kernel
 per KV block accumulating dK/dV over every query head of its group (no atomics, so the
 gradients are bitwise reproducible), one kernel per query block for dQ.
 """
@@ -51,8 +54,10 @@ def _tile_offsets(tokens, stride_t, dims):
 
 
 @triton.jit
-def _key_range(m_start, len_q, len_k, BLOCK_M: tl.constexpr, WINDOW_LEFT, WINDOW_RIGHT, CAUSAL: tl.constexpr):
-    """[lo, hi) of keys any query of rows [m_start, m_start + BLOCK_M) can see."""
+def _key_range(m_start, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT, WINDOW_RIGHT,
+               CAUSAL: tl.constexpr):
+    """[lo, hi) of keys any query of rows [m_start, m_start + BLOCK_M) can see; lo on a BLOCK_N
+    boundary so the key tiles stay aligned to the sequence start."""
     offset = len_k - len_q  # bottom-right alignment: query i's diagonal is key i + offset
     lo = len_k * 0  # tensors, not Python ints: the branches below may reassign them
     hi = len_k
@@ -61,8 +66,61 @@ def _key_range(m_start, len_q, len_k, BLOCK_M: tl.constexpr, WINDOW_LEFT, WINDOW
     elif WINDOW_RIGHT >= 0:
         hi = tl.minimum(hi, m_start + BLOCK_M + offset + WINDOW_RIGHT)
     if WINDOW_LEFT >= 0:
-        lo = tl.maximum(0, m_start + offset - WINDOW_LEFT)
+        lo = tl.maximum(0, m_start + offset - WINDOW_LEFT) // BLOCK_N * BLOCK_N
     return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
+def _inner_keys(m_start, len_q, len_k, BLOCK_M: tl.constexpr, WINDOW_LEFT, WINDOW_RIGHT, CAUSAL: tl.constexpr):
+    """[first, end): the keys every query row of the tile sees (no mask needed for them)."""
+    offset = len_k - len_q
+    first = len_k * 0
+    end = len_k
+    if CAUSAL:  # the tile's first row sees the fewest keys on the right
+        end = tl.minimum(end, m_start + offset + 1)
+    elif WINDOW_RIGHT >= 0:
+        end = tl.minimum(end, m_start + offset + WINDOW_RIGHT + 1)
+    if WINDOW_LEFT >= 0:  # its last row the fewest on the left
+        first = tl.maximum(first, m_start + BLOCK_M - 1 + offset - WINDOW_LEFT)
+    return first, end
+
+
+@triton.jit
+def _query_range(n_start, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT, WINDOW_RIGHT,
+                 CAUSAL: tl.constexpr):
+    """[lo, hi) of queries that see any key of [n_start, n_start + BLOCK_N) (the inverse of
+    _key_range), lo on a BLOCK_M boundary; and [first, end), the queries that see all of them."""
+    offset = len_k - len_q
+    lo = len_q * 0
+    hi = len_q
+    first = len_q * 0
+    end = len_q
+    if CAUSAL:
+        lo = tl.maximum(0, n_start - offset) // BLOCK_M * BLOCK_M
+        first = n_start + BLOCK_N - 1 - offset
+    elif WINDOW_RIGHT >= 0:
+        lo = tl.maximum(0, n_start - offset - WINDOW_RIGHT) // BLOCK_M * BLOCK_M
+        first = n_start + BLOCK_N - 1 - offset - WINDOW_RIGHT
+    if WINDOW_LEFT >= 0:
+        hi = tl.minimum(len_q, n_start + BLOCK_N - offset + WINDOW_LEFT)
+        end = tl.minimum(end, n_start + WINDOW_LEFT - offset + 1)
+    if n_start + BLOCK_N > len_k:  # the sequence's last key block is cut: every query tile masks
+        end = first * 0
+    return lo, tl.maximum(hi, lo), first, end
+
+
+@triton.jit
+def _row_stats(lse_base, delta_base, rows, len_q, CHECK_ROWS: tl.constexpr):
+    """LSE (base 2) and delta of query rows, as the backward uses them."""
+    if CHECK_ROWS:
+        row_ok = rows < len_q
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw no key: p = 0, not NaN
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:  # rows of a tile inside the band: real rows that saw keys, LSE finite
+        lse = tl.load(lse_base + rows) * 1.4426950408889634
+        delta = tl.load(delta_base + rows)
+    return lse, delta
 
 
 @triton.jit
@@ -90,6 +148,107 @@ def _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, WINDOW_LEFT, WIND
 
 
 @triton.jit
+def _load_tile(base, tokens, stride_t, dims, limit, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_TOKENS: tl.constexpr):
+    """A (tokens, head dim) tile; tokens at or past ``limit`` (when checked) and dims past
+    HEAD_DIM read 0. Unchecked full-width tiles load with no mask at all (the band's inner
+    blocks), so the compiler can issue plain vector loads."""
+    ptrs = base + _tile_offsets(tokens, stride_t, dims)
+    if CHECK_TOKENS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=(tokens < limit)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(tokens < limit)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, tokens, stride_t, dims, limit, value, HEAD_DIM: tl.constexpr):
+    tl.store(base + _tile_offsets(tokens, stride_t, dims), value.to(base.dtype.element_ty),
+             mask=(tokens < limit)[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _inner_blocks(lo, hi, first_inner, end_inner, BLOCK: tl.constexpr):
+    """[a, b): the blocks of the loop ``range(lo, hi, BLOCK)`` lying inside [first_inner, end_inner),
+    where no element needs a mask. a and b stay on the loop's grid (lo + k * BLOCK), so the
+    masked stages [lo, a) and [b, hi) plus the unmasked one [a, b) visit each block once."""
+    a = lo + tl.cdiv(tl.maximum(first_inner - lo, 0), BLOCK) * BLOCK
+    a = tl.minimum(a, hi)
+    b = a + tl.maximum(tl.minimum(end_inner, hi) - a, 0) // BLOCK * BLOCK
+    return a, b
+
+
+@triton.jit
+def _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK: tl.constexpr, MASK: tl.constexpr):
+    """(count, leading) of a stage: the unmasked one walks [inner_lo, inner_hi); the masked one
+    walks both edges, [lo, inner_lo) then [inner_hi, hi), in one loop (one loop body less for
+    the compiler to hold registers for); ``_stage_start`` maps a step to its block."""
+    if MASK:
+        # inner_lo is on the block grid, or is hi when the band has no inside: round up.
+        leading = tl.cdiv(inner_lo - lo, BLOCK)
+        count = leading + tl.cdiv(hi - inner_hi, BLOCK)
+    else:
+        leading = (inner_hi - inner_lo) // BLOCK
+        count = leading
+    return count, leading
+
+
+@triton.jit
+def _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK: tl.constexpr, MASK: tl.constexpr):
+    if MASK:
+        start = tl.where(j < leading, lo + j * BLOCK, inner_hi + (j - leading) * BLOCK)
+    else:
+        start = inner_lo + j * BLOCK
+    return start
+
+
+@triton.jit
+def _query_block(CAUSAL: tl.constexpr):
+    """This program's query block: under a causal mask the longest blocks (the last ones) are
+    launched first, so the grid's tail is short blocks instead of one long straggler."""
+    if CAUSAL:
+        block = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        block = tl.program_id(0)
+    return block
+
+
+@triton.jit
+def _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo, inner_hi, hi,
+                    len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Online softmax over one stage's key blocks (see _stage_blocks)."""
+    count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
+    # The edges are a block or two: not worth a software pipeline's registers and shared memory.
+    for j in tl.range(0, count, num_stages=1 if MASK else None):
+        n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
+        cols = n_start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
+                    CAUSAL, HAS_SOFTCAP, MASK)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if MASK:
+            # A row that has seen only hidden keys keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new  # every score here is finite
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_tile(v_base, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, softcap, window_left, window_right,
@@ -97,7 +256,7 @@ def attention_forward_kernel(
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    m_block, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
     m_start = m_block * BLOCK_M
@@ -106,45 +265,35 @@ def attention_forward_kernel(
     kv_h = h // heads_per_kv
     rows = m_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
     q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
     k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
     v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
-    q = tl.load(q_base + _tile_offsets(rows, q_st, dims),
-                mask=(rows < len_q)[:, None] & dim_ok[None, :], other=0.0)
+    q = _load_tile(q_base, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, True)
 
     window_l = window_left if HAS_WINDOW else -1
     window_r = window_right if HAS_WINDOW else -1
-    lo, hi = _key_range(m_start, len_q, len_k, BLOCK_M, window_l, window_r, CAUSAL)
+    lo, hi = _key_range(m_start, len_q, len_k, BLOCK_M, BLOCK_N, window_l, window_r, CAUSAL)
+    first, end = _inner_keys(m_start, len_q, len_k, BLOCK_M, window_l, window_r, CAUSAL)
+    inner_lo, inner_hi = _inner_blocks(lo, hi, first, end, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n_start in range(lo, hi, BLOCK_N):
-        cols = n_start + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < len_k)[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + _tile_offsets(cols, k_st, dims), mask=kv_mask, other=0.0)
-        s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
-                    CAUSAL, HAS_SOFTCAP, True)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen only hidden keys keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + _tile_offsets(cols, v_st, dims), mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Two stages: the blocks inside the band, with no mask and unmasked loads; then its edges
+    # (window start, diagonal, window end, the sequence's end), which pay for the mask.
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo,
+                                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM,
+                                    BLOCK_D, CAUSAL, HAS_SOFTCAP, False, BLOCK_N)
+    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo,
+                                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM,
+                                    BLOCK_D, CAUSAL, HAS_SOFTCAP, True, BLOCK_N)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # Back to natural log: lse = (m + log2 l) / log2(e).
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row_ok = rows < len_q
-    o_base = _head_start(out_ptr, b, h, q_start, o_sb, o_sh, o_st)
-    tl.store(o_base + _tile_offsets(rows, o_st, dims), out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    _store_tile(_head_start(out_ptr, b, h, q_start, o_sb, o_sh, o_st), rows, o_st, dims, len_q, out, HEAD_DIM)
     lse_base = lse_ptr + b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
-    tl.store(lse_base + rows, lse, mask=row_ok)
+    tl.store(lse_base + rows, lse, mask=rows < len_q)
 
 
 @triton.jit
@@ -165,6 +314,30 @@ def _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_st, do_st, cols, dims, lo, inner_lo,
+                 inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """dK, dV of one key block from one stage's query blocks of one query head."""
+    count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_M, MASK)
+    # The edges are a block or two: not worth a software pipeline's registers and shared memory.
+    for j in tl.range(0, count, num_stages=1 if MASK else None):
+        m_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_M, MASK)
+        rows = m_start + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK)
+        do = _load_tile(do_base, rows, do_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK)
+        lse, delta = _row_stats(lse_base, delta_base, rows, len_q, MASK)
+        s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
+                    CAUSAL, HAS_SOFTCAP, MASK)
+        p = tl.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
 def attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
@@ -181,26 +354,15 @@ def attention_backward_dkdv_kernel(
         return
     cols = n_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    kv_mask = (cols < len_k)[:, None] & dim_ok[None, :]
-    k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
-    v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
-    k = tl.load(k_base + _tile_offsets(cols, k_st, dims), mask=kv_mask, other=0.0)
-    v = tl.load(v_base + _tile_offsets(cols, v_st, dims), mask=kv_mask, other=0.0)
+    k = _load_tile(_head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st), cols, k_st, dims, len_k, HEAD_DIM,
+                   BLOCK_D, True)
+    v = _load_tile(_head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st), cols, v_st, dims, len_k, HEAD_DIM,
+                   BLOCK_D, True)
 
-    # Queries that can see any key of this block (the key range of _key_range, inverted).
     window_l = window_left if HAS_WINDOW else -1
     window_r = window_right if HAS_WINDOW else -1
-    offset = len_k - len_q
-    q_lo = len_q * 0
-    q_hi = len_q
-    if CAUSAL:
-        q_lo = tl.maximum(0, n_start - offset)
-    elif window_r >= 0:
-        q_lo = tl.maximum(0, n_start - offset - window_r)
-    if window_l >= 0:
-        q_hi = tl.minimum(len_q, n_start + BLOCK_N - offset + window_l)
-
+    lo, hi, first, end = _query_range(n_start, len_q, len_k, BLOCK_M, BLOCK_N, window_l, window_r, CAUSAL)
+    inner_lo, inner_hi = _inner_blocks(lo, hi, first, end, BLOCK_M)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     # Every query head of this KV head's group adds to the same dK/dV: summed here, in a
@@ -209,30 +371,36 @@ def attention_backward_dkdv_kernel(
         h = kv_h * heads_per_kv + g
         q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
         do_base = _head_start(dout_ptr, b, h, q_start, do_sb, do_sh, do_st)
-        stat_base = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
-        for m_start in range(q_lo, q_hi, BLOCK_M):
-            rows = m_start + tl.arange(0, BLOCK_M)
-            row_ok = rows < len_q
-            q_mask = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(q_base + _tile_offsets(rows, q_st, dims), mask=q_mask, other=0.0)
-            do = tl.load(do_base + _tile_offsets(rows, do_st, dims), mask=q_mask, other=0.0)
-            lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw no key: p = 0, not NaN
-            delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
-            s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
-                        CAUSAL, HAS_SOFTCAP, True)
-            p = tl.exp2(s - lse[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
+        for stage_masked in tl.static_range(2):  # inside the band first, then its edges
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_ptr + stat, delta_ptr + stat, q_st, do_st,
+                                  cols, dims, lo, inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap,
+                                  window_l, window_r, HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1,
+                                  BLOCK_M)
 
-    dk_base = _head_start(dk_ptr, b, kv_h, k_start, dk_sb, dk_sh, dk_st)
-    dv_base = _head_start(dv_ptr, b, kv_h, k_start, dv_sb, dv_sh, dv_st)
-    tl.store(dk_base + _tile_offsets(cols, dk_st, dims), dk.to(dk_ptr.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(dv_base + _tile_offsets(cols, dv_st, dims), dv.to(dv_ptr.dtype.element_ty),
-             mask=kv_mask)
+    _store_tile(_head_start(dk_ptr, b, kv_h, k_start, dk_sb, dk_sh, dk_st), cols, dk_st, dims, len_k, dk, HEAD_DIM)
+    _store_tile(_head_start(dv_ptr, b, kv_h, k_start, dv_sb, dv_sh, dv_st), cols, dv_st, dims, len_k, dv, HEAD_DIM)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo, inner_hi, hi, len_q,
+               len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block from one stage's key blocks."""
+    count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
+    # The edges are a block or two: not worth a software pipeline's registers and shared memory.
+    for j in tl.range(0, count, num_stages=1 if MASK else None):
+        n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
+        cols = n_start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_base, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
+                    CAUSAL, HAS_SOFTCAP, MASK)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
 
 
 @triton.jit
@@ -244,7 +412,7 @@ def attention_backward_dq_kernel(
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    m_block, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
     m_start = m_block * BLOCK_M
@@ -252,39 +420,53 @@ def attention_backward_dq_kernel(
         return
     kv_h = h // heads_per_kv
     rows = m_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < len_q
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
-    do_base = _head_start(dout_ptr, b, h, q_start, do_sb, do_sh, do_st)
+    q = _load_tile(_head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st), rows, q_st, dims, len_q, HEAD_DIM,
+                   BLOCK_D, True)
+    do = _load_tile(_head_start(dout_ptr, b, h, q_start, do_sb, do_sh, do_st), rows, do_st, dims, len_q, HEAD_DIM,
+                    BLOCK_D, True)
+    stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
+    lse, delta = _row_stats(lse_ptr + stat, delta_ptr + stat, rows, len_q, True)
     k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
     v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
-    q = tl.load(q_base + _tile_offsets(rows, q_st, dims), mask=q_mask, other=0.0)
-    do = tl.load(do_base + _tile_offsets(rows, do_st, dims), mask=q_mask, other=0.0)
-    stat_base = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
-    lse = tl.load(lse_ptr + stat_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(delta_ptr + stat_base + rows, mask=row_ok, other=0.0)
 
     window_l = window_left if HAS_WINDOW else -1
     window_r = window_right if HAS_WINDOW else -1
-    lo, hi = _key_range(m_start, len_q, len_k, BLOCK_M, window_l, window_r, CAUSAL)
+    lo, hi = _key_range(m_start, len_q, len_k, BLOCK_M, BLOCK_N, window_l, window_r, CAUSAL)
+    first, end = _inner_keys(m_start, len_q, len_k, BLOCK_M, window_l, window_r, CAUSAL)
+    inner_lo, inner_hi = _inner_blocks(lo, hi, first, end, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n_start in range(lo, hi, BLOCK_N):
-        cols = n_start + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < len_k)[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + _tile_offsets(cols, k_st, dims), mask=kv_mask, other=0.0)
-        v = tl.load(v_base + _tile_offsets(cols, v_st, dims), mask=kv_mask, other=0.0)
-        s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
-                    CAUSAL, HAS_SOFTCAP, True)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
-        dq += tl.dot(ds.to(k.dtype), k)
-    dq_base = _head_start(dq_ptr, b, h, q_start, dq_sb, dq_sh, dq_st)
-    tl.store(dq_base + _tile_offsets(rows, dq_st, dims), dq.to(dq_ptr.dtype.element_ty),
-             mask=q_mask)
+    for stage_masked in tl.static_range(2):  # inside the band first, then its edges
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo, inner_hi, hi,
+                        len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM, BLOCK_D, CAUSAL,
+                        HAS_SOFTCAP, stage_masked == 1, BLOCK_N)
+    _store_tile(_head_start(dq_ptr, b, h, q_start, dq_sb, dq_sh, dq_st), rows, dq_st, dims, len_q, dq, HEAD_DIM)
+
+
+@triton.jit
+def attention_backward_delta_kernel(
+    out_ptr, dout_ptr, grad_lse_ptr, delta_ptr, tokens, seqlen,
+    o_st, o_sh, do_st, do_sh, g_sb, g_sh, g_st, d_sb, d_sh,
+    HEAD_DIM: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) (minus the LSE's own gradient), in the LSE's layout.
+
+    Tokens are numbered across the batch (dense: b * seqlen + s; varlen: the packed index
+    with seqlen = total), so one kernel serves both layouts; out/dout are addressed per
+    token (dense (B, S) rows have a uniform stride once B and S are merged).
+    """
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    t_ok = t < tokens
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_tile(out_ptr + h * o_sh, t, o_st, dims, tokens, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(dout_ptr + h * do_sh, t, do_st, dims, tokens, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    b = (t // seqlen).to(tl.int64)
+    s = (t % seqlen).to(tl.int64)
+    if HAS_GRAD_LSE:
+        delta -= tl.load(grad_lse_ptr + b * g_sb + h * g_sh + s * g_st, mask=t_ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + b * d_sb + h * d_sh + s, delta, mask=t_ok)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -293,12 +475,12 @@ def attention_backward_dq_kernel(
 # for sm_90 without spilling (tests/test_hopper_compile.py): wide query tiles in the forward
 # while the accumulator fits, narrower tiles and 8 warps in the backward, whose dK/dV kernel
 # holds two accumulators plus K and V. Measured speed on a GPU may move these.
-_FORWARD_TILES = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 80: (128, 64, 8, 2), 96: (128, 64, 8, 2),
-                  128: (128, 64, 8, 2), 192: (64, 32, 8, 1), 256: (64, 32, 8, 1)}
+_FORWARD_TILES = {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 80: (128, 32, 8, 2), 96: (128, 32, 8, 2),
+                  128: (128, 32, 8, 2), 192: (64, 16, 8, 1), 256: (64, 16, 8, 1)}
 _DKDV_TILES = {32: (64, 64, 4, 2), 64: (32, 64, 8, 1), 80: (32, 64, 8, 1), 96: (32, 64, 8, 1),
                128: (32, 64, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
-_DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 32, 8, 1), 96: (64, 32, 8, 1),
-             128: (64, 32, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
+_DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 16, 8, 1), 96: (64, 16, 8, 1),
+             128: (64, 16, 8, 1), 192: (32, 16, 8, 1), 256: (32, 16, 8, 1)}
 
 
 def _tile_key(head_dim: int) -> int:
@@ -340,9 +522,9 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     heads, head_dim = q.shape[-2], q.shape[-1]
     block_m, block_n, warps, stages = _FORWARD_TILES[_tile_key(head_dim)]
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
-    if grid[0] == 0 or batch == 0:
+    if max_seqlen_q == 0 or batch == 0:
         return
+    grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     attention_forward_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, heads // k.shape[-2], _scales(softmax_scale, softcap), softcap,
@@ -352,6 +534,32 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=warps, num_stages=stages,
     )
+
+
+def _delta_block_t(head_dim: int) -> int:
+    """Tokens per delta program: two (tokens, BLOCK_D) tiles at 32 values a thread (4 warps)."""
+    return max(16, 4096 // _block_d(head_dim))
+
+
+def _delta(dout, out, lse, grad_lse, varlen):
+    """delta_i = rowsum(dO_i * O_i) - dlse_i, fp32 with the LSE's shape and strides (the dK/dV
+    and dQ kernels address both with the same offsets)."""
+    delta = torch.empty_like(lse)
+    heads, head_dim = out.shape[-2], out.shape[-1]
+    flat_out, flat_dout = out.reshape(-1, heads, head_dim), dout.reshape(-1, heads, head_dim)
+    tokens = flat_out.shape[0]
+    if tokens == 0:
+        return delta
+    seqlen = tokens if varlen else out.shape[1]
+    g = grad_lse if grad_lse is not None else lse  # a placeholder pointer when there is no LSE gradient
+    g_strides = (0, g.stride(0), g.stride(1)) if varlen else (g.stride(0), g.stride(1), g.stride(2))
+    block_t = _delta_block_t(head_dim)
+    attention_backward_delta_kernel[(triton.cdiv(tokens, block_t), heads)](
+        flat_out, flat_dout, g, delta, tokens, seqlen, flat_out.stride(0), flat_out.stride(1),
+        flat_dout.stride(0), flat_dout.stride(1), *g_strides, *_lse_strides(delta, varlen),
+        HEAD_DIM=head_dim, HAS_GRAD_LSE=grad_lse is not None, BLOCK_T=block_t, BLOCK_D=_block_d(head_dim),
+    )
+    return delta
 
 
 def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -366,11 +574,7 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if batch == 0:
         return
-    # delta_i = rowsum(dO_i * O_i), in the LSE's layout: one pass in PyTorch.
-    delta = (dout.float() * out.float()).sum(-1)
-    delta = (delta.t() if varlen else delta.transpose(1, 2)).contiguous()
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
+    delta = _delta(dout, out, lse, grad_lse, varlen)
     common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
               _scales(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1])
 
@@ -445,4 +649,27 @@ def _configs():
                     )
 
 
+
+def _delta_configs():
+    """The delta kernel per head dim and dtype, with and without an LSE gradient."""
+    for dtype in (torch.float16, torch.bfloat16):
+        ptr = pointer_type(dtype)
+        for head_dim in HEAD_DIMS:
+            for has_grad_lse in (False, True):
+                constexprs = {"HEAD_DIM": head_dim, "HAS_GRAD_LSE": has_grad_lse,
+                              "BLOCK_T": _delta_block_t(head_dim), "BLOCK_D": _block_d(head_dim)}
+                signature = {"out_ptr": ptr, "dout_ptr": ptr, "grad_lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                             "tokens": "i32", "seqlen": "i32"}
+                signature.update({name: "i64" for name in ("o_st", "o_sh", "do_st", "do_sh", "g_sb", "g_sh",
+                                                           "g_st", "d_sb", "d_sh")})
+                signature.update({name: "constexpr" for name in constexprs})
+                yield KernelConfig(
+                    name=f"attention_backward_delta[{ptr[1:]},D={head_dim},grad_lse={has_grad_lse}]",
+                    fn=attention_backward_delta_kernel, signature=signature, constexprs=constexprs, num_warps=4,
+                    num_stages=1, divisible_by_16=("out_ptr", "dout_ptr", "grad_lse_ptr", "delta_ptr", "o_st",
+                                                   "do_st", "o_sh", "do_sh"),
+                )
+
+
 register(_configs())
+register(_delta_configs())

@@ -60,6 +60,10 @@ def _check_boundaries(name: str, cu_seqlens, total: int, max_seqlen: int, max_na
         raise ValueError(f"expected {max_name} >= every sequence length, got {max_seqlen} < {int(lengths.max())}")
 
 
+# CUDA's grid y axis, which carries the sequences (and z the heads; H <= 65,535 in practice).
+MAX_SEQUENCES = 65_535
+
+
 def check_window(window_size) -> tuple[int, int]:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"expected window_size to be a pair (left, right), got {window_size!r}")
@@ -184,5 +188,9 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    if batch > MAX_SEQUENCES:
+        raise ValueError(f"expected at most {MAX_SEQUENCES} sequences per call (the kernels' grid axis for them, "
+                         f"as in flash-attn), got {batch}: split the batch")
     return _attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  float(softmax_scale), bool(causal), left, right, float(softcap))

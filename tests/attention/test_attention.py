@@ -82,6 +82,45 @@ def test_sliding_windows(backend, window_size, causal, device):
     check_attention(q, k[:, :, :2], v[:, :, :2], causal=causal, window_size=window_size)
 
 
+# Sequences several tiles long (the forward's tiles are 128 x 64 at D 32): each query tile's
+# key range splits into a masked leading edge (window), an unmasked inside and a masked
+# trailing edge (diagonal, window, or a cut last block); the backward's dK/dV loop over query
+# tiles splits the same way. Edges, insides, and Sq != Sk both ways.
+BAND_CASES = [
+    (300, 300, False, (-1, -1)),
+    (300, 300, True, (-1, -1)),
+    (300, 300, False, (200, -1)),
+    (300, 300, False, (60, 100)),
+    (300, 300, True, (150, -1)),
+    (150, 300, True, (-1, -1)),
+    (300, 190, True, (90, -1)),
+]
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k, causal, window_size", BAND_CASES, ids=str)
+def test_band_stages_match_reference(backend, seqlen_q, seqlen_k, causal, window_size, device):
+    q = torch.randn(1, seqlen_q, 2, 32, device=device).half()
+    k, v = (torch.randn(1, seqlen_k, 1, 32, device=device).half() for _ in range(2))
+    check_attention(q, k, v, causal=causal, window_size=window_size)
+
+
+def test_band_stages_in_a_packed_batch(backend, device):
+    lengths = torch.tensor([300, 0, 170, 1])
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    q = torch.randn(int(lengths.sum()), 2, 32, device=device).half()
+    k, v = (torch.randn(int(lengths.sum()), 1, 32, device=device).half() for _ in range(2))
+    check_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300, causal=True,
+                    window_size=(130, -1))
+
+
+def test_more_sequences_than_the_grid_holds_is_a_clear_error():
+    """65,536 sequences would overflow the grid's y axis: refused before any launch."""
+    cu = torch.arange(65_537, dtype=torch.int32)
+    q = torch.randn(65_536, 1, 32).half()
+    with pytest.raises(ValueError, match="at most 65535 sequences"):
+        docqa_fast.flash_attn_varlen_func(q, q, q, cu, cu, 1, 1)
+
+
 def test_softcap_and_scale(backend, device):
     q = torch.randn(2, 37, 4, 64, device=device).half() * 3  # large scores: the cap matters
     k, v = (torch.randn(2, 37, 2, 64, device=device).half() for _ in range(2))
