@@ -18,9 +18,26 @@ padding mask (or None when nothing is padded). Per call:
 * ``position_ids`` that restart inside a single flattened row (packed documents) -> varlen
   with the boundaries read from them (one host sync, as in transformers);
 * otherwise -> the dense kernel.
+
+Vision towers. transformers' Qwen2-VL and Qwen2.5-VL vision attention hands its per-image (and
+per-window) ``cu_seqlens`` to the attention function only when the implementation's name
+contains "flash" (``is_flash_attention_requested``); for any other name it splits q/k/v per image
+in Python and calls the function once per image (a host sync and one launch each). So
+``register()`` also registers the alias ``"docqa_fast_flash"`` (the same function) and makes
+those vision towers resolve ``"docqa_fast"`` to it, at construction (``from_pretrained``,
+``from_config``, a direct constructor) and in ``set_attn_implementation``: the user keeps writing
+``attn_implementation="docqa_fast"``, the vision sub-config reads ``"docqa_fast_flash"`` and every
+vision layer makes ONE varlen call over all images. Only the vision towers' configs change; the
+text model keeps ``"docqa_fast"`` and its path. The alias never goes through
+``_check_and_adjust_attn_implementation`` under its own name, which would make transformers try
+to load a flash-attention package or hub kernel for it.
 """
 
 from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +45,18 @@ import torch.nn.functional as F
 from ..attention import flash_attn_func, flash_attn_varlen_func
 
 NAME = "docqa_fast"
+# The alias the vision towers resolve NAME to. It must contain "flash" (what transformers tests to
+# pass cu_seqlens), no digit after "flash" (``is_flash_attention_requested(version=N)`` reads one),
+# and none of "flash_attention_", "sdpa", "flex_attention", "paged|", "/", ":", which select other
+# transformers code paths.
+VISION_NAME = "docqa_fast_flash"
+
+# Vision towers whose attention takes transformers' flash branch (one call with cu_seq_lens_q/k,
+# max_length_q/k) when their config names a "flash" implementation: (module, class).
+VARLEN_VISION_TOWERS = (
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+)
 
 
 def _window(sliding_window):
@@ -119,11 +148,62 @@ def docqa_fast_attention_forward(module, query, key, value, attention_mask, drop
     return flash_attn_func(q, k, v, **options), None
 
 
+# Set while a routed tower runs transformers' own _check_and_adjust_attn_implementation, which calls
+# get_correct_attn_implementation and then imports a flash package for any "flash" name it returns.
+_RESOLVING = contextvars.ContextVar("docqa_fast_resolving_attn_implementation", default=False)
+
+
+def _route_vision_tower(cls) -> bool:
+    """Make ``cls`` (a vision tower PreTrainedModel) resolve NAME to VISION_NAME. Idempotent."""
+    if cls.__dict__.get("_docqa_fast_routed", False):
+        return True
+    check = getattr(cls, "_check_and_adjust_attn_implementation", None)
+    correct = getattr(cls, "get_correct_attn_implementation", None)
+    if not callable(check) or not callable(correct):
+        return False  # an unknown transformers: the tower keeps calling us once per image (correct, slower)
+
+    @functools.wraps(check)
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # Our alias is checked as our own name: under a "flash" name transformers would load a flash package.
+        requested = NAME if attn_implementation == VISION_NAME else attn_implementation
+        token = _RESOLVING.set(True)
+        try:
+            resolved = check(self, requested, *args, **kwargs)
+        finally:
+            _RESOLVING.reset(token)
+        return VISION_NAME if resolved == NAME else resolved
+
+    @functools.wraps(correct)
+    def get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+        resolved = correct(self, requested_attention, *args, **kwargs)
+        return VISION_NAME if resolved == NAME and not _RESOLVING.get() else resolved
+
+    cls._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
+    cls.get_correct_attn_implementation = get_correct_attn_implementation
+    cls._docqa_fast_routed = True
+    return True
+
+
 def register() -> None:
-    """Make ``attn_implementation="docqa_fast"`` available to every transformers model."""
+    """Make ``attn_implementation="docqa_fast"`` available to every transformers model.
+
+    Also registers ``"docqa_fast_flash"`` (the same function) and routes the Qwen2-VL / Qwen2.5-VL
+    vision towers to it, so that their per-image ``cu_seqlens`` reach one varlen call per layer.
+    Call it before building the model: a tower built earlier keeps what it resolved then (call
+    ``model.set_attn_implementation("docqa_fast")`` to re-resolve it).
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(NAME, docqa_fast_attention_forward)
     # The flash-attention mask: None when nothing is padded, else the 2-D padding mask.
     AttentionMaskInterface.register(NAME, flash_attention_mask)
+    # The vision alias: the same function; the mask entry only matters if a text config is pointed at it.
+    AttentionInterface.register(VISION_NAME, docqa_fast_attention_forward)
+    AttentionMaskInterface.register(VISION_NAME, flash_attention_mask)
+    for module_name, class_name in VARLEN_VISION_TOWERS:
+        try:
+            tower = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue  # this transformers has no such model
+        _route_vision_tower(tower)
