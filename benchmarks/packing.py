@@ -11,13 +11,30 @@ LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pa
 * ``planner``: ``plan_packing`` (C++) vs the pure-Python reference BFD, 100K samples of a
   long-document mix (2K-128K tokens into 128K rows). Target: >= 1M samples/s on one core.
   (TRL's ``pack_dataset`` is added when trl is importable.) Bytes moved = the lengths read.
+
+Besides time, the ``rope_index`` and ``merge`` cases record per provider, in the record's
+``params["host_syncs"]`` (results.json), what one call costs the host, counted on the first,
+untimed call of each provider:
+
+* ``syncs``: on a GPU, the synchronisations PyTorch reports under
+  ``torch.cuda.set_sync_debug_mode("warn")`` (``.item()``, ``.tolist()``, ``nonzero``, blocking
+  copies to the host, ...). On CPU tensors there is no device to wait for: ``"n/a"``.
+* ``value_reads``: Python-level reads of tensor values (``.item()``, ``.tolist()``, ``bool()``,
+  ``int()``, ``float()``, ``index()`` of a tensor), counted by wrapping those methods: each one
+  is a host sync when the tensor lives on a GPU. Reads inside C++ (ours, transformers' ATen
+  calls) are not seen, so on CPU this shows where the Python code would sync, nothing more.
+
+Peak memory is the table's "peak MiB" column (``torch.cuda.max_memory_allocated`` above the
+resident inputs, GPU only; "n/a" on CPU, where PyTorch keeps no such counter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -36,6 +53,69 @@ SIZES = {
              "planner_n": (10_000, 100_000)},
     "quick": {"rope": ((1, 12), (2, 12)), "merge_T": (4096,), "planner_n": (10_000,)},
 }
+
+
+# ------------------------------------------------------------------------- host syncs
+
+_VALUE_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def _count_host_syncs(device: torch.device):
+    """Counts what one call costs the host (see the module docstring); yields the result dict."""
+    result = {"syncs": "n/a", "value_reads": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in _VALUE_READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            result["value_reads"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(original))
+    caught = contextlib.nullcontext([])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        caught = warnings.catch_warnings(record=True)
+    try:
+        with caught as records:
+            if device.type == "cuda":
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield result
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        if device.type == "cuda":
+            result["syncs"] = sum("synchroniz" in str(r.message) for r in records)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _counted(provider: Provider, store: dict) -> Provider:
+    """``provider`` whose first call (the untimed one) records its host syncs in store[name]."""
+    fn = provider.fn
+
+    def build():
+        calls = []
+
+        def call(*inputs):
+            if calls:
+                return fn(*inputs)
+            calls.append(1)
+            device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+            with _count_host_syncs(device) as result:
+                output = fn(*inputs)
+            store[provider.name] = result
+            return output
+
+        return call
+
+    return Provider(provider.name, build=build, ours=provider.ours, env=provider.env,
+                    unavailable=provider.unavailable)
 
 
 # ----------------------------------------------------------------------------- M-RoPE
@@ -141,13 +221,19 @@ def cases(quick: bool) -> list[Case]:
 
     rope_providers = (Provider("docqa_fast", fn=_rope_ours, ours=True),
                       Provider("docqa_fast[check=False]", fn=_rope_ours_unchecked, ours=True),
+                      # the whole-batch tensor ops (the fallback without the extension)
+                      Provider("docqa_fast[reference]", fn=_rope_ours, ours=True,
+                               env={"DOCQA_FAST_BACKEND": "reference"}),
                       Provider("transformers", fn=_rope_theirs, unavailable=no_transformers))
     for B, pages in sizes["rope"]:
         tokens = B * pages * 1300
+        syncs: dict = {}
         found.append(Case(
             family=FAMILY, name=f"rope_index-B{B}-pages{pages}", group=f"rope_index_B{B}",
-            description=f"M-RoPE positions, {B} document(s) of ~{pages} pages (grid {PAGE_GRID}), right padding",
-            params={"B": B, "pages": pages}, sweep="pages", make_inputs=_rope_inputs, providers=rope_providers,
+            description=f"M-RoPE positions, {B} document(s) of ~{pages} pages (grid {PAGE_GRID}), right padding; "
+                        "host syncs per provider in params.host_syncs",
+            params={"B": B, "pages": pages, "host_syncs": syncs}, sweep="pages", make_inputs=_rope_inputs,
+            providers=tuple(_counted(p, syncs) for p in rope_providers),
             reference="transformers", bytes_moved=tokens * (8 + 4 + 8 + 3 * 8)))
     def merge_checked(e, i, v):
         return merge_visual_tokens(e, i, v, IMAGE_ID)
@@ -163,10 +249,13 @@ def cases(quick: bool) -> list[Case]:
                        Provider("eager", fn=lambda e, i, v: merge_visual_tokens_ref(e, i, v, IMAGE_ID)))
     for T in sizes["merge_T"]:
         n_visual = T * 9 // 10
+        syncs = {}
         found.append(Case(
             family=FAMILY, name=f"merge-T{T}", group="merge",
-            description=f"visual-token merge, (1, T, {HIDDEN}) bf16, 90% visual tokens (eager = masked_scatter)",
-            params={"T": T, "H": HIDDEN}, sweep="T", make_inputs=_merge_inputs, providers=merge_providers,
+            description=f"visual-token merge, (1, T, {HIDDEN}) bf16, 90% visual tokens (eager = masked_scatter); "
+                        "host syncs per provider in params.host_syncs",
+            params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T", make_inputs=_merge_inputs,
+            providers=tuple(_counted(p, syncs) for p in merge_providers),
             bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
     planner_providers = (Provider("docqa_fast", fn=plan_packing, ours=True),
                          Provider("eager", fn=lambda lengths, m: plan_packing_ref(lengths.tolist(), m)),

@@ -38,16 +38,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lengths"), py::arg("max_tokens"), py::arg("strategy"), py::arg("split_long"),
         py::call_guard<py::gil_scoped_release>());
   m.def("mrope_position_ids", &docqa_fast::mrope_position_ids,
-        "Qwen2-VL / Qwen2.5-VL M-RoPE position ids on CPU tensors, one pass per row.\n"
-        "Returns [position_ids (3, B, T), deltas (B,), status (7,)] (int64).",
+        "Qwen2-VL / Qwen2.5-VL M-RoPE position ids (CPU twin or CUDA kernels), no host sync.\n"
+        "Returns [position_ids (3, B, T), deltas (B,), status (B, 6)] (int64).",
         py::arg("mm_token_type_ids"), py::arg("attention_mask"), py::arg("image_grid_thw"),
         py::arg("video_grid_thw"), py::arg("video_steps"), py::arg("steps_are_f32"), py::arg("spatial_merge_size"),
         py::call_guard<py::gil_scoped_release>());
   m.def("merge_visual_forward", &docqa_fast::merge_visual_forward,
-        "Visual-token merge forward: out[i] = visual[slot[i]] if slot[i] >= 0 else embeds[i] (rows of H).",
-        py::arg("embeds"), py::arg("visual"), py::arg("slot"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+        "Visual-token merge forward, one launch: out[i] = visual[slot(i)] for placeholder ids, else embeds[i].",
+        py::arg("embeds"), py::arg("ids"), py::arg("token_ids"), py::arg("visual"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("merge_visual_backward", &docqa_fast::merge_visual_backward,
-        "Visual-token merge backward into grad_inputs and (zero-filled) grad_visual.",
-        py::arg("grad"), py::arg("slot"), py::arg("grad_inputs"), py::arg("grad_visual"),
+        "Visual-token merge backward, one launch, into grad_inputs and grad_visual (every row written).",
+        py::arg("grad"), py::arg("ids"), py::arg("token_ids"), py::arg("grad_inputs"), py::arg("grad_visual"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("pack_tokens", &docqa_fast::pack_tokens,
+        "Packing copy: every document's ids, labels, type ids and M-RoPE positions into one packed row.",
+        py::arg("ids"), py::arg("labels"), py::arg("types"), py::arg("mrope"), py::arg("ignore_index"),
+        py::arg("ids_out"), py::arg("labels_out"), py::arg("types_out"), py::arg("positions_out"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -8,12 +8,14 @@ comes from the position of the j-th placeholder, found by ``searchsorted`` on th
 prefix sum, so nothing syncs), the embeddings' gradient is the incoming gradient with those
 rows zeroed. Indices are clamped, so even unchecked bad counts cannot read out of bounds.
 
-On CPU tensors the PyTorch path copies only the placeholder rows (a host sync costs nothing
-there). Implementations: ``cuda`` -- the extension's kernels (``csrc/packing/merge_visual*``: one
-block per row, 16-byte copies; their C++ twins on CPU tensors), chosen for CUDA tensors;
-``reference`` -- the PyTorch ops above. CPU tensors take the C++ twin when the extension is
-built (``DOCQA_FAST_BACKEND`` forces either). Both are ``torch.library`` custom
-ops (forward and backward) with fake implementations.
+Implementations: ``cuda`` -- the extension (``csrc/packing/merge_visual*``): one launch
+each for forward and backward, the placeholder prefix sum computed inside it (tiles of 32
+rows counted by a warp ballot, earlier tiles' counts found by a decoupled look-back), then
+16-byte row copies; the C++ twin on CPU tensors runs the same per-row functions. Chosen for
+CUDA tensors, and for CPU tensors when the extension is built. ``reference`` -- the PyTorch
+ops above (on CPU tensors they copy only the placeholder rows: a host sync costs nothing
+there). ``DOCQA_FAST_BACKEND`` forces either. Both are ``torch.library`` custom ops (forward
+and backward) with fake implementations.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def _positions(input_ids: torch.Tensor, token_ids: torch.Tensor):
     return mask, mask.cumsum(0)
 
 
-def _slots(mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Placeholder number of each token (its feature row), -1 for other tokens."""
-    return torch.where(mask, count - 1, -1)
+def _ids_for_extension(input_ids: torch.Tensor) -> torch.Tensor:
+    """Flat contiguous ids in a dtype the kernels read in place (int32 / int64)."""
+    flat = input_ids.reshape(-1)
+    return flat.contiguous() if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.long)
 
 
 @torch.library.custom_op("docqa_fast::merge_visual_tokens", mutates_args=())
@@ -58,12 +61,13 @@ def _merge_op(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, visual_embed
     hidden = inputs_embeds.shape[-1]
     flat = inputs_embeds.reshape(-1, hidden)
     visual = visual_embeds.reshape(-1, hidden)
-    mask, count = _positions(input_ids, token_ids)
     backend = _backend(inputs_embeds.device, inputs_embeds.dtype)
-    if backend == "cuda":
+    if backend == "cuda":  # one launch: the placeholder prefix sum happens inside it
         out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)
-        extension().merge_visual_forward(flat.contiguous(), visual.contiguous(), _slots(mask, count), out)
+        extension().merge_visual_forward(flat.contiguous(), _ids_for_extension(input_ids), token_ids,
+                                         visual.contiguous(), out)
         return out.reshape(inputs_embeds.shape)
+    mask, count = _positions(input_ids, token_ids)
     if visual.shape[0] == 0:
         return inputs_embeds.clone()
     if flat.device.type == "cpu":
@@ -87,13 +91,14 @@ def _merge_backward_op(grad: torch.Tensor, input_ids: torch.Tensor, token_ids: t
                        n_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = grad.shape[-1]
     grad_flat = grad.reshape(-1, hidden)
-    mask, count = _positions(input_ids, token_ids)
     backend = _backend(grad.device, grad.dtype)
-    if backend == "cuda":
+    if backend == "cuda":  # one launch; it also zeroes the feature rows no placeholder reached
         grad_inputs = torch.empty(grad_flat.shape, dtype=grad.dtype, device=grad.device)
-        grad_visual = torch.zeros(n_visual, hidden, dtype=grad.dtype, device=grad.device)
-        extension().merge_visual_backward(grad_flat.contiguous(), _slots(mask, count), grad_inputs, grad_visual)
+        grad_visual = torch.empty(n_visual, hidden, dtype=grad.dtype, device=grad.device)
+        extension().merge_visual_backward(grad_flat.contiguous(), _ids_for_extension(input_ids), token_ids,
+                                          grad_inputs, grad_visual)
         return grad_inputs.reshape(grad.shape), grad_visual
+    mask, count = _positions(input_ids, token_ids)
     grad_inputs = grad_flat.masked_fill(mask[:, None], 0).reshape(grad.shape)
     if grad.device.type == "cpu":  # no sync to avoid: gather the first n_visual placeholder rows
         where = mask.nonzero().squeeze(1)[:n_visual]
@@ -142,6 +147,8 @@ def _token_id_tensor(token_id, device) -> torch.Tensor:
                                                              for t in token_id):
         ids = list(token_id)
     elif isinstance(token_id, torch.Tensor) and token_id.dim() <= 1 and not token_id.dtype.is_floating_point:
+        if token_id.numel() == 0:
+            raise ValueError("expected token_id to hold at least one id, got an empty tensor")
         return token_id.reshape(-1).to(device=device, dtype=torch.long)
     else:
         raise TypeError(f"expected token_id to be an int or a non-empty sequence of ints, got {token_id!r:.60}")

@@ -12,6 +12,13 @@ module builds all three from the per-document samples:
 * ``labels`` with ``ignore_index`` at every document's first token.
 * ``cu_seqlens`` / ``max_seqlen`` (int32) for varlen attention, and the vision tower's
   per-frame ``vision_cu_seqlens`` (what transformers computes from ``image_grid_thw``).
+
+The token fields (ids, labels, type ids, the 4 position rows) of all documents are written
+by one call of the extension's ``pack_tokens`` (``csrc/packing/pack_tokens*``): one CUDA
+launch for CUDA samples, its C++ twin for CPU samples (the data loader), sharing the
+per-token function. ``DOCQA_FAST_BACKEND=reference`` (or no extension) concatenates with
+``torch.cat`` per field instead. Images' grids and pixels are concatenated with ``torch.cat``
+(one call per field).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._backend import choose_backend, extension, forced_backend
 from .rope import get_rope_index
 
 IGNORE_INDEX = -100
@@ -69,9 +77,14 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def _one_dim(name: str, value, doc: int) -> torch.Tensor:
+def _one_dim(name: str, value, doc: int, device: torch.device) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        value = torch.as_tensor(value)
+        value = torch.as_tensor(value, device=device)
+    if value.device != device:
+        raise ValueError(f"expected samples[{doc}][{name!r}] on {device} (the device of samples[0]['input_ids']), "
+                         f"got {value.device}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"expected samples[{doc}][{name!r}] of an integer dtype, got {value.dtype}")
     if value.dim() == 2 and value.shape[0] == 1:
         value = value[0]
     if value.dim() != 1:
@@ -82,6 +95,34 @@ def _one_dim(name: str, value, doc: int) -> torch.Tensor:
 def _cat(parts):
     parts = [p for p in parts if p is not None]
     return torch.cat(parts) if parts else None
+
+
+def _use_extension(device: torch.device) -> bool:
+    """The extension's packing copy (its CUDA kernel, or its C++ twin for CPU samples) when
+    built; ``DOCQA_FAST_BACKEND=reference`` keeps the ``torch.cat`` path."""
+    if forced_backend() is None and device.type == "cpu":
+        ext = extension()
+        return ext is not None and hasattr(ext, "pack_tokens")
+    return choose_backend("pack_multimodal", device, ("cuda",)) == "cuda"
+
+
+def _pack_token_fields(ids, labels, types, mrope, ignore_index, device):
+    """(input_ids, labels, mm_token_type_ids, position_ids) of the packed row from per-document parts."""
+    total = sum(t.shape[0] for t in ids)
+    if _use_extension(device):
+        ids_out = torch.empty(1, total, dtype=torch.long, device=device)
+        labels_out = torch.empty(1, total, dtype=torch.long, device=device)
+        types_out = torch.empty(1, total, dtype=torch.int32, device=device)
+        positions = torch.empty(4, 1, total, dtype=torch.long, device=device)
+        extension().pack_tokens(ids, labels, types, mrope, ignore_index, ids_out, labels_out, types_out, positions)
+        return ids_out, labels_out, types_out, positions
+    # Reference: one torch.cat per field.
+    starts = torch.tensor([0] + [t.shape[0] for t in ids[:-1]], device=device).cumsum(0)
+    labels_row = torch.cat(labels)
+    labels_row[starts] = ignore_index  # never predict a document's first token from the previous one
+    text_pos = torch.cat([torch.arange(t.shape[0], device=device) for t in ids])
+    positions = torch.cat([text_pos[None], torch.cat(mrope, dim=1)], 0).unsqueeze(1)
+    return torch.cat(ids)[None], labels_row[None], torch.cat(types)[None], positions
 
 
 def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *, image_token_id: int = 151655,
@@ -98,23 +139,27 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
     """
     if not samples:
         raise ValueError("expected at least one sample to pack, got none")
-    ids, labels, types, text_pos, mrope, lengths = [], [], [], [], [], []
+    first = samples[0].get("input_ids") if isinstance(samples[0], Mapping) else None
+    device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    ids, labels, types, mrope, lengths = [], [], [], [], []
     grids, pixels, vgrids, vpixels, seconds, image_order, video_order = [], [], [], [], [], [], []
     for d, sample in enumerate(samples):
-        if "input_ids" not in sample:
-            raise ValueError(f"expected samples[{d}] to have 'input_ids'")
-        doc_ids = _one_dim("input_ids", sample["input_ids"], d).to(torch.long)
+        if not isinstance(sample, Mapping) or "input_ids" not in sample:
+            raise ValueError(f"expected samples[{d}] to be a mapping with 'input_ids'")
+        doc_ids = _one_dim("input_ids", sample["input_ids"], d, device).to(torch.long)
         L = doc_ids.shape[0]
         if L == 0:
             raise ValueError(f"expected samples[{d}] with at least one token, got an empty 'input_ids'")
-        doc_labels = _one_dim("labels", sample["labels"], d).to(torch.long).clone() if sample.get("labels") is not None \
-            else doc_ids.clone()
+        doc_labels = _one_dim("labels", sample["labels"], d, device).to(torch.long) \
+            if sample.get("labels") is not None else doc_ids
         if doc_labels.shape != doc_ids.shape:
             raise ValueError(f"expected samples[{d}]['labels'] of shape {tuple(doc_ids.shape)}, "
                              f"got {tuple(doc_labels.shape)}")
-        doc_labels[0] = ignore_index  # never predict this document's first token from the previous one
         if sample.get("mm_token_type_ids") is not None:
-            doc_types = _one_dim("mm_token_type_ids", sample["mm_token_type_ids"], d).to(torch.int32)
+            doc_types = _one_dim("mm_token_type_ids", sample["mm_token_type_ids"], d, device).to(torch.int32)
+            if doc_types.shape != doc_ids.shape:
+                raise ValueError(f"expected samples[{d}]['mm_token_type_ids'] of shape {tuple(doc_ids.shape)}, "
+                                 f"got {tuple(doc_types.shape)}")
         else:
             doc_types = ((doc_ids == image_token_id).to(torch.int32) + 2 * (doc_ids == video_token_id).to(torch.int32))
         grid = sample.get("image_grid_thw")
@@ -130,11 +175,10 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
             if g is not None and bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
                 raise ValueError(f"samples[{d}][{name!r}]: expected h and w divisible by spatial_merge_size="
                                  f"{spatial_merge_size}, got {g.tolist()}")
-        ids.append(doc_ids)
-        labels.append(doc_labels)
-        types.append(doc_types)
-        text_pos.append(torch.arange(L))
-        mrope.append(pos[:, 0])
+        ids.append(doc_ids.contiguous())
+        labels.append(doc_labels.contiguous())
+        types.append(doc_types.contiguous())
+        mrope.append(pos[:, 0].contiguous())
         lengths.append(L)
         if grid is not None:
             grids.append(grid.to(torch.long))
@@ -152,16 +196,17 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
                          "(plan the bins with plan_packing first)")
     image_grid = _cat(grids)
     video_grid = _cat(vgrids)
-    position_ids = torch.cat([torch.cat(text_pos)[None], torch.cat(mrope, dim=1)], 0).unsqueeze(1)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
+    input_ids, labels_row, types_row, position_ids = _pack_token_fields(ids, labels, types, mrope, ignore_index,
+                                                                        device)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
     vision_cu = None
     if image_grid is not None:
         frames = torch.repeat_interleave(image_grid[:, 1] * image_grid[:, 2], image_grid[:, 0])
         vision_cu = torch.nn.functional.pad(frames.cumsum(0, dtype=torch.int32), (1, 0))
     return PackedBatch(
-        input_ids=torch.cat(ids)[None], labels=torch.cat(labels)[None], position_ids=position_ids,
-        mm_token_type_ids=torch.cat(types)[None], cu_seqlens=cu, max_seqlen=max(lengths), doc_lengths=lengths,
+        input_ids=input_ids, labels=labels_row, position_ids=position_ids,
+        mm_token_type_ids=types_row, cu_seqlens=cu, max_seqlen=max(lengths), doc_lengths=lengths,
         image_grid_thw=image_grid, pixel_values=_cat(pixels) if len(pixels) == len(grids) else None,
         video_grid_thw=video_grid, pixel_values_videos=_cat(vpixels) if len(vpixels) == len(vgrids) else None,
         second_per_grid_ts=_cat(seconds) if seconds and len(seconds) == len(vgrids) else None,

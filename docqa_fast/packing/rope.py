@@ -3,19 +3,16 @@
 transformers walks every document and every image in Python with a host sync per image
 (``.tolist()``, ``.item()``, ``max`` of grid tensors). Two implementations here:
 
-* CPU tensors (the data loader): one pass per row in C++ (``csrc/packing/mrope_cpu.cpp``).
-* CUDA tensors (and CPU tensors with ``DOCQA_FAST_BACKEND=reference``): a few whole-batch
-  tensor ops, no host sync unless ``check=True``:
-
-1. Compact each row's real tokens to the front (padding may sit left or right).
-2. A vision *run* starts where a token's modality differs from the previous token's (how
-   transformers groups tokens); the k-th image run in batch order takes ``image_grid_thw[k]``,
-   the k-th video run ``video_grid_thw[k]`` (a cumulative sum over run starts).
-3. Every text token advances the running position by 1 and every vision run by
-   ``max(h, w) // merge``; putting a run's advance on its *last* token makes an exclusive
-   cumulative sum give each token its run's start position ``p``.
-4. A vision token at offset ``o`` in its run reads ``(t, h, w)`` from ``o`` and the grid:
-   ``(p + floor(t * step), p + h, p + w)``.
+* ``cuda`` -- the extension (``csrc/packing/mrope*``): the row is cut into 256 chunks, each
+  chunk summarised (tokens, text tokens, runs started, where the last run started), the
+  summaries scanned, each chunk then walked from its exact prefix; a run's start position
+  comes from prefix sums of the grids' advances. On CUDA tensors two kernels (one block per
+  row, a thread per chunk), no host sync unless ``check=True``; on CPU tensors (the data
+  loader) the C++ twin runs the same functions (``csrc/packing/mrope.h``). Chosen in eager
+  mode whenever the extension is built (its CUDA kernels for CUDA tensors).
+* ``reference`` (``DOCQA_FAST_BACKEND=reference``, no extension, half-precision
+  ``second_per_grid_ts``, or under ``torch.compile``): a few whole-batch tensor ops, no host
+  sync unless ``check=True``:
 
 The installed transformers (5.x) has ``get_rope_index`` as a method of ``Qwen2VLModel`` /
 ``Qwen2_5_VLModel`` taking ``(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
@@ -97,16 +94,18 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
     else:
         keep = torch.ones(B, T, dtype=torch.bool, device=device)
 
-    # The C++ loop reproduces transformers' arithmetic for fp32/fp64 seconds; half-precision
+    # The extension reproduces transformers' arithmetic for fp32/fp64 seconds; half-precision
     # seconds (a processor output cast to bf16) round in ways only the tensor path mirrors.
     half_seconds = second_per_grid_ts is not None and second_per_grid_ts.dtype in (torch.float16, torch.bfloat16)
-    if device.type == "cpu" and _use_cpu_loop() and not half_seconds:
-        # The C++ loop reads int32/int64 type ids and bool/int32/int64 masks in place.
-        types_cpu = mm_token_type_ids if mm_token_type_ids.dtype in (torch.int32, torch.int64) \
-            else mm_token_type_ids.to(torch.long)
-        mask_cpu = keep if attention_mask is None or attention_mask.dtype not in (torch.bool, torch.int32, torch.int64) \
-            else attention_mask
-        return _rope_index_cpu(input_ids, types_cpu, image_grid, video_grid, second_per_grid_ts, mask_cpu,
+    # Under torch.compile the tensor path is traced into the graph (the extension call is not
+    # a registered op and would break the graph); eagerly, the extension runs.
+    if not half_seconds and not torch.compiler.is_compiling() and _use_extension(device):
+        # The extension reads int32/int64 type ids and bool/int32/int64 masks in place.
+        types_ext = mm_token_type_ids.to(device) if mm_token_type_ids.dtype in (torch.int32, torch.int64) \
+            else mm_token_type_ids.to(device=device, dtype=torch.long)
+        mask_ext = keep if attention_mask is None or attention_mask.dtype not in (torch.bool, torch.int32, torch.int64) \
+            else attention_mask.to(device)
+        return _rope_index_ext(input_ids, types_ext, image_grid, video_grid, second_per_grid_ts, mask_ext,
                                spatial_merge_size, tokens_per_second, model_type, check)
 
     # 1. Compact: real token j of row b moves to column slot[b, j]; the tail is padding (-1).
@@ -173,64 +172,78 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
     # Back to the original columns; padding keeps 0.
     gathered = compact.gather(2, slot.clamp_max(T - 1).expand(3, B, T)) if T else compact
     position_ids = torch.where(keep, gathered, 0).to(input_ids.dtype)
-    deltas = compact.amax(dim=(0, 2)) + 1 - lengths
+    # A row of padding only has no positions: delta 0, as the reference and the extension give.
+    deltas = torch.where(lengths > 0, compact.amax(dim=(0, 2)) + 1 - lengths, 0) if T else torch.zeros_like(lengths)
     return position_ids, deltas.unsqueeze(1)
 
 
-def _use_cpu_loop() -> bool:
-    """CPU tensors run the extension's one-pass C++ loop when it is built.
+def _use_extension(device: torch.device) -> bool:
+    """Whether this call runs the extension (``cuda`` backend) rather than the tensor ops.
 
-    ``DOCQA_FAST_BACKEND=reference`` keeps the vectorised PyTorch path (the one CUDA tensors
-    take) on CPU tensors, which is how the tests cover it here; ``=cuda`` requires the loop.
+    CUDA tensors follow the project's dispatch (the extension's CUDA kernels when built).
+    CPU tensors also take the extension when it is built: its C++ twin is the data loader's
+    fast path. ``DOCQA_FAST_BACKEND=reference`` keeps the tensor path (how the tests cover
+    it on CPU tensors); ``=cuda`` requires the extension and raises, saying why, without it.
     """
     from .._backend import choose_backend, extension, forced_backend
 
-    if forced_backend() is not None:  # raises, naming the reason, for a backend that cannot run this
-        return choose_backend("get_rope_index", torch.device("cpu"), ("cuda",)) == "cuda"
-    ext = extension()
-    return ext is not None and hasattr(ext, "mrope_position_ids")
+    if forced_backend() is None and device.type == "cpu":
+        ext = extension()
+        return ext is not None and hasattr(ext, "mrope_position_ids")
+    return choose_backend("get_rope_index", device, ("cuda",)) == "cuda"
 
 
 def _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, device):
-    """Per video: tokens_per_second * seconds, in the precision transformers multiplies in."""
+    """Per video: tokens_per_second * seconds, in the precision transformers multiplies in.
+
+    Stays on ``device`` (no copy to the host: that would be a sync on CUDA tensors).
+    """
     n = 0 if video_grid is None else video_grid.shape[0]
     if model_type != "qwen2_5_vl":
-        return torch.ones(n, dtype=torch.float64), False
+        return torch.ones(n, dtype=torch.float64, device=device), False
     tps = 2 if tokens_per_second is None else tokens_per_second
     if second_per_grid_ts is None:
-        return torch.full((n,), float(tps), dtype=torch.float64), False
+        return torch.full((n,), float(tps), dtype=torch.float64, device=device), False
     check_tensor("second_per_grid_ts", second_per_grid_ts, ndims=(1,))
     if second_per_grid_ts.shape[0] < n:
         raise ValueError(f"expected second_per_grid_ts with at least {n} entries (one per video grid), "
                          f"got {second_per_grid_ts.shape[0]}")
-    steps = tps * second_per_grid_ts.detach().cpu()
+    steps = tps * second_per_grid_ts.detach().to(device)
     return steps.to(torch.float64), steps.dtype == torch.float32
 
 
-def _rope_index_cpu(input_ids, mm_token_type_ids, image_grid, video_grid, second_per_grid_ts, keep,
+def _rope_index_ext(input_ids, mm_token_type_ids, image_grid, video_grid, second_per_grid_ts, keep,
                     spatial_merge_size, tokens_per_second, model_type, check):
     from .._backend import extension
 
-    empty = torch.zeros(0, 3, dtype=torch.long)
-    steps, f32 = _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, input_ids.device)
+    device = input_ids.device
+    empty = torch.zeros(0, 3, dtype=torch.long, device=device)
+    steps, f32 = _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, device)
     positions, deltas, status = extension().mrope_position_ids(
         mm_token_type_ids, keep, empty if image_grid is None else image_grid,
         empty if video_grid is None else video_grid, steps, f32, spatial_merge_size)
-    n_img, n_vid, bad, row, col, length, expected = status.tolist()
-    if check:
-        n_img_grids = 0 if image_grid is None else image_grid.shape[0]
-        n_vid_grids = 0 if video_grid is None else video_grid.shape[0]
-        if n_img > n_img_grids:
-            raise ValueError(f"mm_token_type_ids has {n_img} image runs but image_grid_thw has {n_img_grids} rows "
-                             "(image tokens without a grid)")
-        if n_vid > n_vid_grids:
-            raise ValueError(f"mm_token_type_ids has {n_vid} video runs but video_grid_thw has {n_vid_grids} rows "
-                             "(video tokens without a grid)")
-        if bad:
-            raise ValueError(f"a vision run starting at column {col} of row {row} has {length} tokens, but its grid "
-                             f"gives t*h*w/merge**2 = {expected} (token counts do not match image_grid_thw / "
-                             "video_grid_thw)")
+    if check and value_checks_enabled():
+        _check_status(status.tolist(), image_grid, video_grid, input_ids.shape[1])  # the one host sync
     return (positions if input_ids.dtype == torch.long else positions.to(input_ids.dtype)), deltas.unsqueeze(1)
+
+
+def _check_status(rows, image_grid, video_grid, T):
+    """Per-row status of the extension (image runs, video runs, bad runs, first bad run's end
+    column, length, expected length) against the grids given."""
+    n_img, n_vid = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    n_img_grids = 0 if image_grid is None else image_grid.shape[0]
+    n_vid_grids = 0 if video_grid is None else video_grid.shape[0]
+    if n_img > n_img_grids:
+        raise ValueError(f"mm_token_type_ids has {n_img} image runs but image_grid_thw has {n_img_grids} rows "
+                         "(image tokens without a grid)")
+    if n_vid > n_vid_grids:
+        raise ValueError(f"mm_token_type_ids has {n_vid} video runs but video_grid_thw has {n_vid_grids} rows "
+                         "(video tokens without a grid)")
+    for b, (_, _, bad, col, length, expected) in enumerate(rows):
+        if bad:
+            where = f"at the end of row {b}" if col == T else f"before column {col} of row {b}"
+            raise ValueError(f"a vision run ending {where} has {length} tokens, but its grid gives t*h*w/merge**2 = "
+                             f"{expected} (token counts do not match image_grid_thw / video_grid_thw)")
 
 
 def _check_runs(types, starts, ends, col, start_col, run_tokens, img_no, vid_no, image_grid, video_grid,

@@ -98,6 +98,65 @@ def test_merge_bad_input(backend):
     assert surplus.shape == embeds.shape
 
 
+@pytest.mark.parametrize("N, n_placeholders, n_features", [
+    (0, 0, 0), (1, 1, 1), (31, 0, 0), (33, 33, 33), (1000, 517, 517),  # tiles of 32 rows: partial, full, many
+    (1000, 517, 400), (1000, 517, 700), (97, 5, 0),  # unchecked mismatches: fewer, more, no features
+])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32, torch.int16])
+def test_merge_tiles_and_unchecked_counts(backend, N, n_placeholders, n_features, ids_dtype, device):
+    """The in-launch prefix sum across tiles, id dtypes read in place or converted, and
+    count mismatches (check=False): equal to the reference, values and gradients, and the
+    feature rows no placeholder reached get a zero gradient."""
+    H = 24
+    ids = _ids((N,), n_placeholders).to(ids_dtype) if ids_dtype != torch.int16 else \
+        torch.where(_ids((N,), n_placeholders) == IMAGE, 7, 3).to(ids_dtype)
+    token = IMAGE if ids_dtype != torch.int16 else 7
+    embeds = torch.randn(N, H, device=device, requires_grad=True)
+    visual = torch.randn(n_features, H, device=device, requires_grad=True)
+    ids = ids.to(device)
+    out = merge_visual_tokens(embeds, ids, visual, token, check=False)
+    grad = torch.randn_like(out)
+    g_embeds, g_visual = torch.autograd.grad(out, (embeds, visual), grad)
+    # The documented semantics, written out: the j-th placeholder takes feature row
+    # min(j, V - 1) (its embedding when there are no features); a feature row's gradient is
+    # its placeholder's, 0 for rows no placeholder reached; placeholder rows pass no gradient
+    # to the embeddings.
+    where = (ids == token).nonzero().flatten()
+    expected = embeds.detach().clone()
+    if n_features:
+        expected[where] = visual.detach()[torch.arange(len(where), device=device).clamp_max(n_features - 1)]
+    assert torch.equal(out, expected)
+    reached = min(len(where), n_features)
+    expected_gv = torch.zeros_like(visual)
+    expected_gv[:reached] = grad[where[:reached]]
+    assert torch.equal(g_visual, expected_gv)
+    assert torch.equal(g_embeds, grad.masked_fill((ids == token)[:, None], 0))
+    if n_placeholders == n_features:  # and masked_scatter, where it is defined
+        assert torch.equal(out, merge_visual_tokens_ref(embeds, ids, visual, token))
+
+
+def test_merge_extension_ops_reject_bad_arguments():
+    from docqa_fast._backend import extension
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("docqa_fast._C is not built")
+    rows, visual, out = torch.randn(10, 8), torch.randn(4, 8), torch.empty(10, 8)
+    ids, tokens = _ids((10,), 4), torch.tensor([IMAGE])
+    with pytest.raises(TypeError, match="input_ids of dtype int32 or int64"):
+        ext.merge_visual_forward(rows, ids.float(), tokens, visual, out)
+    with pytest.raises(ValueError, match="input_ids as a contiguous"):
+        ext.merge_visual_forward(rows, ids[:9], tokens, visual, out)
+    with pytest.raises(ValueError, match="token_ids as a non-empty"):
+        ext.merge_visual_forward(rows, ids, tokens[:0], visual, out)
+    with pytest.raises(ValueError, match="visual rows with H = 8"):
+        ext.merge_visual_forward(rows, ids, tokens, torch.randn(4, 6), out)
+    with pytest.raises(ValueError, match="output shaped like"):
+        ext.merge_visual_backward(rows, ids, tokens, torch.empty(9, 8), visual)
+    with pytest.raises(ValueError, match="token_id to hold at least one id"):
+        merge_visual_tokens(rows, ids, visual, torch.tensor([], dtype=torch.long))
+
+
 def _grids(rng, n, max_side):
     return torch.tensor([[rng.choice([1, 1, 2, 3]), 2 * rng.randint(1, max_side // 2), 2 * rng.randint(1, max_side // 2)]
                          for _ in range(n)])
@@ -131,3 +190,35 @@ def test_window_index_bad_input():
         vision_window_index(torch.tensor([[1, 4]]))
     with pytest.raises(ValueError, match="window_size"):
         vision_window_index(torch.tensor([[1, 4, 4]]), window_size=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (their C++ twins run above)")
+def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
+    """Thousands of tiles resolving their prefixes by look-back at once; check=False never
+    syncs and the launch (memset included) can be captured in a CUDA graph."""
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    N, H = 200_003, 40
+    ids = _ids((N,), 120_001).cuda()
+    embeds = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    visual = torch.randn(120_001, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = merge_visual_tokens(embeds, ids, visual, IMAGE)
+    assert torch.equal(out, merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
+    grad = torch.randn_like(out)
+    g_ours = torch.autograd.grad(out, (embeds, visual), grad)
+    g_ref = torch.autograd.grad(merge_visual_tokens_ref(embeds, ids, visual, IMAGE), (embeds, visual), grad)
+    assert all(torch.equal(a, b) for a, b in zip(g_ours, g_ref))
+
+    e, v = embeds.detach(), visual.detach()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        merge_visual_tokens(e, ids, v, IMAGE, check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    merge_visual_tokens(e, ids, v, IMAGE, check=False)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = merge_visual_tokens(e, ids, v, IMAGE, check=False)
+    e.add_(1)  # new inputs, same buffers
+    graph.replay()
+    assert torch.equal(captured, merge_visual_tokens_ref(e, ids, v, IMAGE))

@@ -126,3 +126,88 @@ def test_bad_input(request):
     packed = pack_multimodal([sample])
     with pytest.raises(ValueError, match="packed row"):
         unpack(packed, torch.zeros(3, 5))
+
+
+def _fields(packed):
+    return {name: getattr(packed, name).cpu() for name in
+            ("input_ids", "labels", "position_ids", "mm_token_type_ids", "cu_seqlens")}
+
+
+@pytest.mark.backends("reference", "cuda")
+def test_packing_copy_equals_reference(backend, device, monkeypatch, request):
+    """The one-call packing copy (the extension's kernel on a GPU, its C++ twin here) gives
+    the fields torch.cat gives: odd document sizes (1 token), given labels and type ids, videos."""
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    samples = [_sample(rng, rng.randint(0, 3), video=(i % 3 == 1)) for i in range(7)]
+    samples.append({"input_ids": torch.tensor([5])})  # a one-token document
+    samples[2]["labels"] = torch.randint(0, 1000, samples[2]["input_ids"].shape)
+    samples[3]["mm_token_type_ids"] = _types(samples[3]["input_ids"])[None]  # (1, L) as processors return
+    on_device = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in samples]
+    ours = pack_multimodal(on_device, max_tokens=4096)
+    assert ours.input_ids.device.type == device.type
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
+    expected = pack_multimodal(samples, max_tokens=4096)
+    for name, value in _fields(expected).items():
+        assert torch.equal(_fields(ours)[name], value), name
+        assert _fields(ours)[name].dtype == value.dtype, name
+    starts = expected.cu_seqlens[:-1].long()
+    assert (expected.labels[0, starts] == -100).all()
+    assert torch.equal(expected.labels[0, starts[2] + 1:starts[3]], samples[2]["labels"][1:])
+
+
+def test_pack_tokens_op_empty_documents_and_bad_arguments():
+    """The op itself: empty documents are skipped (the kernel's search passes over them), and
+    every mismatch is a ValueError / TypeError naming the argument, never a stray write."""
+    from docqa_fast._backend import extension
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("docqa_fast._C is not built")
+    lengths = [0, 3, 0, 0, 1, 5, 0]
+    ids = [torch.randint(0, 100, (n,)) for n in lengths]
+    labels = [torch.randint(0, 100, (n,)) for n in lengths]
+    types = [torch.randint(0, 3, (n,), dtype=torch.int32) for n in lengths]
+    mrope = [torch.randint(0, 100, (3, n)) for n in lengths]
+    T = sum(lengths)
+
+    def outputs(total=T):
+        return (torch.full((1, total), -7), torch.full((1, total), -7), torch.full((1, total), -7, dtype=torch.int32),
+                torch.full((4, 1, total), -7))
+
+    out = outputs()
+    ext.pack_tokens(ids, labels, types, mrope, -100, *out)
+    live = [i for i, n in enumerate(lengths) if n]
+    assert torch.equal(out[0][0], torch.cat([ids[i] for i in live]))
+    assert torch.equal(out[1][0], torch.cat([torch.cat([torch.tensor([-100]), labels[i][1:]]) for i in live]))
+    assert torch.equal(out[2][0], torch.cat([types[i] for i in live]))
+    assert torch.equal(out[3][0, 0], torch.cat([torch.arange(lengths[i]) for i in live]))
+    assert torch.equal(out[3][1:, 0], torch.cat([mrope[i] for i in live], 1))
+
+    with pytest.raises(TypeError, match=r"types\[1\] of dtype Int, got Long"):
+        ext.pack_tokens(ids, labels, types[:1] + [types[1].long()] + types[2:], mrope, -100, *outputs())
+    with pytest.raises(ValueError, match=r"labels\[5\] as a contiguous \(5,\)"):
+        ext.pack_tokens(ids, labels[:5] + [labels[5][:4]] + labels[6:], types, mrope, -100, *outputs())
+    with pytest.raises(ValueError, match=r"mrope\[4\] as a contiguous \(3, 1\)"):
+        ext.pack_tokens(ids, labels, types, mrope[:4] + [torch.zeros(2, 1, dtype=torch.long)] + mrope[5:], -100,
+                        *outputs())
+    with pytest.raises(ValueError, match="positions_out of shape"):
+        o = outputs()
+        ext.pack_tokens(ids, labels, types, mrope, -100, o[0], o[1], o[2], torch.zeros(4, 1, T - 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="ids_out of shape"):
+        ext.pack_tokens(ids, labels, types, mrope, -100, *outputs(T + 1))
+    with pytest.raises(ValueError, match="one per document"):
+        ext.pack_tokens(ids, labels[:-1], types, mrope, -100, *outputs())
+    with pytest.raises(ValueError, match="at least one document"):
+        ext.pack_tokens([], [], [], [], -100, *outputs(0))
+
+
+def test_pack_bad_device_and_dtype(request):
+    rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
+    sample = _sample(rng, 1)
+    elsewhere = {**sample, "labels": sample["input_ids"].to("meta")}
+    with pytest.raises(ValueError, match=r"samples\[1\]\['labels'\] on cpu"):
+        pack_multimodal([sample, elsewhere])
+    with pytest.raises(TypeError, match=r"samples\[0\]\['input_ids'\] of an integer dtype"):
+        pack_multimodal([{**sample, "input_ids": sample["input_ids"].float()}])
+    with pytest.raises(ValueError, match=r"mm_token_type_ids'\] of shape"):
+        pack_multimodal([{**sample, "mm_token_type_ids": _types(sample["input_ids"])[1:]}])

@@ -190,3 +190,131 @@ def test_bad_input(backend, request):
     # unchecked bad counts: wrong positions allowed, out-of-bounds reads not
     pos, _ = get_rope_index(**{**inputs, "image_grid_thw": grids[:1]}, check=False)
     assert pos.shape == (3, *inputs["input_ids"].shape)
+
+
+def _random_runs(rng, B, T, pad_prob):
+    """Arbitrary type sequences (adjacent image and video runs, runs of 1 token, rows of all
+    padding, padding anywhere in a row) with grids that match each run's length."""
+    types = torch.zeros(B, T, dtype=torch.int32)
+    mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(rng.randrange(2**31))) >= pad_prob).long()
+    if B > 1:
+        mask[rng.randrange(B)] = 0  # one row of padding only
+    images, videos, seconds = [], [], []
+    for b in range(B):
+        real = mask[b].nonzero().flatten().tolist()
+        k = 0
+        while k < len(real):
+            kind = rng.choice([0, 0, 1, 2])
+            n = rng.choice([1, 2, 3, 7, 40, 300])
+            if kind == 0:
+                k += n
+                continue
+            n = min(n, len(real) - k)
+            types[b, real[k:k + n]] = kind
+            t = rng.choice([f for f in (1, 2, 3) if n % f == 0]) if kind == 2 else 1
+            (videos if kind == 2 else images).append((t, 2, 2 * (n // t)))  # t * 1 * (n / t) LLM tokens
+            if kind == 2:
+                seconds.append(rng.choice([0.5, 1.0, 1.5, 0.3333333]))
+            k += n
+            # a following run of the same kind would merge with this one: put text between
+            if k < len(real) and rng.random() < 0.5:
+                k += 1
+            elif k < len(real):
+                nxt = 3 - kind  # the other modality right after: a new run without text between
+                m = min(rng.choice([1, 5]), len(real) - k)
+                types[b, real[k:k + m]] = nxt
+                (videos if nxt == 2 else images).append((1, 2, 2 * m))
+                if nxt == 2:
+                    seconds.append(1.0)
+                k += m + 1  # then one text token
+    # a run that reaches the row's end must not merge with the next row's: rows are independent
+    return {
+        "input_ids": torch.randint(0, 1000, (B, T)), "mm_token_type_ids": types, "attention_mask": mask,
+        "image_grid_thw": torch.tensor(images, dtype=torch.long) if images else None,
+        "video_grid_thw": torch.tensor(videos, dtype=torch.long) if videos else None,
+        "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32) if seconds else None,
+    }
+
+
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 7), (2, 255), (4, 257), (2, 1500), (1, 9000)])
+def test_chunk_scan_on_arbitrary_runs(backend, B, T, device, request):
+    """Rows shorter and longer than the 256 chunks of the scan, runs straddling chunk
+    boundaries, adjacent image/video runs, padding inside runs, rows of padding only:
+    equal to the run-by-run reference (transformers itself cannot take an all-padding row)."""
+    rng = _rng(request)
+    for pad_prob in (0.0, 0.2):
+        inputs = _random_runs(rng, B, T, pad_prob)
+        expected = get_rope_index_ref(**inputs, tokens_per_second=2)
+        on_device = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
+        ours = get_rope_index(**on_device, tokens_per_second=2)
+        _assert_same((ours[0].cpu(), ours[1].cpu()), expected)
+        rows = inputs["attention_mask"].any(1)
+        if rows.all():  # transformers as well, when every row has a token
+            _assert_same((ours[0].cpu(), ours[1].cpu()), _theirs("qwen2_5_vl", inputs))
+
+
+def test_empty_rows_and_no_tokens(backend, device):
+    ids = torch.zeros(3, 0, dtype=torch.long, device=device)
+    pos, delta = get_rope_index(ids, ids.int())
+    assert pos.shape == (3, 3, 0) and torch.equal(delta.cpu(), torch.zeros(3, 1, dtype=torch.long))
+    pos, delta = get_rope_index(ids[:0], ids[:0].int())
+    assert pos.shape == (3, 0, 0) and delta.shape == (0, 1)
+
+
+def test_bad_run_length_at_row_end(backend):
+    # text, a complete 2x2 image, text, then an image of grid 4x4 (4 tokens) cut to 3 tokens
+    # by the row's end: the scan's row-end check (no token after the run) must catch it.
+    types = torch.tensor([[0, 0, 1, 0, 1, 1, 1]], dtype=torch.int32)
+    grids = torch.tensor([[1, 2, 2], [1, 4, 4]])
+    with pytest.raises(ValueError, match="has 3 tokens, but its grid gives t\\*h\\*w/merge\\*\\*2 = 4"):
+        get_rope_index(types.long(), types, grids)
+    if backend == "cuda":
+        with pytest.raises(ValueError, match="at the end of row 0"):
+            get_rope_index(types.long(), types, grids)
+    # the same run followed by a text token is caught where the text token stands
+    types2 = torch.cat([types, torch.zeros(1, 1, dtype=torch.int32)], 1)
+    with pytest.raises(ValueError, match="has 3 tokens"):
+        get_rope_index(types2.long(), types2, grids)
+
+
+def test_extension_op_rejects_bad_arguments():
+    from docqa_fast._backend import extension
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("docqa_fast._C is not built")
+    types = torch.zeros(2, 5, dtype=torch.int32)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    grids = torch.zeros(0, 3, dtype=torch.long)
+    steps = torch.zeros(0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ext.mrope_position_ids(types, mask.float(), grids, grids, steps, False, 2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ext.mrope_position_ids(types, mask[:, :4], grids, grids, steps, False, 2)
+    with pytest.raises(ValueError, match="video_steps"):
+        ext.mrope_position_ids(types, mask, grids, torch.ones(2, 3, dtype=torch.long), steps, False, 2)
+    with pytest.raises(ValueError, match="grids"):
+        ext.mrope_position_ids(types, mask, grids.int(), grids, steps, False, 2)
+    with pytest.raises(ValueError, match="spatial_merge_size"):
+        ext.mrope_position_ids(types, mask, grids, grids, steps, False, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (their C++ twin runs above)")
+def test_cuda_kernels_equal_cpu_twin_on_long_rows(monkeypatch, request):
+    """Rows far longer than the 256 chunks (each chunk hundreds of tokens), many rows (the
+    grid offsets of earlier rows): the CUDA kernels give exactly the CPU twin's output."""
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    rng = _rng(request)
+    inputs = batch([random_document(rng, max_images=30, max_side=60, video_prob=0.3) for _ in range(6)], "left")
+    cpu = get_rope_index(**inputs)
+    gpu = get_rope_index(**{k: v.cuda() if v is not None else None for k, v in inputs.items()})
+    _assert_same((gpu[0].cpu(), gpu[1].cpu()), cpu)
+    _assert_same(cpu, _theirs("qwen2_5_vl", inputs))
+
+
+def test_compiles_fullgraph(backend, request):
+    # Under torch.compile the whole-batch tensor path is traced (no graph break on the extension).
+    rng = _rng(request)
+    inputs = batch([random_document(rng, max_images=3, max_side=8, video_prob=0.3) for _ in range(2)], "left")
+    fn = torch.compile(lambda kw: get_rope_index(**kw, check=False), fullgraph=True)
+    _assert_same(fn(inputs), _theirs("qwen2_5_vl", inputs))
