@@ -22,9 +22,17 @@ per KV block accumulating dK/dV over every query head of its group (no atomics, 
 gradients are bitwise reproducible), one kernel per query block for dQ.
 """
 
+import itertools
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the masked-load path only
+    TensorDescriptor = None
 
 from .registry import KernelConfig, pointer_type, register
 
@@ -174,6 +182,26 @@ def _store_tile(base, tokens, stride_t, dims, limit, value, HEAD_DIM: tl.constex
 
 
 @triton.jit
+def _kv_tile(src, n_start, kv_row, kv_col, cols, stride_t, dims, len_k, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr):
+    """A (keys, head dim) K or V tile starting at key ``n_start``.
+
+    USE_TMA: ``src`` is a tensor descriptor over (tokens, heads * D) and the copy engine moves
+    the tile (no per-thread addresses, which is register room in kernels that sit at Hopper's
+    limit); rows past the sequence read the next sequence's keys, or zeros past the tensor:
+    the scores mask them, and ZERO_TAIL zeroes them in V so that 0 * (a neighbour's inf) cannot
+    make a NaN. Otherwise ``src`` points at this head's first key and the loads are masked.
+    """
+    if USE_TMA:
+        tile = src.load([kv_row + n_start, kv_col])
+        if ZERO_TAIL:
+            tile = tl.where((cols < len_k)[:, None], tile, 0.0)
+    else:
+        tile = _load_tile(src, cols, stride_t, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+    return tile
+
+
+@triton.jit
 def _inner_blocks(lo, hi, first_inner, end_inner, BLOCK: tl.constexpr):
     """[a, b): the blocks of the loop ``range(lo, hi, BLOCK)`` lying inside [first_inner, end_inner),
     where no element needs a mask. a and b stay on the loop's grid (lo + k * BLOCK), so the
@@ -220,17 +248,17 @@ def _query_block(CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo, inner_hi, hi,
-                    len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
+def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo, inner_lo,
+                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over one stage's key blocks (see _stage_blocks)."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
     # The edges are a block or two: not worth a software pipeline's registers and shared memory.
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
         cols = n_start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        k = _kv_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, False)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -242,7 +270,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(v_base, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        v = _kv_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
@@ -255,7 +283,9 @@ def attention_forward_kernel(
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _kv_tile)."""
     m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -266,8 +296,15 @@ def attention_forward_kernel(
     rows = m_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
-    k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
-    v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+    kv_col = kv_h * HEAD_DIM
+    if USE_TMA:  # the descriptors' rows are the batch's tokens one after another
+        k_src = k_ptr
+        v_src = v_ptr
+        kv_row = k_start if IS_VARLEN else b * seqlen_k
+    else:
+        k_src = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
+        v_src = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+        kv_row = k_start
     q = _load_tile(q_base, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, True)
 
     window_l = window_left if HAS_WINDOW else -1
@@ -280,12 +317,10 @@ def attention_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Two stages: the blocks inside the band, with no mask and unmasked loads; then its edges
     # (window start, diagonal, window end, the sequence's end), which pay for the mask.
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo,
-                                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM,
-                                    BLOCK_D, CAUSAL, HAS_SOFTCAP, False, BLOCK_N)
-    acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo,
-                                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM,
-                                    BLOCK_D, CAUSAL, HAS_SOFTCAP, True, BLOCK_N)
+    for stage_masked in tl.static_range(2):
+        acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo,
+                                        inner_lo, inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r,
+                                        HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_N, USE_TMA)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -477,6 +512,9 @@ def attention_backward_delta_kernel(
 # holds two accumulators plus K and V. Measured speed on a GPU may move these.
 _FORWARD_TILES = {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 80: (128, 32, 8, 2), 96: (128, 32, 8, 2),
                   128: (128, 32, 8, 2), 192: (64, 16, 8, 1), 256: (64, 16, 8, 1)}
+# With K/V loaded by TMA (power-of-two head dims) the copy engine holds no per-thread addresses,
+# which buys D 128 twice the keys per tile (64 instead of 32) and a 3-deep pipeline.
+_FORWARD_TMA_TILES = {**_FORWARD_TILES, 128: (64, 64, 4, 3)}
 _DKDV_TILES = {32: (64, 64, 4, 2), 64: (32, 64, 8, 1), 80: (32, 64, 8, 1), 96: (32, 64, 8, 1),
                128: (32, 64, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
 _DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 16, 8, 1), 96: (64, 16, 8, 1),
@@ -521,19 +559,57 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     heads, head_dim = q.shape[-2], q.shape[-1]
-    block_m, block_n, warps, stages = _FORWARD_TILES[_tile_key(head_dim)]
     if max_seqlen_q == 0 or batch == 0:
         return
+    block_m, block_n, warps, stages = _FORWARD_TMA_TILES[_tile_key(head_dim)]
+    descriptors = _kv_descriptors(k, v, varlen, block_n)
+    if descriptors is None:
+        block_m, block_n, warps, stages = _FORWARD_TILES[_tile_key(head_dim)]
+    k_arg, v_arg = descriptors or (k, v)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     attention_forward_kernel[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k_arg, v_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, heads // k.shape[-2], _scales(softmax_scale, softcap), softcap,
         window_size[0], window_size[1],
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
         HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), USE_TMA=descriptors is not None,
+        num_warps=warps, num_stages=stages,
     )
+
+
+def _tma_available(device: torch.device) -> bool:
+    """Hopper or newer (the copy engine), or the CPU interpreter (which emulates descriptors, so
+    the tests run the TMA path); ``DOCQA_FAST_ATTENTION_TMA=0`` turns it off."""
+    if TensorDescriptor is None or os.environ.get("DOCQA_FAST_ATTENTION_TMA", "1") == "0":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kv_descriptors(k, v, varlen, block_n):
+    """TMA descriptors over K and V as (tokens, Hk * D) matrices, or None where TMA cannot serve:
+    a head dim that is not a power of two (the tile would run into the next head's columns;
+    the masked loads handle those), a layout whose heads or batch rows do not tile one matrix,
+    or what the copy engine refuses (16-byte aligned base and row stride)."""
+    head_dim = k.shape[-1]
+    if head_dim != _block_d(head_dim) or not _tma_available(k.device):
+        return None
+    tokens = k.shape[0] if varlen else k.shape[0] * k.shape[1]
+    if tokens == 0:
+        return None
+    descriptors = []
+    for t in (k, v):
+        token_stride = t.stride(-3)
+        merged = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * token_stride
+        if not (merged and t.stride(-1) == 1 and t.stride(-2) == head_dim and t.data_ptr() % 16 == 0
+                and token_stride * t.element_size() % 16 == 0):
+            return None
+        descriptors.append(TensorDescriptor(t, [tokens, t.shape[-2] * head_dim], [token_stride, 1],
+                                            [block_n, head_dim]))
+    return tuple(descriptors)
 
 
 def _delta_block_t(head_dim: int) -> int:
@@ -600,54 +676,64 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     )
 
 
+def _tile_variants(kernel, head_dim):
+    """(name suffix, tiles, USE_TMA or None when the kernel has no such flag) for every way the
+    launchers can launch ``kernel`` at ``head_dim``."""
+    if kernel is attention_forward_kernel:
+        yield "", _FORWARD_TILES[head_dim], False
+        if head_dim == _block_d(head_dim):  # K/V by TMA (see _kv_descriptors)
+            yield ",tma", _FORWARD_TMA_TILES[head_dim], True
+    else:
+        yield "", (_DKDV_TILES if kernel is attention_backward_dkdv_kernel else _DQ_TILES)[head_dim], None
+
+
 def _configs():
-    """Every tile the launchers pick (head dim x dtype), with two flag sets per tile: plain
-    (dense, no mask options) and the heaviest (varlen + causal + window + softcap)."""
+    """Every tile the launchers pick (head dim x dtype x TMA or not), with two flag sets per tile:
+    plain (dense, no mask options) and the heaviest (varlen + causal + window + softcap)."""
     flag_sets = {
         "plain": {"IS_VARLEN": False, "CAUSAL": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False},
         "all_options": {"IS_VARLEN": True, "CAUSAL": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True},
     }
-    scalar_args = ("seqlen_q", "seqlen_k", "heads_per_kv")
-    float_args = ("qk_scale", "softcap")
+    kernels = (
+        (attention_forward_kernel, ("q", "k", "v", "out"), (), ("q", "k", "v", "o")),
+        (attention_backward_dkdv_kernel, ("q", "k", "v", "dout", "dk", "dv"), ("sm_scale",),
+         ("q", "k", "v", "do", "dk", "dv")),
+        (attention_backward_dq_kernel, ("q", "k", "v", "dout", "dq"), ("sm_scale",), ("q", "k", "v", "do", "dq")),
+    )
     for dtype in (torch.float16, torch.bfloat16):
         ptr = pointer_type(dtype)
-        for head_dim in HEAD_DIMS:
-            for flags_name, flags in flag_sets.items():
-                if flags_name == "all_options" and dtype == torch.float16:
-                    continue  # same code as bf16's; one dtype suffices for the option-heavy variant
-                for kernel, tiles, tensors, extra_floats, stride_groups in (
-                    (attention_forward_kernel, _FORWARD_TILES, ("q", "k", "v", "out"), (), ("q", "k", "v", "o")),
-                    (attention_backward_dkdv_kernel, _DKDV_TILES, ("q", "k", "v", "dout", "dk", "dv"),
-                     ("sm_scale",), ("q", "k", "v", "do", "dk", "dv")),
-                    (attention_backward_dq_kernel, _DQ_TILES, ("q", "k", "v", "dout", "dq"),
-                     ("sm_scale",), ("q", "k", "v", "do", "dq")),
-                ):
-                    block_m, block_n, warps, stages = tiles[head_dim]
-                    signature = {f"{t}_ptr": ptr for t in tensors}
-                    signature["lse_ptr"] = "*fp32"
-                    if kernel is not attention_forward_kernel:
-                        signature["delta_ptr"] = "*fp32"
-                    signature.update({"cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32"})
-                    signature.update({name: "i32" for name in scalar_args})
-                    signature["qk_scale"] = "fp32"
-                    signature.update({name: "fp32" for name in extra_floats})
-                    signature.update({"softcap": "fp32", "window_left": "i32", "window_right": "i32"})
-                    for group in stride_groups:
-                        signature.update({f"{group}_{axis}": "i64" for axis in ("sb", "st", "sh")})
-                    signature.update({"lse_sb": "i64", "lse_sh": "i64"})
-                    constexprs = {"HEAD_DIM": head_dim, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                  "BLOCK_D": _block_d(head_dim)}
-                    signature.update({name: "constexpr" for name in constexprs})
-                    # Reorder to the kernel's own argument order.
-                    order = kernel.arg_names
-                    yield KernelConfig(
-                        name=f"{kernel.__name__.removesuffix('_kernel')}[{ptr[1:]},D={head_dim},{flags_name}]",
-                        fn=kernel, signature={name: signature[name] for name in order}, constexprs=constexprs,
-                        num_warps=warps, num_stages=stages, uses_tensor_cores=True,
-                        divisible_by_16=tuple(n for n in order if n.endswith("_ptr") or n.endswith("_st")
-                                              or n.endswith("_sh")),
-                    )
-
+        for head_dim, (flags_name, flags), (kernel, tensors, extra_floats, stride_groups) in itertools.product(
+                HEAD_DIMS, flag_sets.items(), kernels):
+            if flags_name == "all_options" and dtype == torch.float16:
+                continue  # same code as bf16's; one dtype suffices for the option-heavy variant
+            signature = {f"{t}_ptr": ptr for t in tensors}
+            signature["lse_ptr"] = "*fp32"
+            if kernel is not attention_forward_kernel:
+                signature["delta_ptr"] = "*fp32"
+            signature.update({"cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32", "seqlen_q": "i32",
+                              "seqlen_k": "i32", "heads_per_kv": "i32", "qk_scale": "fp32"})
+            signature.update({name: "fp32" for name in extra_floats})
+            signature.update({"softcap": "fp32", "window_left": "i32", "window_right": "i32"})
+            for group in stride_groups:
+                signature.update({f"{group}_{axis}": "i64" for axis in ("sb", "st", "sh")})
+            signature.update({"lse_sb": "i64", "lse_sh": "i64"})
+            for suffix, (block_m, block_n, warps, stages), use_tma in _tile_variants(kernel, head_dim):
+                variant = dict(signature)
+                constexprs = {"HEAD_DIM": head_dim, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                              "BLOCK_D": _block_d(head_dim)}
+                if use_tma is not None:
+                    constexprs["USE_TMA"] = use_tma
+                if use_tma:
+                    variant.update({name: f"tensordesc<{ptr[1:]}[{block_n}, {head_dim}]>" for name in ("k_ptr", "v_ptr")})
+                variant.update({name: "constexpr" for name in constexprs})
+                order = kernel.arg_names  # the kernel's own argument order
+                yield KernelConfig(
+                    name=f"{kernel.__name__.removesuffix('_kernel')}[{ptr[1:]},D={head_dim},{flags_name}{suffix}]",
+                    fn=kernel, signature={name: variant[name] for name in order}, constexprs=constexprs,
+                    num_warps=warps, num_stages=stages, uses_tensor_cores=True, uses_tma=bool(use_tma),
+                    divisible_by_16=tuple(n for n in order if n.endswith(("_st", "_sh"))
+                                          or (n.endswith("_ptr") and variant[n].startswith("*"))),
+                )
 
 
 def _delta_configs():

@@ -24,6 +24,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     uses_tensor_cores: bool = False  # True for kernels that multiply matrices (expects HGMMA)
+    uses_tma: bool = False  # True for variants that load through tensor descriptors (expects UTMALDG)
     # Arguments Triton's launcher will find divisible by 16 (pointers: 16-byte aligned) and
     # specialise on; registering both the aligned and the unaligned variant of a kernel
     # covers what the launcher can actually compile.

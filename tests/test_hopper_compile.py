@@ -53,6 +53,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
     tl.store(c_ptr + rows[:, None] * BLOCK + rows[None, :], tl.dot(a, b))
 
 
+@triton.jit
+def _descriptor_copy_kernel(desc, out_ptr, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    tl.store(out_ptr + rows[:, None] * BLOCK + rows[None, :], desc.load([0, 0]))
+
+
 def _compile_natively(config):
     # Under the interpreter these functions are not compilable; check_all's workers would be,
     # but these test kernels are not registered, so compile in a spawned worker directly.
@@ -72,6 +78,11 @@ def _compile_test_kernel(name):
         "matmul": KernelConfig(
             name, _matmul_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "BLOCK": "constexpr"},
             {"BLOCK": 64}, uses_tensor_cores=True),
+        "descriptor copy": KernelConfig(
+            name, _descriptor_copy_kernel, {"desc": "tensordesc<fp16[64, 64]>", "out_ptr": "*fp16",
+                                            "BLOCK": "constexpr"}, {"BLOCK": 64}, uses_tma=True),
+        "elementwise claiming TMA": KernelConfig(
+            name, _elementwise_kernel, {"x_ptr": "*fp16", "BLOCK": "constexpr"}, {"BLOCK": 1024}, uses_tma=True),
         "too much shared memory": KernelConfig(
             name, _matmul_kernel, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "BLOCK": "constexpr"},
             {"BLOCK": 256}, num_warps=8, uses_tensor_cores=True),
@@ -94,3 +105,10 @@ def test_check_flags_spills_or_shared_memory_overflow():
     report = _compile_natively(KernelConfig("too much shared memory", None, {}))
     assert not report.ok
     assert any("spills" in p or "shared memory" in p for p in report.problems), report.problems
+
+
+def test_check_sees_tma_loads_and_flags_their_absence():
+    report = _compile_natively(KernelConfig("descriptor copy", None, {}))
+    assert report.ok and report.tma_count > 0, report.problems
+    report = _compile_natively(KernelConfig("elementwise claiming TMA", None, {}))
+    assert not report.ok and "no TMA instruction" in report.problems[0]

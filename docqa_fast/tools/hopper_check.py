@@ -38,6 +38,8 @@ class HopperReport:
     hgmma_count: int
     hmma_count: int
     uses_tensor_cores: bool
+    tma_count: int = 0  # UTMALDG: tiles moved by the copy engine from a tensor descriptor
+    uses_tma: bool = False
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -84,7 +86,8 @@ def compile_config(config) -> HopperReport:
         registers=registers, stack_bytes=stack, local_bytes=local,
         shared_bytes=static_shared + int(compiled.metadata.shared),
         hgmma_count=len(re.findall(r"\bHGMMA\b", sass)), hmma_count=len(re.findall(r"\bHMMA\b", sass)),
-        uses_tensor_cores=config.uses_tensor_cores,
+        uses_tensor_cores=config.uses_tensor_cores, tma_count=len(re.findall(r"\bUTMALDG\b", sass)),
+        uses_tma=config.uses_tma,
     )
     if stack or local:
         report.problems.append(f"spills: stack {stack} B, local {local} B")
@@ -92,6 +95,8 @@ def compile_config(config) -> HopperReport:
         report.problems.append(f"shared memory {report.shared_bytes} B > Hopper limit {HOPPER_MAX_SHARED_BYTES} B")
     if config.uses_tensor_cores and report.hgmma_count + report.hmma_count == 0:
         report.problems.append("multiplies matrices but has no tensor-core instruction (HGMMA or HMMA)")
+    if config.uses_tma and report.tma_count == 0:
+        report.problems.append("loads through tensor descriptors but has no TMA instruction (UTMALDG)")
     return report
 
 
@@ -124,12 +129,12 @@ def check_all(names=None, workers: int | None = None) -> list[HopperReport]:
 
 
 def format_table(reports: list[HopperReport]) -> str:
-    lines = ["| kernel config | warps | regs | shared KiB | spill B | HGMMA | HMMA | ok |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel config | warps | regs | shared KiB | spill B | HGMMA | HMMA | TMA loads | ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         verdict = "yes" if r.ok else "NO: " + "; ".join(r.problems)
         lines.append(f"| {r.name} | {r.num_warps} | {r.registers} | {r.shared_bytes / 1024:.1f} | "
-                     f"{r.stack_bytes + r.local_bytes} | {r.hgmma_count} | {r.hmma_count} | {verdict} |")
+                     f"{r.stack_bytes + r.local_bytes} | {r.hgmma_count} | {r.hmma_count} | {r.tma_count} | {verdict} |")
     return "\n".join(lines)
 
 

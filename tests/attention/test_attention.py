@@ -104,6 +104,27 @@ def test_band_stages_match_reference(backend, seqlen_q, seqlen_k, causal, window
     check_attention(q, k, v, causal=causal, window_size=window_size)
 
 
+@pytest.mark.parametrize("layout", ["dense", "kv_packed", "varlen"])
+def test_tma_and_pointer_loads_give_the_same_result(backend, layout, device, monkeypatch):
+    """Power-of-two head dims load K/V through TMA descriptors where the layout allows (the
+    interpreter emulates them); DOCQA_FAST_ATTENTION_TMA=0 forces the masked pointer loads.
+    Both must match the reference, including rows past a sequence's end (neighbours' keys)."""
+    q = torch.randn(2, 150, 4, 64, device=device).half()
+    kv = torch.randn(2, 150, 2, 2, 64, device=device).half()
+    options = {"causal": True, "window_size": (90, -1)}
+    if layout == "kv_packed":  # k, v strided views of one buffer: still one (tokens, Hk * D) matrix each
+        q, k, v = q, kv[:, :, 0], kv[:, :, 1]
+    else:
+        k, v = kv[:, :, 0].contiguous(), kv[:, :, 1].contiguous()
+    if layout == "varlen":
+        cu = torch.tensor([0, 70, 70, 300], dtype=torch.int32, device=device)
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        options.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=230, max_seqlen_k=230)
+    for tma in ("1", "0"):
+        monkeypatch.setenv("DOCQA_FAST_ATTENTION_TMA", tma)
+        check_attention(q, k, v, **options)
+
+
 def test_band_stages_in_a_packed_batch(backend, device):
     lengths = torch.tensor([300, 0, 170, 1])
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
