@@ -8,7 +8,10 @@ Cases (Qwen2.5-VL-7B: 28 query / 4 KV heads, D 128; Mistral's 32 / 8 at one size
   achieved KV-read bandwidth, bytes of K and V read over the time, against the measured
   device-to-device copy bandwidth; target 80% when B * ctx >= 128K tokens.
 * ``chunked_prefill``: a 2K-token chunk appended and attended (causal) over a 128K paged
-  cache (page 256), in TFLOP/s (4 * Sq * keys_seen * H * D, keys_seen averaged over the chunk).
+  cache (page 256), in TFLOP/s (4 * Sq * keys_seen * H * D, keys_seen averaged over the chunk),
+  through both calls a user would make: ``flash_attn_with_kvcache`` (append fused into the
+  launch) and ``flash_attn_varlen_func(..., block_table=...)`` after writing the chunk's k/v into
+  the pages with an index op (how a paged serving engine runs it; the write is timed too).
 
 Providers: ours (Triton; GPU only -- the interpreter is far too slow to time), the reference
 (``eager``: per-row gather + attention_ref; the output every provider is checked against),
@@ -23,8 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import docqa_fast
 import docqa_fast.inference as inference
-from docqa_fast.reference.kvcache import flash_attn_with_kvcache_ref
+from docqa_fast.reference.kvcache import append_kv_ref, flash_attn_with_kvcache_ref
 
 from .harness import Case, Provider, flash_attn_unavailable, register_family
 
@@ -119,6 +123,42 @@ def _flash_attn(causal, page):
     return Provider("flash-attn", build=build, unavailable=unavailable)
 
 
+def _varlen_paged(fn):
+    """The chunk's k/v written into its pages (an index op), then packed varlen attention over the pages."""
+    def run(q, k_cache, v_cache, k, v, seqlens, table):
+        batch, chunk = q.shape[:2]
+        append_kv_ref(k_cache, v_cache, k, v, seqlens, block_table=table)
+        steps = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+        cu_q = steps * chunk
+        cu_k = torch.cat((steps[:1], (seqlens + chunk).cumsum(0, dtype=torch.int32)))
+        out = fn(q.flatten(0, 1), k_cache, v_cache, cu_q, cu_k, chunk, k_cache.shape[1] * table.shape[1],
+                 causal=True, block_table=table)
+        return out.view(q.shape)
+    return run
+
+
+def _ours_varlen():
+    return Provider("docqa_fast[triton] varlen+block_table", fn=_varlen_paged(docqa_fast.flash_attn_varlen_func),
+                    ours=True, env={"DOCQA_FAST_BACKEND": "triton"},
+                    unavailable=lambda device: None if device.type == "cuda" else
+                    "no GPU: the Triton interpreter is far too slow to time")
+
+
+def _flash_attn_varlen(page):
+    def unavailable(device):
+        reason = flash_attn_unavailable(device)
+        if reason is None and page % 256:
+            return f"flash-attn 2 needs a page size that is a multiple of 256, not {page}"
+        return reason
+
+    def build():
+        from flash_attn import flash_attn_varlen_func
+
+        return _varlen_paged(flash_attn_varlen_func)
+
+    return Provider("flash-attn varlen+block_table", build=build, unavailable=unavailable)
+
+
 # ---------------------------------------------------------------------------------- cases
 
 def _layout_name(page):
@@ -160,6 +200,7 @@ def cases(quick: bool) -> list[Case]:
         family=FAMILY, name=f"chunked_prefill-chunk{chunk}-ctx{ctx}", group="chunked_prefill",
         description=f"chunked prefill of {chunk} tokens over a paged cache, causal, H 28/4, D 128, bf16",
         params=params, sweep="ctx", make_inputs=_inputs,
-        providers=(_ours(True), _reference(True), _flash_attn(True, params["page"])),
+        providers=(_ours(True), _ours_varlen(), _reference(True), _flash_attn(True, params["page"]),
+                   _flash_attn_varlen(params["page"])),
         flops=int(4 * chunk * keys_seen * 28 * 128)))
     return found

@@ -36,11 +36,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Packed attention: q (total_q, H, D), k/v (total_k, Hk, D), int32 cu_seqlens (B + 1,).
 
     Zero-length sequences are allowed. ``return_attn_probs=True`` returns
-    ``(out, softmax_lse (H, total_q) fp32, None)``.
+    ``(out, softmax_lse (H, total_q) fp32, None)``. With ``block_table`` (B, max_blocks) int32,
+    k/v are paged caches (num_blocks, page_size, Hk, D) and cu_seqlens_k gives each sequence's
+    key count (forward only; see :mod:`docqa_fast.inference.paged_varlen`).
     """
     check_unsupported(dropout_p, alibi_slopes)
     if block_table is not None:
-        raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet")
+        # k/v are paged caches (num_blocks, page_size, Hk, D): chunked prefill, forward only, run by the
+        # inference family's kernel. Imported here: docqa_fast.inference itself imports this package.
+        from ..inference.paged_varlen import flash_attn_varlen_paged
+
+        out, lse = flash_attn_varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                                           softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                           softcap=softcap)
+        return _result(out, lse, return_attn_probs)
     out, lse = attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                          max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
                          window_size=window_size, softcap=softcap)

@@ -8,9 +8,9 @@ only), so it can be captured in a CUDA graph; the value checks below (one host s
 eager mode only and are skipped under ``torch.compile``.
 
 Fast path (CUDA fp16/bf16; CPU under TRITON_INTERPRET=1 fp16), all in ``kernels/decode_attention.py``:
-the append kernel (rotates the new k, writes k and v into exactly their Sk_new slots per row;
-one launch, which also writes q rotated into a copy), the split-KV attention kernel and, with
-more than one split, ``merge_stacked_attention_states``. Everything else runs the reference.
+one launch of the split-KV attention kernel, which also appends the new k/v (rotating k and q in
+registers) into exactly their Sk_new slots per row, and, with more than one split,
+``merge_stacked_attention_states``. Everything else runs the reference.
 """
 
 from __future__ import annotations
@@ -88,24 +88,33 @@ def _capturing_cuda_graph(q) -> bool:
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-              block_table, softcap, alibi_slopes, num_splits):
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndims=(4,))
-    check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndims=(4,))
-    check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndims=(4,))
-    check_same_dtype(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
-    check_same_device(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
-    check_shape("v_cache", v_cache, k_cache.shape, "the shape of k_cache")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+def _check_cache_and_heads(q, k_cache, v_cache, q_ndim=4, cache_names=("k_cache", "v_cache")):
+    """q (..., H, D) and a (contiguous or paged) cache pair: dtypes, devices, shapes, head dims, GQA.
+    Shared with the block_table path of flash_attn_varlen_func, whose caches are called k and v."""
+    k_name, v_name = cache_names
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndims=(q_ndim,))
+    check_tensor(k_name, k_cache, dtypes=FLOAT_DTYPES, ndims=(4,))
+    check_tensor(v_name, v_cache, dtypes=FLOAT_DTYPES, ndims=(4,))
+    check_same_dtype(("q", k_name, v_name), (q, k_cache, v_cache))
+    check_same_device(("q", k_name, v_name), (q, k_cache, v_cache))
+    check_shape(v_name, v_cache, k_cache.shape, f"the shape of {k_name}")
+    for name, t in (("q", q), (k_name, k_cache), (v_name, v_cache)):
         check_last_dim_contiguous(name, t)
-    batch, _, heads, head_dim = q.shape
+    heads, head_dim = q.shape[-2], q.shape[-1]
     kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"expected k_cache with head dim {head_dim} (q's), got {k_cache.shape[3]}")
+        raise ValueError(f"expected {k_name} with head dim {head_dim} (q's), got {k_cache.shape[3]}")
     if head_dim > MAX_HEAD_DIM or head_dim % 8:
         raise ValueError(f"expected a head dim that is a multiple of 8 and at most {MAX_HEAD_DIM}, got {head_dim}")
     if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"expected q's number of heads ({heads}) to be a multiple of k_cache's ({kv_heads})")
+        raise ValueError(f"expected q's number of heads ({heads}) to be a multiple of {k_name}'s ({kv_heads})")
+
+
+def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+              block_table, softcap, alibi_slopes, num_splits):
+    _check_cache_and_heads(q, k_cache, v_cache)
+    batch, _, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: ALiBi is not implemented")
     if not isinstance(num_splits, int) or num_splits < 0:
@@ -177,7 +186,7 @@ def _use_kernel(q, kv_heads):
     reason = None
     if q.dtype not in FAST_DTYPES:
         reason = f"the decode kernel takes fp16/bf16, got {q.dtype} (fp32 runs on the reference path)"
-    elif q.shape[2] // kv_heads > MAX_GROUP:
+    elif q.shape[-2] // kv_heads > MAX_GROUP:  # q (..., H, D): padded or packed
         reason = f"more than {MAX_GROUP} query heads per KV head (runs on the reference path)"
     if reason is not None:
         forced = forced_backend()
@@ -207,30 +216,24 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
             block_table, softmax_scale, causal, window, softcap, rotary_interleaved, return_softmax_lse=True)
     from ..kernels import decode_attention as kernels
 
-    seqlen_new = 0 if k is None else k.shape[1]
-    if k is not None:
-        # One launch: k rotated and k, v written into exactly their slots; q rotated into a copy.
-        q_rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary_cos is not None else None
-        kernels.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_cos, rotary_sin,
-                          rotary_interleaved, q, q_rotated, causal or window != (-1, -1))
-        if q_rotated is not None:
-            q = q_rotated
-
     batch, seqlen_q, heads, head_dim = q.shape
     if num_splits == 0:
         num_splits = kernels.num_splits_heuristic(batch, seqlen_q, heads, k_cache.shape[2],
                                                   cache_capacity(k_cache, block_table), _num_sms(q.device))
-    args = (cache_seqlens, cache_leftpad, block_table, cache_batch_idx, seqlen_new, softmax_scale, causal, window,
-            softcap, num_splits)
+    # One launch appends k/v (rotating k and q in registers) and attends; see kernels/decode_attention.py.
+    options = dict(k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                   rotary_per_token=causal or window != (-1, -1), cache_leftpad=cache_leftpad,
+                   block_table=block_table, cache_batch_idx=cache_batch_idx, softmax_scale=softmax_scale,
+                   causal=causal, window_size=window, softcap=softcap, num_splits=num_splits)
     if num_splits == 1:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
-        kernels.forward(q, k_cache, v_cache, out, lse, *args)
+        kernels.forward(q, k_cache, v_cache, out, lse, cache_seqlens, **options)
         return out, lse
     # fp32 partials: the combine rounds once, to q's dtype, at the end.
     outs = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
     lses = torch.empty((num_splits, *_lse_shape(q)), dtype=torch.float32, device=q.device)
-    kernels.forward(q, k_cache, v_cache, outs, lses, *args)
+    kernels.forward(q, k_cache, v_cache, outs, lses, cache_seqlens, **options)
     out, lse = merge_stacked_attention_states(outs, lses)
     return out.to(q.dtype), lse
 

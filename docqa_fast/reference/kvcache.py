@@ -154,3 +154,24 @@ def flash_attn_with_kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=
         lses.append(lse)
     out, lse = torch.cat(outs), torch.cat(lses)
     return (out, lse) if return_softmax_lse else out
+
+
+def gather_paged_varlen(cache, cu_seqlens_k, block_table):
+    """The keys (or values) of every sequence of a packed batch over a paged cache, packed
+    densely (total_k, Hk, D) in sequence order, so ``cu_seqlens_k`` describes them."""
+    parts = [cache.new_empty((0, *cache.shape[2:]))]
+    for b in range(block_table.shape[0]):
+        parts.append(gather_row(cache, b, int(cu_seqlens_k[b + 1] - cu_seqlens_k[b]), block_table=block_table))
+    return torch.cat(parts)
+
+
+def flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale=None,
+                                causal=False, window_size=(-1, -1), softcap=0.0, upcast=True):
+    """flash-attn 2's ``flash_attn_varlen_func(..., block_table=...)``: packed queries
+    (total_q, H, D) over a paged cache (num_blocks, page_size, Hk, D); sequence b's keys are
+    its first ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` logical slots (through ``block_table[b]``).
+    Gathers each sequence's pages and runs :func:`attention_ref`; returns (out, lse (H, total_q))."""
+    keys = gather_paged_varlen(k_cache, cu_seqlens_k, block_table)
+    values = gather_paged_varlen(v_cache, cu_seqlens_k, block_table)
+    return attention_ref(q, keys, values, softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
+                         softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, upcast=upcast)

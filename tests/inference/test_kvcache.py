@@ -181,13 +181,15 @@ def test_windows_and_softcap(backend, window_size, causal, softcap, device):
                   block_table=table, window_size=window_size, causal=causal, softcap=softcap, softmax_scale=0.3)
 
 
-def test_cache_batch_idx_and_leftpad(backend, device):
+@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda n: f"splits{n}")
+def test_cache_batch_idx_and_leftpad(backend, num_splits, device):
     k_cache, v_cache, _ = make_cache(3, 70, 1, 64, torch.float16, device, spare_rows=2)
     q = torch.randn(3, 2, 7, 64, device=device).half()
     k, v = (torch.randn(3, 2, 1, 64, device=device).half() for _ in range(2))
     check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([10, 0, 66], dtype=torch.int32, device=device),
                   cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32, device=device),
-                  cache_leftpad=torch.tensor([3, 0, 60], dtype=torch.int32, device=device), causal=True)
+                  cache_leftpad=torch.tensor([3, 0, 60], dtype=torch.int32, device=device), causal=True,
+                  num_splits=num_splits)
 
 
 def test_no_new_tokens_and_int_seqlens(backend, device):
@@ -211,6 +213,50 @@ def test_every_num_splits_matches_one_split(backend, page_size, seqlen_q, option
     for splits in (2, 5, 0):
         torch.testing.assert_close(results[splits][0], results[1][0], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(results[splits][1], results[1][1], atol=1e-4, rtol=1e-4)
+
+
+# (Sq, Sk_new, causal, window): the fused append with more new tokens than queries, fewer, and a
+# left window that hides the first new tokens from the last query block (which still writes them).
+APPEND_CASES = [(1, 1, False, (-1, -1)), (1, 3, False, (-1, -1)), (5, 2, True, (-1, -1)), (20, 20, True, (3, -1)),
+                (20, 20, True, (-1, -1))]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("page_size", [None, 16], ids=lambda p: "contiguous" if p is None else f"page{p}")
+@pytest.mark.parametrize("seqlen_q, seqlen_new, causal, window_size", APPEND_CASES, ids=str)
+def test_fused_append_every_split(backend, seqlen_q, seqlen_new, causal, window_size, page_size, num_splits, device):
+    """The append happens inside the attention launch: with several query blocks and splits,
+    every new slot is written exactly once and nothing else changes (check_kvcache), and the
+    attention sees the new keys whichever program reads them."""
+    k_cache, v_cache, table = make_cache(3, 120, 1, 64, torch.float16, device, page_size)
+    q = torch.randn(3, seqlen_q, 4, 64, device=device).half()
+    k, v = (torch.randn(3, seqlen_new, 1, 64, device=device).half() for _ in range(2))
+    seqlens = torch.tensor([0, 77, 100 - seqlen_new], dtype=torch.int32, device=device)
+    check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table, causal=causal,
+                  window_size=window_size, num_splits=num_splits)
+
+
+def test_append_without_queries(backend, device):
+    """Sq = 0 still appends (a launch of query-less blocks writes the new tokens)."""
+    k_cache, v_cache, table = make_cache(2, 48, 2, 32, torch.float16, device, 16)
+    q = torch.randn(2, 0, 4, 32, device=device).half()
+    k, v = (torch.randn(2, 3, 2, 32, device=device).half() for _ in range(2))
+    out, lse = check_kvcache(q, k_cache, v_cache, k, v, block_table=table,
+                             cache_seqlens=torch.tensor([15, 40], dtype=torch.int32, device=device))
+    assert out.shape == (2, 0, 4, 32) and lse.shape == (2, 4, 0)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halves"])
+def test_rotary_head_dim_256_prefill(backend, interleaved, device):
+    """64-row tiles at D = 256 rotate q before the launch (see rotate_q_in_kernel); k is still
+    rotated and written inside it."""
+    k_cache, v_cache, table = make_cache(2, 64, 1, 256, torch.float16, device, 16)
+    q = torch.randn(2, 5, 4, 256, device=device).half()  # 5 x 4 rows > 16: 64-row tiles
+    k, v = (torch.randn(2, 5, 1, 256, device=device).half() for _ in range(2))
+    angle = torch.rand(64, 64, device=device) * 2 * math.pi  # rotary_dim 128 of 256
+    check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([5, 40], dtype=torch.int32, device=device),
+                  block_table=table, rotary_cos=angle.cos().half(), rotary_sin=angle.sin().half(),
+                  rotary_interleaved=interleaved, causal=True, num_splits=2)
 
 
 def test_empty_batch(backend, device):
