@@ -189,6 +189,24 @@ def _planner_inputs(params, device):
     return torch.from_numpy(lengths), params["max_tokens"]
 
 
+PADDED_BATCH = 8  # what a padding collator would batch: samples in order, each row padded to the batch's longest
+
+
+def _padding_ratios(n: int, max_tokens: int) -> dict[str, float]:
+    """Fraction of the tokens a step computes that are padding, for a fixed draw of the planner
+    case's length mix: rows packed by each strategy, versus batches of PADDED_BATCH samples in
+    order padded to their longest."""
+    gen = np.random.default_rng(0)
+    lengths = np.exp(gen.uniform(np.log(2048), np.log(max_tokens), n)).astype(np.int64)
+    real = int(lengths.sum())
+    ratios = {f"packed ({strategy})": 1 - real / (len(plan_packing(lengths, max_tokens, strategy=strategy))
+                                                  * max_tokens) for strategy in ("bfd", "greedy")}
+    padded = sum(int(lengths[i:i + PADDED_BATCH].max()) * len(lengths[i:i + PADDED_BATCH])
+                 for i in range(0, n, PADDED_BATCH))
+    ratios[f"padded (batches of {PADDED_BATCH})"] = 1 - real / padded
+    return ratios
+
+
 def _trl_provider():
     def unavailable(device):
         try:
@@ -261,10 +279,12 @@ def cases(quick: bool) -> list[Case]:
                          Provider("eager", fn=lambda lengths, m: plan_packing_ref(lengths.tolist(), m)),
                          _trl_provider())
     for n in sizes["planner_n"]:
+        ratios = _padding_ratios(n, 131072)
+        padding = ", ".join(f"{name} {ratio:.1%}" for name, ratio in ratios.items())
         found.append(Case(
             family=FAMILY, name=f"planner-n{n}", group="planner",
             description="BFD plan of n samples of 2K-128K tokens (log-uniform) into 128K rows; "
-                        "samples/s = n / time",
-            params={"n": n, "max_tokens": 131072}, sweep="n", make_inputs=_planner_inputs,
+                        f"samples/s = n / time; padding share of the computed tokens: {padding}",
+            params={"n": n, "max_tokens": 131072, "padding_ratio": ratios}, sweep="n", make_inputs=_planner_inputs,
             providers=planner_providers, bytes_moved=8 * n))
     return found

@@ -138,13 +138,26 @@ def _row_cells(row: dict, target: float | None) -> list[str]:
             fraction_text, speedup or "-", _mib(row["peak_memory_bytes"]), check]
 
 
+def _host_cost(counts: dict | None) -> str:
+    """A provider's host cost per call, when its family counted it (params["host_syncs"])."""
+    if counts is None:
+        return "-"
+    return f"{counts.get('syncs', 'n/a')} syncs, {counts.get('value_reads', 'n/a')} value reads"
+
+
 def case_table(record: dict) -> str:
     """Markdown table of one case: a row per provider (skips and errors with their reason)."""
     header = ["provider", "p20 ms", "p50 ms", "p80 ms", record["metric"], "of ceiling", "speedup (ours)",
               "peak MiB", "check"]
+    host = record["params"].get("host_syncs")
+    if host is not None:
+        header.append("host cost")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in record["providers"]:
-        lines.append("| " + " | ".join(_row_cells(row, record["target"])) + " |")
+        cells = _row_cells(row, record["target"])
+        if host is not None:
+            cells.append(_host_cost(host.get(row["provider"])))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
