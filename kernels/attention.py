@@ -515,6 +515,21 @@ _FORWARD_TILES = {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 80: (128, 32, 8, 2),
 # With K/V loaded by TMA (power-of-two head dims) the copy engine holds no per-thread addresses,
 # which buys D 128 twice the keys per tile (64 instead of 32) and a 3-deep pipeline.
 _FORWARD_TMA_TILES = {**_FORWARD_TILES, 128: (64, 64, 4, 3)}
+# Short query ranges (decode-like calls, Sq <= 64) take 64-row forward tiles: a 128-row tile
+# would be half padding. One warpgroup up to D 64; beyond, two (on 64 rows the second splits
+# the head dim), as one would spill with the pointer loads.
+SHORT_QUERIES = 64
+
+
+def _forward_tiles(head_dim: int, max_seqlen_q: int, tma: bool):
+    """The forward's (BLOCK_M, BLOCK_N, num_warps, num_stages): by head dim and load path, and
+    narrower for short query ranges."""
+    block_m, block_n, warps, stages = (_FORWARD_TMA_TILES if tma else _FORWARD_TILES)[_tile_key(head_dim)]
+    if max_seqlen_q <= SHORT_QUERIES and block_m > SHORT_QUERIES:
+        return SHORT_QUERIES, block_n, 4 if head_dim <= 64 else 8, stages
+    return block_m, block_n, warps, stages
+
+
 _DKDV_TILES = {32: (64, 64, 4, 2), 64: (32, 64, 8, 1), 80: (32, 64, 8, 1), 96: (32, 64, 8, 1),
                128: (32, 64, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
 _DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 16, 8, 1), 96: (64, 16, 8, 1),
@@ -561,10 +576,10 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     heads, head_dim = q.shape[-2], q.shape[-1]
     if max_seqlen_q == 0 or batch == 0:
         return
-    block_m, block_n, warps, stages = _FORWARD_TMA_TILES[_tile_key(head_dim)]
+    block_m, block_n, warps, stages = _forward_tiles(head_dim, max_seqlen_q, tma=True)
     descriptors = _kv_descriptors(k, v, varlen, block_n)
     if descriptors is None:
-        block_m, block_n, warps, stages = _FORWARD_TILES[_tile_key(head_dim)]
+        block_m, block_n, warps, stages = _forward_tiles(head_dim, max_seqlen_q, tma=False)
     k_arg, v_arg = descriptors or (k, v)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     attention_forward_kernel[grid](
@@ -680,9 +695,11 @@ def _tile_variants(kernel, head_dim):
     """(name suffix, tiles, USE_TMA or None when the kernel has no such flag) for every way the
     launchers can launch ``kernel`` at ``head_dim``."""
     if kernel is attention_forward_kernel:
-        yield "", _FORWARD_TILES[head_dim], False
-        if head_dim == _block_d(head_dim):  # K/V by TMA (see _kv_descriptors)
-            yield ",tma", _FORWARD_TMA_TILES[head_dim], True
+        for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):  # TMA: see _kv_descriptors
+            long, short = (_forward_tiles(head_dim, seqlen, tma) for seqlen in (SHORT_QUERIES + 1, SHORT_QUERIES))
+            yield (",tma" if tma else ""), long, tma
+            if short != long:
+                yield (",tma" if tma else "") + ",short_q", short, tma
     else:
         yield "", (_DKDV_TILES if kernel is attention_backward_dkdv_kernel else _DQ_TILES)[head_dim], None
 
