@@ -202,6 +202,24 @@ def _kv_tile(src, n_start, kv_row, kv_col, cols, stride_t, dims, len_k, HEAD_DIM
 
 
 @triton.jit
+def _kv_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
+                HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """(k source, v source, first row, first column) for _kv_tile: the descriptors with this
+    sequence's first token row (the batch's tokens follow one another) and this head's columns,
+    or pointers to this head's first key."""
+    kv_col = kv_h * HEAD_DIM
+    if USE_TMA:
+        k_src = k_ptr
+        v_src = v_ptr
+        kv_row = k_start if IS_VARLEN else b * seqlen_k
+    else:
+        k_src = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
+        v_src = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+        kv_row = k_start
+    return k_src, v_src, kv_row, kv_col
+
+
+@triton.jit
 def _inner_blocks(lo, hi, first_inner, end_inner, BLOCK: tl.constexpr):
     """[a, b): the blocks of the loop ``range(lo, hi, BLOCK)`` lying inside [first_inner, end_inner),
     where no element needs a mask. a and b stay on the loop's grid (lo + k * BLOCK), so the
@@ -296,15 +314,8 @@ def attention_forward_kernel(
     rows = m_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
-    kv_col = kv_h * HEAD_DIM
-    if USE_TMA:  # the descriptors' rows are the batch's tokens one after another
-        k_src = k_ptr
-        v_src = v_ptr
-        kv_row = k_start if IS_VARLEN else b * seqlen_k
-    else:
-        k_src = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
-        v_src = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
-        kv_row = k_start
+    k_src, v_src, kv_row, kv_col = _kv_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb,
+                                               v_sh, v_st, HEAD_DIM, IS_VARLEN, USE_TMA)
     q = _load_tile(q_base, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, True)
 
     window_l = window_left if HAS_WINDOW else -1
@@ -418,17 +429,19 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo, inner_hi, hi, len_q,
-               len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo, inner_lo, inner_hi,
+               hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """dQ of one query block from one stage's key blocks."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
     # The edges are a block or two: not worth a software pipeline's registers and shared memory.
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
         cols = n_start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
-        v = _load_tile(v_base, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        # Both tiles enter products with p = 0 past the sequence (dP, then ds @ K): zero their tails.
+        k = _kv_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
+        v = _kv_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
         p = tl.exp2(s - lse[:, None])
@@ -446,7 +459,9 @@ def attention_backward_dq_kernel(
     lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _kv_tile)."""
     m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -462,8 +477,8 @@ def attention_backward_dq_kernel(
                     BLOCK_D, True)
     stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
     lse, delta = _row_stats(lse_ptr + stat, delta_ptr + stat, rows, len_q, True)
-    k_base = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
-    v_base = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
+    k_src, v_src, kv_row, kv_col = _kv_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb,
+                                               v_sh, v_st, HEAD_DIM, IS_VARLEN, USE_TMA)
 
     window_l = window_left if HAS_WINDOW else -1
     window_r = window_right if HAS_WINDOW else -1
@@ -472,9 +487,9 @@ def attention_backward_dq_kernel(
     inner_lo, inner_hi = _inner_blocks(lo, hi, first, end, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for stage_masked in tl.static_range(2):  # inside the band first, then its edges
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, k_st, v_st, rows, dims, lo, inner_lo, inner_hi, hi,
-                        len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM, BLOCK_D, CAUSAL,
-                        HAS_SOFTCAP, stage_masked == 1, BLOCK_N)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo, inner_lo,
+                        inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM,
+                        BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_N, USE_TMA)
     _store_tile(_head_start(dq_ptr, b, h, q_start, dq_sb, dq_sh, dq_st), rows, dq_st, dims, len_q, dq, HEAD_DIM)
 
 
@@ -534,6 +549,8 @@ _DKDV_TILES = {32: (64, 64, 4, 2), 64: (32, 64, 8, 1), 80: (32, 64, 8, 1), 96: (
                128: (32, 64, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
 _DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 16, 8, 1), 96: (64, 16, 8, 1),
              128: (64, 16, 8, 1), 192: (32, 16, 8, 1), 256: (32, 16, 8, 1)}
+# TMA-fed K/V free the dQ kernel's address registers: 64-key tiles and a 2-deep pipeline at D 64-128.
+_DQ_TMA_TILES = {**_DQ_TILES, 64: (64, 64, 8, 2), 128: (64, 64, 8, 2)}
 
 
 def _tile_key(head_dim: int) -> int:
@@ -674,7 +691,11 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
         return dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen), BLOCK_M=block_m,
                     BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=warps, num_stages=stages)
 
-    dkdv_meta, dq_meta = meta(_DKDV_TILES), meta(_DQ_TILES)
+    dkdv_meta = meta(_DKDV_TILES)
+    dq_meta = meta(_DQ_TMA_TILES)
+    dq_descriptors = _kv_descriptors(k, v, varlen, dq_meta["BLOCK_N"])
+    if dq_descriptors is None:
+        dq_meta = meta(_DQ_TILES)
     lse_strides = _lse_strides(lse, varlen)
     if max_seqlen_k == 0 or max_seqlen_q == 0:  # nothing attends: dq is 0, and so are dk, dv
         dq.zero_(), dk.zero_(), dv.zero_()
@@ -684,10 +705,11 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, **dkdv_meta,
     )
+    dq_k, dq_v = dq_descriptors or (k, v)
     attention_backward_dq_kernel[(triton.cdiv(max_seqlen_q, dq_meta["BLOCK_M"]), batch, heads)](
-        q, k, v, dout, lse, delta, dq, *common,
+        q, dq_k, dq_v, dout, lse, delta, dq, *common,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
-        *_strides(dq, varlen), *lse_strides, **dq_meta,
+        *_strides(dq, varlen), *lse_strides, **dq_meta, USE_TMA=dq_descriptors is not None,
     )
 
 
@@ -700,8 +722,11 @@ def _tile_variants(kernel, head_dim):
             yield (",tma" if tma else ""), long, tma
             if short != long:
                 yield (",tma" if tma else "") + ",short_q", short, tma
+    elif kernel is attention_backward_dq_kernel:
+        for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):
+            yield (",tma" if tma else ""), (_DQ_TMA_TILES if tma else _DQ_TILES)[head_dim], tma
     else:
-        yield "", (_DKDV_TILES if kernel is attention_backward_dkdv_kernel else _DQ_TILES)[head_dim], None
+        yield "", _DKDV_TILES[head_dim], None
 
 
 def _configs():

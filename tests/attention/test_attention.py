@@ -125,6 +125,29 @@ def test_tma_and_pointer_loads_give_the_same_result(backend, layout, device, mon
         check_attention(q, k, v, **options)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the neighbour's own rows are NaN, by design
+def test_a_neighbour_sequence_with_infinities_does_not_leak(backend, device, monkeypatch):
+    """TMA tiles that run past a sequence's end read the next sequence's keys; whatever they hold
+    (inf here) must not reach this sequence's output or gradients."""
+    lengths = (70, 90)
+    cu = torch.tensor([0, 70, 160], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(160, 2, 64, device=device).half() for _ in range(3))
+    k[70:], v[70:] = float("inf"), float("-inf")
+    for tma in ("1", "0"):
+        monkeypatch.setenv("DOCQA_FAST_ATTENTION_TMA", tma)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = docqa_fast.flash_attn_varlen_func(*leaves, cu, cu, max(lengths), max(lengths), causal=True)
+        dout = torch.zeros_like(out)
+        dout[:70] = 1.0
+        grads = torch.autograd.grad(out, leaves, dout)
+        alone = [t[:70].clone().requires_grad_() for t in (q, k, v)]
+        expected = docqa_fast.flash_attn_func(*(t[None] for t in alone), causal=True)[0]
+        expected_grads = torch.autograd.grad(expected, alone, dout[:70])
+        torch.testing.assert_close(out[:70], expected, atol=2e-3, rtol=2e-3)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got[:70], want, atol=3e-3, rtol=3e-3)
+
+
 def test_band_stages_in_a_packed_batch(backend, device):
     lengths = torch.tensor([300, 0, 170, 1])
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
