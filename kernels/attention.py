@@ -182,41 +182,43 @@ def _store_tile(base, tokens, stride_t, dims, limit, value, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def _kv_tile(src, n_start, kv_row, kv_col, cols, stride_t, dims, len_k, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr):
-    """A (keys, head dim) K or V tile starting at key ``n_start``.
+def _head_tile(src, start, row0, col0, tokens, stride_t, dims, length, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr):
+    """A (tokens, head dim) tile of one head (K, V, Q or dO) starting at token ``start``.
 
     USE_TMA: ``src`` is a tensor descriptor over (tokens, heads * D) and the copy engine moves
     the tile (no per-thread addresses, which is register room in kernels that sit at Hopper's
-    limit); rows past the sequence read the next sequence's keys, or zeros past the tensor:
-    the scores mask them, and ZERO_TAIL zeroes them in V so that 0 * (a neighbour's inf) cannot
-    make a NaN. Otherwise ``src`` points at this head's first key and the loads are masked.
+    limit); rows past the sequence read the next sequence's tokens, or zeros past the tensor.
+    The caller's mask covers them where it can; ZERO_TAIL zeroes them where a product meets
+    them anyway, so a neighbour's values (even inf) never enter the result. Otherwise ``src``
+    points at this head's first token and the loads are masked.
     """
     if USE_TMA:
-        tile = src.load([kv_row + n_start, kv_col])
+        tile = src.load([row0 + start, col0])
         if ZERO_TAIL:
-            tile = tl.where((cols < len_k)[:, None], tile, 0.0)
+            tile = tl.where((tokens < length)[:, None], tile, 0.0)
     else:
-        tile = _load_tile(src, cols, stride_t, dims, len_k, HEAD_DIM, BLOCK_D, MASK)
+        tile = _load_tile(src, tokens, stride_t, dims, length, HEAD_DIM, BLOCK_D, MASK)
     return tile
 
 
 @triton.jit
-def _kv_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
-                HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr):
-    """(k source, v source, first row, first column) for _kv_tile: the descriptors with this
-    sequence's first token row (the batch's tokens follow one another) and this head's columns,
-    or pointers to this head's first key."""
-    kv_col = kv_h * HEAD_DIM
+def _tile_sources(a_ptr, b_ptr, b, head, start, seqlen, a_sb, a_sh, a_st, b_sb, b_sh, b_st,
+                  HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr):
+    """(a source, b source, first row, first column) for _head_tile, for two tensors of one
+    layout (K and V, or Q and dO): the descriptors with this sequence's first token row (the
+    batch's tokens follow one another) and this head's columns, or pointers to the head's
+    first token."""
+    col0 = head * HEAD_DIM
     if USE_TMA:
-        k_src = k_ptr
-        v_src = v_ptr
-        kv_row = k_start if IS_VARLEN else b * seqlen_k
+        a_src = a_ptr
+        b_src = b_ptr
+        row0 = start if IS_VARLEN else b * seqlen
     else:
-        k_src = _head_start(k_ptr, b, kv_h, k_start, k_sb, k_sh, k_st)
-        v_src = _head_start(v_ptr, b, kv_h, k_start, v_sb, v_sh, v_st)
-        kv_row = k_start
-    return k_src, v_src, kv_row, kv_col
+        a_src = _head_start(a_ptr, b, head, start, a_sb, a_sh, a_st)
+        b_src = _head_start(b_ptr, b, head, start, b_sb, b_sh, b_st)
+        row0 = start
+    return a_src, b_src, row0, col0
 
 
 @triton.jit
@@ -276,7 +278,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
         cols = n_start + tl.arange(0, BLOCK_N)
-        k = _kv_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, False)
+        k = _head_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, False)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -288,7 +290,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _kv_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
+        v = _head_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
@@ -303,7 +305,7 @@ def attention_forward_kernel(
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _kv_tile)."""
+    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile)."""
     m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -314,7 +316,7 @@ def attention_forward_kernel(
     rows = m_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
-    k_src, v_src, kv_row, kv_col = _kv_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb,
+    k_src, v_src, kv_row, kv_col = _tile_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb,
                                                v_sh, v_st, HEAD_DIM, IS_VARLEN, USE_TMA)
     q = _load_tile(q_base, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, True)
 
@@ -360,18 +362,21 @@ def _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_st, do_st, cols, dims, lo, inner_lo,
-                 inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base, q_st, do_st, cols, dims, lo,
+                 inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key block from one stage's query blocks of one query head."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_M, MASK)
     # The edges are a block or two: not worth a software pipeline's registers and shared memory.
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         m_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_M, MASK)
         rows = m_start + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK)
-        do = _load_tile(do_base, rows, do_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK)
+        # Query rows past the sequence must be zero (the scores do not mask rows): then p = 1
+        # there meets dO = 0 and delta = 0, and those rows add nothing to dK or dV.
+        q = _head_tile(q_src, m_start, q_row, q_col, rows, q_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
+        do = _head_tile(do_src, m_start, q_row, q_col, rows, do_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK, USE_TMA,
+                        MASK)
         lse, delta = _row_stats(lse_base, delta_base, rows, len_q, MASK)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
@@ -391,7 +396,9 @@ def attention_backward_dkdv_kernel(
     dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """USE_TMA: q_ptr / dout_ptr are tensor descriptors over (tokens, H * D) (see _head_tile)."""
     n_block, b, kv_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -415,14 +422,14 @@ def attention_backward_dkdv_kernel(
     # fixed order, so GQA needs no atomics and the result is reproducible.
     for g in range(heads_per_kv):
         h = kv_h * heads_per_kv + g
-        q_base = _head_start(q_ptr, b, h, q_start, q_sb, q_sh, q_st)
-        do_base = _head_start(dout_ptr, b, h, q_start, do_sb, do_sh, do_st)
+        q_src, do_src, q_row, q_col = _tile_sources(q_ptr, dout_ptr, b, h, q_start, seqlen_q, q_sb, q_sh, q_st,
+                                                    do_sb, do_sh, do_st, HEAD_DIM, IS_VARLEN, USE_TMA)
         stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
         for stage_masked in tl.static_range(2):  # inside the band first, then its edges
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_ptr + stat, delta_ptr + stat, q_st, do_st,
-                                  cols, dims, lo, inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap,
-                                  window_l, window_r, HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1,
-                                  BLOCK_M)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_ptr + stat, delta_ptr + stat, q_st,
+                                  do_st, cols, dims, lo, inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale,
+                                  softcap, window_l, window_r, HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP,
+                                  stage_masked == 1, BLOCK_M, USE_TMA)
 
     _store_tile(_head_start(dk_ptr, b, kv_h, k_start, dk_sb, dk_sh, dk_st), cols, dk_st, dims, len_k, dk, HEAD_DIM)
     _store_tile(_head_start(dv_ptr, b, kv_h, k_start, dv_sb, dv_sh, dv_st), cols, dv_st, dims, len_k, dv, HEAD_DIM)
@@ -440,8 +447,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, 
         n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
         cols = n_start + tl.arange(0, BLOCK_N)
         # Both tiles enter products with p = 0 past the sequence (dP, then ds @ K): zero their tails.
-        k = _kv_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
-        v = _kv_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
+        k = _head_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
+        v = _head_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
         s = _scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
         p = tl.exp2(s - lse[:, None])
@@ -461,7 +468,7 @@ def attention_backward_dq_kernel(
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _kv_tile)."""
+    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile)."""
     m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -477,7 +484,7 @@ def attention_backward_dq_kernel(
                     BLOCK_D, True)
     stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
     lse, delta = _row_stats(lse_ptr + stat, delta_ptr + stat, rows, len_q, True)
-    k_src, v_src, kv_row, kv_col = _kv_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb,
+    k_src, v_src, kv_row, kv_col = _tile_sources(k_ptr, v_ptr, b, kv_h, k_start, seqlen_k, k_sb, k_sh, k_st, v_sb,
                                                v_sh, v_st, HEAD_DIM, IS_VARLEN, USE_TMA)
 
     window_l = window_left if HAS_WINDOW else -1
@@ -530,6 +537,10 @@ _FORWARD_TILES = {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 80: (128, 32, 8, 2),
 # With K/V loaded by TMA (power-of-two head dims) the copy engine holds no per-thread addresses,
 # which buys D 128 twice the keys per tile (64 instead of 32) and a 3-deep pipeline.
 _FORWARD_TMA_TILES = {**_FORWARD_TILES, 128: (64, 64, 4, 3)}
+# The dK/dV kernel loads Q and dO by TMA up to D 128; at D 256 the descriptor path spills (8-16 B
+# in the Hopper check) where the pointer path does not.
+DKDV_TMA_MAX_HEAD_DIM = 128
+
 # Short query ranges (decode-like calls, Sq <= 64) take 64-row forward tiles: a 128-row tile
 # would be half padding. One warpgroup up to D 64; beyond, two (on 64 rows the second splits
 # the head dim), as one would spill with the pointer loads.
@@ -594,7 +605,7 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if max_seqlen_q == 0 or batch == 0:
         return
     block_m, block_n, warps, stages = _forward_tiles(head_dim, max_seqlen_q, tma=True)
-    descriptors = _kv_descriptors(k, v, varlen, block_n)
+    descriptors = _head_descriptors(k, v, varlen, block_n)
     if descriptors is None:
         block_m, block_n, warps, stages = _forward_tiles(head_dim, max_seqlen_q, tma=False)
     k_arg, v_arg = descriptors or (k, v)
@@ -621,26 +632,27 @@ def _tma_available(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kv_descriptors(k, v, varlen, block_n):
-    """TMA descriptors over K and V as (tokens, Hk * D) matrices, or None where TMA cannot serve:
-    a head dim that is not a power of two (the tile would run into the next head's columns;
-    the masked loads handle those), a layout whose heads or batch rows do not tile one matrix,
-    or what the copy engine refuses (16-byte aligned base and row stride)."""
-    head_dim = k.shape[-1]
-    if head_dim != _block_d(head_dim) or not _tma_available(k.device):
+def _head_descriptors(a, b, varlen, block_rows):
+    """TMA descriptors over two tensors of one layout (K and V, or Q and dO) as (tokens, heads * D)
+    matrices with (block_rows, D) tiles, or None where TMA cannot serve: a head dim that is not a
+    power of two (the tile would run into the next head's columns; the masked loads handle
+    those), a layout whose heads or batch rows do not tile one matrix, or what the copy engine
+    refuses (16-byte aligned base and row stride)."""
+    head_dim = a.shape[-1]
+    if head_dim != _block_d(head_dim) or not _tma_available(a.device):
         return None
-    tokens = k.shape[0] if varlen else k.shape[0] * k.shape[1]
+    tokens = a.shape[0] if varlen else a.shape[0] * a.shape[1]
     if tokens == 0:
         return None
     descriptors = []
-    for t in (k, v):
+    for t in (a, b):
         token_stride = t.stride(-3)
         merged = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * token_stride
         if not (merged and t.stride(-1) == 1 and t.stride(-2) == head_dim and t.data_ptr() % 16 == 0
                 and token_stride * t.element_size() % 16 == 0):
             return None
         descriptors.append(TensorDescriptor(t, [tokens, t.shape[-2] * head_dim], [token_stride, 1],
-                                            [block_n, head_dim]))
+                                            [block_rows, head_dim]))
     return tuple(descriptors)
 
 
@@ -692,18 +704,22 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
                     BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=warps, num_stages=stages)
 
     dkdv_meta = meta(_DKDV_TILES)
+    dkdv_descriptors = (_head_descriptors(q, dout, varlen, dkdv_meta["BLOCK_M"])
+                        if head_dim <= DKDV_TMA_MAX_HEAD_DIM else None)
     dq_meta = meta(_DQ_TMA_TILES)
-    dq_descriptors = _kv_descriptors(k, v, varlen, dq_meta["BLOCK_N"])
+    dq_descriptors = _head_descriptors(k, v, varlen, dq_meta["BLOCK_N"])
     if dq_descriptors is None:
         dq_meta = meta(_DQ_TILES)
     lse_strides = _lse_strides(lse, varlen)
     if max_seqlen_k == 0 or max_seqlen_q == 0:  # nothing attends: dq is 0, and so are dk, dv
         dq.zero_(), dk.zero_(), dv.zero_()
         return
+    dkdv_q, dkdv_dout = dkdv_descriptors or (q, dout)
     attention_backward_dkdv_kernel[(triton.cdiv(max_seqlen_k, dkdv_meta["BLOCK_N"]), batch, kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, *common,
+        dkdv_q, k, v, dkdv_dout, lse, delta, dk, dv, *common,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, **dkdv_meta,
+        USE_TMA=dkdv_descriptors is not None,
     )
     dq_k, dq_v = dq_descriptors or (k, v)
     attention_backward_dq_kernel[(triton.cdiv(max_seqlen_q, dq_meta["BLOCK_M"]), batch, heads)](
@@ -717,7 +733,7 @@ def _tile_variants(kernel, head_dim):
     """(name suffix, tiles, USE_TMA or None when the kernel has no such flag) for every way the
     launchers can launch ``kernel`` at ``head_dim``."""
     if kernel is attention_forward_kernel:
-        for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):  # TMA: see _kv_descriptors
+        for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):  # TMA: see _head_descriptors
             long, short = (_forward_tiles(head_dim, seqlen, tma) for seqlen in (SHORT_QUERIES + 1, SHORT_QUERIES))
             yield (",tma" if tma else ""), long, tma
             if short != long:
@@ -726,7 +742,9 @@ def _tile_variants(kernel, head_dim):
         for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):
             yield (",tma" if tma else ""), (_DQ_TMA_TILES if tma else _DQ_TILES)[head_dim], tma
     else:
-        yield "", _DKDV_TILES[head_dim], None
+        tma_ok = head_dim == _block_d(head_dim) and head_dim <= DKDV_TMA_MAX_HEAD_DIM
+        for tma in (False, True) if tma_ok else (False,):
+            yield (",tma" if tma else ""), _DKDV_TILES[head_dim], tma
 
 
 def _configs():
@@ -765,7 +783,10 @@ def _configs():
                               "BLOCK_D": _block_d(head_dim)}
                 if use_tma is not None:
                     constexprs["USE_TMA"] = use_tma
-                if use_tma:
+                if use_tma and kernel is attention_backward_dkdv_kernel:  # Q and dO by TMA, query-block rows
+                    variant.update({name: f"tensordesc<{ptr[1:]}[{block_m}, {head_dim}]>"
+                                    for name in ("q_ptr", "dout_ptr")})
+                elif use_tma:  # K and V by TMA, key-block rows
                     variant.update({name: f"tensordesc<{ptr[1:]}[{block_n}, {head_dim}]>" for name in ("k_ptr", "v_ptr")})
                 variant.update({name: "constexpr" for name in constexprs})
                 order = kernel.arg_names  # the kernel's own argument order
