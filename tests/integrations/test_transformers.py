@@ -70,6 +70,19 @@ def test_llama_padded_batch(backend, padding, device):
     _assert_same(_logits_and_grads(eager, **inputs), _logits_and_grads(ours, **inputs), tolerance, mask.bool())
 
 
+def test_qwen2_padded_batch(backend, device):
+    """Qwen2 (q/k/v projections with biases, GQA 4/2): left padding through the varlen path."""
+    dtype, tolerance = _precision(backend)
+    config = transformers.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    eager, ours = _pair(transformers.Qwen2ForCausalLM, config, dtype, device)
+    ids = torch.randint(0, 97, (3, 21), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :5], mask[2, :12] = 0, 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    _assert_same(_logits_and_grads(eager, **inputs), _logits_and_grads(ours, **inputs), tolerance, mask.bool())
+
+
 def test_llama_packed_documents_match_separate_forwards(backend, device):
     """Documents packed into one row with restarting position_ids: no attention across them."""
     dtype, tolerance = _precision(backend)
