@@ -30,6 +30,10 @@ void check_merge_args(const char* op, const at::Tensor& rows_in, const at::Tenso
   TORCH_CHECK_VALUE(visual.dim() == 2 && visual.is_contiguous() && visual.size(1) == rows_in.size(1), op,
                     ": expected contiguous (V, H) visual rows with H = ", rows_in.size(1));
   TORCH_CHECK_TYPE(visual.scalar_type() == rows_in.scalar_type(), op, ": expected one dtype for all rows");
+  // The CUDA kernel copies rows in 16-, 4- or 2-byte words: 1- and 8-byte elements would not fit them.
+  const auto dtype = rows_in.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+                   ": expected float16, bfloat16 or float32 rows, got ", dtype);
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
                    ": expected input_ids of dtype int32 or int64, got ", ids.scalar_type());
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == rows_in.size(0) && ids.is_contiguous(), op,

@@ -153,6 +153,9 @@ def test_merge_extension_ops_reject_bad_arguments():
         ext.merge_visual_forward(rows, ids, tokens, torch.randn(4, 6), out)
     with pytest.raises(ValueError, match="output shaped like"):
         ext.merge_visual_backward(rows, ids, tokens, torch.empty(9, 8), visual)
+    for dtype in (torch.float64, torch.int8):  # element sizes the CUDA kernel's copy words do not fit
+        with pytest.raises(TypeError, match="float16, bfloat16 or float32 rows"):
+            ext.merge_visual_forward(rows.to(dtype), ids, tokens, visual.to(dtype), out.to(dtype))
     with pytest.raises(ValueError, match="token_id to hold at least one id"):
         merge_visual_tokens(rows, ids, visual, torch.tensor([], dtype=torch.long))
 
