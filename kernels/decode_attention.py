@@ -316,7 +316,6 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
     if batch == 0 or (seqlen_q == 0 and not append):
         return
     block_m, per_block = launch_shape(batch, seqlen_q, heads, kv_heads)
-    q_strides, o_strides, lse_strides = _layout_strides(q, out, lse, varlen)
     left, right = window_size
     warps, stages = _warps_stages(head_dim, block_m)
     dummy = cache_seqlens  # any int32 tensor for pointers a variant never reads
@@ -327,6 +326,8 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
     if rotary and not rotate_q:
         q = apply_rotary_ref(q, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, q.shape[1], rotary_per_token),
                              rotary_interleaved)
+    # After the rotation: the rotated copy is laid out afresh, whatever the caller's q strides were.
+    q_strides, o_strides, lse_strides = _layout_strides(q, out, lse, varlen)
     # Sq = 0 with new tokens still launches one (query-less) block: it writes them.
     grid = (max(1, triton.cdiv(seqlen_q, per_block)) * num_splits, batch, kv_heads)
     decode_attention_kernel[grid](

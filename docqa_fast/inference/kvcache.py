@@ -63,6 +63,11 @@ def _check_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_
         if int(rows.min()) < 0 or int(rows.max()) >= k_cache.shape[0]:
             raise ValueError(f"expected cache_batch_idx values in [0, {k_cache.shape[0]}) (rows of k_cache), "
                              f"got {cache_batch_idx.tolist()[:16]}")
+        # The append is fused into the attention launch: two batch rows on one cache row would
+        # read slots the other writes in the same launch.
+        if seqlen_new > 0 and torch.unique(rows).numel() != rows.numel():
+            raise ValueError("expected distinct cache_batch_idx values when appending new k/v (two rows writing "
+                             f"one cache row race), got {cache_batch_idx.tolist()[:16]}")
     if cache_leftpad is not None:
         pad = cache_leftpad.long()
         if int(pad.min()) < 0 or bool((pad > lengths).any()):
@@ -166,6 +171,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
             raise ValueError("rotary_cos/rotary_sin need the new k and v to rotate (as in flash-attn)")
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2,))
+            check_last_dim_contiguous(name, t)  # the kernel reads the tables' rows with unit stride
         check_same_dtype(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
         check_same_device(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
         check_shape("rotary_sin", rotary_sin, rotary_cos.shape, "the shape of rotary_cos")

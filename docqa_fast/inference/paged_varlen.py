@@ -54,8 +54,9 @@ def _check_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if block_table.shape[0] != batch:
         raise ValueError(f"expected block_table with {batch} rows (one per sequence of cu_seqlens_q), "
                          f"got {tuple(block_table.shape)}")
-    if not value_checks_enabled() or batch == 0:
-        return
+    check_same_device(("q", "cu_seqlens_k"), (q, cu_seqlens_k))
+    if not value_checks_enabled() or batch == 0 or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # value checks sync with the host: under compile or a CUDA graph capture, validate before
     # cu_seqlens_k's end is the total key count, which a paged cache does not fix: check the rest.
     lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), q, "q")
     if int(lengths_q.max()) > max_seqlen_q:

@@ -259,6 +259,33 @@ def test_rotary_head_dim_256_prefill(backend, interleaved, device):
                   rotary_interleaved=interleaved, causal=True, num_splits=2)
 
 
+@pytest.mark.parametrize("seqlen, head_dim", [(5, 64), (1, 256)], ids=["64-row tiles", "decode D256"])
+def test_rotary_with_a_strided_q(backend, seqlen, head_dim, device):
+    """q sliced from a fused qkv projection (not contiguous) on the path that rotates q before
+    the launch: the kernel must read the rotated copy with the copy's own strides."""
+    k_cache, v_cache, table = make_cache(2, 64, 1, head_dim, torch.float16, device, 16)
+    qkv = torch.randn(2, seqlen, 6, head_dim, device=device).half()
+    q = qkv[:, :, :4]
+    assert not q.is_contiguous()
+    k, v = (torch.randn(2, seqlen, 1, head_dim, device=device).half() for _ in range(2))
+    angle = torch.rand(64, head_dim // 4, device=device) * 2 * math.pi
+    check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([5, 40], dtype=torch.int32, device=device),
+                  block_table=table, rotary_cos=angle.cos().half(), rotary_sin=angle.sin().half(), causal=True)
+
+
+def test_two_rows_appending_to_one_cache_row_is_refused(device):
+    """The append is fused into the attention launch, so rows sharing a cache row would race."""
+    k_cache, v_cache, _ = make_cache(2, 32, 1, 32, torch.float16, device)
+    q = torch.randn(2, 1, 2, 32, device=device).half()
+    k, v = (torch.randn(2, 1, 1, 32, device=device).half() for _ in range(2))
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match="distinct cache_batch_idx"):
+        inference.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor(
+            [4, 2], dtype=torch.int32, device=device), cache_batch_idx=torch.tensor([0, 0], dtype=torch.int32,
+                                                                                     device=device))
+    assert torch.equal(k_cache, before)
+
+
 def test_empty_batch(backend, device):
     k_cache, v_cache, _ = make_cache(1, 16, 1, 32, torch.float16, device)
     q = torch.randn(0, 1, 2, 32, device=device).half()
@@ -310,6 +337,9 @@ BAD_INPUTS = {
                            "cache_leftpad"),
     "num_splits negative": (lambda a: a.update(num_splits=-1), ValueError, "num_splits"),
     "alibi": (lambda a: a.update(alibi_slopes=torch.ones(2)), NotImplementedError, "alibi"),
+    "strided rotary table": (lambda a: a.update(zip(("rotary_cos", "rotary_sin"),
+                                                    (t.repeat(1, 2)[:, ::2] for t in _rotary(70, "cpu")))),
+                             ValueError, "rotary_cos"),
 }
 
 
