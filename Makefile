@@ -36,7 +36,7 @@ $(BUILD_STAMP): $(SETUP_STAMP) $(SOURCES)
 install: $(BUILD_STAMP)
 
 test: install
-	DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs
+	DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs --durations=15
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
