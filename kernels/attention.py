@@ -648,8 +648,9 @@ def _head_descriptors(a, b, varlen, block_rows):
     for t in (a, b):
         token_stride = t.stride(-3)
         merged = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * token_stride
+        # A row stride below the row's width (possible for a single token) may be refused by the encoder.
         if not (merged and t.stride(-1) == 1 and t.stride(-2) == head_dim and t.data_ptr() % 16 == 0
-                and token_stride * t.element_size() % 16 == 0):
+                and token_stride >= t.shape[-2] * head_dim and token_stride * t.element_size() % 16 == 0):
             return None
         descriptors.append(TensorDescriptor(t, [tokens, t.shape[-2] * head_dim], [token_stride, 1],
                                             [block_rows, head_dim]))
@@ -694,6 +695,7 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if batch == 0:
         return
+    lse = lse.contiguous()  # the kernels address delta (allocated like it) with the LSE's strides
     delta = _delta(dout, out, lse, grad_lse, varlen)
     common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
               _scales(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1])

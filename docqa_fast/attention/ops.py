@@ -73,6 +73,13 @@ def check_window(window_size) -> tuple[int, int]:
     return left, right
 
 
+def bounded_window(left: int, right: int, max_seqlen_q: int, max_seqlen_k: int) -> tuple[int, int]:
+    """The window with sides that restrict nothing turned into -1: a left side >= max_seqlen_k
+    or a right side >= max_seqlen_q covers every key, and left as they are, the kernels' int32
+    sums of positions and window sides (up to 2^31 - 1) would wrap around."""
+    return (-1 if left >= max_seqlen_k else left), (-1 if right >= max_seqlen_q else right)
+
+
 def check_unsupported(dropout_p, alibi_slopes) -> None:
     if dropout_p:
         raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented (LLM training "
@@ -188,6 +195,7 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    left, right = bounded_window(left, right, max_seqlen_q, max_seqlen_k)
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     if batch > MAX_SEQUENCES:
         raise ValueError(f"expected at most {MAX_SEQUENCES} sequences per call (the kernels' grid axis for them, "

@@ -29,7 +29,7 @@ from .._validation import (
     check_tensor,
     value_checks_enabled,
 )
-from ..attention.ops import check_window
+from ..attention.ops import bounded_window, check_window
 from ..merge_attention import merge_stacked_attention_states
 from ..reference.kvcache import flash_attn_varlen_paged_ref
 from .kvcache import PAGE_MULTIPLE, _check_cache_and_heads, _num_sms, _use_kernel
@@ -124,7 +124,7 @@ def flash_attn_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max
     gets out 0 and lse -inf.
     """
     _check_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
-    left, right = check_window(window_size)
+    left, right = bounded_window(*check_window(window_size), max_seqlen_q, max_seqlen_k)
     if softcap < 0:
         raise ValueError(f"expected softcap >= 0 (0 = off), got {softcap}")
     if not isinstance(num_splits, int) or num_splits < 0:

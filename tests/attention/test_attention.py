@@ -165,6 +165,15 @@ def test_more_sequences_than_the_grid_holds_is_a_clear_error():
         docqa_fast.flash_attn_varlen_func(q, q, q, cu, cu, 1, 1)
 
 
+def test_window_sides_near_the_int32_limit_mean_unbounded(backend, device):
+    """A window side that covers every key is no restriction, however large (no int32 wrap)."""
+    q = torch.randn(1, 40, 2, 32, device=device).half()
+    k, v = (torch.randn(1, 70, 2, 32, device=device).half() for _ in range(2))
+    huge = 2**31 - 1
+    check_attention(q, k, v, window_size=(huge, huge))
+    check_attention(q, k, v, window_size=(huge, 3))
+
+
 def test_softcap_and_scale(backend, device):
     q = torch.randn(2, 37, 4, 64, device=device).half() * 3  # large scores: the cap matters
     k, v = (torch.randn(2, 37, 2, 64, device=device).half() for _ in range(2))

@@ -84,6 +84,7 @@ def test_matches_reference(backend, precision, causal, lengths_q, lengths_k, hea
 
 
 @pytest.mark.parametrize("options", [{"window_size": (7, 0), "causal": True}, {"window_size": (5, 3)},
+                                     {"window_size": (2**31 - 1, 2**31 - 1)},  # unbounded, without int32 wrap
                                      {"softcap": 3.0, "softmax_scale": 0.4, "causal": True}], ids=str)
 def test_windows_and_softcap(backend, options, device):
     lengths_q, lengths_k = [6, 13], [50, 13]
