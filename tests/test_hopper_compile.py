@@ -112,3 +112,11 @@ def test_check_sees_tma_loads_and_flags_their_absence():
     assert report.ok and report.tma_count > 0, report.problems
     report = _compile_natively(KernelConfig("elementwise claiming TMA", None, {}))
     assert not report.ok and "no TMA instruction" in report.problems[0]
+
+
+def test_command_line_filters_configs_by_name(capsys):
+    assert hopper_check.main(["--filter", "attention_backward_delta[bf16,D=80,grad_lse=False]"]) == 0
+    table = capsys.readouterr().out
+    assert "attention_backward_delta[bf16,D=80,grad_lse=False]" in table and "grad_lse=True" not in table
+    with pytest.raises(SystemExit):
+        hopper_check.main(["--filter", "no config has this name"])

@@ -138,5 +138,22 @@ def format_table(reports: list[HopperReport]) -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> int:
+    """``python -m docqa_fast.tools.hopper_check [--filter TEXT]``: the table; exit 1 on a problem."""
+    import argparse
+
+    from docqa_fast.kernels.registry import registered_configs
+
+    parser = argparse.ArgumentParser(description="Compile registered Triton configs for sm_90 and report them.")
+    parser.add_argument("--filter", default="", help="only configs whose name contains this text")
+    args = parser.parse_args(argv)
+    names = [c.name for c in registered_configs() if args.filter in c.name]
+    if not names:
+        parser.error(f"no registered config name contains {args.filter!r}")
+    reports = check_all(names)
+    print(format_table(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
 if __name__ == "__main__":
-    print(format_table(check_all()))
+    raise SystemExit(main())
