@@ -274,7 +274,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
                     BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over one stage's key blocks (see _stage_blocks)."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
-    # The edges are a block or two: not worth a software pipeline's registers and shared memory.
+    # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
         cols = n_start + tl.arange(0, BLOCK_N)
@@ -368,7 +368,7 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base
                  MASK: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key block from one stage's query blocks of one query head."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_M, MASK)
-    # The edges are a block or two: not worth a software pipeline's registers and shared memory.
+    # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         m_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_M, MASK)
         rows = m_start + tl.arange(0, BLOCK_M)
@@ -442,7 +442,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, 
                BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """dQ of one query block from one stage's key blocks."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
-    # The edges are a block or two: not worth a software pipeline's registers and shared memory.
+    # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
     for j in tl.range(0, count, num_stages=1 if MASK else None):
         n_start = _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK_N, MASK)
         cols = n_start + tl.arange(0, BLOCK_N)
@@ -632,14 +632,19 @@ def _tma_available(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _head_descriptors(a, b, varlen, block_rows):
+def _tma_head_dim(head_dim: int, max_head_dim: int = HEAD_DIMS[-1]) -> bool:
+    """Head dims a TMA tile covers exactly (powers of two), up to a kernel's own limit."""
+    return head_dim == _block_d(head_dim) and head_dim <= max_head_dim
+
+
+def _head_descriptors(a, b, varlen, block_rows, max_head_dim: int = HEAD_DIMS[-1]):
     """TMA descriptors over two tensors of one layout (K and V, or Q and dO) as (tokens, heads * D)
     matrices with (block_rows, D) tiles, or None where TMA cannot serve: a head dim that is not a
     power of two (the tile would run into the next head's columns; the masked loads handle
     those), a layout whose heads or batch rows do not tile one matrix, or what the copy engine
     refuses (16-byte aligned base and row stride)."""
     head_dim = a.shape[-1]
-    if head_dim != _block_d(head_dim) or not _tma_available(a.device):
+    if not _tma_head_dim(head_dim, max_head_dim) or not _tma_available(a.device):
         return None
     tokens = a.shape[0] if varlen else a.shape[0] * a.shape[1]
     if tokens == 0:
@@ -695,6 +700,9 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if batch == 0:
         return
+    if max_seqlen_k == 0 or max_seqlen_q == 0:  # nothing attends: dq is 0, and so are dk, dv
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return
     lse = lse.contiguous()  # the kernels address delta (allocated like it) with the LSE's strides
     delta = _delta(dout, out, lse, grad_lse, varlen)
     common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
@@ -706,16 +714,12 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
                     BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=warps, num_stages=stages)
 
     dkdv_meta = meta(_DKDV_TILES)
-    dkdv_descriptors = (_head_descriptors(q, dout, varlen, dkdv_meta["BLOCK_M"])
-                        if head_dim <= DKDV_TMA_MAX_HEAD_DIM else None)
+    dkdv_descriptors = _head_descriptors(q, dout, varlen, dkdv_meta["BLOCK_M"], DKDV_TMA_MAX_HEAD_DIM)
     dq_meta = meta(_DQ_TMA_TILES)
     dq_descriptors = _head_descriptors(k, v, varlen, dq_meta["BLOCK_N"])
     if dq_descriptors is None:
         dq_meta = meta(_DQ_TILES)
     lse_strides = _lse_strides(lse, varlen)
-    if max_seqlen_k == 0 or max_seqlen_q == 0:  # nothing attends: dq is 0, and so are dk, dv
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return
     dkdv_q, dkdv_dout = dkdv_descriptors or (q, dout)
     attention_backward_dkdv_kernel[(triton.cdiv(max_seqlen_k, dkdv_meta["BLOCK_N"]), batch, kv_heads)](
         dkdv_q, k, v, dkdv_dout, lse, delta, dk, dv, *common,
@@ -735,17 +739,16 @@ def _tile_variants(kernel, head_dim):
     """(name suffix, tiles, USE_TMA or None when the kernel has no such flag) for every way the
     launchers can launch ``kernel`` at ``head_dim``."""
     if kernel is attention_forward_kernel:
-        for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):  # TMA: see _head_descriptors
+        for tma in (False, True) if _tma_head_dim(head_dim) else (False,):  # TMA: see _head_descriptors
             long, short = (_forward_tiles(head_dim, seqlen, tma) for seqlen in (SHORT_QUERIES + 1, SHORT_QUERIES))
             yield (",tma" if tma else ""), long, tma
             if short != long:
                 yield (",tma" if tma else "") + ",short_q", short, tma
     elif kernel is attention_backward_dq_kernel:
-        for tma in (False, True) if head_dim == _block_d(head_dim) else (False,):
+        for tma in (False, True) if _tma_head_dim(head_dim) else (False,):
             yield (",tma" if tma else ""), (_DQ_TMA_TILES if tma else _DQ_TILES)[head_dim], tma
     else:
-        tma_ok = head_dim == _block_d(head_dim) and head_dim <= DKDV_TMA_MAX_HEAD_DIM
-        for tma in (False, True) if tma_ok else (False,):
+        for tma in (False, True) if _tma_head_dim(head_dim, DKDV_TMA_MAX_HEAD_DIM) else (False,):
             yield (",tma" if tma else ""), _DKDV_TILES[head_dim], tma
 
 
