@@ -153,11 +153,13 @@ def forced_backend() -> str | None:
 
 
 def choose_backend(op: str, device: torch.device, implemented: tuple[str, ...],
-                   dtype: torch.dtype | None = None) -> str:
+                   dtype: torch.dtype | None = None, *, cpu_twin: bool = False) -> str:
     """Pick the backend for one call of ``op`` on tensors of ``device`` (and ``dtype``).
 
     ``implemented`` lists the op's fast backends in order of preference on CUDA tensors
-    ("cuda", "triton", or both); the reference is always implemented.
+    ("cuda", "triton", or both); the reference is always implemented. ``cpu_twin``: the
+    extension's C++ twin is also the op's CPU fast path (data-loader code), so CPU tensors
+    take "cuda" by default when the extension is built.
     """
     forced = forced_backend()
     if forced is not None:
@@ -172,4 +174,6 @@ def choose_backend(op: str, device: torch.device, implemented: tuple[str, ...],
         for backend in implemented:
             if _unavailable_reason(backend, device, dtype) is None:
                 return backend
+    if cpu_twin and device.type == "cpu" and "cuda" in implemented and _unavailable_reason("cuda", device) is None:
+        return "cuda"
     return "reference"

@@ -38,6 +38,19 @@ def test_auto_choice_on_cpu_is_the_reference(monkeypatch):
     assert _backend.choose_backend("op", torch.device("cpu"), ("cuda", "triton")) == "reference"
 
 
+def test_cpu_twin_ops_take_the_extension_on_cpu_by_default(monkeypatch):
+    """Ops whose C++ twin is their CPU fast path (packing) pick it on CPU tensors when it is
+    built; the reference is still what DOCQA_FAST_BACKEND=reference or a plain op gets."""
+    monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    built = _backend.extension() is not None
+    assert _backend.choose_backend("op", cpu, ("cuda",), cpu_twin=True) == ("cuda" if built else "reference")
+    assert _backend.choose_backend("op", cpu, ("cuda",)) == "reference"
+    assert _backend.choose_backend("op", cpu, ("triton",), cpu_twin=True) == "reference"
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
+    assert _backend.choose_backend("op", cpu, ("cuda",), cpu_twin=True) == "reference"
+
+
 def test_forced_backend_is_used(monkeypatch):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
     assert _backend.choose_backend("op", torch.device("cpu"), ("cuda", "triton")) == "reference"

@@ -24,22 +24,17 @@ from collections.abc import Sequence
 
 import torch
 
-from .._backend import choose_backend, extension, forced_backend
+from .._backend import choose_backend, extension
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
 
 _IMPLEMENTED = ("cuda",)  # the extension: CUDA kernels, and their C++ twins on CPU tensors
 
 
 def _backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The project's dispatch, except that CPU tensors also take the extension when it is built.
-
-    This family's CPU code runs in data loaders and on CPU-only machines, and the C++ twin
-    copies rows about twice as fast as ``masked_scatter`` there; ``DOCQA_FAST_BACKEND``
-    still forces either path.
-    """
-    if device.type == "cpu" and forced_backend() is None:
-        return "cuda" if extension() is not None else "reference"
-    return choose_backend("merge_visual_tokens", device, _IMPLEMENTED, dtype)
+    """The project's dispatch; CPU tensors take the C++ twin when it is built (this family's
+    CPU code runs in data loaders, and the twin copies rows about twice as fast as
+    ``masked_scatter`` there). ``DOCQA_FAST_BACKEND`` still forces either path."""
+    return choose_backend("merge_visual_tokens", device, _IMPLEMENTED, dtype, cpu_twin=True)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 

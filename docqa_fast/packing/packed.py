@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._backend import choose_backend, extension, forced_backend
+from .._backend import choose_backend, extension
 from .rope import get_rope_index
 
 IGNORE_INDEX = -100
@@ -100,10 +100,7 @@ def _cat(parts):
 def _use_extension(device: torch.device) -> bool:
     """The extension's packing copy (its CUDA kernel, or its C++ twin for CPU samples) when
     built; ``DOCQA_FAST_BACKEND=reference`` keeps the ``torch.cat`` path."""
-    if forced_backend() is None and device.type == "cpu":
-        ext = extension()
-        return ext is not None and hasattr(ext, "pack_tokens")
-    return choose_backend("pack_multimodal", device, ("cuda",)) == "cuda"
+    return choose_backend("pack_multimodal", device, ("cuda",), cpu_twin=True) == "cuda"
 
 
 def _pack_token_fields(ids, labels, types, mrope, ignore_index, device):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._backend import choose_backend, extension, forced_backend
+from .._backend import choose_backend, extension
 from ..reference.packing import STRATEGIES, plan_packing_ref
 
 _STRATEGY_CODES = {"greedy": 0, "ffd": 1, "bfd": 2}  # csrc/packing/planner.h: Strategy
@@ -60,10 +60,7 @@ def plan_packing(lengths, max_tokens: int, *, strategy: str = "bfd", split_long:
     lengths_t = _lengths_tensor(lengths)
     # The planner runs on the CPU whatever device the lengths came from, and its C++ code is
     # the CPU fast path ("cuda" = the extension); DOCQA_FAST_BACKEND still forces either.
-    if forced_backend() is not None:
-        backend = choose_backend("plan_packing", torch.device("cpu"), ("cuda",))
-    else:
-        backend = "cuda" if extension() is not None else "reference"
+    backend = choose_backend("plan_packing", torch.device("cpu"), ("cuda",), cpu_twin=True)
     if backend == "reference":
         return plan_packing_ref(lengths_t.tolist(), max_tokens, strategy=strategy, split_long=split_long)
     sample, start, length, offsets, items = extension().plan_packing(

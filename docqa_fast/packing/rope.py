@@ -185,12 +185,9 @@ def _use_extension(device: torch.device) -> bool:
     fast path. ``DOCQA_FAST_BACKEND=reference`` keeps the tensor path (how the tests cover
     it on CPU tensors); ``=cuda`` requires the extension and raises, saying why, without it.
     """
-    from .._backend import choose_backend, extension, forced_backend
+    from .._backend import choose_backend
 
-    if forced_backend() is None and device.type == "cpu":
-        ext = extension()
-        return ext is not None and hasattr(ext, "mrope_position_ids")
-    return choose_backend("get_rope_index", device, ("cuda",)) == "cuda"
+    return choose_backend("get_rope_index", device, ("cuda",), cpu_twin=True) == "cuda"
 
 
 def _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, device):
