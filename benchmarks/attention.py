@@ -64,7 +64,12 @@ def _with_grad(q, k, v, params):
 # ----------------------------------------------------------------------------- providers
 
 def _in_mode(forward, mode):
-    """forward(q, k, v, *rest) -> out, turned into the timed callable of ``mode``."""
+    """forward(q, k, v, *rest) -> out, turned into the timed callable of ``mode``.
+
+    Call it in a provider's ``build`` (once per case), never when the case is made: the bwd
+    callable keeps each input set's graph, and a case lives for the whole run -- made with the
+    cases, every bwd case's inputs, outputs and saved tensors stayed on the GPU to the end.
+    """
     if mode == "fwd":
         return lambda q, k, v, dout, *rest: forward(q, k, v, *rest)
     if mode == "fwd_bwd":
@@ -89,7 +94,7 @@ def _ours(mode, causal, packed):
             return docqa_fast.flash_attn_func(q, k, v, causal=causal)
     unavailable = (lambda device: None if device.type == "cuda" else
                    "no GPU: the Triton interpreter is far too slow to time")
-    return Provider("docqa_fast[triton]", fn=_in_mode(forward, mode), ours=True,
+    return Provider("docqa_fast[triton]", build=lambda: _in_mode(forward, mode), ours=True,
                     env={"DOCQA_FAST_BACKEND": "triton"}, unavailable=unavailable)
 
 
@@ -108,12 +113,61 @@ def _sdpa(mode, causal, backend=None):
 
     unavailable = (lambda device: None) if backend is None else (
         lambda device: None if device.type == "cuda" else f"{backend} needs a CUDA device")
-    return Provider(f"sdpa[{backend}]" if backend else "sdpa", fn=_in_mode(forward, mode), unavailable=unavailable)
+    return Provider(f"sdpa[{backend}]" if backend else "sdpa", build=lambda: _in_mode(forward, mode),
+                    unavailable=unavailable)
+
+
+FLEX_BLOCK = 128  # create_block_mask's default block size, in queries and in keys
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, causal: bool, mask_mod, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask of attention within documents (optionally causal), built per block.
+
+    ``create_block_mask`` evaluates ``mask_mod`` on every (query, key) pair first: at 153,600
+    ViT tokens its int64 document lookups alone asked for 176 GiB. Here each block of
+    ``block`` tokens only needs the documents of its first and last token (the documents in
+    between lie inside it): a (query block, key block) pair is needed when their document
+    ranges overlap (and, causal, the key block is not after the query block), and full --
+    ``mask_mod`` need not run in it -- when both are whole blocks inside the same document
+    (and, causal, the key block comes strictly first). Memory: a few (blocks x blocks) tables,
+    14 M entries at 480,000 tokens. The same BlockMask ``create_block_mask`` gives, for
+    sequences of cu_seqlens[-1] queries and keys (a ragged last block is never full, as
+    there); ``mask_mod`` still decides inside the partial blocks.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cu = cu_seqlens.long()
+    total = int(cu[-1])
+    n = -(-total // block)
+    index = torch.arange(n, device=cu.device)
+    starts = index * block
+    ends = torch.clamp(starts + block, max=total)
+    # Document of a token: the last document starting at or before it (skips empty documents).
+    first = torch.searchsorted(cu, starts, right=True) - 1
+    last = torch.searchsorted(cu, ends - 1, right=True) - 1
+    # Rows: query blocks, columns: key blocks.
+    needed = (first[None, :] <= last[:, None]) & (first[:, None] <= last[None, :])
+    whole = (ends - starts == block) & (first == last)
+    full = whole[:, None] & whole[None, :] & (first[:, None] == first[None, :])
+    if causal:
+        needed &= index[:, None] >= index[None, :]
+        full &= index[:, None] > index[None, :]
+    partial = needed & ~full
+
+    def ordered(blocks):
+        # The layout create_block_mask produces: per query block the count, then the key
+        # blocks' indices in increasing order (argsort keeps the rest in order behind them).
+        counts = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], indices[None, None]  # (B=1, H=1, ...): broadcast over both
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(total, total))
 
 
 def _flex(mode, causal, packed):
     def build():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         compiled = torch.compile(flex_attention, dynamic=False)
         masks = {}
@@ -121,7 +175,7 @@ def _flex(mode, causal, packed):
         def forward(q, k, v, cu=None):
             seqlen = q.shape[-3]
             key = (seqlen, None if cu is None else id(cu))
-            if key not in masks:
+            if key not in masks and (causal or cu is not None):
                 if cu is not None:
                     document = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device),
                                                        (cu[1:] - cu[:-1]).long())
@@ -129,15 +183,16 @@ def _flex(mode, causal, packed):
                     def mask_mod(b, h, qi, ki):
                         same = document[qi] == document[ki]
                         return (same & (qi >= ki)) if causal else same
-                else:
+                    bounds = cu
+                else:  # one causal sequence per batch row: a single document of seqlen tokens
                     def mask_mod(b, h, qi, ki):
                         return qi >= ki
-                masks[key] = create_block_mask(mask_mod, None, None, seqlen, seqlen, device=q.device)
+                    bounds = torch.tensor([0, seqlen], device=q.device)
+                masks[key] = document_block_mask(bounds, causal, mask_mod)
             if cu is not None:  # one packed row: (1, H, total, D)
                 q, k, v = (t[None] for t in (q, k, v))
             args = [t.transpose(-3, -2) for t in (q, k, v)]
-            block_mask = masks[key] if (causal or cu is not None) else None
-            out = compiled(*args, block_mask=block_mask, enable_gqa=q.shape[-2] != k.shape[-2])
+            out = compiled(*args, block_mask=masks.get(key), enable_gqa=q.shape[-2] != k.shape[-2])
             out = out.transpose(-3, -2)
             return out[0] if cu is not None else out
 

@@ -11,6 +11,10 @@ between repetitions so no provider is timed on data already sitting in a cache:
 * GPU: ``triton.testing.do_bench`` (flushes L2 before every repetition) at quantiles
   0.2/0.5/0.8; peak memory from ``torch.cuda.max_memory_allocated``.
 * CPU: ``time.perf_counter`` around each call, p20/p50/p80 over the repetitions.
+
+A provider that raises (out of memory, a missing feature, a bug) gets an "error" row with
+the exception's type and first line, and the case goes on; so does a failing reference,
+whose place in the cross-check a peer that ran then takes (:func:`run_case`).
 """
 
 from __future__ import annotations
@@ -211,16 +215,23 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+CPU_INPUT_BUDGET = 4 << 30
+
+
+def input_set_count(set_bytes: int, device_memory: int | None) -> int:
+    """How many input sets a case gets: as many as fit an eighth of the device's memory
+    (``device_memory`` None: a CPU, CPU_INPUT_BUDGET), between 2 and DEFAULT_INPUT_SETS."""
+    budget = CPU_INPUT_BUDGET if device_memory is None else device_memory // 8
+    return max(2, min(DEFAULT_INPUT_SETS, budget // max(set_bytes, 1)))
+
+
 def make_input_sets(case: Case, device: torch.device) -> list[tuple]:
     """Several independent random input sets, as many as fit a memory budget (at least 2)."""
     torch.manual_seed(0)
     first = case.make_inputs(case.params, device)
     set_bytes = sum(t.nbytes for t in _tensors(first))
-    if device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory // 8
-    else:
-        budget = 4 << 30
-    count = max(2, min(DEFAULT_INPUT_SETS, budget // max(set_bytes, 1)))
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    count = input_set_count(set_bytes, memory)
     sets = [first]
     for seed in range(1, count):
         torch.manual_seed(seed)
@@ -292,8 +303,19 @@ def time_calls(fn: Callable, input_sets: list[tuple], device: torch.device, quic
     return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "samples_ms": samples}
 
 
+# Elements compared at a time: fp32 copies of 256 MB. Compared whole, a 7.5 GB bf16 gradient
+# (reward, 64 pairs x 8K) took fp32 twins of both tensors, int64 indices and copies for the
+# boolean-mask selections, differences: over 10x its size, ~100 GB on top of the outputs --
+# likely why every provider of that case, the reference too, ran out of memory on the H200.
+CHECK_CHUNK_ELEMENTS = 1 << 26
+
+
 def compare(output, expected, tolerance: float | None = None) -> tuple[float, bool]:
-    """(max abs difference, whether every tensor is within tolerance: ``tolerance``, or by its dtype)."""
+    """(max abs difference, whether every tensor is within tolerance: ``tolerance``, or by its dtype).
+
+    Same test as ``torch.allclose`` on the finite entries plus equal non-finite positions,
+    done in slices along the first dimension so its memory stays small whatever the outputs.
+    """
     got, want = _tensors(output), _tensors(expected)
     if len(got) != len(want):
         return float("inf"), False
@@ -302,64 +324,162 @@ def compare(output, expected, tolerance: float | None = None) -> tuple[float, bo
         if g.shape != w.shape:
             return float("inf"), False
         tol = tolerance if tolerance is not None else CHECK_TOLERANCE.get(w.dtype, 1e-4)
-        g, w = g.float(), w.float()
-        finite = torch.isfinite(w)
-        ok &= bool(torch.equal(torch.isfinite(g), finite))
-        if finite.any():
-            worst = max(worst, (g[finite] - w[finite]).abs().max().item())
-            ok &= torch.allclose(g[finite], w[finite], rtol=tol, atol=tol)
+        if g.dim() == 0:
+            g, w = g[None], w[None]
+        rows = max(1, CHECK_CHUNK_ELEMENTS // max(1, g[0].numel()))
+        for g_part, w_part in zip(g.split(rows), w.split(rows)):
+            g_part, w_part = g_part.float(), w_part.float()
+            finite = torch.isfinite(w_part)
+            ok &= bool(torch.equal(torch.isfinite(g_part), finite))
+            if finite.any():
+                g_part, w_part = g_part[finite], w_part[finite]
+                worst = max(worst, (g_part - w_part).abs().max().item())
+                ok &= torch.allclose(g_part, w_part, rtol=tol, atol=tol)
     return worst, ok
 
 
 # -------------------------------------------------------------------------------- runs
 
-def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=None) -> dict:
-    """Measure every provider of ``case``; one record with a row per provider, skips included."""
-    input_sets = make_input_sets(case, device)
-    expected = None
-    reference = next((p for p in case.providers if p.name == case.reference), None)
-    if reference is not None and reference.unavailable(device) is None:
-        with environment(reference.env):
-            expected = reference.make()(*input_sets[0])
+ERROR_MESSAGE_CHARS = 160  # a table cell, not a traceback: the first line, cut to this length
 
-    rows = []
-    for provider in case.providers:
-        rows.append(_measure(provider, case, input_sets, device, quick, expected))
-        if on_provider_done is not None:
-            on_provider_done(provider)
-    del input_sets, expected
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    _add_speedups(rows)
-    return {
+
+def error_text(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``, short enough for a table cell."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > ERROR_MESSAGE_CHARS:
+        message = message[:ERROR_MESSAGE_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=None) -> dict:
+    """Measure every provider of ``case``; one record with a row per provider, skips and errors included.
+
+    Each provider fails alone, the reference too: its row says why and the others still run.
+    Outputs are checked against the reference's; when the reference produced none, against a
+    stand-in, the first other provider that runs (peers before ours, which the check is meant
+    to test); when nothing else ran, the rows say "unchecked". Rows keep the case's order.
+    """
+    record = {
         "case": case.id, "family": case.family, "name": case.name, "group": case.group,
         "description": case.description, "params": case.params, "sweep": case.sweep,
         "metric": case.metric, "bytes_moved": case.bytes_moved, "flops": case.flops,
-        "target": case.target, "providers": rows,
+        "target": case.target,
     }
+    failure = None
+    try:
+        input_sets = make_input_sets(case, device)
+    except Exception as exc:  # e.g. out of memory: every provider needs the inputs, none can run
+        failure = (f"making the inputs failed: {error_text(exc)}", type(exc).__name__)
+    if failure is not None:
+        _release(device)  # after the except block: its traceback no longer holds the frames' tensors
+        rows = [_error_row(provider, *failure) for provider in case.providers]
+        for provider in case.providers:
+            if on_provider_done is not None:
+                on_provider_done(provider)
+        return {**record, "providers": rows,
+                "check": {"reference": case.reference, "against": None, "note": "no inputs: nothing ran"}}
+
+    reference = next((i for i, p in enumerate(case.providers) if p.name == case.reference), None)
+    rows: dict[int, dict] = {}  # by position in case.providers
+    expected, against, notes = None, None, []
+
+    def measure(index, keep_output):
+        provider = case.providers[index]
+        row, output = _measure(provider, case, input_sets, device, quick, expected, against, keep_output)
+        rows[index] = row
+        if on_provider_done is not None:
+            on_provider_done(provider)
+        return row, output
+
+    if reference is not None:
+        row, expected = measure(reference, keep_output=True)
+        if row["status"] == "ok":
+            against = case.reference
+            row["check"] = "reference"
+        else:
+            notes.append(f"reference {case.reference} {row['status']}: {row['reason']}")
+    else:
+        notes.append(f"no provider is named {case.reference!r}, the case's reference")
+    rest = [i for i in range(len(case.providers)) if i != reference]
+    if against is None:
+        # Peers first: the first that runs becomes the stand-in, and ours are checked against it.
+        rest.sort(key=lambda i: case.providers[i].ours)  # stable: the case's order otherwise
+    for index in rest:
+        row, output = measure(index, keep_output=against is None)
+        if against is None and row["status"] == "ok":
+            expected, against, stand_in = output, row["provider"], index
+            row["check"] = "stand-in reference"
+        del output
+    if notes:  # the reference gave no output
+        if against is None:
+            notes.append("no provider ran: unchecked")
+        elif any(r["status"] == "ok" for i, r in rows.items() if i != stand_in):
+            notes.append(f"checked against {against} instead")
+        else:
+            rows[stand_in]["check"] = "unchecked"
+            notes.append(f"only {against} ran: unchecked")
+    del input_sets, expected
+    _release(device)
+    ordered = [rows[i] for i in range(len(case.providers))]
+    _add_speedups(ordered)
+    return {**record, "providers": ordered,
+            "check": {"reference": case.reference, "against": against, "note": "; ".join(notes) or None}}
 
 
-def _measure(provider, case, input_sets, device, quick, expected) -> dict:
-    row = {"provider": provider.name, "ours": provider.ours, "status": "skipped", "reason": None}
-    reason = provider.unavailable(device)
+def _release(device: torch.device) -> None:
+    """Hand cached blocks back after a case or a failure, so the next one starts unfragmented."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _error_row(provider: Provider, reason: str, exc_type: str | None) -> dict:
+    return {"provider": provider.name, "ours": provider.ours, "status": "error", "reason": reason,
+            "error_type": exc_type, "check": None}
+
+
+def _measure(provider, case, input_sets, device, quick, expected, against, keep_output=False):
+    """One provider's row, and its first output when ``keep_output`` (None otherwise).
+
+    ``expected`` is the output of ``against`` (a provider name), or None: then the row says
+    "unchecked". Anything the provider raises becomes its row (status "error"), never the run's.
+    """
+    row = {"provider": provider.name, "ours": provider.ours, "status": "skipped", "reason": None, "check": None}
+    try:
+        reason = provider.unavailable(device)
+    except Exception as exc:  # a broken availability probe is this provider's fault alone
+        return _error_row(provider, f"checking availability: {error_text(exc)}", type(exc).__name__), None
     if reason is not None:
         row["reason"] = reason
-        return row
+        return row, None
+    failure = None
     with environment(provider.env):
         try:
             fn, output, peak, setup_s = prepare(provider, input_sets[0], device)
-            error, matches = compare(output, expected, case.tolerance) if expected is not None else (None, None)
-            del output
+            if expected is not None:
+                error, matches = compare(output, expected, case.tolerance)
+                row["check"] = "ok" if matches else "mismatch"
+            else:
+                error, matches = None, None
+                row["check"] = "unchecked"
+            if not keep_output:
+                output = None
             timing = time_calls(fn, input_sets, device, quick)
         except Unavailable as exc:
-            row["reason"] = str(exc)
-            return row
+            row.update(reason=str(exc), check=None)
+            return row, None
         except Exception as exc:  # a failing provider is reported, and the run goes on
-            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            return row
+            failure = _error_row(provider, error_text(exc), type(exc).__name__)
+    if failure is not None:
+        # Out of the except block, the traceback (and the tensors its frames held) is gone:
+        # what the failed call allocated can go back before the next provider runs.
+        fn = output = None
+        _release(device)
+        return failure, None
     row.update(status="ok", **timing, rate=case.rate(timing["p50_ms"]), peak_memory_bytes=peak,
-               setup_s=setup_s, max_abs_error=error, matches_reference=matches)
-    return row
+               setup_s=setup_s, max_abs_error=error, matches_reference=matches,
+               checked_against=against if expected is not None else None)
+    return row, output
 
 
 def _add_speedups(rows: list[dict]) -> None:

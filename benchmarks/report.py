@@ -125,17 +125,29 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
-def _row_cells(row: dict, target: float | None) -> list[str]:
+def _check_cell(row: dict, reference: str) -> str:
+    """What the cross-check says of a row that ran: against which output, and the outcome."""
+    check = row.get("check")
+    against = row.get("checked_against")
+    versus = "" if against in (None, reference) else f" vs {against}"
+    if check == "ok":
+        return "ok" + versus
+    if check == "mismatch":
+        return f"MISMATCH{versus} (max err {row['max_abs_error']:.3g})"
+    return check or "-"  # "reference", "stand-in reference", "unchecked"
+
+
+def _row_cells(row: dict, record: dict) -> list[str]:
     if row["status"] != "ok":
         return [row["provider"], f"{row['status']}: {row['reason']}", "", "", "", "", "", "", ""]
     fraction = row.get("fraction_of_ceiling")
     fraction_text = "n/a" if fraction is None else f"{fraction:.0%}"
     if "meets_target" in row:
-        fraction_text += " (meets target)" if row["meets_target"] else f" (below {target:.0%} target)"
+        fraction_text += " (meets target)" if row["meets_target"] else f" (below {record['target']:.0%} target)"
     speedup = ", ".join(f"{s:.2f}x vs {peer}" for peer, s in row.get("speedup", {}).items())
-    check = {True: "ok", False: f"MISMATCH (max err {row['max_abs_error']:.3g})", None: "-"}[row["matches_reference"]]
     return [row["provider"], _ms(row["p20_ms"]), _ms(row["p50_ms"]), _ms(row["p80_ms"]), f"{row['rate']:.1f}",
-            fraction_text, speedup or "-", _mib(row["peak_memory_bytes"]), check]
+            fraction_text, speedup or "-", _mib(row["peak_memory_bytes"]),
+            _check_cell(row, record.get("check", {}).get("reference"))]
 
 
 def _host_cost(counts: dict | None) -> str:
@@ -154,10 +166,13 @@ def case_table(record: dict) -> str:
         header.append("host cost")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in record["providers"]:
-        cells = _row_cells(row, record["target"])
+        cells = _row_cells(row, record)
         if host is not None:
             cells.append(_host_cost(host.get(row["provider"])))
         lines.append("| " + " | ".join(cells) + " |")
+    note = record.get("check", {}).get("note")
+    if note:  # the reference gave no output: say what the check column was measured against
+        lines += ["", f"Cross-check: {note}."]
     return "\n".join(lines)
 
 
@@ -194,7 +209,10 @@ def write_summary(path: Path, env: dict, ceilings: dict, records: list[dict], ho
              ceilings_text(ceilings), "", "Backends here:", ""]
     lines += [f"- {name}: {status}" for name, status in env["backends"].items()]
     lines += ["", "Times are p20/p50/p80 over repetitions on rotated random inputs; rates use the median. "
-              "Peak MiB is memory the call allocated above its resident inputs (GPU only).", ""]
+              "Peak MiB is memory the call allocated above its resident inputs (GPU only). Check: the output "
+              "against the reference's; \"vs X\" where the reference failed and provider X stood in; "
+              "\"unchecked\" where nothing else ran. A provider that fails says so in its row "
+              "(error: type and message) and the others still run.", ""]
     for record in records:
         lines += [f"## {case_heading(record)}", "", case_table(record), ""]
     if plots:

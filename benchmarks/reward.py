@@ -24,14 +24,21 @@ import torch.nn.functional as F
 import docqa_fast
 from docqa_fast.reference.reward import last_token_index_ref
 
-from .harness import CHECK_TOLERANCE, Case, compiled_provider, eager_provider, ours_per_backend, register_family
+from .harness import (CHECK_TOLERANCE, Case, compiled_provider, eager_provider, input_set_count, ours_per_backend,
+                      register_family)
 
 FAMILY = "reward"
 DTYPE = torch.bfloat16
 HIDDEN = 3584
+# What a case may hold on the GPU, all of it, for the largest provider: under 70 GB leaves an
+# 80 GB card room for the allocator's caching and the CUDA context.
+MEMORY_BUDGET_BYTES = 70 * 10**9
 SIZES = {
-    # (pairs, seqlen, heads); the K sweep runs at the middle size.
-    "full": [(p, s, 8) for p in (8, 64) for s in (1024, 8192, 32768)] + [(64, 8192, 4), (64, 8192, 20)],
+    # (pairs, seqlen, heads); the K sweep runs at 64 pairs x 8K. 64 pairs x 32K is left out: one
+    # hidden-state tensor of 2M tokens is 30 GB, and estimated_peak_bytes puts its forward +
+    # backward at 180 GB, more than even the H200's 141; 64 x 8K is 45 GB.
+    "full": ([(8, s, 8) for s in (1024, 8192, 32768)] + [(64, s, 8) for s in (1024, 8192)]
+             + [(64, 8192, 4), (64, 8192, 20)]),
     "quick": [(2, 256, 8), (8, 512, 8), (8, 512, 20)],
 }
 
@@ -85,6 +92,27 @@ def _bytes(params, backward: bool) -> int:
         return rows + weights + batch * (heads + 3) * 4
     zero_filled_grad = batch * seqlen * HIDDEN * DTYPE.itemsize
     return 2 * (rows + weights) + zero_filled_grad + heads * HIDDEN * 4
+
+
+# Copies of the hidden states a forward + backward case holds beyond its input sets: the
+# reference's input gradient, kept for the cross-check, and the worst provider's call. That is
+# the all-tokens peer: autograd sums its K heads' (B, S, H) input gradients one at a time, and
+# its call peaked at 3.1x the hidden states' size (max RSS, CPU, 8 pairs x 2K; the other
+# providers 1.1-1.7x). The GPU's figure is not measured; the same three copies are assumed.
+BACKWARD_COPIES = 1 + 3
+
+
+def estimated_peak_bytes(params, backward: bool, device_memory: int = 80 * 10**9) -> int:
+    """GPU memory a case holds at its worst provider's peak, on a card of ``device_memory``.
+
+    The hidden states (2 * pairs * S * 3584 bf16) dominate everything else (mask, K heads,
+    the (B, S, K) per-token scores of all-tokens: 0.2% of them at K 8), so the estimate counts
+    copies of them: the input sets the harness keeps, plus BACKWARD_COPIES with the backward.
+    The forward needs little beyond the inputs, and the cross-check compares in slices
+    (harness.compare). 64 pairs x 8K: 7.5 GB a copy, 2 input sets + 4 = 45 GB.
+    """
+    hidden = 2 * params["pairs"] * params["S"] * HIDDEN * DTYPE.itemsize
+    return hidden * (input_set_count(hidden, device_memory) + (BACKWARD_COPIES if backward else 0))
 
 
 @register_family(FAMILY)
