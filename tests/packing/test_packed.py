@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from docqa_fast.packing import pack_multimodal, plan_packing, unpack
+from docqa_fast.packing import get_rope_index, pack_multimodal, plan_packing, unpack
 
 from .documents import IMAGE_ID, VIDEO_ID, VISION_END, VISION_START, tiny_qwen_config
 
@@ -72,7 +72,13 @@ def test_packed_forward_equals_per_document(model, request):
         per_doc = unpack(packed, out.logits)
         for sample, logits in zip(samples, per_doc):
             ids = sample["input_ids"][None]
-            alone = model(input_ids=ids, mm_token_type_ids=_types(ids),
+            # The document's positions as pack_multimodal computes them (get_rope_index's default
+            # video time rounding, transformers >= 5.18's): transformers <= 5.17 would place the
+            # 1.5 s video's frames differently by itself, which is not what this test is about.
+            positions, _ = get_rope_index(ids, _types(ids), sample.get("image_grid_thw"),
+                                          sample.get("video_grid_thw"), sample.get("second_per_grid_ts"),
+                                          tokens_per_second=model.config.vision_config.tokens_per_second)
+            alone = model(input_ids=ids, mm_token_type_ids=_types(ids), position_ids=positions,
                           **{k: v for k, v in sample.items() if k != "input_ids"}).logits
             torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
 

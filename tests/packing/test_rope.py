@@ -4,12 +4,14 @@ import functools
 import inspect
 import random
 import types
+import warnings
 import zlib
 
 import pytest
 import torch
 
 from docqa_fast.packing import get_rope_index, patch_transformers_rope_index, unpatch_transformers_rope_index
+from docqa_fast.packing.rope import detect_video_time_rounding
 from docqa_fast.reference.packing import get_rope_index_ref
 
 from .documents import batch, random_document, tiny_qwen_config
@@ -36,12 +38,19 @@ def _peer(model_type, tokens_per_second=2):
     return functools.partial(cls.get_rope_index, holder)
 
 
+@functools.cache
+def _peer_rounding():
+    """The video time rounding of the installed transformers (it changed in 5.18), found by
+    the probe patch_transformers_rope_index uses: comparisons with it use the same one."""
+    return detect_video_time_rounding(Qwen2_5_VLModel)
+
+
 def _ours(model_type, inputs, tokens_per_second=2):
     kwargs = dict(inputs)
     if model_type == "qwen2_vl":
         kwargs.pop("second_per_grid_ts")
         return get_rope_index(**kwargs, model_type="qwen2_vl")
-    return get_rope_index(**kwargs, tokens_per_second=tokens_per_second)
+    return get_rope_index(**kwargs, tokens_per_second=tokens_per_second, video_time_rounding=_peer_rounding())
 
 
 def _theirs(model_type, inputs, tokens_per_second=2):
@@ -121,7 +130,12 @@ def test_reference_agrees(request):
     rng = _rng(request)
     inputs = batch([random_document(rng, max_images=8, max_side=16, video_prob=0.4) for _ in range(2)], "left")
     expected = _theirs("qwen2_5_vl", inputs)
-    _assert_same(get_rope_index_ref(**inputs, tokens_per_second=2), expected)
+    ref_inputs = dict(inputs)
+    if _peer_rounding() == "truncate_seconds":
+        # The reference truncates the product (transformers >= 5.18); a transformers that
+        # truncates the seconds first sees only their integer part, the same for both then.
+        ref_inputs["second_per_grid_ts"] = inputs["second_per_grid_ts"].trunc()
+    _assert_same(get_rope_index_ref(**ref_inputs, tokens_per_second=2), expected)
 
 
 def test_no_host_sync_when_unchecked(request):
@@ -136,6 +150,7 @@ def test_no_host_sync_when_unchecked(request):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.filterwarnings("ignore:Qwen2_5_VLModel.get_rope_index truncates")  # transformers <= 5.17
 def test_patch_transformers(request):
     rng = _rng(request)
     inputs = batch([random_document(rng, max_images=5, max_side=16, video_prob=0.4) for _ in range(2)], "right")
@@ -164,6 +179,159 @@ def test_patch_transformers(request):
     finally:
         unpatch_transformers_rope_index()
     assert "docqa" not in Qwen2_5_VLModel.get_rope_index.__code__.co_filename
+
+
+TEXT_TYPE, VIDEO_TYPE = 0, 2
+
+
+def _one_video_per_row(seconds):
+    """Row b: a text token, a video of grid (t=4, h=2, w=2) (after the 2x2 merge one token
+    per frame), a text token; seconds[b] per grid step."""
+    type_ids = torch.tensor([[TEXT_TYPE] + [VIDEO_TYPE] * 4 + [TEXT_TYPE]] * len(seconds), dtype=torch.int32)
+    return {"input_ids": torch.zeros(len(seconds), 6, dtype=torch.long), "mm_token_type_ids": type_ids,
+            "image_grid_thw": None, "video_grid_thw": torch.tensor([[4, 2, 2]] * len(seconds)),
+            "second_per_grid_ts": seconds, "attention_mask": None}
+
+
+# Rows of _one_video_per_row with 0.5 s, 1.5 s and 1/3 s per grid step, tokens_per_second=2.
+# The text token is at 0, the video starts at p = 1, frame ti at t = p + offset(ti), h = w = p,
+# the closing text token at p + max(h, w) = 2; delta = max position + 1 - 6 tokens.
+# floor_product: offset = trunc(ti * (2 * s)):
+#   0.5 s: step 1.0          -> offsets 0, 1, 2, 3 -> t = 1, 2, 3, 4   (delta 4 + 1 - 6 = -1)
+#   1.5 s: step 3.0          -> offsets 0, 3, 6, 9 -> t = 1, 4, 7, 10  (delta 10 + 1 - 6 = 5)
+#   1/3 s: step 0.6666667f   -> ti * step = 0, 0.67, 1.33, 2.0000001 (rounds to 2.0f)
+#                            -> offsets 0, 0, 1, 2 -> t = 1, 1, 2, 3   (delta 3 + 1 - 6 = -2)
+# truncate_seconds: offset = ti * 2 * int(s):
+#   0.5 s: int 0, step 0     -> offsets 0, 0, 0, 0 -> t = 1, 1, 1, 1   (delta 2 + 1 - 6 = -3)
+#   1.5 s: int 1, step 2     -> offsets 0, 2, 4, 6 -> t = 1, 3, 5, 7   (delta 7 + 1 - 6 = 2)
+#   1/3 s: int 0, step 0     -> offsets 0, 0, 0, 0 -> t = 1, 1, 1, 1   (delta -3)
+_HAND_T = {
+    "floor_product": [[0, 1, 2, 3, 4, 2], [0, 1, 4, 7, 10, 2], [0, 1, 1, 2, 3, 2]],
+    "truncate_seconds": [[0, 1, 1, 1, 1, 2], [0, 1, 3, 5, 7, 2], [0, 1, 1, 1, 1, 2]],
+}
+_HAND_DELTA = {"floor_product": [-1, 5, -2], "truncate_seconds": [-3, 2, -3]}
+_HAND_HW = [0, 1, 1, 1, 1, 2]  # h and w rows: text 0, the 1x1 grid at p = 1, text 2
+
+
+@pytest.mark.parametrize("rounding", ["floor_product", "truncate_seconds"])
+def test_video_time_rounding_by_hand(backend, rounding, device):
+    seconds = torch.tensor([0.5, 1.5, 1 / 3], dtype=torch.float32)
+    inputs = {k: v.to(device) if v is not None else None for k, v in _one_video_per_row(seconds).items()}
+    pos, delta = get_rope_index(**inputs, tokens_per_second=2, video_time_rounding=rounding)
+    expected = torch.stack([torch.tensor(_HAND_T[rounding]), torch.tensor([_HAND_HW] * 3),
+                            torch.tensor([_HAND_HW] * 3)])
+    assert torch.equal(pos.cpu(), expected)
+    assert torch.equal(delta.cpu(), torch.tensor(_HAND_DELTA[rounding])[:, None])
+    # 0.5 and 1.5 are exact in every float dtype: bf16 seconds (multiplied in bf16 under
+    # floor_product, by the tensor path) give the same positions, float64 ones too.
+    for dtype in (torch.bfloat16, torch.float64):
+        pos, delta = get_rope_index(**{**inputs, "second_per_grid_ts": inputs["second_per_grid_ts"].to(dtype)},
+                                    tokens_per_second=2, video_time_rounding=rounding)
+        assert torch.equal(pos[:, :2].cpu(), expected[:, :2])
+        assert torch.equal(delta[:2].cpu(), torch.tensor(_HAND_DELTA[rounding][:2])[:, None])
+
+
+def test_video_time_rounding_default_and_bad_value():
+    inputs = _one_video_per_row(torch.tensor([0.5]))
+    assert torch.equal(get_rope_index(**inputs)[0], get_rope_index(**inputs, video_time_rounding="floor_product")[0])
+    with pytest.raises(ValueError, match="video_time_rounding"):
+        get_rope_index(**inputs, video_time_rounding="round")
+    # Qwen2-VL has no video time scaling: the value does not matter there
+    q2 = get_rope_index(**inputs, model_type="qwen2_vl", video_time_rounding="truncate_seconds")[0]
+    assert torch.equal(q2, get_rope_index(**inputs, model_type="qwen2_vl")[0])
+
+
+@pytest.mark.parametrize("rounding", ["floor_product", "truncate_seconds"])
+def test_float_tokens_per_second_without_seconds(backend, rounding):
+    """No second_per_grid_ts and a float tokens_per_second: transformers >= 5.18 computes
+    (arange(t) * tokens_per_second).long() in float32 (<= 5.17 raises in its meshgrid on a
+    float step; both roundings scale by tokens_per_second alone here). 100 * float32(0.29)
+    rounds up to 29.0 where the float64 product 28.999... truncates to 28: the extension
+    must multiply in float32 too."""
+    type_ids = torch.tensor([[TEXT_TYPE] + [VIDEO_TYPE] * 101], dtype=torch.int32)
+    inputs = {"input_ids": torch.zeros(1, 102, dtype=torch.long), "mm_token_type_ids": type_ids,
+              "image_grid_thw": None, "video_grid_thw": torch.tensor([[101, 2, 2]]), "second_per_grid_ts": None,
+              "attention_mask": None}
+    ours = get_rope_index(**inputs, tokens_per_second=0.29, video_time_rounding=rounding)
+    assert ours[0][0, 0, 101].item() == 1 + 29  # frame 100, after the text token
+    # every frame: the video starts at position 1, frame ti at 1 + (ti * 0.29 in float32), truncated
+    assert torch.equal(ours[0][0, 0, 1:], 1 + (torch.arange(101) * 0.29).long())
+    if _peer_rounding() == "floor_product":
+        # transformers' config class takes only an int: its method is fed a plain config here
+        config = types.SimpleNamespace(vision_config=types.SimpleNamespace(spatial_merge_size=2,
+                                                                           tokens_per_second=0.29))
+        holder = types.SimpleNamespace(config=config)
+        holder.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, holder)
+        _assert_same(ours, Qwen2_5_VLModel.get_rope_index(holder, **inputs))
+
+
+def test_patch_matches_original_on_half_second_video():
+    """0.5 s per grid step is where transformers <= 5.17 (every frame at offset 0) and 5.18+
+    (offsets 0, 1, 2, 3) differ: the patched method must give what the original gives."""
+    model = Qwen2_5_VLModel(tiny_qwen_config("qwen2_5_vl"))
+    inputs = _one_video_per_row(torch.tensor([0.5]))
+    expected = model.get_rope_index(**inputs)
+    rounding = detect_video_time_rounding(Qwen2_5_VLModel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_transformers_rope_index(Qwen2_5_VLModel)
+    try:
+        assert Qwen2_5_VLModel.get_rope_index.__module__ == "docqa_fast.packing.rope"
+        _assert_same(model.get_rope_index(**inputs), expected)
+        # it warns exactly when it keeps the old rounding
+        assert any("truncates second_per_grid_ts" in str(w.message) for w in caught) == (
+            rounding == "truncate_seconds")
+    finally:
+        unpatch_transformers_rope_index(Qwen2_5_VLModel)
+
+
+def _model_class(rounding=None, offset=0, fails=False):
+    """A stand-in model class whose get_rope_index (Qwen2.5-VL's signature) computes
+    positions with the given rounding (+ offset), or raises."""
+
+    def method(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+               second_per_grid_ts=None, attention_mask=None, **kwargs):
+        if fails:
+            raise RuntimeError("boom")
+        vision = self.config.vision_config
+        pos, delta = get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                    attention_mask, spatial_merge_size=vision.spatial_merge_size,
+                                    tokens_per_second=vision.tokens_per_second, video_time_rounding=rounding)
+        return pos + offset, delta
+
+    return type("StandInVLModel", (), {"get_rope_index": method})
+
+
+def test_detect_video_time_rounding_and_patch_on_both_behaviours():
+    """Whichever transformers is installed, the probe tells both behaviours apart, and the
+    patch keeps each (warning for the old one only)."""
+    seconds_inputs = _one_video_per_row(torch.tensor([0.5, 1.5, 1 / 3]))
+    holder = types.SimpleNamespace(config=tiny_qwen_config("qwen2_5_vl"))
+    for rounding in ("floor_product", "truncate_seconds"):
+        cls = _model_class(rounding)
+        assert detect_video_time_rounding(cls) == rounding
+        expected = cls.get_rope_index(holder, **seconds_inputs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert patch_transformers_rope_index(cls) == [cls]
+        try:
+            assert cls.get_rope_index.__module__ == "docqa_fast.packing.rope"
+            _assert_same(cls.get_rope_index(holder, **seconds_inputs), expected)
+            truncation = [str(w.message) for w in caught if "truncates second_per_grid_ts" in str(w.message)]
+            assert len(truncation) == (rounding == "truncate_seconds")
+            assert all(m.startswith("StandInVLModel.get_rope_index") for m in truncation)
+            assert detect_video_time_rounding(cls) == rounding  # a patched class: its original is probed
+        finally:
+            unpatch_transformers_rope_index(cls)
+        assert cls.get_rope_index.__module__ == __name__
+    with pytest.raises(ValueError, match="no video_time_rounding"):
+        detect_video_time_rounding(_model_class("floor_product", offset=1))
+    with pytest.raises(ValueError, match="no video_time_rounding"):
+        patch_transformers_rope_index(_model_class("floor_product", offset=1))
+    with pytest.raises(TypeError, match="could not run StandInVLModel.get_rope_index.*boom"):
+        detect_video_time_rounding(_model_class(fails=True))
+    with pytest.raises(TypeError, match="get_rope_index method"):
+        detect_video_time_rounding(int)
 
 
 def test_bad_input(backend, request):
@@ -249,7 +417,8 @@ def test_chunk_scan_on_arbitrary_runs(backend, B, T, device, request):
         ours = get_rope_index(**on_device, tokens_per_second=2)
         _assert_same((ours[0].cpu(), ours[1].cpu()), expected)
         rows = inputs["attention_mask"].any(1)
-        if rows.all():  # transformers as well, when every row has a token
+        if rows.all():  # transformers as well, when every row has a token (in its video time rounding)
+            ours = get_rope_index(**on_device, tokens_per_second=2, video_time_rounding=_peer_rounding())
             _assert_same((ours[0].cpu(), ours[1].cpu()), _theirs("qwen2_5_vl", inputs))
 
 
@@ -316,5 +485,6 @@ def test_compiles_fullgraph(backend, request):
     # Under torch.compile the whole-batch tensor path is traced (no graph break on the extension).
     rng = _rng(request)
     inputs = batch([random_document(rng, max_images=3, max_side=8, video_prob=0.3) for _ in range(2)], "left")
-    fn = torch.compile(lambda kw: get_rope_index(**kw, check=False), fullgraph=True)
+    rounding = _peer_rounding()
+    fn = torch.compile(lambda kw: get_rope_index(**kw, video_time_rounding=rounding, check=False), fullgraph=True)
     _assert_same(fn(inputs), _theirs("qwen2_5_vl", inputs))
