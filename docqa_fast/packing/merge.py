@@ -134,6 +134,13 @@ _merge_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _token_id_tensor(token_id, device) -> torch.Tensor:
+    """The placeholder ids as an int64 tensor on ``device``, built without a host sync.
+
+    ``torch.tensor(ids, device="cuda")`` copies from pageable host memory: the stream
+    synchronises (an error under ``torch.cuda.set_sync_debug_mode("error")``) and a CUDA graph
+    cannot capture the copy. ``torch.full`` passes its value to the fill kernel as an
+    argument: nothing is read from host memory, and a captured fill replays the same id.
+    """
     if isinstance(token_id, bool):
         raise TypeError("expected token_id to be an int or a sequence of ints, got bool")
     if isinstance(token_id, int):
@@ -144,10 +151,15 @@ def _token_id_tensor(token_id, device) -> torch.Tensor:
     elif isinstance(token_id, torch.Tensor) and token_id.dim() <= 1 and not token_id.dtype.is_floating_point:
         if token_id.numel() == 0:
             raise ValueError("expected token_id to hold at least one id, got an empty tensor")
-        return token_id.reshape(-1).to(device=device, dtype=torch.long)
+        if token_id.device.type != "cpu" or torch.compiler.is_compiling():
+            # On a device already: converted there, no host copy. (Under torch.compile,
+            # tolist() would break the graph; the compiled graph makes the copy.)
+            return token_id.reshape(-1).to(device=device, dtype=torch.long)
+        ids = token_id.reshape(-1).tolist()  # host memory: reading it waits for no device
     else:
         raise TypeError(f"expected token_id to be an int or a non-empty sequence of ints, got {token_id!r:.60}")
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    fills = [torch.full((1,), i, dtype=torch.long, device=device) for i in ids]
+    return fills[0] if len(fills) == 1 else torch.cat(fills)
 
 
 def merge_visual_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, visual_embeds: torch.Tensor,
@@ -159,7 +171,10 @@ def merge_visual_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, vi
         input_ids: (B, T) or (T,) token ids, shaped like ``inputs_embeds[..., 0]``.
         visual_embeds: (N, H) (or any shape ending in H) features, in order, same dtype
             and device as ``inputs_embeds``.
-        token_id: the placeholder id, or a sequence of them (image and video ids).
+        token_id: the placeholder id, or a sequence of them (image and video ids), or an
+            integer tensor of them. Ints (and a CPU tensor's values) are filled into a device
+            tensor by kernels, never copied from host memory: nothing syncs, and a CUDA graph
+            captures them.
         check: verify that the number of placeholders equals N (one host sync; a
             ``ValueError`` like transformers' on mismatch). ``check=False`` never syncs and
             is CUDA-graph capturable; surplus placeholders then repeat the last feature row

@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from docqa_fast.packing import merge_visual_tokens, vision_window_index
 from docqa_fast.reference.packing import merge_visual_tokens_ref, vision_window_index_ref
@@ -73,6 +74,37 @@ def test_merge_compiles_fullgraph(backend):
     embeds, ids, visual = torch.randn(1, 40, 8), _ids((1, 40), 10), torch.randn(10, 8)
     fn = torch.compile(lambda e, i, v: merge_visual_tokens(e, i, v, IMAGE, check=False), fullgraph=True)
     assert torch.equal(fn(embeds, ids, visual), merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops a call dispatches (outermost only: a custom op's body is not entered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("token", [IMAGE, (IMAGE, VIDEO), [VIDEO, IMAGE], "cpu tensor"])
+def test_merge_token_ids_not_built_from_host_data(token):
+    """check=False must not sync on CUDA tensors, nor hold a copy a CUDA graph cannot capture:
+    the placeholder ids may not be built from host data. torch.tensor(ids, device="cuda")
+    dispatches as aten.lift_fresh (its pageable host-to-device copy, a stream sync, done
+    before); a CPU id tensor moved to the device would be an aten._to_copy. Ids filled in
+    by kernels (aten.full) need neither; seen here on CPU tensors, the same calls on CUDA."""
+    expected_token = IMAGE if token == IMAGE else (IMAGE, VIDEO)
+    if token == "cpu tensor":
+        token = torch.tensor([IMAGE, VIDEO])
+    embeds, ids, visual = torch.randn(2, 30, 8), _ids((2, 30), 6, 4), torch.randn(10, 8)
+    with _OpLog() as log:
+        out = merge_visual_tokens(embeds, ids, visual, token, check=False)
+    names = [str(op) for op in log.ops]
+    assert not [n for n in names if "lift_fresh" in n or "_to_copy" in n or n.startswith("aten.copy")], names
+    assert "aten.full.default" in names
+    assert torch.equal(out, merge_visual_tokens_ref(embeds, ids, visual, expected_token))
 
 
 def test_merge_bad_input(backend):
@@ -198,7 +230,8 @@ def test_window_index_bad_input():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (their C++ twins run above)")
 def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
     """Thousands of tiles resolving their prefixes by look-back at once; check=False never
-    syncs and the launch (memset included) can be captured in a CUDA graph."""
+    syncs (whatever form token_id takes, on either path) and the launch (memset and the
+    token ids included) can be captured in a CUDA graph."""
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
     N, H = 200_003, 40
     ids = _ids((N,), 120_001).cuda()
@@ -212,16 +245,26 @@ def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(g_ours, g_ref))
 
     e, v = embeds.detach(), visual.detach()
+    expected = out.detach()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        merge_visual_tokens(e, ids, v, IMAGE, check=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    merge_visual_tokens(e, ids, v, IMAGE, check=False)  # warm up outside the capture
+    # Every form of token_id (ids has no VIDEO token: all select the IMAGE rows), both paths:
+    # ints are filled in on the device, a CPU tensor is read on the host, a CUDA one used there.
+    tokens = (IMAGE, (IMAGE, VIDEO), [IMAGE], torch.tensor([IMAGE]), torch.tensor([IMAGE, VIDEO], device="cuda"))
+    for backend in ("cuda", "reference"):
+        monkeypatch.setenv("DOCQA_FAST_BACKEND", backend)
+        for token in tokens:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                unchecked = merge_visual_tokens(e, ids, v, token, check=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(unchecked, expected), (backend, token)
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    merge_visual_tokens(e, ids, v, (IMAGE, VIDEO), check=False)  # warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = merge_visual_tokens(e, ids, v, IMAGE, check=False)
+        # two ids: two fills and their concatenation are captured too
+        captured = merge_visual_tokens(e, ids, v, (IMAGE, VIDEO), check=False)
     e.add_(1)  # new inputs, same buffers
     graph.replay()
     assert torch.equal(captured, merge_visual_tokens_ref(e, ids, v, IMAGE))
