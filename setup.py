@@ -143,7 +143,8 @@ setup(
     # top-level "kernels" package would collide with other projects of that name).
     packages=find_packages(include=["docqa_fast", "docqa_fast.*"]) + ["docqa_fast.kernels"],
     package_dir={"docqa_fast.kernels": "kernels"},
-    package_data={"docqa_fast": ["_build_info.json"]},
+    # The per-GPU tile tables (kernels/tuned/*.json) ship with the kernels that read them.
+    package_data={"docqa_fast": ["_build_info.json"], "docqa_fast.kernels": ["tuned/*.json"]},
     install_requires=["torch>=2.4"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -34,9 +34,14 @@ try:  # host-side TMA descriptors (Triton >= 3.3)
 except ImportError:  # pragma: no cover - older Triton: the masked-load path only
     TensorDescriptor = None
 
+from . import tuning
 from .registry import KernelConfig, pointer_type, register
 
 LOG2E = 1.4426950408889634
+# Lengths and window sides Triton would otherwise compile as constants when they equal 1: Triton
+# 3.6's ptxas crashes (signal 11) on the dQ kernel compiled for seqlen_k == 1 with TMA loads,
+# and a variant per length-1 call would buy nothing.
+_UNSPECIALIZED = ("seqlen_q", "seqlen_k", "window_left", "window_right")
 HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)
 
 
@@ -296,7 +301,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, softcap, window_left, window_right,
@@ -388,7 +393,7 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
 def attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
@@ -458,7 +463,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
 def attention_backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
@@ -528,18 +533,34 @@ def attention_backward_delta_kernel(
 
 # ------------------------------------------------------------------------------ launchers
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim, picked so that every config compiles
-# for sm_90 without spilling (tests/test_hopper_compile.py): wide query tiles in the forward
-# while the accumulator fits, narrower tiles and 8 warps in the backward, whose dK/dV kernel
-# holds two accumulators plus K and V. Measured speed on a GPU may move these.
+# Built-in (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim: what a launch uses where no
+# tuned table covers the GPU (kernels/tuned/, see kernels/tuning.py; on Hopper the sm90 table
+# measured on an H200 takes precedence). They were picked to compile for sm_90 without
+# spilling, not by measurement: on the H200 the tuned tiles ran up to 3.6x faster.
 _FORWARD_TILES = {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 80: (128, 32, 8, 2), 96: (128, 32, 8, 2),
                   128: (128, 32, 8, 2), 192: (64, 16, 8, 1), 256: (64, 16, 8, 1)}
 # With K/V loaded by TMA (power-of-two head dims) the copy engine holds no per-thread addresses,
 # which buys D 128 twice the keys per tile (64 instead of 32) and a 3-deep pipeline.
 _FORWARD_TMA_TILES = {**_FORWARD_TILES, 128: (64, 64, 4, 3)}
+_DKDV_TILES = {32: (64, 64, 4, 2), 64: (32, 64, 8, 1), 80: (32, 64, 8, 1), 96: (32, 64, 8, 1),
+               128: (32, 64, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
+_DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 16, 8, 1), 96: (64, 16, 8, 1),
+             128: (64, 16, 8, 1), 192: (32, 16, 8, 1), 256: (32, 16, 8, 1)}
+# TMA-fed K/V free the dQ kernel's address registers: 64-key tiles and a 2-deep pipeline at D 64-128.
+_DQ_TMA_TILES = {**_DQ_TILES, 64: (64, 64, 8, 2), 128: (64, 64, 8, 2)}
 # The dK/dV kernel loads Q and dO by TMA up to D 128; at D 256 the descriptor path spills (8-16 B
 # in the Hopper check) where the pointer path does not.
 DKDV_TMA_MAX_HEAD_DIM = 128
+
+# The tunable kernels: name -> (kernel, defaults without TMA, defaults with TMA, largest TMA head dim).
+_TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+TUNABLE = {
+    "attention_forward": (attention_forward_kernel, _FORWARD_TILES, _FORWARD_TMA_TILES, HEAD_DIMS[-1]),
+    "attention_backward_dkdv": (attention_backward_dkdv_kernel, _DKDV_TILES, _DKDV_TILES, DKDV_TMA_MAX_HEAD_DIM),
+    "attention_backward_dq": (attention_backward_dq_kernel, _DQ_TILES, _DQ_TMA_TILES, HEAD_DIMS[-1]),
+}
+for _name in TUNABLE:
+    tuning.declare(_name, _TILE_PARAMS)
 
 # Short query ranges (decode-like calls, Sq <= 64) take 64-row forward tiles: a 128-row tile
 # would be half padding. One warpgroup up to D 64; beyond, two (on 64 rows the second splits
@@ -547,21 +568,29 @@ DKDV_TMA_MAX_HEAD_DIM = 128
 SHORT_QUERIES = 64
 
 
-def _forward_tiles(head_dim: int, max_seqlen_q: int, tma: bool):
-    """The forward's (BLOCK_M, BLOCK_N, num_warps, num_stages): by head dim and load path, and
-    narrower for short query ranges."""
-    block_m, block_n, warps, stages = (_FORWARD_TMA_TILES if tma else _FORWARD_TILES)[_tile_key(head_dim)]
+def tile_key(head_dim: int, tma: bool) -> str:
+    """The tuned-table key of a launch: the head-dim bucket and the load path."""
+    return f"D={_tile_key(head_dim)}" + (",tma" if tma else "")
+
+
+def default_tiles(kernel: str, head_dim: int, tma: bool) -> dict:
+    _, plain, with_tma, _ = TUNABLE[kernel]
+    return tuning.as_dict(kernel, (with_tma if tma else plain)[_tile_key(head_dim)])
+
+
+def _launch_tiles(kernel: str, head_dim: int, tma: bool, run, device):
+    """run(BLOCK_M, BLOCK_N, num_warps, num_stages) with the tiles of the device's tuned table
+    (or the built-in ones): see kernels/tuning.py."""
+    return tuning.launch(kernel, tile_key(head_dim, tma), default_tiles(kernel, head_dim, tma), device,
+                         lambda tiles: run(*tuning.as_tuple(kernel, tiles)))
+
+
+def _short_query_tiles(tiles, head_dim: int, max_seqlen_q: int):
+    """The forward's tiles for a call: 64 query rows when the queries are that few."""
+    block_m, block_n, warps, stages = tiles
     if max_seqlen_q <= SHORT_QUERIES and block_m > SHORT_QUERIES:
         return SHORT_QUERIES, block_n, 4 if head_dim <= 64 else 8, stages
     return block_m, block_n, warps, stages
-
-
-_DKDV_TILES = {32: (64, 64, 4, 2), 64: (32, 64, 8, 1), 80: (32, 64, 8, 1), 96: (32, 64, 8, 1),
-               128: (32, 64, 8, 1), 192: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
-_DQ_TILES = {32: (64, 64, 4, 2), 64: (64, 32, 8, 1), 80: (64, 16, 8, 1), 96: (64, 16, 8, 1),
-             128: (64, 16, 8, 1), 192: (32, 16, 8, 1), 256: (32, 16, 8, 1)}
-# TMA-fed K/V free the dQ kernel's address registers: 64-key tiles and a 2-deep pipeline at D 64-128.
-_DQ_TMA_TILES = {**_DQ_TILES, 64: (64, 64, 8, 2), 128: (64, 64, 8, 2)}
 
 
 def _tile_key(head_dim: int) -> int:
@@ -604,22 +633,25 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     heads, head_dim = q.shape[-2], q.shape[-1]
     if max_seqlen_q == 0 or batch == 0:
         return
-    block_m, block_n, warps, stages = _forward_tiles(head_dim, max_seqlen_q, tma=True)
-    descriptors = _head_descriptors(k, v, varlen, block_n)
-    if descriptors is None:
-        block_m, block_n, warps, stages = _forward_tiles(head_dim, max_seqlen_q, tma=False)
-    k_arg, v_arg = descriptors or (k, v)
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
-    attention_forward_kernel[grid](
-        q, k_arg, v_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, heads // k.shape[-2], _scales(softmax_scale, softcap), softcap,
-        window_size[0], window_size[1],
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        *_lse_strides(lse, varlen),
-        HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), USE_TMA=descriptors is not None,
-        num_warps=warps, num_stages=stages,
-    )
+    tma = _tma_eligible(k, v, varlen)
+
+    def run(block_m, block_n, warps, stages):
+        block_m, block_n, warps, stages = _short_query_tiles((block_m, block_n, warps, stages), head_dim,
+                                                             max_seqlen_q)
+        k_arg, v_arg = _descriptors(k, v, varlen, block_n) if tma else (k, v)
+        grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
+        attention_forward_kernel[grid](
+            q, k_arg, v_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, heads // k.shape[-2], _scales(softmax_scale, softcap), softcap,
+            window_size[0], window_size[1],
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *_lse_strides(lse, varlen),
+            HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), USE_TMA=tma,
+            num_warps=warps, num_stages=stages,
+        )
+
+    _launch_tiles("attention_forward", head_dim, tma, run, q.device)
 
 
 def _tma_available(device: torch.device) -> bool:
@@ -637,29 +669,32 @@ def _tma_head_dim(head_dim: int, max_head_dim: int = HEAD_DIMS[-1]) -> bool:
     return head_dim == _block_d(head_dim) and head_dim <= max_head_dim
 
 
-def _head_descriptors(a, b, varlen, block_rows, max_head_dim: int = HEAD_DIMS[-1]):
-    """TMA descriptors over two tensors of one layout (K and V, or Q and dO) as (tokens, heads * D)
-    matrices with (block_rows, D) tiles, or None where TMA cannot serve: a head dim that is not a
-    power of two (the tile would run into the next head's columns; the masked loads handle
-    those), a layout whose heads or batch rows do not tile one matrix, or what the copy engine
-    refuses (16-byte aligned base and row stride)."""
+def _tma_eligible(a, b, varlen, max_head_dim: int = HEAD_DIMS[-1]) -> bool:
+    """Whether two tensors of one layout (K and V, or Q and dO) can be read through TMA
+    descriptors over their (tokens, heads * D) matrices. Not for a head dim that is not a power
+    of two (the tile would run into the next head's columns; the masked loads handle those), a
+    layout whose heads or batch rows do not tile one matrix, or what the copy engine refuses
+    (16-byte aligned base and row stride)."""
     head_dim = a.shape[-1]
     if not _tma_head_dim(head_dim, max_head_dim) or not _tma_available(a.device):
-        return None
-    tokens = a.shape[0] if varlen else a.shape[0] * a.shape[1]
-    if tokens == 0:
-        return None
-    descriptors = []
+        return False
+    if (a.shape[0] if varlen else a.shape[0] * a.shape[1]) == 0:
+        return False
     for t in (a, b):
         token_stride = t.stride(-3)
         merged = varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * token_stride
         # A row stride below the row's width (possible for a single token) may be refused by the encoder.
         if not (merged and t.stride(-1) == 1 and t.stride(-2) == head_dim and t.data_ptr() % 16 == 0
                 and token_stride >= t.shape[-2] * head_dim and token_stride * t.element_size() % 16 == 0):
-            return None
-        descriptors.append(TensorDescriptor(t, [tokens, t.shape[-2] * head_dim], [token_stride, 1],
-                                            [block_rows, head_dim]))
-    return tuple(descriptors)
+            return False
+    return True
+
+
+def _descriptors(a, b, varlen, block_rows):
+    """TMA descriptors over two _tma_eligible tensors, with (block_rows, D) tiles."""
+    tokens = a.shape[0] if varlen else a.shape[0] * a.shape[1]
+    return tuple(TensorDescriptor(t, [tokens, t.shape[-2] * t.shape[-1]], [t.stride(-3), 1],
+                                  [block_rows, t.shape[-1]]) for t in (a, b))
 
 
 def _delta_block_t(head_dim: int) -> int:
@@ -707,49 +742,53 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     delta = _delta(dout, out, lse, grad_lse, varlen)
     common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
               _scales(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1])
-
-    def meta(tiles):
-        block_m, block_n, warps, stages = tiles[_tile_key(head_dim)]
-        return dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen), BLOCK_M=block_m,
-                    BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=warps, num_stages=stages)
-
-    dkdv_meta = meta(_DKDV_TILES)
-    dkdv_descriptors = _head_descriptors(q, dout, varlen, dkdv_meta["BLOCK_M"], DKDV_TMA_MAX_HEAD_DIM)
-    dq_meta = meta(_DQ_TMA_TILES)
-    dq_descriptors = _head_descriptors(k, v, varlen, dq_meta["BLOCK_N"])
-    if dq_descriptors is None:
-        dq_meta = meta(_DQ_TILES)
+    flags = dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen), BLOCK_D=_block_d(head_dim))
     lse_strides = _lse_strides(lse, varlen)
-    dkdv_q, dkdv_dout = dkdv_descriptors or (q, dout)
-    attention_backward_dkdv_kernel[(triton.cdiv(max_seqlen_k, dkdv_meta["BLOCK_N"]), batch, kv_heads)](
-        dkdv_q, k, v, dkdv_dout, lse, delta, dk, dv, *common,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, **dkdv_meta,
-        USE_TMA=dkdv_descriptors is not None,
-    )
-    dq_k, dq_v = dq_descriptors or (k, v)
-    attention_backward_dq_kernel[(triton.cdiv(max_seqlen_q, dq_meta["BLOCK_M"]), batch, heads)](
-        q, dq_k, dq_v, dout, lse, delta, dq, *common,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
-        *_strides(dq, varlen), *lse_strides, **dq_meta, USE_TMA=dq_descriptors is not None,
-    )
+    dkdv_tma = _tma_eligible(q, dout, varlen, DKDV_TMA_MAX_HEAD_DIM)
+    dq_tma = _tma_eligible(k, v, varlen)
+
+    def run_dkdv(block_m, block_n, warps, stages):
+        q_arg, dout_arg = _descriptors(q, dout, varlen, block_m) if dkdv_tma else (q, dout)
+        attention_backward_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
+            q_arg, k, v, dout_arg, lse, delta, dk, dv, *common,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, **flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dkdv_tma, num_warps=warps, num_stages=stages,
+        )
+
+    def run_dq(block_m, block_n, warps, stages):
+        k_arg, v_arg = _descriptors(k, v, varlen, block_n) if dq_tma else (k, v)
+        attention_backward_dq_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
+            q, k_arg, v_arg, dout, lse, delta, dq, *common,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
+            *_strides(dq, varlen), *lse_strides, **flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dq_tma, num_warps=warps, num_stages=stages,
+        )
+
+    _launch_tiles("attention_backward_dkdv", head_dim, dkdv_tma, run_dkdv, q.device)
+    _launch_tiles("attention_backward_dq", head_dim, dq_tma, run_dq, q.device)
 
 
 def _tile_variants(kernel, head_dim):
-    """(name suffix, tiles, USE_TMA or None when the kernel has no such flag) for every way the
-    launchers can launch ``kernel`` at ``head_dim``."""
-    if kernel is attention_forward_kernel:
-        for tma in (False, True) if _tma_head_dim(head_dim) else (False,):  # TMA: see _head_descriptors
-            long, short = (_forward_tiles(head_dim, seqlen, tma) for seqlen in (SHORT_QUERIES + 1, SHORT_QUERIES))
-            yield (",tma" if tma else ""), long, tma
-            if short != long:
-                yield (",tma" if tma else "") + ",short_q", short, tma
-    elif kernel is attention_backward_dq_kernel:
-        for tma in (False, True) if _tma_head_dim(head_dim) else (False,):
-            yield (",tma" if tma else ""), (_DQ_TMA_TILES if tma else _DQ_TILES)[head_dim], tma
-    else:
-        for tma in (False, True) if _tma_head_dim(head_dim, DKDV_TMA_MAX_HEAD_DIM) else (False,):
-            yield (",tma" if tma else ""), _DKDV_TILES[head_dim], tma
+    """(name suffix, tiles, USE_TMA) for every way the launchers can launch ``kernel`` at
+    ``head_dim``: the built-in tiles and those of every sm90 tuned table, by load path (and for
+    the forward, narrowed for short query ranges)."""
+    name = kernel.__name__.removesuffix("_kernel")
+    max_tma_head_dim = TUNABLE[name][3]
+    for tma in (False, True) if _tma_head_dim(head_dim, max_tma_head_dim) else (False,):
+        key = tile_key(head_dim, tma)
+        choices = [default_tiles(name, head_dim, tma)]
+        choices += [t for t in tuning.tables_choices(name, key) if t not in choices]
+        seen = set()
+        for tiles in choices:
+            variants = [tuning.as_tuple(name, tiles)]
+            if kernel is attention_forward_kernel:
+                variants.append(_short_query_tiles(variants[0], head_dim, SHORT_QUERIES))
+            for block_m, block_n, warps, stages in variants:
+                if (block_m, block_n, warps, stages) not in seen:
+                    seen.add((block_m, block_n, warps, stages))
+                    yield (",tma" if tma else "") + f",M{block_m}N{block_n}w{warps}s{stages}", \
+                        (block_m, block_n, warps, stages), tma
 
 
 def _configs():
@@ -786,8 +825,7 @@ def _configs():
                 variant = dict(signature)
                 constexprs = {"HEAD_DIM": head_dim, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n,
                               "BLOCK_D": _block_d(head_dim)}
-                if use_tma is not None:
-                    constexprs["USE_TMA"] = use_tma
+                constexprs["USE_TMA"] = use_tma
                 if use_tma and kernel is attention_backward_dkdv_kernel:  # Q and dO by TMA, query-block rows
                     variant.update({name: f"tensordesc<{ptr[1:]}[{block_m}, {head_dim}]>"
                                     for name in ("q_ptr", "dout_ptr")})

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from ..reference.kvcache import apply_rotary_ref, rotary_positions
-from .attention import HEAD_DIMS, _block_d, _scales, _scores, _sequence
+from .attention import HEAD_DIMS, _block_d, _scales, _scores, _sequence, _tile_key
+from . import tuning
 from .registry import KernelConfig, pointer_type, register
 
 
@@ -266,6 +267,19 @@ def _warps_stages(head_dim: int, block_m: int) -> tuple[int, int]:
     return 4, 3
 
 
+# Built-in tiles (above) unless the device's tuned table (kernels/tuned/, kernels/tuning.py)
+# has measured ones for the variant: keyed by head-dim bucket and BLOCK_M.
+tuning.declare("decode_attention", ("BLOCK_N", "num_warps", "num_stages"))
+
+
+def tile_key(head_dim: int, block_m: int) -> str:
+    return f"D={_tile_key(head_dim)},M={block_m}"
+
+
+def default_tiles(head_dim: int, block_m: int) -> dict:
+    return {"BLOCK_N": block_n(head_dim), **dict(zip(("num_warps", "num_stages"), _warps_stages(head_dim, block_m)))}
+
+
 def launch_shape(batch: int, seqlen_q: int, heads: int, kv_heads: int) -> tuple[int, int]:
     """(BLOCK_M, queries per block) for a call."""
     group = heads // kv_heads
@@ -317,7 +331,6 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
         return
     block_m, per_block = launch_shape(batch, seqlen_q, heads, kv_heads)
     left, right = window_size
-    warps, stages = _warps_stages(head_dim, block_m)
     dummy = cache_seqlens  # any int32 tensor for pointers a variant never reads
     if not append:  # pointers of the same types as the registered variants', never read
         k = v = k_cache
@@ -330,26 +343,29 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
     q_strides, o_strides, lse_strides = _layout_strides(q, out, lse, varlen)
     # Sq = 0 with new tokens still launches one (query-less) block: it writes them.
     grid = (max(1, triton.cdiv(seqlen_q, per_block)) * num_splits, batch, kv_heads)
-    decode_attention_kernel[grid](
-        q, k_cache, v_cache, k, v, cos, sin, out, lse, cache_seqlens,
-        cache_leftpad if cache_leftpad is not None else dummy,
-        block_table if paged else dummy,
-        cache_batch_idx if cache_batch_idx is not None else dummy,
-        cu_seqlens_q if varlen else dummy,
-        seqlen_q, k.shape[1] if append else 0, k_cache.shape[1], heads // kv_heads, per_block, num_splits,
-        _scales(softmax_scale, softcap), softcap, left, right,
-        rotary_cos.shape[1] if rotary else 0, int(rotary_per_token),
-        *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3],
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        rotary_cos.stride(0) if rotary else 0, *o_strides, *lse_strides,
-        block_table.stride(0) if paged else 0,
-        HEAD_DIM=head_dim, PAGED=paged, HAS_LEFTPAD=cache_leftpad is not None,
-        HAS_CACHE_ROWS=cache_batch_idx is not None, VARLEN_Q=varlen, APPEND=append, HAS_ROTARY=rotary,
-        INTERLEAVED=bool(rotary_interleaved) and rotary, ROTATE_Q=rotate_q, CAUSAL=causal,
-        HAS_WINDOW=left >= 0 or (right >= 0 and not causal), HAS_SOFTCAP=softcap > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n(head_dim), BLOCK_N_NEW=BLOCK_N_NEW, BLOCK_D=_block_d(head_dim),
-        num_warps=warps, num_stages=stages,
-    )
+    def run(tiles):
+        decode_attention_kernel[grid](
+            q, k_cache, v_cache, k, v, cos, sin, out, lse, cache_seqlens,
+            cache_leftpad if cache_leftpad is not None else dummy,
+            block_table if paged else dummy,
+            cache_batch_idx if cache_batch_idx is not None else dummy,
+            cu_seqlens_q if varlen else dummy,
+            seqlen_q, k.shape[1] if append else 0, k_cache.shape[1], heads // kv_heads, per_block, num_splits,
+            _scales(softmax_scale, softcap), softcap, left, right,
+            rotary_cos.shape[1] if rotary else 0, int(rotary_per_token),
+            *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3],
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            rotary_cos.stride(0) if rotary else 0, *o_strides, *lse_strides,
+            block_table.stride(0) if paged else 0,
+            HEAD_DIM=head_dim, PAGED=paged, HAS_LEFTPAD=cache_leftpad is not None,
+            HAS_CACHE_ROWS=cache_batch_idx is not None, VARLEN_Q=varlen, APPEND=append, HAS_ROTARY=rotary,
+            INTERLEAVED=bool(rotary_interleaved) and rotary, ROTATE_Q=rotate_q, CAUSAL=causal,
+            HAS_WINDOW=left >= 0 or (right >= 0 and not causal), HAS_SOFTCAP=softcap > 0,
+            BLOCK_M=block_m, BLOCK_N=tiles["BLOCK_N"], BLOCK_N_NEW=BLOCK_N_NEW, BLOCK_D=_block_d(head_dim),
+            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        )
+
+    tuning.launch("decode_attention", tile_key(head_dim, block_m), default_tiles(head_dim, block_m), q.device, run)
 
 
 # ------------------------------------------------------------------------ registered configs
@@ -404,22 +420,33 @@ def _configs():
                         signature.update({"qk_scale": "fp32", "softcap": "fp32"})
                         signature.update({name: "i64" for name in order
                                           if name.endswith(("_sb", "_st", "_sh", "_sp", "_ss"))})
-                        warps, stages = _warps_stages(head_dim, block_m)
-                        rotate_q = flags.get("HAS_ROTARY", False) and rotate_q_in_kernel(head_dim, block_m)
-                        constexprs = {"HEAD_DIM": head_dim, **_NO_FLAGS, **flags, "ROTATE_Q": rotate_q,
-                                      "BLOCK_M": block_m,
-                                      "BLOCK_N": block_n(head_dim), "BLOCK_N_NEW": BLOCK_N_NEW,
-                                      "BLOCK_D": _block_d(head_dim)}
-                        signature.update({name: "constexpr" for name in constexprs})
-                        split = "split" if out_ptr == "*fp32" else "nosplit"
-                        yield KernelConfig(
-                            name=f"decode_attention[{ptr[1:]},D={head_dim},M={block_m},{flags_name},{split}]",
-                            fn=decode_attention_kernel, signature={n: signature[n] for n in order},
-                            constexprs=constexprs, num_warps=warps, num_stages=stages, uses_tensor_cores=True,
-                            divisible_by_16=tuple(n for n in order if (n.endswith("_ptr") and n not in
-                                                                       ("cos_ptr", "sin_ptr"))
-                                                  or n in _ALIGNED_STRIDES),
-                        )
+                        for tiles in _tile_choices(head_dim, block_m):
+                            yield _config(ptr, out_ptr, head_dim, block_m, flags_name, flags, tiles, order,
+                                          dict(signature))
+
+
+def _tile_choices(head_dim, block_m):
+    """The built-in tiles and every sm90 table's, for the compile check."""
+    choices = [default_tiles(head_dim, block_m)]
+    return choices + [t for t in tuning.tables_choices("decode_attention", tile_key(head_dim, block_m))
+                      if t not in choices]
+
+
+def _config(ptr, out_ptr, head_dim, block_m, flags_name, flags, tiles, order, signature):
+    rotate_q = flags.get("HAS_ROTARY", False) and rotate_q_in_kernel(head_dim, block_m)
+    constexprs = {"HEAD_DIM": head_dim, **_NO_FLAGS, **flags, "ROTATE_Q": rotate_q, "BLOCK_M": block_m,
+                  "BLOCK_N": tiles["BLOCK_N"], "BLOCK_N_NEW": BLOCK_N_NEW, "BLOCK_D": _block_d(head_dim)}
+    signature.update({name: "constexpr" for name in constexprs})
+    split = "split" if out_ptr == "*fp32" else "nosplit"
+    warps, stages = tiles["num_warps"], tiles["num_stages"]
+    return KernelConfig(
+        name=f"decode_attention[{ptr[1:]},D={head_dim},M={block_m},{flags_name},{split},"
+             f"N{tiles['BLOCK_N']}w{warps}s{stages}]",
+        fn=decode_attention_kernel, signature={n: signature[n] for n in order},
+        constexprs=constexprs, num_warps=warps, num_stages=stages, uses_tensor_cores=True,
+        divisible_by_16=tuple(n for n in order if (n.endswith("_ptr") and n not in ("cos_ptr", "sin_ptr"))
+                              or n in _ALIGNED_STRIDES),
+    )
 
 
 register(_configs())

@@ -13,10 +13,13 @@ BLOCK_D >= D columns; the op is memory bound, so the tile is sized to keep enoug
 in flight per program, not to feed tensor cores.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .registry import KernelConfig, pointer_type, register
 
 # Largest head dim the launchers accept (MLA's 576 included); BLOCK_D is D rounded up to a
@@ -140,12 +143,32 @@ def _check_row_count(n_rows: int) -> None:
         raise ValueError(f"batch * seqlen * heads = {n_rows} rows is above the supported 2^31 - 1")
 
 
-def _tile(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_D) for a head dim: the whole row in one tile, ~TILE_ELEMENTS per program."""
+# Rows per program and warps: the built-in rule below, unless the device's tuned table
+# (kernels/tuned/, kernels/tuning.py) has measured values for the block width.
+tuning.declare("merge_attention", ("BLOCK_R", "num_warps"))
+
+
+def _block_d(head_dim: int) -> int:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
-    return max(1, TILE_ELEMENTS // block_d), block_d
+    return block_d
+
+
+def tile_key(head_dim: int) -> str:
+    return f"D={_block_d(head_dim)}"
+
+
+def default_tiles(head_dim: int) -> dict:
+    """The whole row in one tile, ~TILE_ELEMENTS per program."""
+    return {"BLOCK_R": max(1, TILE_ELEMENTS // _block_d(head_dim)), "num_warps": NUM_WARPS}
+
+
+def _launch(head_dim: int, device, run):
+    """run(BLOCK_R, BLOCK_D, num_warps) with the device's tuned tiles or the built-in ones."""
+    block_d = _block_d(head_dim)
+    return tuning.launch("merge_attention", tile_key(head_dim), default_tiles(head_dim), device,
+                         lambda tiles: run(tiles["BLOCK_R"], block_d, tiles["num_warps"]))
 
 
 def merge_pair(out_a, lse_a, out_b, lse_b, out, lse_out) -> None:
@@ -155,15 +178,17 @@ def merge_pair(out_a, lse_a, out_b, lse_b, out, lse_out) -> None:
     if n_rows == 0:
         return
     _check_row_count(n_rows)
-    block_r, block_d = _tile(D)
-    grid = (triton.cdiv(n_rows, block_r),)
-    merge_pair_kernel[grid](
-        out_a, lse_a, out_b, lse_b, out, lse_out,
-        S, H, D, n_rows,
-        out_a.stride(0), out_a.stride(1), out_a.stride(2), *lse_a.stride(),
-        out_b.stride(0), out_b.stride(1), out_b.stride(2), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
-    )
+
+    def run(block_r, block_d, warps):
+        merge_pair_kernel[(triton.cdiv(n_rows, block_r),)](
+            out_a, lse_a, out_b, lse_b, out, lse_out,
+            S, H, D, n_rows,
+            out_a.stride(0), out_a.stride(1), out_a.stride(2), *lse_a.stride(),
+            out_b.stride(0), out_b.stride(1), out_b.stride(2), *lse_b.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+
+    _launch(D, out.device, run)
 
 
 def merge_stacked(outs, lses, out, lse_out) -> None:
@@ -173,14 +198,16 @@ def merge_stacked(outs, lses, out, lse_out) -> None:
     if n_rows == 0:
         return
     _check_row_count(n_rows)
-    block_r, block_d = _tile(D)
-    grid = (triton.cdiv(n_rows, block_r),)
-    merge_stacked_kernel[grid](
-        outs, lses, out, lse_out,
-        n_parts, S, H, D, n_rows,
-        *outs.stride()[:4], *lses.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
-    )
+
+    def run(block_r, block_d, warps):
+        merge_stacked_kernel[(triton.cdiv(n_rows, block_r),)](
+            outs, lses, out, lse_out,
+            n_parts, S, H, D, n_rows,
+            *outs.stride()[:4], *lses.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+
+    _launch(D, out.device, run)
 
 
 def _configs():
@@ -207,17 +234,20 @@ def _configs():
     kernels = {"pair": (merge_pair_kernel, pair_signature), "stacked": (merge_stacked_kernel, stacked_signature)}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         ptr = pointer_type(dtype)
-        for block_d in BLOCK_D_CHOICES:
-            for kind, (fn, signature) in kernels.items():
-                for alignment in ("aligned", "unaligned"):
-                    yield KernelConfig(
-                        name=f"merge_{kind}[{ptr[1:]},BLOCK_D={block_d},{alignment}]",
-                        fn=fn,
-                        signature={arg: ptr if t == "OUT" else t for arg, t in signature.items()},
-                        constexprs={"BLOCK_R": TILE_ELEMENTS // block_d, "BLOCK_D": block_d},
-                        num_warps=NUM_WARPS,
-                        divisible_by_16=aligned[kind] if alignment == "aligned" else (),
-                    )
+        for block_d, kind, alignment in itertools.product(BLOCK_D_CHOICES, kernels, ("aligned", "unaligned")):
+            fn, signature = kernels[kind]
+            choices = [default_tiles(block_d)]
+            choices += [t for t in tuning.tables_choices("merge_attention", tile_key(block_d)) if t not in choices]
+            for tiles in choices:
+                suffix = "" if tiles == choices[0] else f",R{tiles['BLOCK_R']}w{tiles['num_warps']}"
+                yield KernelConfig(
+                    name=f"merge_{kind}[{ptr[1:]},BLOCK_D={block_d},{alignment}{suffix}]",
+                    fn=fn,
+                    signature={arg: ptr if t == "OUT" else t for arg, t in signature.items()},
+                    constexprs={"BLOCK_R": tiles["BLOCK_R"], "BLOCK_D": block_d},
+                    num_warps=tiles["num_warps"],
+                    divisible_by_16=aligned[kind] if alignment == "aligned" else (),
+                )
 
 
 register(_configs())

@@ -358,3 +358,24 @@ def _varlen(cu_q, cu_k=None, max_q=8, max_k=8, dtype=torch.int32):
 def test_bad_varlen_input_names_the_argument(call, error, message):
     with pytest.raises(error, match=re.escape(message)):
         call()
+
+
+def test_lengths_are_never_compiled_as_constants():
+    """Triton compiles an int argument equal to 1 as a constant unless told not to, and Triton
+    3.6's ptxas crashed (signal 11) on the dQ kernel compiled for seqlen_k == 1 with TMA loads
+    (reproduced here by compiling for sm_90 with Triton 3.6). The training kernels therefore
+    never specialise lengths or window sides. Read in a process without the interpreter, which
+    keeps no specialisation flags."""
+    import subprocess
+    import sys
+
+    code = ("from docqa_fast.kernels import attention as a\n"
+            "for k in (a.attention_forward_kernel, a.attention_backward_dq_kernel, a.attention_backward_dkdv_kernel):\n"
+            "    flags = {p.name: p.do_not_specialize for p in k.params}\n"
+            "    print(k.__name__, *(f'{n}={flags[n]}' for n in ('seqlen_q', 'seqlen_k', 'window_left', 'window_right')))\n")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert line.count("=True") == 4, line
