@@ -83,6 +83,9 @@ def _compile_test_kernel(name):
                                             "BLOCK": "constexpr"}, {"BLOCK": 64}, uses_tma=True),
         "elementwise claiming TMA": KernelConfig(
             name, _elementwise_kernel, {"x_ptr": "*fp16", "BLOCK": "constexpr"}, {"BLOCK": 1024}, uses_tma=True),
+        "spilling matmul": KernelConfig(  # a 128 x 128 fp32 accumulator on one warp: 512 values a thread
+            name, _matmul_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "BLOCK": "constexpr"},
+            {"BLOCK": 128}, num_warps=1, num_stages=1, uses_tensor_cores=True),
         "too much shared memory": KernelConfig(
             name, _matmul_kernel, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "BLOCK": "constexpr"},
             {"BLOCK": 256}, num_warps=8, uses_tensor_cores=True),
@@ -101,10 +104,18 @@ def test_check_sees_hgmma_in_a_matmul():
     assert report.hgmma_count > 0
 
 
-def test_check_flags_spills_or_shared_memory_overflow():
+def test_check_flags_shared_memory_overflow():
     report = _compile_natively(KernelConfig("too much shared memory", None, {}))
     assert not report.ok
-    assert any("spills" in p or "shared memory" in p for p in report.problems), report.problems
+    assert any("shared memory" in p for p in report.problems), report.problems
+
+
+def test_check_reports_spills_without_failing():
+    """Tiles are chosen by GPU measurement: a spilling config is a figure in the report, not a problem."""
+    report = _compile_natively(KernelConfig("spilling matmul", None, {}))
+    assert report.stack_bytes + report.local_bytes > 0, "the test kernel should spill"
+    assert report.ok, report.problems
+    assert "1 of 1 configs spill" in hopper_check.spill_summary([report])
 
 
 def test_check_sees_tma_loads_and_flags_their_absence():

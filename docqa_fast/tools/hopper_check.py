@@ -5,9 +5,11 @@ with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and runs the ``cu
 shipped in the Triton wheel: ``-res-usage`` for registers, stack, local memory and static
 shared memory, ``-sass`` for the instruction mix: HGMMA is Hopper's warpgroup tensor-core
 MMA (Triton emits it for tiles of >= 64 rows), HMMA the warp-level tensor-core MMA it uses
-for skinnier tiles (e.g. 16 gathered rows). A config is a problem when it spills (stack or
-local memory > 0), needs more shared memory than a Hopper block can have, or multiplies
-matrices without any tensor-core instruction.
+for skinnier tiles (e.g. 16 gathered rows). A config is a problem when it needs more shared
+memory than a Hopper block can have, multiplies matrices without any tensor-core instruction,
+or claims TMA loads without any. Spills (stack or local memory) are reported, not failed:
+tiles are chosen by measuring on a GPU (kernels/tuning.py), and on the H200 the fastest
+attention backward tiles spill a few hundred bytes yet run 3.6x faster than spill-free ones.
 
 Run ``python -m docqa_fast.tools.hopper_check`` for a table.
 """
@@ -89,8 +91,6 @@ def compile_config(config) -> HopperReport:
         uses_tensor_cores=config.uses_tensor_cores, tma_count=len(re.findall(r"\bUTMALDG\b", sass)),
         uses_tma=config.uses_tma,
     )
-    if stack or local:
-        report.problems.append(f"spills: stack {stack} B, local {local} B")
     if report.shared_bytes > HOPPER_MAX_SHARED_BYTES:
         report.problems.append(f"shared memory {report.shared_bytes} B > Hopper limit {HOPPER_MAX_SHARED_BYTES} B")
     if config.uses_tensor_cores and report.hgmma_count + report.hmma_count == 0:
@@ -128,6 +128,16 @@ def check_all(names=None, workers: int | None = None) -> list[HopperReport]:
         return list(pool.map(_compile_by_name, selected))
 
 
+def spill_summary(reports: list[HopperReport]) -> str:
+    """One line on the spilling configs: a figure to read beside GPU timings, not a verdict."""
+    spilling = [r for r in reports if r.stack_bytes or r.local_bytes]
+    if not spilling:
+        return "no config spills"
+    worst = max(spilling, key=lambda r: r.stack_bytes + r.local_bytes)
+    return (f"{len(spilling)} of {len(reports)} configs spill (reported, not failed); most: {worst.name} "
+            f"with {worst.stack_bytes} B stack, {worst.local_bytes} B local")
+
+
 def format_table(reports: list[HopperReport]) -> str:
     lines = ["| kernel config | warps | regs | shared KiB | spill B | HGMMA | HMMA | TMA loads | ok |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -139,19 +149,26 @@ def format_table(reports: list[HopperReport]) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m docqa_fast.tools.hopper_check [--filter TEXT]``: the table; exit 1 on a problem."""
+    """``python -m docqa_fast.tools.hopper_check [--filter TEXT] [--json PATH]``: the table (and
+    every figure as JSON); exit 1 on a problem."""
     import argparse
+    import json
 
     from docqa_fast.kernels.registry import registered_configs
 
     parser = argparse.ArgumentParser(description="Compile registered Triton configs for sm_90 and report them.")
     parser.add_argument("--filter", default="", help="only configs whose name contains this text")
+    parser.add_argument("--json", default=None, help="also write every report to this JSON file")
     args = parser.parse_args(argv)
     names = [c.name for c in registered_configs() if args.filter in c.name]
     if not names:
         parser.error(f"no registered config name contains {args.filter!r}")
     reports = check_all(names)
     print(format_table(reports))
+    print(spill_summary(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in reports], f, indent=1)
     return 0 if all(r.ok for r in reports) else 1
 
 
