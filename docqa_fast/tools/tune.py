@@ -1,0 +1,250 @@
+"""Measure Triton tile candidates on the present GPU and write its tuned table.
+
+``python -m docqa_fast.tools.tune [--family F ...] [--quick] [--out DIR] [--jobs N] [--budget S]``
+
+For every tunable kernel variant of the chosen families (``tune_cases.py``: attention forward /
+dQ / dK/dV per head dim and load path, decode, linear log-probs, reward, merge), at the shape of
+the workload it serves, each candidate tile set is
+
+1. launched through the real launcher (``kernels.tuning.override``), on the same random inputs
+   as the current choice (the table's, or the built-in default);
+2. rejected if it fails to compile, runs out of shared memory or registers ("skipped" with
+   the reason), or if its outputs differ from the current choice's beyond rounding
+   ("rejected": a tile that changes the answer is a bug, reported, never chosen);
+3. timed: ``triton.testing.do_bench`` median with the L2 flushed (on CPU under the interpreter,
+   a wall-clock median: only for testing this tool).
+
+The fastest candidate is written, with the shape, the metric and every candidate's status and
+time, to ``<out>/<arch>-triton<M>.<m>.json`` (``kernels/tuned/`` by default, the file launchers
+read); entries of other kernels already in that file are kept. Variants of one family are
+tuned in order, each with the choices made before it in force (dQ is timed with the dK/dV
+tiles just chosen). ``--jobs`` compiles candidates in parallel processes first (Triton's disk
+cache then serves the timing process), which is what keeps the attention sweep inside its
+3-minute share of a GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..kernels import tuning
+
+_TRITON_ERRORS = ("OutOfResources", "PTXASError", "CompilationError")
+
+
+def _bench(fn, device) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def same_up_to_rounding(got, want) -> str | None:
+    """None when every output of a candidate equals the current choice's up to rounding, else why
+    not. Rounding: a different accumulation order moves a result by a few units of the output
+    dtype's last place relative to the tensor's largest value; a wrong tile (a mask or bound
+    bug) moves it by whole units, or leaves NaN."""
+    for index, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return f"output {index}: shape {tuple(a.shape)} instead of {tuple(b.shape)}"
+        a64, b64 = a.double(), b.double()
+        if not torch.equal(torch.isnan(a64), torch.isnan(b64)) or not torch.equal(torch.isinf(a64), torch.isinf(b64)):
+            return f"output {index}: NaN or infinities in other places"
+        finite = torch.isfinite(b64)
+        if not finite.any():
+            continue
+        scale = b64[finite].abs().max().item()
+        error = (a64 - b64)[finite].abs().max().item()
+        eps = torch.finfo(a.dtype).eps if a.dtype.is_floating_point else 0.0
+        allowed = 8 * max(eps, 2.0 ** -20) * max(scale, 1e-30)
+        if error > allowed:
+            return f"output {index}: differs by {error:.3g} (allowed {allowed:.3g} at magnitude {scale:.3g})"
+    return None
+
+
+def _status_of(exc: BaseException) -> str:
+    name = type(exc).__name__
+    kind = "out of resources" if name == "OutOfResources" else "compile error" if name in _TRITON_ERRORS \
+        else "error"
+    return f"skipped: {kind}: {name}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return [t.detach().clone() for t in values if isinstance(t, torch.Tensor)]
+
+
+def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=print) -> dict:
+    """Measure every candidate of one tunable; return its table entry (without writing it)."""
+    state = tunable.setup(device, quick)
+    current = tuning.lookup(tunable.kernel, tunable.key, tunable.default, device)
+    candidates = [current] + [c for c in tunable.candidates(quick) if c != current]
+    results, reference = [], None
+    for tiles in candidates:
+        record = {"tiles": tiles}
+        results.append(record)
+        if deadline is not None and time.monotonic() > deadline:
+            record["status"] = "not measured: time budget spent"
+            continue
+        try:
+            with tuning.override(tunable.kernel, tunable.key, tiles):
+                outputs = _outputs(tunable.run(state))
+                # The first candidate that runs (the current choice, unless it no longer builds)
+                # gives the outputs every other candidate must reproduce.
+                why = None if reference is None else same_up_to_rounding(outputs, reference)
+                if why is not None:
+                    record["status"] = f"rejected: {why}"
+                    continue
+                reference = outputs if reference is None else reference
+                ms = _bench(lambda: tunable.run(state), device)
+        except Exception as exc:  # a candidate that does not build or run is reported, never chosen
+            record["status"] = _status_of(exc)
+            continue
+        record.update(status="ok", ms=round(ms, 5), value=round(tunable.value(state, ms), 3))
+    measured = [r for r in results if r["status"] == "ok"]
+    best = min(measured, key=lambda r: r["ms"]) if measured else results[0]
+    best["note"] = "chosen"
+    results[0]["note"] = (results[0].get("note", "") + " current").strip()
+    log(format_entry(tunable, results))
+    return {"tiles": best["tiles"], "shape": state.shape, "metric": tunable.metric, "candidates": results}
+
+
+def format_entry(tunable, results) -> str:
+    lines = [f"{tunable.kernel}[{tunable.key}]  ({tunable.metric})"]
+    for r in results:
+        tiles = ", ".join(f"{k}={v}" for k, v in r["tiles"].items())
+        figure = f"{r['ms']:9.4f} ms {r['value']:9.2f}" if r["status"] == "ok" else f"  {r['status']}"
+        lines.append(f"  {tiles:60s} {figure}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def _precompile_one(family: str, index: int, tiles: dict, quick: bool) -> str:
+    """Worker: build and launch one candidate once, so its binary lands in Triton's disk cache."""
+    from . import tune_cases
+
+    tunable = tune_cases.tunables([family])[index]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        state = tunable.setup(device, quick)
+        with tuning.override(tunable.kernel, tunable.key, tiles):
+            tunable.run(state)
+        _sync(device)
+        return "ok"
+    except Exception as exc:
+        return _status_of(exc)
+
+
+def precompile(family: str, tunables, quick: bool, jobs: int) -> None:
+    """Compile every candidate of a family in ``jobs`` processes (Triton compiles on one core)."""
+    work = [(family, i, tiles, quick) for i, t in enumerate(tunables) for tiles in t.candidates(quick)]
+    if jobs <= 1 or not work:
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_precompile_one, *zip(*work)))
+
+
+def device_arch(device) -> str:
+    return tuning.device_arch(device) or device.type
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_table(path: Path, device, entries: dict, argv) -> dict:
+    """Merge ``entries`` ({kernel: {key: entry}}) into the table at ``path`` and write it."""
+    import triton
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    kernels = data.get("kernels", {})
+    for kernel, by_key in entries.items():
+        kernels.setdefault(kernel, {}).update(by_key)
+    version = tuning.triton_version()
+    data.update({
+        "format": tuning.FORMAT, "arch": device_arch(device), "triton": f"{version[0]}.{version[1]}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "triton_version": triton.__version__,
+        "date": datetime.date.today().isoformat(), "git_commit": _git_commit(),
+        "source": "python -m docqa_fast.tools.tune " + " ".join(argv),
+        "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())},
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, argv=(), log=print) -> Path:
+    from . import tune_cases
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deadline = time.monotonic() + budget if budget else None
+    path = out / tuning.table_name(device_arch(device), tuning.triton_version())
+    entries: dict[str, dict] = {}
+    for family in families:
+        tunables = tune_cases.tunables([family])
+        if device.type == "cuda":
+            started = time.monotonic()
+            precompile(family, tunables, quick, jobs)
+            log(f"[{family}] compiled {sum(len(t.candidates(quick)) for t in tunables)} candidates "
+                f"in {time.monotonic() - started:.0f} s")
+        with contextlib.ExitStack() as chosen:  # each choice stays in force for the family's next variants
+            for tunable in tunables:
+                entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log)
+                entries.setdefault(tunable.kernel, {})[tunable.key] = entry
+                chosen.enter_context(tuning.override(tunable.kernel, tunable.key, entry["tiles"]))
+        write_table(path, device, entries, argv)  # after every family: a cut-short run keeps what it measured
+    tuning.reload()
+    log(f"wrote {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    from . import tune_cases
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m docqa_fast.tools.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", action="append", choices=tune_cases.FAMILIES,
+                        help="tune only this family (repeatable); default: all")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and the first few candidates")
+    parser.add_argument("--out", type=Path, default=tuning.TUNED_DIR, help="folder of the tables (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes compiling candidates before the timing (GPU only)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which remaining candidates are left unmeasured")
+    args = parser.parse_args(argv)
+    run(args.family or list(tune_cases.FAMILIES), quick=args.quick, out=args.out, jobs=args.jobs,
+        budget=args.budget, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

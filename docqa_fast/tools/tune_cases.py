@@ -1,0 +1,254 @@
+"""What ``python -m docqa_fast.tools.tune`` measures: per tunable kernel variant, the workload
+shape it serves (docs: WORKLOADS.md of the project), random inputs, the launch, and the tile
+candidates.
+
+Shapes: the full ones are the headline workloads (LLM attention: 1 x 16K tokens, 28 / 4 heads,
+D 128, causal; ViT: 8 images x 4,800 patches, 16 heads, D 80; decode: one token over a 128K
+cache; merge: two 128K-token partials); ``--quick`` halves to quarters them; on a CPU (the
+Triton interpreter, for testing the tool) they are tiny. Candidates are the tiles worth
+timing on Hopper-class GPUs: around the H200 sweep's winners, in both directions of each
+parameter; the current choice is always timed too (tune.sweep adds it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+FAMILIES = ("attention", "inference", "merge_attention")
+
+
+@dataclass
+class State:
+    """Inputs and outputs of one tunable at its shape, with the work one run does."""
+
+    tensors: dict
+    shape: dict
+    work: float  # FLOPs or bytes of one run (see Tunable.unit)
+
+
+@dataclass
+class Tunable:
+    family: str
+    kernel: str  # the kernels.tuning kernel name
+    key: str  # the variant's table key
+    default: dict  # the built-in tiles
+    unit: str  # "TFLOP/s" or "GB/s"
+    what: str  # what one run does, for the table's metric
+    setup: Callable[[torch.device, bool], State]
+    run: Callable[[State], Any]
+    candidate_tiles: tuple
+
+    @property
+    def metric(self) -> str:
+        return f"{self.unit} of {self.what}"
+
+    def candidates(self, quick: bool) -> list[dict]:
+        from ..kernels import tuning
+
+        tiles = [tuning.as_dict(self.kernel, values) for values in self.candidate_tiles]
+        return tiles[:3] if quick else tiles
+
+    def value(self, state: State, ms: float) -> float:
+        return state.work / ms / (1e9 if self.unit == "TFLOP/s" else 1e6)
+
+
+def _size(device, quick, full, fast, cpu):
+    return cpu if device.type != "cuda" else fast if quick else full
+
+
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter miscomputes bf16
+
+
+# ------------------------------------------------------------------------------ attention
+
+def _attention_setup(head_dim, heads, kv_heads, causal, lengths_by_size, varlen):
+    def setup(device, quick) -> State:
+        from ..kernels import attention as kernels
+
+        lengths = _size(device, quick, *lengths_by_size)
+        if device.type != "cuda":
+            heads_, kv_heads_ = 4, 2
+        else:
+            heads_, kv_heads_ = heads, kv_heads
+        dtype = _dtype(device)
+        total = sum(lengths)
+        shape = (total,) if varlen else (1, total)
+        q = torch.randn(*shape, heads_, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(*shape, kv_heads_, head_dim, device=device, dtype=dtype) for _ in range(2))
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device) \
+            if varlen else None
+        out = torch.empty_like(q)
+        lse = torch.empty((heads_, total) if varlen else (1, heads_, total), device=device, dtype=torch.float32)
+        call = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
+                    softmax_scale=head_dim ** -0.5, causal=causal, window_size=(-1, -1), softcap=0.0)
+        kernels.forward(q, k, v, out, lse, **call)
+        tensors = dict(q=q, k=k, v=v, out=out, lse=lse, dout=torch.randn_like(out), dq=torch.empty_like(q),
+                       dk=torch.empty_like(k), dv=torch.empty_like(v), call=call)
+        flops = sum(4 * s * s * heads_ * head_dim for s in lengths) * (0.5 if causal else 1.0)
+        description = dict(layout="varlen" if varlen else "dense", sequences=len(lengths), seqlen=max(lengths),
+                           heads=heads_, kv_heads=kv_heads_, head_dim=head_dim, causal=causal, dtype=str(dtype)[6:])
+        return State(tensors, description, flops)
+
+    return setup
+
+
+def _attention_forward(state):
+    from ..kernels import attention as kernels
+
+    t = state.tensors
+    kernels.forward(t["q"], t["k"], t["v"], t["out"], t["lse"], **t["call"])
+    return t["out"], t["lse"]
+
+
+def _attention_backward(state):
+    from ..kernels import attention as kernels
+
+    t = state.tensors
+    kernels.backward(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], None, t["dq"], t["dk"], t["dv"],
+                     **t["call"])
+    return t["dq"], t["dk"], t["dv"]
+
+
+def _backward_state(setup):
+    """The backward's work is 2.5x the forward's (flash-attn's convention)."""
+    def backward_setup(device, quick):
+        state = setup(device, quick)
+        state.work *= 2.5
+        return state
+
+    return backward_setup
+
+
+_LLM = _attention_setup(128, 28, 4, True, ([16384], [4096], [70]), varlen=False)
+_VIT = _attention_setup(80, 16, 16, False, ([4800] * 8, [4800] * 4, [37, 0, 20]), varlen=True)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_FORWARD_128 = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+                (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2))
+_DKDV_128 = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+             (32, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2))
+_DQ_128 = ((128, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+           (64, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2))
+_FORWARD_80 = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+               (128, 32, 8, 2))
+_DKDV_80 = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2))
+_DQ_80 = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))
+
+
+def _attention_tunables():
+    from ..kernels import attention as kernels
+
+    def tunable(kernel, head_dim, tma, setup, run, what, candidates):
+        return Tunable("attention", kernel, kernels.tile_key(head_dim, tma),
+                       kernels.default_tiles(kernel, head_dim, tma), "TFLOP/s", what, setup, run, candidates)
+
+    # dK/dV before dQ: the backward is timed whole, each kernel with the other's best tiles so far.
+    return [
+        tunable("attention_forward", 128, True, _LLM, _attention_forward, "the forward", _FORWARD_128),
+        tunable("attention_backward_dkdv", 128, True, _backward_state(_LLM), _attention_backward,
+                "the whole backward (delta, dK/dV, dQ)", _DKDV_128),
+        tunable("attention_backward_dq", 128, True, _backward_state(_LLM), _attention_backward,
+                "the whole backward (delta, dK/dV, dQ)", _DQ_128),
+        tunable("attention_forward", 80, False, _VIT, _attention_forward, "the forward", _FORWARD_80),
+        tunable("attention_backward_dkdv", 80, False, _backward_state(_VIT), _attention_backward,
+                "the whole backward (delta, dK/dV, dQ)", _DKDV_80),
+        tunable("attention_backward_dq", 80, False, _backward_state(_VIT), _attention_backward,
+                "the whole backward (delta, dK/dV, dQ)", _DQ_80),
+    ]
+
+
+# ------------------------------------------------------------------------------ inference
+
+def _decode_setup(device, quick) -> State:
+    context = _size(device, quick, 131072, 32768, 300)
+    heads, kv_heads = (28, 4) if device.type == "cuda" else (4, 2)
+    dtype = _dtype(device)
+    q = torch.randn(1, 1, heads, 128, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(1, context, kv_heads, 128, device=device, dtype=dtype) for _ in range(2))
+    seqlens = torch.full((1,), context, dtype=torch.int32, device=device)
+    shape = dict(batch=1, context=context, heads=heads, kv_heads=kv_heads, head_dim=128, cache="contiguous",
+                 dtype=str(dtype)[6:])
+    return State(dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens), shape,
+                 2 * context * kv_heads * 128 * dtype.itemsize)
+
+
+def _prefill_setup(device, quick) -> State:
+    chunk, context, page = _size(device, quick, (2048, 131072, 256), (1024, 32768, 256), (40, 300, 16))
+    heads, kv_heads = (28, 4) if device.type == "cuda" else (4, 2)
+    dtype = _dtype(device)
+    pages = -(-context // page)
+    q = torch.randn(1, chunk, heads, 128, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(pages, page, kv_heads, 128, device=device, dtype=dtype) for _ in range(2))
+    block_table = torch.randperm(pages, device=device).to(torch.int32).reshape(1, pages)
+    seqlens = torch.full((1,), context, dtype=torch.int32, device=device)
+    shape = dict(batch=1, chunk=chunk, context=context, page_size=page, heads=heads, kv_heads=kv_heads,
+                 head_dim=128, causal=True, dtype=str(dtype)[6:])
+    keys = context - chunk / 2  # keys a query sees on average under the causal mask
+    return State(dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens, block_table=block_table,
+                      causal=True), shape, 4 * chunk * keys * heads * 128)
+
+
+def _kvcache_run(state):
+    from ..inference.kvcache import flash_attn_with_kvcache
+
+    return flash_attn_with_kvcache(**state.tensors)
+
+
+def _inference_tunables():
+    from ..kernels import decode_attention as kernels
+
+    def tunable(block_m, unit, what, setup, candidates):
+        return Tunable("inference", "decode_attention", kernels.tile_key(128, block_m),
+                       kernels.default_tiles(128, block_m), unit, what, setup, _kvcache_run, candidates)
+
+    # (BLOCK_N, num_warps, num_stages)
+    return [
+        tunable(16, "GB/s", "K and V read by one decode step", _decode_setup,
+                ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (64, 8, 2), (128, 4, 2), (32, 4, 4),
+                 (128, 8, 4))),
+        tunable(64, "TFLOP/s", "a causal chunked prefill over a paged cache", _prefill_setup,
+                ((64, 4, 3), (128, 8, 2), (128, 8, 3), (64, 8, 3), (64, 4, 2), (128, 4, 3))),
+    ]
+
+
+# ------------------------------------------------------------------------------ merge_attention
+
+def _merge_setup(device, quick) -> State:
+    seqlen = _size(device, quick, 131072, 32768, 64)
+    heads = 28 if device.type == "cuda" else 4
+    dtype = _dtype(device)
+    parts = [torch.randn(1, seqlen, heads, 128, device=device, dtype=dtype) for _ in range(2)]
+    lses = [torch.randn(1, heads, seqlen, device=device) for _ in range(2)]
+    out, lse = torch.empty_like(parts[0]), torch.empty_like(lses[0])
+    bytes_moved = 3 * parts[0].numel() * dtype.itemsize + 3 * lses[0].numel() * 4
+    shape = dict(batch=1, seqlen=seqlen, heads=heads, head_dim=128, parts=2, dtype=str(dtype)[6:])
+    return State(dict(a=parts[0], lse_a=lses[0], b=parts[1], lse_b=lses[1], out=out, lse=lse), shape, bytes_moved)
+
+
+def _merge_run(state):
+    from ..kernels import merge_attention as kernels
+
+    t = state.tensors
+    kernels.merge_pair(t["a"], t["lse_a"], t["b"], t["lse_b"], t["out"], t["lse"])
+    return t["out"], t["lse"]
+
+
+def _merge_tunables():
+    from ..kernels import merge_attention as kernels
+
+    # (BLOCK_R, num_warps)
+    return [Tunable("merge_attention", "merge_attention", kernels.tile_key(128), kernels.default_tiles(128), "GB/s",
+                    "a two-part merge (both parts read, the result written)", _merge_setup, _merge_run,
+                    ((16, 4), (8, 4), (32, 4), (32, 8), (64, 8), (16, 8)))]
+
+
+_BUILDERS = {"attention": _attention_tunables, "inference": _inference_tunables,
+             "merge_attention": _merge_tunables}
+
+
+def tunables(families=FAMILIES) -> list[Tunable]:
+    return [t for family in families for t in _BUILDERS[family]()]
