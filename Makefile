@@ -1,9 +1,11 @@
 # docqa_fast: everything a fresh clone needs, from one command.
 #   make test    set up the virtualenv, build the extension, run the test suite
 #   make bench   set up the same, run the benchmark suite on whatever device is here
+#   make gpu     on a GPU machine: build for its architecture, tests, tuning sweep, headline
+#                benchmarks, logs and tables in GPU_OUT (at most 8 files), under 10 minutes
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_SPEC (installed
 # only when the venv cannot import torch yet), MAX_JOBS, DOCQA_FAST_CUDA_ARCHS,
-# DOCQA_FAST_NO_EXTENSION=1, BENCH_ARGS (e.g. "--quick --filter merge").
+# DOCQA_FAST_NO_EXTENSION=1, BENCH_ARGS (e.g. "--quick --filter merge"), GPU_OUT.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +19,9 @@ SETUP_STAMP := $(VENV)/.docqa_fast-deps
 BUILD_STAMP := $(VENV)/.docqa_fast-built
 SOURCES := setup.py pyproject.toml $(shell find csrc kernels docqa_fast -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench install hopper-report clean
+GPU_OUT ?= gpu-run
+
+.PHONY: test bench gpu install hopper-report clean
 
 # The venv sees the system's packages, so a machine that already has PyTorch (a GPU box
 # with its own CUDA build, no network) reuses it; pip skips what is already satisfied.
@@ -40,6 +44,12 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The extension is built for this GPU's architecture only (sm_90a on an H100 / H200): the
+# default two-architecture build takes twice as long, and GPU minutes are few.
+gpu: $(SETUP_STAMP)
+	$(MAKE) install DOCQA_FAST_CUDA_ARCHS="$$($(PY) -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if m == 9 else ""))')"
+	$(PY) -m docqa_fast.tools.gpu_run --out $(GPU_OUT)
 
 hopper-report: install
 	$(PY) -m docqa_fast.tools.hopper_check

@@ -18,7 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="the full workload sizes even without a GPU (the default there is --quick: full "
                              "sizes need tens of GB and hours on a CPU)")
-    parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR")
+    parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR "
+                                                         "(several: SUBSTR,SUBSTR,...)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: benchmarks/results/<device-slug>/)")
     parser.add_argument("--no-hopper-report", action="store_true",

@@ -116,7 +116,8 @@ def register_family(name: str):
 
 
 def collect_cases(quick: bool, filter: str | None = None) -> list[Case]:
-    """Every registered case (quick sizes or full), keeping those whose id contains ``filter``."""
+    """Every registered case (quick sizes or full), keeping those whose id contains ``filter``
+    (or one of its comma-separated parts: ``make gpu`` names its headline cases this way)."""
     from . import FAMILIES
 
     for module in FAMILIES:
@@ -126,7 +127,8 @@ def collect_cases(quick: bool, filter: str | None = None) -> list[Case]:
     duplicates = {i for i in ids if ids.count(i) > 1}
     if duplicates:
         raise ValueError(f"benchmark case ids registered twice: {sorted(duplicates)}")
-    return [case for case in cases if not filter or filter in case.id]
+    wanted = [part for part in (filter or "").split(",") if part]
+    return [case for case in cases if not wanted or any(part in case.id for part in wanted)]
 
 
 # ------------------------------------------------------------------- provider helpers
