@@ -11,7 +11,9 @@ and forward + backward (d hidden, d weight). Providers:
   (transformers' causal-LM loss) or log_softmax -> gather -> sum -> DPO (TRL);
 * ``torch.compile`` of the naive path;
 * ``liger``: Liger-Kernel's LigerFusedLinearCrossEntropyLoss / LigerFusedLinearDPOLoss
-  (chunked logits, gradients computed in the forward), when importable.
+  (chunked logits, gradients computed in the forward), when importable;
+* ``cut_cross_entropy``: Apple's Cut Cross-Entropy ``linear_cross_entropy`` (logits tiles kept
+  in shared memory, gradient sparsity), cross-entropy cases, when importable.
 
 Work model: 2·N·H·V FLOPs forward, 3x that for forward + backward (the backward's recompute
 of the logits is not counted as work). Targets on an H100: forward + backward within 1.2x of
@@ -139,11 +141,28 @@ def _liger_dpo():
     return run
 
 
-def _providers(ours, naive, liger_build, grads_of, backward):
+def _cce_unavailable(device):
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut_cross_entropy is not installed"
+    if device.type != "cuda":
+        return "Cut Cross-Entropy runs on CUDA only"
+    return None
+
+
+def _cce_ce():
+    from cut_cross_entropy import linear_cross_entropy as cce
+
+    # Its (embeddings, classifier, targets) order; ignore_index -100 and a mean, as ours.
+    return lambda hidden, weight, labels: cce(hidden, weight, labels, ignore_index=-100, reduction="mean")
+
+
+def _providers(ours, naive, liger_build, grads_of, backward, cce_build=None):
     wrap = (lambda fn: _with_backward(fn, grads_of)) if backward else (lambda fn: fn)
     liger = Provider("liger", build=lambda: wrap(liger_build()), unavailable=_liger_unavailable)
+    peers = [Provider("cut_cross_entropy", build=lambda: wrap(cce_build()), unavailable=_cce_unavailable)] \
+        if cce_build else []
     return (*ours_per_backend(wrap(ours), backends=("triton", "reference")), eager_provider(wrap(naive)),
-            compiled_provider(wrap(naive)), liger)
+            compiled_provider(wrap(naive)), liger, *peers)
 
 
 # ---------------------------------------------------------------------------- cases
@@ -158,7 +177,7 @@ def cases(quick: bool) -> list[Case]:
         mode = "fwdbwd" if backward else "fwd"
         work = 3 if backward else 1
         for model, (hidden_size, vocab) in heads.items():
-            providers = _providers(ours_ce, naive_ce, _liger_ce, lambda inputs: inputs[:2], backward)
+            providers = _providers(ours_ce, naive_ce, _liger_ce, lambda inputs: inputs[:2], backward, _cce_ce)
             for n in sizes["ce_tokens"]:
                 params = {"N": n, "H": hidden_size, "V": vocab, "backward": backward, "dtype": dtype}
                 found.append(Case(
