@@ -14,8 +14,9 @@
 from .merge import merge_visual_tokens
 from .packed import PackedBatch, pack_multimodal, unpack
 from .planner import plan_packing
-from .rope import get_rope_index, patch_transformers_rope_index, unpatch_transformers_rope_index
+from .rope import (detect_video_time_rounding, get_rope_index, patch_transformers_rope_index,
+                   unpatch_transformers_rope_index)
 from .window import vision_window_index
 
-__all__ = ["PackedBatch", "get_rope_index", "pack_multimodal", "unpack", "merge_visual_tokens", "patch_transformers_rope_index", "plan_packing",
+__all__ = ["PackedBatch", "detect_video_time_rounding", "get_rope_index", "pack_multimodal", "unpack", "merge_visual_tokens", "patch_transformers_rope_index", "plan_packing",
            "unpatch_transformers_rope_index", "vision_window_index"]
