@@ -7,7 +7,7 @@ size that depends on tensor values (split count and partial buffers follow from 
 only), so it can be captured in a CUDA graph; the value checks below (one host sync) run in
 eager mode only and are skipped under ``torch.compile``.
 
-Fast path (CUDA fp16/bf16; CPU under TRITON_INTERPRET=1 fp16), all in ``kernels/decode_attention.py``:
+Fast path (CUDA fp16/bf16; CPU under TRITON_INTERPRET=1 fp16), all in ``kernels/inference.py``:
 one launch of the split-KV attention kernel, which also appends the new k/v (rotating k and q in
 registers) into exactly their Sk_new slots per row, and, with more than one split,
 ``merge_stacked_attention_states``. Everything else runs the reference.
@@ -187,7 +187,7 @@ def _lse_shape(q):
 
 
 def _use_kernel(q, kv_heads):
-    from ..kernels.decode_attention import MAX_GROUP
+    from ..kernels.inference import MAX_GROUP
 
     reason = None
     if q.dtype not in FAST_DTYPES:
@@ -220,13 +220,13 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
         return flash_attn_with_kvcache_ref(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, softmax_scale, causal, window, softcap, rotary_interleaved, return_softmax_lse=True)
-    from ..kernels import decode_attention as kernels
+    from ..kernels import inference as kernels
 
     batch, seqlen_q, heads, head_dim = q.shape
     if num_splits == 0:
         num_splits = kernels.num_splits_heuristic(batch, seqlen_q, heads, k_cache.shape[2],
                                                   cache_capacity(k_cache, block_table), _num_sms(q.device))
-    # One launch appends k/v (rotating k and q in registers) and attends; see kernels/decode_attention.py.
+    # One launch appends k/v (rotating k and q in registers) and attends; see kernels/inference.py.
     options = dict(k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                    rotary_per_token=causal or window != (-1, -1), cache_leftpad=cache_leftpad,
                    block_table=block_table, cache_batch_idx=cache_batch_idx, softmax_scale=softmax_scale,

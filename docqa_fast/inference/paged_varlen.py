@@ -7,7 +7,7 @@ masks align bottom-right per sequence. Nothing is appended (the caller has writt
 k/v into the cache already, as a paged serving engine does).
 
 It runs the decode / chunked-prefill kernel of :func:`flash_attn_with_kvcache`
-(``kernels/decode_attention.py``) with packed query offsets (its VARLEN_Q variant): the same
+(``kernels/inference.py``) with packed query offsets (its VARLEN_Q variant): the same
 GQA row packing, paged addressing and split-KV, with the key counts taken as the differences
 of cu_seqlens_k (an on-device op: no host sync). fp32, CPU tensors and more than 64 query heads
 per KV head run :func:`docqa_fast.reference.kvcache.flash_attn_varlen_paged_ref`.
@@ -83,7 +83,7 @@ def _varlen_paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not _use_kernel(q, k_cache.shape[2]):
         return flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
                                            softmax_scale, causal, window, softcap)
-    from ..kernels import decode_attention as kernels
+    from ..kernels import inference as kernels
 
     total_q, heads, _ = q.shape
     batch = cu_seqlens_q.shape[0] - 1

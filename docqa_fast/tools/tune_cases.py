@@ -199,7 +199,7 @@ def _kvcache_run(state):
 
 
 def _inference_tunables():
-    from ..kernels import decode_attention as kernels
+    from ..kernels import inference as kernels
 
     def tunable(block_m, unit, what, setup, candidates):
         return Tunable("inference", "decode_attention", kernels.tile_key(128, block_m),

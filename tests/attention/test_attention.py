@@ -369,7 +369,7 @@ def test_lengths_are_never_compiled_as_constants():
     import subprocess
     import sys
 
-    code = ("from docqa_fast.kernels import attention as a\n"
+    code = ("from docqa_fast.kernels.attention import training as a\n"
             "for k in (a.attention_forward_kernel, a.attention_backward_dq_kernel, a.attention_backward_dkdv_kernel):\n"
             "    flags = {p.name: p.do_not_specialize for p in k.params}\n"
             "    print(k.__name__, *(f'{n}={flags[n]}' for n in ('seqlen_q', 'seqlen_k', 'window_left', 'window_right')))\n")

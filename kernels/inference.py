@@ -42,8 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.kvcache import apply_rotary_ref, rotary_positions
-from .attention import HEAD_DIMS, _block_d, _scales, _scores, _sequence, _tile_key
+from .attention.common import HEAD_DIMS, block_d, head_dim_bucket, score_scale, scores, sequence
 from . import tuning
 from .registry import KernelConfig, pointer_type, register
 
@@ -128,7 +127,7 @@ def decode_attention_kernel(
     q_block = pid // num_splits
     split = pid % num_splits
     q0 = q_block * queries_per_block
-    q_start, len_q = _sequence(cu_seqlens_q_ptr, b, seqlen_q, VARLEN_Q)
+    q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, VARLEN_Q)
 
     # Rows: (query, head of the group) pairs; rows past the block's queries or past Sq are padding.
     r = tl.arange(0, BLOCK_M)
@@ -189,7 +188,7 @@ def decode_attention_kernel(
         kv_mask = col_ok[:, None] & dim_ok[None, :]
         # Rows of D contiguous elements: 16-byte vector loads; num_stages keeps tiles in flight.
         k = tl.load(k_head + k_slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
+        s = scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, True)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         v = tl.load(v_head + v_slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
@@ -207,7 +206,7 @@ def decode_attention_kernel(
             k = _load_rotated(k_new_head + t * kn_st, dims, col_ok, dim_ok, cols, cos_ptr, sin_ptr, cos_st,
                               rotary_half, HAS_ROTARY, INTERLEAVED).to(k_cache_ptr.dtype.element_ty)
             v = tl.load(v_new_head + t[:, None] * vn_st + dims[None, :], mask=kv_mask, other=0.0)
-            s = _scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
+            s = scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                         CAUSAL, HAS_SOFTCAP, True)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
@@ -229,6 +228,31 @@ def decode_attention_kernel(
              mask=row_ok[:, None] & dim_ok[None, :])
     lse_rows = lse_ptr + split64 * lse_ss + b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + tokens
     tl.store(lse_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def rotate_queries_kernel(
+    q_ptr, cos_ptr, sin_ptr, cache_seqlens_ptr, out_ptr, rows_total, seqlen_q, heads, rotary_half, cos_st,
+    q_sb, q_st, q_sh, HEAD_DIM: tl.constexpr, PER_TOKEN: tl.constexpr, INTERLEAVED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out (B, Sq, H, D) contiguous = q rotated at position cache_seqlens[b] (+ s when PER_TOKEN):
+    the pass before a launch whose tiles are too large to rotate q in registers (see
+    rotate_q_in_kernel). Row r is (b, s, h) of q in that order."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows_total
+    h = r % heads
+    s = (r // heads) % seqlen_q
+    b = r // (heads * seqlen_q)
+    positions = tl.load(cache_seqlens_ptr + b, mask=row_ok, other=0)
+    if PER_TOKEN:
+        positions += s
+    dims = tl.arange(0, BLOCK_D)
+    rows = q_ptr + b.to(tl.int64) * q_sb + s.to(tl.int64) * q_st + h.to(tl.int64) * q_sh
+    x = _load_rotated(rows, dims, row_ok, dims < HEAD_DIM, positions, cos_ptr, sin_ptr, cos_st, rotary_half,
+                      True, INTERLEAVED)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :], x,
+             mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -273,11 +297,33 @@ tuning.declare("decode_attention", ("BLOCK_N", "num_warps", "num_stages"))
 
 
 def tile_key(head_dim: int, block_m: int) -> str:
-    return f"D={_tile_key(head_dim)},M={block_m}"
+    return f"D={head_dim_bucket(head_dim)},M={block_m}"
 
 
 def default_tiles(head_dim: int, block_m: int) -> dict:
     return {"BLOCK_N": block_n(head_dim), **dict(zip(("num_warps", "num_stages"), _warps_stages(head_dim, block_m)))}
+
+
+_ROTATE_ELEMENTS = 2048  # elements of q per rotation program: rows of BLOCK_D, ~16 per thread at 4 warps
+
+
+def _rotate_rows(head_dim: int) -> int:
+    return max(1, _ROTATE_ELEMENTS // block_d(head_dim))
+
+
+def rotate_queries(q, cos, sin, cache_seqlens, per_token: bool, interleaved: bool):
+    """q (B, Sq, H, D) rotated at cache_seqlens (+ i per token) into a new contiguous tensor."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    rows = batch * seqlen_q * heads
+    if rows:
+        block_r = _rotate_rows(head_dim)
+        rotate_queries_kernel[(triton.cdiv(rows, block_r),)](
+            q, cos, sin, cache_seqlens, out, rows, seqlen_q, heads, cos.shape[1], cos.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), HEAD_DIM=head_dim, PER_TOKEN=bool(per_token),
+            INTERLEAVED=bool(interleaved), BLOCK_R=block_r, BLOCK_D=block_d(head_dim), num_warps=4,
+        )
+    return out
 
 
 def launch_shape(batch: int, seqlen_q: int, heads: int, kv_heads: int) -> tuple[int, int]:
@@ -337,8 +383,7 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
     cos, sin = (rotary_cos, rotary_sin) if rotary else (q, q)
     rotate_q = rotary and rotate_q_in_kernel(head_dim, block_m)
     if rotary and not rotate_q:
-        q = apply_rotary_ref(q, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, q.shape[1], rotary_per_token),
-                             rotary_interleaved)
+        q = rotate_queries(q, rotary_cos, rotary_sin, cache_seqlens, rotary_per_token, rotary_interleaved)
     # After the rotation: the rotated copy is laid out afresh, whatever the caller's q strides were.
     q_strides, o_strides, lse_strides = _layout_strides(q, out, lse, varlen)
     # Sq = 0 with new tokens still launches one (query-less) block: it writes them.
@@ -351,7 +396,7 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
             cache_batch_idx if cache_batch_idx is not None else dummy,
             cu_seqlens_q if varlen else dummy,
             seqlen_q, k.shape[1] if append else 0, k_cache.shape[1], heads // kv_heads, per_block, num_splits,
-            _scales(softmax_scale, softcap), softcap, left, right,
+            score_scale(softmax_scale, softcap), softcap, left, right,
             rotary_cos.shape[1] if rotary else 0, int(rotary_per_token),
             *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3],
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -361,7 +406,7 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
             HAS_CACHE_ROWS=cache_batch_idx is not None, VARLEN_Q=varlen, APPEND=append, HAS_ROTARY=rotary,
             INTERLEAVED=bool(rotary_interleaved) and rotary, ROTATE_Q=rotate_q, CAUSAL=causal,
             HAS_WINDOW=left >= 0 or (right >= 0 and not causal), HAS_SOFTCAP=softcap > 0,
-            BLOCK_M=block_m, BLOCK_N=tiles["BLOCK_N"], BLOCK_N_NEW=BLOCK_N_NEW, BLOCK_D=_block_d(head_dim),
+            BLOCK_M=block_m, BLOCK_N=tiles["BLOCK_N"], BLOCK_N_NEW=BLOCK_N_NEW, BLOCK_D=block_d(head_dim),
             num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
         )
 
@@ -435,7 +480,7 @@ def _tile_choices(head_dim, block_m):
 def _config(ptr, out_ptr, head_dim, block_m, flags_name, flags, tiles, order, signature):
     rotate_q = flags.get("HAS_ROTARY", False) and rotate_q_in_kernel(head_dim, block_m)
     constexprs = {"HEAD_DIM": head_dim, **_NO_FLAGS, **flags, "ROTATE_Q": rotate_q, "BLOCK_M": block_m,
-                  "BLOCK_N": tiles["BLOCK_N"], "BLOCK_N_NEW": BLOCK_N_NEW, "BLOCK_D": _block_d(head_dim)}
+                  "BLOCK_N": tiles["BLOCK_N"], "BLOCK_N_NEW": BLOCK_N_NEW, "BLOCK_D": block_d(head_dim)}
     signature.update({name: "constexpr" for name in constexprs})
     split = "split" if out_ptr == "*fp32" else "nosplit"
     warps, stages = tiles["num_warps"], tiles["num_stages"]
@@ -449,4 +494,25 @@ def _config(ptr, out_ptr, head_dim, block_m, flags_name, flags, tiles, order, si
     )
 
 
+def _rotate_configs():
+    """The q rotation pass per head dim, dtype and rotary layout (decode-sized and prefill-sized
+    queries compile the same)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        ptr = pointer_type(dtype)
+        for head_dim in HEAD_DIMS:
+            for per_token, interleaved in ((True, True), (True, False), (False, True)):
+                constexprs = {"HEAD_DIM": head_dim, "PER_TOKEN": per_token, "INTERLEAVED": interleaved,
+                              "BLOCK_R": _rotate_rows(head_dim), "BLOCK_D": block_d(head_dim)}
+                signature = {"q_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr, "cache_seqlens_ptr": "*i32",
+                             "out_ptr": ptr, **dict.fromkeys(("rows_total", "seqlen_q", "heads", "rotary_half"), "i32"),
+                             **dict.fromkeys(("cos_st", "q_sb", "q_st", "q_sh"), "i64"),
+                             **dict.fromkeys(constexprs, "constexpr")}
+                yield KernelConfig(
+                    name=f"rotate_queries[{ptr[1:]},D={head_dim},per_token={int(per_token)},"
+                         f"interleaved={int(interleaved)}]",
+                    fn=rotate_queries_kernel, signature=signature, constexprs=constexprs, num_warps=4,
+                    num_stages=1, divisible_by_16=("q_ptr", "out_ptr", "cache_seqlens_ptr", "q_sb", "q_st", "q_sh"))
+
+
 register(_configs())
+register(_rotate_configs())

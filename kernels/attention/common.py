@@ -1,0 +1,69 @@
+"""Triton helpers shared by the training kernels (:mod:`.training`) and the inference kernels
+(:mod:`docqa_fast.kernels.inference`): one definition of a sequence's bounds, of the score tile
+and its mask, and of the host-side head-dim and scale rules, so both apply flash-attn 2's
+semantics the same way.
+
+Semantics (docqa_fast/reference/attention.py is the oracle): GQA (query head h reads KV head
+h // (H / Hk)), causal and sliding windows aligned bottom-right (query i sees keys
+[i + Sk - Sq - left, i + Sk - Sq + right]), softcap ``cap * tanh(s / cap)``. Scores are taken
+in base 2 with the softmax scale and log2(e) folded into one multiplier (exp2 is one
+instruction).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Head dims with their own tiles; others take the next one up (masked to the next power of two).
+HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)
+
+
+@triton.jit
+def sequence(cu_seqlens_ptr, b, fixed_len, IS_VARLEN: tl.constexpr):
+    """(first token, length) of sequence b: from cu_seqlens, or (0, fixed_len) for dense."""
+    if IS_VARLEN:
+        start = tl.load(cu_seqlens_ptr + b)
+        return start, tl.load(cu_seqlens_ptr + b + 1) - start
+    return b * 0, fixed_len  # a tensor zero (not a Python 0) so .to(tl.int64) works everywhere
+
+
+
+@triton.jit
+def scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, WINDOW_LEFT, WINDOW_RIGHT,
+            CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in base-2 units (log2(e) folded in), -inf where hidden."""
+    s = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        # cap * tanh(s * scale / cap), then to base 2; qk_scale holds scale / cap here.
+        s = s * qk_scale
+        s = softcap * (2 * tl.sigmoid(2 * s) - 1) * 1.4426950408889634
+    else:
+        s = s * qk_scale
+    if MASK:
+        diagonal = rows[:, None] + (len_k - len_q)
+        visible = (cols[None, :] < len_k) & (diagonal > -2147483647)  # full (BLOCK_M, BLOCK_N) shape
+        if CAUSAL:
+            visible &= cols[None, :] <= diagonal
+        elif WINDOW_RIGHT >= 0:
+            visible &= cols[None, :] <= diagonal + WINDOW_RIGHT
+        if WINDOW_LEFT >= 0:
+            visible &= cols[None, :] >= diagonal - WINDOW_LEFT
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The smallest supported head dim >= head_dim (its tiles and BLOCK_D fit)."""
+    for supported in HEAD_DIMS:
+        if head_dim <= supported:
+            return supported
+    raise ValueError(f"head dim {head_dim} is above the supported maximum {HEAD_DIMS[-1]}")
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def score_scale(softmax_scale, softcap):
+    """qk_scale turns q.k into base-2 scores (or into tanh's argument under a softcap)."""
+    return (softmax_scale / softcap) if softcap > 0 else softmax_scale * LOG2E
