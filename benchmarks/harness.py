@@ -133,11 +133,11 @@ def collect_cases(quick: bool, filter: str | None = None) -> list[Case]:
 
 # ------------------------------------------------------------------- provider helpers
 
-def ours_per_backend(fn: Callable, backends=("cuda", "triton")) -> list[Provider]:
+def ours_per_backend(fn: Callable, backends=("extension", "triton")) -> list[Provider]:
     """``docqa_fast[<backend>]`` providers of a public op, each forcing its backend.
 
     The dispatcher reads DOCQA_FAST_BACKEND on every call, so setting it around the
-    measurement times exactly that backend. On CPU, ``cuda`` runs the extension's C++
+    measurement times exactly that backend. On CPU, ``extension`` runs the extension's C++
     twins; Triton would run only under its interpreter, which is far too slow to time.
     """
     return [Provider(f"docqa_fast[{backend}]", fn=fn, ours=True, env={"DOCQA_FAST_BACKEND": backend},

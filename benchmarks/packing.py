@@ -245,8 +245,8 @@ def cases(quick: bool) -> list[Case]:
 
     # Forced backends, named so: an unforced "docqa_fast" row silently timed the tensor-op
     # fallback when the extension was missing, and the extension's row vanished from the table.
-    rope_providers = (*ours_per_backend(_rope_ours, backends=("cuda",)),
-                      *_renamed(ours_per_backend(_rope_ours_unchecked, backends=("cuda",)), "[check=False]"),
+    rope_providers = (*ours_per_backend(_rope_ours, backends=("extension",)),
+                      *_renamed(ours_per_backend(_rope_ours_unchecked, backends=("extension",)), "[check=False]"),
                       # the whole-batch tensor ops (the fallback without the extension)
                       Provider("docqa_fast[reference]", fn=_rope_ours, ours=True,
                                env={"DOCQA_FAST_BACKEND": "reference"}),
@@ -267,8 +267,8 @@ def cases(quick: bool) -> list[Case]:
     def merge_unchecked(e, i, v):
         return merge_visual_tokens(e, i, v, IMAGE_ID, check=False)
 
-    merge_providers = (*ours_per_backend(merge_checked, backends=("cuda",)),
-                       *_renamed(ours_per_backend(merge_unchecked, backends=("cuda",)), "[check=False]"),
+    merge_providers = (*ours_per_backend(merge_checked, backends=("extension",)),
+                       *_renamed(ours_per_backend(merge_unchecked, backends=("extension",)), "[check=False]"),
                        Provider("docqa_fast[reference]", fn=merge_checked, ours=True,
                                 env={"DOCQA_FAST_BACKEND": "reference"}),
                        Provider("eager", fn=lambda e, i, v: merge_visual_tokens_ref(e, i, v, IMAGE_ID)))
@@ -283,7 +283,7 @@ def cases(quick: bool) -> list[Case]:
             providers=tuple(_counted(p, syncs) for p in merge_providers),
             bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
     # The C++ planner, forced: unforced, a missing extension meant timing the Python reference twice.
-    planner_providers = (*ours_per_backend(plan_packing, backends=("cuda",)),
+    planner_providers = (*ours_per_backend(plan_packing, backends=("extension",)),
                          Provider("eager", fn=lambda lengths, m: plan_packing_ref(lengths.tolist(), m)),
                          _trl_provider())
     for n in sizes["planner_n"]:

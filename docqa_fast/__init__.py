@@ -5,7 +5,7 @@ stack; each dispatches per call to the CUDA extension, a Triton kernel or the pu
 reference (see :func:`backends` and ``DOCQA_FAST_BACKEND``).
 """
 
-from ._backend import BACKENDS, backends
+from ._backend import BACKENDS, backends, dispatch_log, dispatch_table
 from .attention import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -27,12 +27,12 @@ from .losses import (
     sequence_logprobs,
 )
 from .merge_attention import merge_attention_states, merge_stacked_attention_states
+from .integrations.transformers import patch_transformers_rope_index
 from .packing import (
     PackedBatch,
     get_rope_index,
     merge_visual_tokens,
     pack_multimodal,
-    patch_transformers_rope_index,
     plan_packing,
     unpack,
     vision_window_index,
@@ -50,7 +50,7 @@ from .reward import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "backends", "__version__",
+    "BACKENDS", "backends", "dispatch_log", "dispatch_table", "__version__",
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "scaled_dot_product_attention",
     "flash_attn_with_kvcache",

@@ -1,32 +1,42 @@
-"""Which implementation runs an op: the CUDA extension, a Triton kernel, or the reference.
+"""Which implementation runs a call: one dispatch table for every op.
 
-Every public op declares the backends it implements, fastest first for CUDA tensors,
-and asks :func:`choose_backend` once per call. The choice:
+Each op registers its implementations with :func:`register_op`, in order of preference on
+CUDA tensors: a backend name (``extension`` -- the compiled ``docqa_fast._C`` from ``csrc/``,
+CUDA kernels and their C++ twins; ``triton`` -- the kernels in ``kernels/``; ``reference`` --
+pure PyTorch, always last and always able), the function that computes the call, and an
+eligibility rule: why this implementation cannot compute *this* call (a dtype it does not take,
+a group too large), or None. Per call the table takes, in order:
 
-* ``DOCQA_FAST_BACKEND=reference|triton|cuda`` forces one (read on every call, so tests
-  can switch it); a forced backend that cannot run the call raises ``RuntimeError``
-  saying why, never falls back silently.
-* CUDA tensors: the op's first available backend among ``cuda`` (the extension) and
-  ``triton``; the reference when neither is there.
-* CPU tensors: the reference. ``triton`` runs on CPU tensors only under the Triton
-  interpreter (``TRITON_INTERPRET=1``, set before Triton is imported); ``cuda`` runs on
-  CPU tensors through the extension's C++ twins, which share their per-element code with
-  the CUDA kernels -- that is how the CUDA code paths are tested on machines with no GPU.
+* ``DOCQA_FAST_BACKEND=reference|triton|extension`` (read on every call; ``cuda`` is the old
+  name of ``extension``): that backend, or a ``RuntimeError`` saying why it cannot run the
+  call -- never a silent fallback;
+* CUDA tensors: the first implementation that is available here and eligible for the call,
+  in the op's order, or the order a tuned table gives for this GPU (``kernels/tuned/``,
+  section ``dispatch``);
+* CPU tensors: the reference, unless an implementation is the op's CPU fast path
+  (``cpu=True``: the extension's C++ twins, for data-loader code). ``triton`` runs on CPU
+  tensors only when forced under ``TRITON_INTERPRET=1`` (how the kernels are tested here).
+
+``explain(op, ...)`` answers which implementation runs a call and why; ``dispatch_log()``
+records every choice made inside a ``with`` block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "extension")
 BACKEND_ENV = "DOCQA_FAST_BACKEND"
+_ALIASES = {"cuda": "extension"}  # the extension backend's name before it also served CPU tensors
 
 
 @dataclass(frozen=True)
@@ -104,20 +114,20 @@ def backends() -> dict[str, BackendStatus]:
 
     module, reason = _load_extension()
     if module is None:
-        status["cuda"] = BackendStatus(False, reason)
+        status["extension"] = BackendStatus(False, reason)
     elif not module.compiled_with_cuda():
-        status["cuda"] = BackendStatus(
+        status["extension"] = BackendStatus(
             True, f"C++ CPU twins only; {_build_info().get('reason', 'CUDA kernels not built')}"
         )
     elif not torch.cuda.is_available():
-        status["cuda"] = BackendStatus(True, "CUDA kernels built (no CUDA device here); C++ CPU twins run")
+        status["extension"] = BackendStatus(True, "CUDA kernels built (no CUDA device here); C++ CPU twins run")
     else:
-        status["cuda"] = BackendStatus(True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+        status["extension"] = BackendStatus(True, f"CUDA kernels on {torch.cuda.get_device_name()}")
     return status
 
 
-def _unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
-    """None when ``backend`` can run on tensors of ``device`` and ``dtype``, else why not."""
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when ``backend`` can run on tensors of ``device`` and ``dtype`` here, else why not."""
     if backend == "reference":
         return None
     if backend == "triton":
@@ -131,7 +141,7 @@ def _unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype |
                 return "the Triton interpreter computes bf16 wrongly; use fp16/fp32 on CPU or a GPU"
             return None
         return f"Triton kernels run on {device.type} tensors only under TRITON_INTERPRET=1"
-    if backend == "cuda":
+    if backend == "extension":
         module, reason = _load_extension()
         if module is None:
             return reason
@@ -147,33 +157,123 @@ def forced_backend() -> str | None:
     value = os.environ.get(BACKEND_ENV, "").strip().lower()
     if not value or value == "auto":
         return None
+    value = _ALIASES.get(value, value)
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r} is not a backend; expected one of {BACKENDS} or 'auto'")
     return value
 
 
+# ---------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Implementation:
+    """One way to compute an op: its backend, the function (the op's own signature), when it
+    cannot compute a call (``eligible(*args) -> reason or None``), and whether it is the op's
+    CPU fast path."""
+
+    backend: str
+    run: Callable
+    eligible: Callable[..., str | None] | None = None
+    cpu: bool = False
+
+
+@dataclass
+class Op:
+    """An op's implementations in order of preference on CUDA tensors (the reference last)."""
+
+    name: str
+    implementations: tuple[Implementation, ...]
+    _by_backend: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        backends_ = [i.backend for i in self.implementations]
+        if backends_[-1] != "reference" or len(set(backends_)) != len(backends_):
+            raise ValueError(f"{self.name}: implementations must be distinct, the reference last, got {backends_}")
+        self._by_backend = {i.backend: i for i in self.implementations}
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(self._by_backend)
+
+    def _order(self, device) -> list[Implementation]:
+        """The preference order for ``device``: a tuned table's for this GPU, or the registered one."""
+        from .kernels import tuning
+
+        preferred = tuning.dispatch_order(self.name, device) or ()
+        first = [self._by_backend[b] for b in preferred if b in self._by_backend]
+        return first + [i for i in self.implementations if i not in first]
+
+    def decide(self, device, dtype, args) -> tuple[Implementation, str]:
+        """(the implementation that runs this call, why)."""
+        forced = forced_backend()
+        if forced is not None:
+            impl = self._by_backend.get(forced)
+            if impl is None:
+                raise RuntimeError(f"{BACKEND_ENV}={forced}: {self.name} has no {forced} implementation "
+                                   f"(it has: {', '.join(self.backends)})")
+            reason = unavailable_reason(forced, device, dtype) or (impl.eligible and impl.eligible(*args))
+            if reason:
+                raise RuntimeError(f"{BACKEND_ENV}={forced} cannot run {self.name} on {device.type} tensors: {reason}")
+            return impl, f"forced by {BACKEND_ENV}={forced}"
+        skipped = []
+        for impl in self._order(device):
+            if impl.backend == "reference":
+                break
+            if device.type != "cuda" and not impl.cpu:
+                skipped.append(f"{impl.backend}: not this op's path for {device.type} tensors")
+                continue
+            reason = unavailable_reason(impl.backend, device, dtype) or (impl.eligible and impl.eligible(*args))
+            if reason:
+                skipped.append(f"{impl.backend}: {reason}")
+                continue
+            return impl, "first available and eligible" + (f" ({'; '.join(skipped)})" if skipped else "")
+        return self._by_backend["reference"], ("; ".join(skipped) or "the only implementation") + " -> reference"
+
+    def __call__(self, device, dtype, *args):
+        """Run the call on the implementation :meth:`decide` picks."""
+        impl, why = self.decide(device, dtype, args)
+        for log in _LOGS:
+            log.append((self.name, impl.backend, why))
+        return impl.run(*args)
+
+    def explain(self, device, dtype, *args) -> str:
+        impl, why = self.decide(device, dtype, args)
+        return f"{self.name} on {device.type} {str(dtype).removeprefix('torch.')}: {impl.backend} ({why})"
+
+
+OPS: dict[str, Op] = {}
+_LOGS: list[list] = []
+
+
+def register_op(name: str, *implementations: Implementation) -> Op:
+    """Add an op to the table (implementations in preference order, the reference last)."""
+    if name in OPS:
+        raise ValueError(f"op {name!r} registered twice")
+    op = OPS[name] = Op(name, tuple(implementations))
+    return op
+
+
+def dispatch_table() -> dict[str, tuple[str, ...]]:
+    """Every registered op and its backends in order of preference on CUDA tensors."""
+    return {name: op.backends for name, op in sorted(OPS.items())}
+
+
+@contextlib.contextmanager
+def dispatch_log():
+    """Record every dispatch decision inside the block: ``[(op, backend, why), ...]``."""
+    log: list = []
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
 def choose_backend(op: str, device: torch.device, implemented: tuple[str, ...],
                    dtype: torch.dtype | None = None, *, cpu_twin: bool = False) -> str:
-    """Pick the backend for one call of ``op`` on tensors of ``device`` (and ``dtype``).
-
-    ``implemented`` lists the op's fast backends in order of preference on CUDA tensors
-    ("cuda", "triton", or both); the reference is always implemented. ``cpu_twin``: the
-    extension's C++ twin is also the op's CPU fast path (data-loader code), so CPU tensors
-    take "cuda" by default when the extension is built.
-    """
-    forced = forced_backend()
-    if forced is not None:
-        if forced != "reference" and forced not in implemented:
-            raise RuntimeError(f"{BACKEND_ENV}={forced}: {op} has no {forced} implementation "
-                               f"(it has: reference, {', '.join(implemented)})")
-        reason = _unavailable_reason(forced, device, dtype)
-        if reason is not None:
-            raise RuntimeError(f"{BACKEND_ENV}={forced} cannot run {op} on {device.type} tensors: {reason}")
-        return forced
-    if device.type == "cuda":
-        for backend in implemented:
-            if _unavailable_reason(backend, device, dtype) is None:
-                return backend
-    if cpu_twin and device.type == "cpu" and "cuda" in implemented and _unavailable_reason("cuda", device) is None:
-        return "cuda"
-    return "reference"
+    """Transitional: the name-only choice of ops not yet in the table ("cuda" = the extension)."""
+    names = tuple(_ALIASES.get(b, b) for b in implemented)
+    table = Op(op, tuple(Implementation(b, None, cpu=cpu_twin and b == "extension") for b in names)
+               + (Implementation("reference", None),))
+    backend = table.decide(device, dtype, ())[0].backend
+    return "cuda" if backend == "extension" else backend

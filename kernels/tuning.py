@@ -144,9 +144,24 @@ def load_table(path: str) -> dict:
     return table
 
 
+@functools.cache
+def _dispatch_section(path: str) -> dict:
+    data = json.loads(Path(path).read_text())
+    return {op: tuple(order) for op, order in data.get("dispatch", {}).items()
+            if isinstance(order, list) and all(isinstance(b, str) for b in order)}
+
+
+def dispatch_order(op: str, device) -> tuple[str, ...] | None:
+    """The backends a tuned table prefers for ``op`` on ``device`` (its ``dispatch`` section,
+    written from measurements such as cuDNN attention beating ours on a GPU), or None."""
+    path = active_table_path(device)
+    return _dispatch_section(path).get(op) if path else None
+
+
 def reload() -> None:
     """Forget loaded tables (after the tuning tool writes one)."""
     load_table.cache_clear()
+    _dispatch_section.cache_clear()
     _active_path.cache_clear()
     _FAILED.clear()
 
@@ -170,7 +185,9 @@ def _active_path(arch: str | None, setting: str) -> str | None:
 
 def active_table_path(device) -> str | None:
     """The table a launch on ``device`` reads, or None (built-in defaults)."""
-    return _active_path(device_arch(device), os.environ.get(TABLE_ENV, "").strip())
+    setting = os.environ.get(TABLE_ENV, "").strip()
+    # A setting names the table itself: the device's architecture is not asked for.
+    return _active_path(None if setting else device_arch(device), setting)
 
 
 def lookup(kernel: str, key: str, default: dict, device) -> dict:

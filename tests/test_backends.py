@@ -1,4 +1,5 @@
-"""The dispatcher: what backends() reports, and how DOCQA_FAST_BACKEND forces a choice."""
+"""The dispatch table: what backends() reports, how an op's implementation is chosen per call,
+how DOCQA_FAST_BACKEND forces one, and how a call's choice is explained."""
 
 import json
 import os
@@ -9,11 +10,35 @@ import torch
 
 import docqa_fast
 from docqa_fast import _backend
+from docqa_fast._backend import Implementation, Op
+from docqa_fast.kernels import tuning
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda")  # decisions need no tensors: GPU is only a device type here
+
+
+@pytest.fixture(autouse=True)
+def _auto(monkeypatch):
+    monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
+    monkeypatch.setenv(tuning.TABLE_ENV, "off")
+    tuning.reload()
+    yield
+    tuning.reload()
+
+
+def _op(triton_eligible=None):
+    """extension (also the CPU fast path), then triton, then the reference; each returns its name."""
+    return Op("test_op", (Implementation("extension", lambda: "extension", cpu=True),
+                          Implementation("triton", lambda: "triton", eligible=triton_eligible),
+                          Implementation("reference", lambda: "reference")))
+
+
+def _built():
+    return _backend.extension() is not None
 
 
 def test_backends_reports_every_backend_with_a_reason():
     statuses = docqa_fast.backends()
-    assert set(statuses) == set(docqa_fast.BACKENDS)
+    assert set(statuses) == set(docqa_fast.BACKENDS) == {"reference", "triton", "extension"}
     assert statuses["reference"].available
     for name, status in statuses.items():
         assert status.detail, name
@@ -26,65 +51,123 @@ def test_extension_is_built_and_imports_when_required():
     if not os.environ.get("DOCQA_FAST_REQUIRE_EXTENSION"):
         pytest.skip("DOCQA_FAST_REQUIRE_EXTENSION not set (make test sets it)")
     module = _backend.extension()
-    assert module is not None, docqa_fast.backends()["cuda"].detail
+    assert module is not None, docqa_fast.backends()["extension"].detail
     expect_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None  # setup.py's rule
     assert bool(module.compiled_with_cuda()) == expect_cuda
     info = json.loads(open(os.path.join(os.path.dirname(docqa_fast.__file__), "_build_info.json")).read())
     assert info["extension"] == ("cuda" if expect_cuda else "cpu")
 
 
-def test_auto_choice_on_cpu_is_the_reference(monkeypatch):
-    monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
-    assert _backend.choose_backend("op", torch.device("cpu"), ("cuda", "triton")) == "reference"
+def test_cuda_tensors_take_the_first_available_and_eligible_implementation():
+    if not (_built() and _backend.extension_has_cuda()):
+        pytest.skip("needs the extension with CUDA kernels built (nvcc)")
+    assert _op()(GPU, torch.float16) == "extension"
+    only_triton = Op("o", (Implementation("triton", lambda: "triton", eligible=lambda: None),
+                           Implementation("reference", lambda: "reference")))
+    assert only_triton(GPU, torch.float16) == "triton"
+    refusing = Op("o", (Implementation("triton", lambda: "triton", eligible=lambda: "takes fp16/bf16 only"),
+                        Implementation("reference", lambda: "reference")))
+    assert refusing(GPU, torch.float32) == "reference"
+    assert "takes fp16/bf16 only" in refusing.explain(GPU, torch.float32)
 
 
-def test_cpu_twin_ops_take_the_extension_on_cpu_by_default(monkeypatch):
-    """Ops whose C++ twin is their CPU fast path (packing) pick it on CPU tensors when it is
-    built; the reference is still what DOCQA_FAST_BACKEND=reference or a plain op gets."""
-    monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
-    cpu = torch.device("cpu")
-    built = _backend.extension() is not None
-    assert _backend.choose_backend("op", cpu, ("cuda",), cpu_twin=True) == ("cuda" if built else "reference")
-    assert _backend.choose_backend("op", cpu, ("cuda",)) == "reference"
-    assert _backend.choose_backend("op", cpu, ("triton",), cpu_twin=True) == "reference"
-    monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
-    assert _backend.choose_backend("op", cpu, ("cuda",), cpu_twin=True) == "reference"
+def test_cpu_tensors_take_the_reference_unless_an_implementation_is_the_cpu_path():
+    """Ops whose C++ twin is their CPU fast path (packing) take it on CPU tensors when it is
+    built; Triton never runs CPU tensors unless forced (under the interpreter)."""
+    assert _op()(CPU, torch.float32) == ("extension" if _built() else "reference")
+    plain = Op("o", (Implementation("extension", lambda: "extension"), Implementation("triton", lambda: "triton"),
+                     Implementation("reference", lambda: "reference")))
+    assert plain(CPU, torch.float32) == "reference"
 
 
 def test_forced_backend_is_used(monkeypatch):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
-    assert _backend.choose_backend("op", torch.device("cpu"), ("cuda", "triton")) == "reference"
+    assert _op()(GPU, torch.float16) == "reference"
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _op()(CPU, torch.float16) == "triton"
+
+
+def test_cuda_is_the_old_name_of_the_extension(monkeypatch):
+    if not _built():
+        pytest.skip("extension not built")
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    assert _op()(CPU, torch.float32) == "extension"
 
 
 def test_unknown_forced_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="DOCQA_FAST_BACKEND='cudnn' is not a backend"):
-        _backend.choose_backend("op", torch.device("cpu"), ("triton",))
+        _op()(CPU, torch.float32)
 
 
 def test_forcing_a_backend_the_op_lacks_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="op has no cuda implementation"):
-        _backend.choose_backend("op", torch.device("cpu"), ("triton",))
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
+    op = Op("only_triton", (Implementation("triton", lambda: 0), Implementation("reference", lambda: 1)))
+    with pytest.raises(RuntimeError, match="only_triton has no extension implementation"):
+        op(CPU, torch.float32)
+
+
+def test_forcing_an_implementation_that_cannot_compute_the_call_says_why(monkeypatch):
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="cannot run test_op on cpu tensors: takes fp16/bf16 only"):
+        _op(triton_eligible=lambda: "takes fp16/bf16 only")(CPU, torch.float32)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        _backend.choose_backend("op", torch.device("cpu"), ("triton",))
+        _op()(CPU, torch.float16)
 
 
 def test_triton_interpreter_refuses_bf16(monkeypatch):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="bf16"):
-        _backend.choose_backend("op", torch.device("cpu"), ("triton",), torch.bfloat16)
+        _op()(CPU, torch.bfloat16)
 
 
-def test_forced_cuda_without_extension_says_why(monkeypatch):
-    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+def test_forced_extension_without_it_says_why(monkeypatch):
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
     monkeypatch.setattr(_backend, "_load_extension", lambda: (None, "extension not built: test"))
     with pytest.raises(RuntimeError, match="extension not built: test"):
-        _backend.choose_backend("op", torch.device("cpu"), ("cuda",))
-    assert not docqa_fast.backends()["cuda"].available
+        _op()(CPU, torch.float32)
+    assert not docqa_fast.backends()["extension"].available
+
+
+def test_a_tuned_table_can_reorder_the_preference(tmp_path, monkeypatch):
+    """Where a GPU measurement found another implementation faster (cuDNN attention, say), the
+    table of that GPU puts it first for the op."""
+    table = tmp_path / "sm90-triton3.6.json"
+    table.write_text(json.dumps({"format": tuning.FORMAT, "kernels": {},
+                                 "dispatch": {"test_op": ["triton", "extension"]}}))
+    monkeypatch.setenv(tuning.TABLE_ENV, str(table))
+    tuning.reload()
+    assert _op()(GPU, torch.float16) == "triton"
+    assert "triton" in _op().explain(GPU, torch.float16)
+
+
+def test_dispatch_log_records_each_choice_and_why(monkeypatch):
+    with docqa_fast.dispatch_log() as log:
+        _op()(CPU, torch.float32)
+        monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
+        _op()(CPU, torch.float32)
+    assert [entry[:2] for entry in log] == [("test_op", "extension" if _built() else "reference"),
+                                           ("test_op", "reference")]
+    assert log[1][2] == "forced by DOCQA_FAST_BACKEND=reference"
+
+
+def test_table_rules():
+    with pytest.raises(ValueError, match="reference last"):
+        Op("bad", (Implementation("reference", None), Implementation("triton", None)))
+    with pytest.raises(ValueError, match="registered twice"):
+        _backend.register_op("merge_attention_states", Implementation("reference", None))
+
+
+def test_every_public_op_is_in_the_table():
+    table = docqa_fast.dispatch_table()
+    for op in ("merge_attention_states", "merge_stacked_attention_states", "get_rope_index", "merge_visual_tokens",
+               "merge_visual_tokens_backward", "pack_tokens", "plan_packing"):
+        assert table[op][-1] == "reference", op

@@ -150,24 +150,24 @@ def no_extension(monkeypatch):
 
 
 def test_cuda_rows_appear_with_the_reason_when_the_extension_is_missing(no_extension):
-    assert not docqa_fast._backend.backends()["cuda"].available
+    assert not docqa_fast._backend.backends()["extension"].available
     cases = {case.id: case for case in harness.collect_cases(quick=True)}
-    # Every family whose op has an extension implementation keeps a docqa_fast[cuda] row.
+    # Every family whose op has an extension implementation keeps a docqa_fast[extension] row.
     for case_id in ("merge_attention/ring_pair-S1024", "merge_attention/splitkv_n4-B1",
                     "packing/rope_index-B1-pages12", "packing/merge-T4096", "packing/planner-n10000"):
         names = [p.name for p in cases[case_id].providers]
-        assert "docqa_fast[cuda]" in names, (case_id, names)
+        assert "docqa_fast[extension]" in names, (case_id, names)
 
     record = harness.run_case(cases["packing/planner-n10000"], CPU, quick=True)
-    row = _rows(record)["docqa_fast[cuda]"]
+    row = _rows(record)["docqa_fast[extension]"]
     assert row["status"] == "skipped" and row["reason"] == "extension not built: test"
-    assert "| docqa_fast[cuda] | skipped: extension not built: test |" in report.case_table(record)
+    assert "| docqa_fast[extension] | skipped: extension not built: test |" in report.case_table(record)
 
 
 def test_planner_cuda_row_forces_the_extension():
     # The planner's row used to be unforced: without the extension it timed the Python fallback.
     case = next(c for c in harness.collect_cases(quick=True, filter="packing/planner"))
-    provider = next(p for p in case.providers if p.name == "docqa_fast[cuda]")
+    provider = next(p for p in case.providers if p.name == "docqa_fast[extension]")
     assert provider.env == {"DOCQA_FAST_BACKEND": "cuda"} and provider.ours
 
 

@@ -31,6 +31,12 @@ vision layer makes ONE varlen call over all images. Only the vision towers' conf
 text model keeps ``"docqa_fast"`` and its path. The alias never goes through
 ``_check_and_adjust_attn_implementation`` under its own name, which would make transformers try
 to load a flash-attention package or hub kernel for it.
+
+M-RoPE positions. ``patch_transformers_rope_index()`` swaps docqa_fast's vectorised
+:func:`docqa_fast.packing.get_rope_index` into ``Qwen2VLModel`` / ``Qwen2_5_VLModel`` (their
+public ``get_rope_index`` method), keeping the video time rounding of the method it replaces
+(:func:`detect_video_time_rounding` runs it once); ``unpatch_transformers_rope_index()``
+restores it. The same functions are importable from :mod:`docqa_fast.packing`.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib
+import inspect
+import types
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import flash_attn_func, flash_attn_varlen_func
+from ..packing.rope import VIDEO_TIME_ROUNDINGS, get_rope_index
+from ..packing.rope_tensor import TEXT, VIDEO
 
 NAME = "docqa_fast"
 # The alias the vision towers resolve NAME to. It must contain "flash" (what transformers tests to
@@ -207,3 +218,142 @@ def register() -> None:
         except (ImportError, AttributeError):
             continue  # this transformers has no such model
         _route_vision_tower(tower)
+
+
+# -------------------------------------------------------------- get_rope_index (M-RoPE)
+
+def patch_transformers_rope_index(*model_classes) -> list[type]:
+    """Replace ``get_rope_index`` of transformers' Qwen2-VL / Qwen2.5-VL models with ours.
+
+    With no arguments patches ``Qwen2VLModel`` and ``Qwen2_5_VLModel`` (those importable);
+    returns the classes patched. The replacement reads ``spatial_merge_size`` and
+    ``tokens_per_second`` from ``self.config.vision_config`` like the original, and keeps
+    its signature. A method taking ``second_per_grid_ts`` (Qwen2.5-VL) is first run once on a
+    tiny video (:func:`detect_video_time_rounding`) and the replacement uses the
+    ``video_time_rounding`` it shows, so patching never changes a position; when that is the
+    old ``"truncate_seconds"`` (transformers <= 5.17) a warning says so. Undo with
+    :func:`unpatch_transformers_rope_index`.
+    """
+    if not model_classes:
+        model_classes = []
+        for module, name in (("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel"),
+                             ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel")):
+            try:
+                model_classes.append(getattr(__import__(module, fromlist=[name]), name))
+            except (ImportError, AttributeError):
+                continue
+    patched = []
+    for cls in model_classes:
+        original = cls.__dict__.get("get_rope_index")
+        if original is None:
+            raise TypeError(f"{cls.__name__} has no get_rope_index method to replace")
+        if getattr(original, "_docqa_fast_original", None) is not None:
+            patched.append(cls)
+            continue
+        # Qwen2.5-VL's method takes the seconds per grid step, Qwen2-VL's does not.
+        if "second_per_grid_ts" in inspect.signature(original).parameters:
+            rounding = detect_video_time_rounding(cls)
+            if rounding == "truncate_seconds":
+                warnings.warn(f"{cls.__name__}.get_rope_index truncates second_per_grid_ts to whole seconds before "
+                              "scaling video time (transformers <= 5.17; 5.18 truncates the product instead): the "
+                              "replacement does the same (video_time_rounding='truncate_seconds'), so videos with "
+                              "fractional seconds per grid step keep these coarser temporal positions",
+                              stacklevel=2)
+            get_rope_index_fast = _qwen2_5_vl_method(rounding)
+        else:
+            get_rope_index_fast = _qwen2_vl_method()
+        get_rope_index_fast._docqa_fast_original = original
+        get_rope_index_fast.__doc__ = original.__doc__
+        cls.get_rope_index = get_rope_index_fast
+        patched.append(cls)
+    return patched
+
+
+def detect_video_time_rounding(model_class) -> str:
+    """The ``video_time_rounding`` of ``model_class.get_rope_index`` (transformers' Qwen2.5-VL
+    signature), found by running it once on a tiny input where the two differ.
+
+    The probe: a text token then one video of grid (t=2, h=2, w=2) (one token per frame after
+    the 2x2 merge), 0.5 s per grid step, ``tokens_per_second=2``: frame 1 is at offset
+    floor(1 * 2 * 0.5) = 1 under ``"floor_product"`` and 1 * 2 * int(0.5) = 0 under
+    ``"truncate_seconds"``. Raises ``ValueError`` when the method gives neither.
+    """
+    original = inspect.getattr_static(model_class, "get_rope_index", None)
+    if original is None:
+        raise TypeError(f"expected model_class with a get_rope_index method, got {model_class!r}")
+    original = getattr(original, "_docqa_fast_original", original)  # an already patched class: its original
+    if isinstance(original, (staticmethod, classmethod)):
+        original = original.__func__
+    probe = {
+        "input_ids": torch.zeros(1, 3, dtype=torch.long),
+        "mm_token_type_ids": torch.tensor([[TEXT, VIDEO, VIDEO]], dtype=torch.int32),
+        "image_grid_thw": None,
+        "video_grid_thw": torch.tensor([[2, 2, 2]]),
+        "second_per_grid_ts": torch.tensor([0.5]),
+        "attention_mask": None,
+    }
+    config = types.SimpleNamespace(vision_config=types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=2))
+    try:
+        theirs = original(_ProbeModel(model_class, config), **probe)[0]
+    except Exception as exc:  # noqa: BLE001 -- whatever it raises, it cannot be reproduced
+        raise TypeError(f"could not run {model_class.__name__}.get_rope_index on a one-video probe "
+                        f"(Qwen2.5-VL's signature expected): {exc}") from exc
+    for rounding in VIDEO_TIME_ROUNDINGS:
+        ours = get_rope_index(**probe, spatial_merge_size=2, tokens_per_second=2, video_time_rounding=rounding)[0]
+        if torch.equal(torch.as_tensor(theirs).to(ours.dtype), ours):
+            return rounding
+    raise ValueError(f"{model_class.__name__}.get_rope_index gives positions {torch.as_tensor(theirs).tolist()} "
+                     f"on a one-video probe, which no video_time_rounding in {VIDEO_TIME_ROUNDINGS} reproduces")
+
+
+class _ProbeModel:
+    """A stand-in ``self`` for a model class's ``get_rope_index``: a config, and the class's
+    other attributes bound to the stand-in (``self.get_vision_position_ids`` in transformers 5.x),
+    so the probe needs no model weights."""
+
+    def __init__(self, model_class, config):
+        self._model_class = model_class
+        self.config = config
+
+    def __getattr__(self, name):
+        attr = inspect.getattr_static(self._model_class, name)  # AttributeError when absent
+        return attr.__get__(self, self._model_class) if hasattr(attr, "__get__") else attr
+
+
+def _qwen2_5_vl_method(video_time_rounding):
+    # Qwen2_5_VLModel.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+    #                                second_per_grid_ts, attention_mask, **kwargs)
+    def get_rope_index_fast(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                            second_per_grid_ts=None, attention_mask=None, **kwargs):
+        vision = self.config.vision_config
+        return get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                              attention_mask, spatial_merge_size=vision.spatial_merge_size,
+                              tokens_per_second=vision.tokens_per_second, model_type="qwen2_5_vl",
+                              video_time_rounding=video_time_rounding)
+
+    return get_rope_index_fast
+
+
+def _qwen2_vl_method():
+    # Qwen2VLModel.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+    #                             attention_mask, **kwargs): no second_per_grid_ts.
+    def get_rope_index_fast(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                            attention_mask=None, **kwargs):
+        return get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, None, attention_mask,
+                              spatial_merge_size=self.config.vision_config.spatial_merge_size, model_type="qwen2_vl")
+
+    return get_rope_index_fast
+
+
+def unpatch_transformers_rope_index(*model_classes) -> None:
+    """Restore the original ``get_rope_index`` of classes patched by :func:`patch_transformers_rope_index`."""
+    if not model_classes:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        model_classes = (Qwen2VLModel, Qwen2_5_VLModel)
+    for cls in model_classes:
+        current = cls.__dict__.get("get_rope_index")
+        original = getattr(current, "_docqa_fast_original", None)
+        if original is not None:
+            cls.get_rope_index = original

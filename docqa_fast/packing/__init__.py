@@ -14,9 +14,22 @@
 from .merge import merge_visual_tokens
 from .packed import PackedBatch, pack_multimodal, unpack
 from .planner import plan_packing
-from .rope import (detect_video_time_rounding, get_rope_index, patch_transformers_rope_index,
-                   unpatch_transformers_rope_index)
+from .rope import get_rope_index
 from .window import vision_window_index
 
 __all__ = ["PackedBatch", "detect_video_time_rounding", "get_rope_index", "pack_multimodal", "unpack", "merge_visual_tokens", "patch_transformers_rope_index", "plan_packing",
            "unpatch_transformers_rope_index", "vision_window_index"]
+
+
+# The transformers patch lives with the other transformers coupling
+# (docqa_fast.integrations.transformers); these names stay importable from here, resolved on
+# first use so this family does not import the integrations layer above it.
+_FROM_INTEGRATIONS = ("detect_video_time_rounding", "patch_transformers_rope_index", "unpatch_transformers_rope_index")
+
+
+def __getattr__(name):
+    if name in _FROM_INTEGRATIONS:
+        from ..integrations import transformers as integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._backend import choose_backend, extension
+from .ops import PACK_TOKENS
 from .rope import get_rope_index
 
 IGNORE_INDEX = -100
@@ -95,31 +95,6 @@ def _one_dim(name: str, value, doc: int, device: torch.device) -> torch.Tensor:
 def _cat(parts):
     parts = [p for p in parts if p is not None]
     return torch.cat(parts) if parts else None
-
-
-def _use_extension(device: torch.device) -> bool:
-    """The extension's packing copy (its CUDA kernel, or its C++ twin for CPU samples) when
-    built; ``DOCQA_FAST_BACKEND=reference`` keeps the ``torch.cat`` path."""
-    return choose_backend("pack_multimodal", device, ("cuda",), cpu_twin=True) == "cuda"
-
-
-def _pack_token_fields(ids, labels, types, mrope, ignore_index, device):
-    """(input_ids, labels, mm_token_type_ids, position_ids) of the packed row from per-document parts."""
-    total = sum(t.shape[0] for t in ids)
-    if _use_extension(device):
-        ids_out = torch.empty(1, total, dtype=torch.long, device=device)
-        labels_out = torch.empty(1, total, dtype=torch.long, device=device)
-        types_out = torch.empty(1, total, dtype=torch.int32, device=device)
-        positions = torch.empty(4, 1, total, dtype=torch.long, device=device)
-        extension().pack_tokens(ids, labels, types, mrope, ignore_index, ids_out, labels_out, types_out, positions)
-        return ids_out, labels_out, types_out, positions
-    # Reference: one torch.cat per field.
-    starts = torch.tensor([0] + [t.shape[0] for t in ids[:-1]], device=device).cumsum(0)
-    labels_row = torch.cat(labels)
-    labels_row[starts] = ignore_index  # never predict a document's first token from the previous one
-    text_pos = torch.cat([torch.arange(t.shape[0], device=device) for t in ids])
-    positions = torch.cat([text_pos[None], torch.cat(mrope, dim=1)], 0).unsqueeze(1)
-    return torch.cat(ids)[None], labels_row[None], torch.cat(types)[None], positions
 
 
 def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *, image_token_id: int = 151655,
@@ -193,8 +168,9 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
                          "(plan the bins with plan_packing first)")
     image_grid = _cat(grids)
     video_grid = _cat(vgrids)
-    input_ids, labels_row, types_row, position_ids = _pack_token_fields(ids, labels, types, mrope, ignore_index,
-                                                                        device)
+    # The token fields of every document in one call (one launch, or its C++ twin for CPU samples).
+    input_ids, labels_row, types_row, position_ids = PACK_TOKENS(device, None, ids, labels, types, mrope, ignore_index,
+                                                                 device)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
     cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
     vision_cu = None

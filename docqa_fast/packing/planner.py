@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .._backend import choose_backend, extension
-from ..reference.packing import STRATEGIES, plan_packing_ref
+from .ops import PLAN_PACKING, STRATEGY_CODES
 
-_STRATEGY_CODES = {"greedy": 0, "ffd": 1, "bfd": 2}  # csrc/packing/planner.h: Strategy
+STRATEGIES = tuple(STRATEGY_CODES)
 
 
 def _lengths_tensor(lengths) -> torch.Tensor:
@@ -55,21 +54,9 @@ def plan_packing(lengths, max_tokens: int, *, strategy: str = "bfd", split_long:
         raise TypeError(f"expected max_tokens to be an int, got {type(max_tokens).__name__}")
     if max_tokens <= 0:
         raise ValueError(f"expected max_tokens > 0, got {max_tokens}")
-    if strategy not in _STRATEGY_CODES:
+    if strategy not in STRATEGY_CODES:
         raise ValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
     lengths_t = _lengths_tensor(lengths)
-    # The planner runs on the CPU whatever device the lengths came from, and its C++ code is
-    # the CPU fast path ("cuda" = the extension); DOCQA_FAST_BACKEND still forces either.
-    backend = choose_backend("plan_packing", torch.device("cpu"), ("cuda",), cpu_twin=True)
-    if backend == "reference":
-        return plan_packing_ref(lengths_t.tolist(), max_tokens, strategy=strategy, split_long=split_long)
-    sample, start, length, offsets, items = extension().plan_packing(
-        lengths_t, max_tokens, _STRATEGY_CODES[strategy], bool(split_long))
-    offsets = offsets.tolist()
-    if split_long:
-        spans = list(zip(sample.tolist(), start.tolist(), (start + length).tolist()))
-        flat = [spans[k] for k in items.tolist()]
-    else:
-        flat = sample[items].tolist()
-    return [flat[offsets[b]:offsets[b + 1]] for b in range(len(offsets) - 1)]
-
+    # The planner runs on the CPU whatever device the lengths came from; its C++ code is the
+    # CPU fast path, and DOCQA_FAST_BACKEND still forces either implementation.
+    return PLAN_PACKING(torch.device("cpu"), None, lengths_t, max_tokens, strategy, split_long)

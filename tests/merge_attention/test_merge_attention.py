@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import docqa_fast
-from docqa_fast.merge_attention import _merge_pair_op, _merge_stacked_op
+from docqa_fast.merge_attention.ops import _merge_pair_op, _merge_stacked_op
 from docqa_fast.reference.merge_attention import merge_stacked_attention_states_ref
 from docqa_fast.testing import assert_close_by_rule
 

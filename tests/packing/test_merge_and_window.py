@@ -12,9 +12,9 @@ from docqa_fast.packing import merge_visual_tokens, vision_window_index
 from docqa_fast.reference.packing import merge_visual_tokens_ref, vision_window_index_ref
 
 IMAGE, VIDEO = 151655, 151656
-# merge: "cuda" = the extension (CUDA kernels on a GPU, their C++ twins on CPU tensors here),
+# merge: "extension" = the extension (CUDA kernels on a GPU, their C++ twins on CPU tensors here),
 # "reference" = the PyTorch path.
-pytestmark = pytest.mark.backends("reference", "cuda")
+pytestmark = pytest.mark.backends("reference", "extension")
 
 
 def _ids(shape, n_image, n_video=0):
@@ -50,10 +50,10 @@ def test_merge_features_with_leading_dims_and_opcheck(backend):
     ids = _ids((2, 30), 12)
     visual = torch.randn(3, 4, 16)  # e.g. per-image feature blocks
     assert torch.equal(merge_visual_tokens(embeds, ids, visual, IMAGE), merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
-    from docqa_fast.packing.merge import _merge_op
+    from docqa_fast.packing.ops import merge_visual_tokens_op as _merge_op
 
     torch.library.opcheck(_merge_op, (embeds.requires_grad_(), ids, visual.requires_grad_(), torch.tensor([IMAGE])))
-    from docqa_fast.packing.merge import _merge_backward_op
+    from docqa_fast.packing.ops import merge_visual_tokens_backward_op as _merge_backward_op
 
     torch.library.opcheck(_merge_backward_op, (torch.randn(2, 30, 16), ids, torch.tensor([IMAGE]), 12))
 
@@ -232,7 +232,7 @@ def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
     """Thousands of tiles resolving their prefixes by look-back at once; check=False never
     syncs (whatever form token_id takes, on either path) and the launch (memset and the
     token ids included) can be captured in a CUDA graph."""
-    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
     N, H = 200_003, 40
     ids = _ids((N,), 120_001).cuda()
     embeds = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -250,7 +250,7 @@ def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
     # Every form of token_id (ids has no VIDEO token: all select the IMAGE rows), both paths:
     # ints are filled in on the device, a CPU tensor is read on the host, a CUDA one used there.
     tokens = (IMAGE, (IMAGE, VIDEO), [IMAGE], torch.tensor([IMAGE]), torch.tensor([IMAGE, VIDEO], device="cuda"))
-    for backend in ("cuda", "reference"):
+    for backend in ("extension", "reference"):
         monkeypatch.setenv("DOCQA_FAST_BACKEND", backend)
         for token in tokens:
             torch.cuda.set_sync_debug_mode("error")
@@ -259,7 +259,7 @@ def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert torch.equal(unchecked, expected), (backend, token)
-    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
     merge_visual_tokens(e, ids, v, (IMAGE, VIDEO), check=False)  # warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from docqa_fast.packing import get_rope_index, patch_transformers_rope_index, unpatch_transformers_rope_index
-from docqa_fast.packing.rope import detect_video_time_rounding
+from docqa_fast.integrations.transformers import detect_video_time_rounding
 from docqa_fast.reference.packing import get_rope_index_ref
 
 from .documents import batch, random_document, tiny_qwen_config
@@ -19,9 +19,9 @@ from .documents import batch, random_document, tiny_qwen_config
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLModel, Qwen2VLModel  # noqa: E402
 
-# "cuda": the extension (its one-pass C++ loop on CPU tensors); "reference": the vectorised
+# "extension": the extension (its one-pass C++ loop on CPU tensors); "reference": the vectorised
 # PyTorch path, the one CUDA tensors take.
-pytestmark = pytest.mark.backends("reference", "cuda")
+pytestmark = pytest.mark.backends("reference", "extension")
 CLASSES = {"qwen2_5_vl": Qwen2_5_VLModel, "qwen2_vl": Qwen2VLModel}
 
 
@@ -123,6 +123,13 @@ def test_half_precision_seconds(backend, request):
     n_videos = inputs["video_grid_thw"].shape[0]
     for dtype, seconds, tokens_per_second in ((torch.bfloat16, 1.0, 2), (torch.float16, 0.3, 25)):
         inputs["second_per_grid_ts"] = torch.full((n_videos,), seconds, dtype=dtype)
+        if backend == "extension" and _peer_rounding() == "floor_product":
+            # Only the tensor path rounds a half-precision product like transformers: the
+            # dispatch runs it by default, and forcing the extension says why it cannot.
+            # (Truncated seconds are exact in float64: the extension computes those.)
+            with pytest.raises(RuntimeError, match="half precision"):
+                _ours("qwen2_5_vl", inputs, tokens_per_second)
+            continue
         _assert_same(_ours("qwen2_5_vl", inputs, tokens_per_second), _theirs("qwen2_5_vl", inputs, tokens_per_second))
 
 
@@ -225,8 +232,12 @@ def test_video_time_rounding_by_hand(backend, rounding, device):
     # 0.5 and 1.5 are exact in every float dtype: bf16 seconds (multiplied in bf16 under
     # floor_product, by the tensor path) give the same positions, float64 ones too.
     for dtype in (torch.bfloat16, torch.float64):
-        pos, delta = get_rope_index(**{**inputs, "second_per_grid_ts": inputs["second_per_grid_ts"].to(dtype)},
-                                    tokens_per_second=2, video_time_rounding=rounding)
+        call = {**inputs, "second_per_grid_ts": inputs["second_per_grid_ts"].to(dtype)}
+        if backend == "extension" and dtype == torch.bfloat16 and rounding == "floor_product":
+            with pytest.raises(RuntimeError, match="half precision"):  # only the tensor path rounds as bf16 does
+                get_rope_index(**call, tokens_per_second=2, video_time_rounding=rounding)
+            continue
+        pos, delta = get_rope_index(**call, tokens_per_second=2, video_time_rounding=rounding)
         assert torch.equal(pos[:, :2].cpu(), expected[:, :2])
         assert torch.equal(delta[:2].cpu(), torch.tensor(_HAND_DELTA[rounding][:2])[:, None])
 
@@ -276,7 +287,7 @@ def test_patch_matches_original_on_half_second_video():
         warnings.simplefilter("always")
         patch_transformers_rope_index(Qwen2_5_VLModel)
     try:
-        assert Qwen2_5_VLModel.get_rope_index.__module__ == "docqa_fast.packing.rope"
+        assert Qwen2_5_VLModel.get_rope_index.__module__ == "docqa_fast.integrations.transformers"
         _assert_same(model.get_rope_index(**inputs), expected)
         # it warns exactly when it keeps the old rounding
         assert any("truncates second_per_grid_ts" in str(w.message) for w in caught) == (
@@ -315,7 +326,7 @@ def test_detect_video_time_rounding_and_patch_on_both_behaviours():
             warnings.simplefilter("always")
             assert patch_transformers_rope_index(cls) == [cls]
         try:
-            assert cls.get_rope_index.__module__ == "docqa_fast.packing.rope"
+            assert cls.get_rope_index.__module__ == "docqa_fast.integrations.transformers"
             _assert_same(cls.get_rope_index(holder, **seconds_inputs), expected)
             truncation = [str(w.message) for w in caught if "truncates second_per_grid_ts" in str(w.message)]
             assert len(truncation) == (rounding == "truncate_seconds")
@@ -437,7 +448,7 @@ def test_bad_run_length_at_row_end(backend):
     grids = torch.tensor([[1, 2, 2], [1, 4, 4]])
     with pytest.raises(ValueError, match="has 3 tokens, but its grid gives t\\*h\\*w/merge\\*\\*2 = 4"):
         get_rope_index(types.long(), types, grids)
-    if backend == "cuda":
+    if backend == "extension":
         with pytest.raises(ValueError, match="at the end of row 0"):
             get_rope_index(types.long(), types, grids)
     # the same run followed by a text token is caught where the text token stands
@@ -472,7 +483,7 @@ def test_extension_op_rejects_bad_arguments():
 def test_cuda_kernels_equal_cpu_twin_on_long_rows(monkeypatch, request):
     """Rows far longer than the 256 chunks (each chunk hundreds of tokens), many rows (the
     grid offsets of earlier rows): the CUDA kernels give exactly the CPU twin's output."""
-    monkeypatch.setenv("DOCQA_FAST_BACKEND", "cuda")
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
     rng = _rng(request)
     inputs = batch([random_document(rng, max_images=30, max_side=60, video_prob=0.3) for _ in range(6)], "left")
     cpu = get_rope_index(**inputs)
@@ -487,4 +498,8 @@ def test_compiles_fullgraph(backend, request):
     inputs = batch([random_document(rng, max_images=3, max_side=8, video_prob=0.3) for _ in range(2)], "left")
     rounding = _peer_rounding()
     fn = torch.compile(lambda kw: get_rope_index(**kw, video_time_rounding=rounding, check=False), fullgraph=True)
+    if backend == "extension":  # forced, but its call cannot be traced: a clear error, not a silent switch
+        with pytest.raises(Exception, match="torch.compile"):
+            fn(inputs)
+        return
     _assert_same(fn(inputs), _theirs("qwen2_5_vl", inputs))
