@@ -2,6 +2,11 @@
 
 Keep ``LONGPO_STEP`` and ``REPLACING_A_TRAINER_LOSS`` identical to the code blocks of the
 README's "Fused linear log-probs and preference losses" section.
+
+The examples make their tensors with plain ``torch.randn`` / ``nn.Linear``: CPU tensors
+as printed. They run here with the test device as PyTorch's default device, so that a
+backend forced through ``DOCQA_FAST_BACKEND`` gets tensors it can run -- on a GPU machine
+the Triton backend takes CUDA tensors only (the interpreter is off there).
 """
 
 import pytest
@@ -92,13 +97,19 @@ print(f"loss {loss.item():.4f}  reward margin {(chosen_rewards - rejected_reward
 '''
 
 
-def test_replacing_a_trainer_loss(backend):
-    exec(compile(REPLACING_A_TRAINER_LOSS, "README:replacing-a-trainer-loss", "exec"), {})
-
-
-def test_longpo_training_step(backend):
+def _run_example(source, name, device):
     namespace = {}
-    exec(compile(LONGPO_STEP, "README:longpo-step", "exec"), namespace)
+    with torch.device(device):  # the examples' factory calls and modules land on the test device
+        exec(compile(source, f"README:{name}", "exec"), namespace)
+    return namespace
+
+
+def test_replacing_a_trainer_loss(backend, device):
+    _run_example(REPLACING_A_TRAINER_LOSS, "replacing-a-trainer-loss", device)
+
+
+def test_longpo_training_step(backend, device):
+    namespace = _run_example(LONGPO_STEP, "longpo-step", device)
     policy = namespace["policy"]
     assert torch.isfinite(namespace["loss"])
     # The step reached every parameter through the fused loss (the head included).
