@@ -21,16 +21,26 @@ all: with per-row coefficients (a, b, c, d) built from the upstream gradients,
 
 Backward (:func:`logit_stats_backward`) walks the vocabulary in chunks of ``Vc`` columns:
 ``logits_grad_kernel`` recomputes the logits tiles of the chunk and writes dL/dlogits for
-(N, Vc) only, then two tensor-core matmuls consume it: d_weight[chunk] = G^T @ h (the whole
-reduction over tokens in one fp32 accumulator: written once, no bf16 drift) and
-d_hidden += G @ W[chunk] into an fp32 (N, H) accumulator. Memory beyond inputs and
-gradients: the (N, Vc) chunk (capped at CHUNK_BYTES) and, for 16-bit hidden states, the fp32
-d_hidden accumulator -- neither grows with the vocabulary. G is stored in the input dtype,
-divided by a per-call scale (the largest row coefficient) so that tiny gradients (a mean
-over many tokens) do not flush to zero in fp16; the matmuls multiply the scale back.
+(N, Vc) only, then two matmuls consume it: d_weight[chunk] = G^T @ h (the whole reduction
+over tokens in one fp32 accumulator: written once, no bf16 drift) and d_hidden += G @
+W[chunk] into an fp32 accumulator. Memory beyond inputs and gradients stays a small
+fraction of the (N, V) logits at every size (:func:`chunk_columns`, :func:`hidden_rows_per_pass`):
+the chunk holds at most 1/CHUNK_FRACTION of the logits' bytes (and at most CHUNK_BYTES), and
+the fp32 d_hidden accumulator of 16-bit inputs at most 1/ACCUMULATOR_FRACTION -- when (N, H)
+fp32 is larger than that (hidden sizes above V/16 in bf16, e.g. 4096 with a 32K vocabulary)
+d_hidden is computed for a group of rows at a time, the later groups recomputing their dL/dlogits.
+G is stored in the input dtype, divided by a per-call power-of-two scale (at least the
+largest row coefficient) so that tiny gradients (a mean over many tokens) do not flush to
+zero in fp16; the matmuls multiply the scale back, exactly.
 
-fp32 inputs multiply with ``input_precision="ieee"`` (no TF32), so results match an fp32
-reference on GPU and under the interpreter alike; fp16/bf16 use tensor cores (HGMMA on sm_90).
+fp32 inputs are computed as accurately as PyTorch computes them, on the GPU as under the
+interpreter: IEEE FMAs (``input_precision="ieee"``, no TF32); every reduction over a long
+axis (H in the logits, tokens or vocabulary in the backward matmuls) adds short K blocks,
+each a product from zero, with an error-free TwoSum (:func:`_mma`), where one sequential
+FMA chain over thousands of terms drifts by tens of ulps; exp is libdevice's (torch's expf,
+within 2 ulp) instead of ``ex2.approx`` of x log2(e), whose error grows with |x|; divisions
+are correctly rounded. fp16/bf16 keep the fast forms: tensor cores (HGMMA on sm_90)
+accumulating in place, ``ex2.approx``.
 """
 
 from dataclasses import dataclass
@@ -38,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .registry import KernelConfig, pointer_type, register
 
@@ -71,17 +82,77 @@ TILES = {
 # 132 SMs), so short answers (few token blocks) still fill the GPU. A constant, not the
 # device's SM count, so results are bitwise the same on every device.
 TARGET_PROGRAMS = 264
-# Backward: the largest (N, Vc) chunk of dL/dlogits held at once.
+# Backward memory, relative to the (N, V) logits the fused loss never builds (bytes of N x V
+# in the input dtype): the (N, Vc) chunk of dL/dlogits holds at most 1/CHUNK_FRACTION of them
+# and at most CHUNK_BYTES (at 128K tokens x 152K vocabulary the cap binds: ~300 chunks of 512
+# columns, each a large matmul), never less than one tile of columns; the fp32 d_hidden
+# accumulator of 16-bit inputs at most 1/ACCUMULATOR_FRACTION. Together under a fifth of the logits.
 CHUNK_BYTES = 128 << 20
+CHUNK_FRACTION = 16
+ACCUMULATOR_FRACTION = 8
+# The interpreter cannot call libdevice (extern functions raise there); it computes exp
+# with numpy's accurate one anyway. Fixed when this module is imported, as Triton decides
+# then whether a kernel is interpreted.
+_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def _dot(a, b, acc):
-    """acc += a @ b; fp32 operands multiply exactly (IEEE), 16-bit ones on tensor cores."""
+def _mma(a, b, acc, err):
+    """One K block of ``acc += a @ b``; returns the new (acc, err). Finish with :func:`_mma_result`.
+
+    16-bit operands: tensor cores accumulate straight into ``acc`` (``err`` is unused and
+    compiled away). fp32 operands (IEEE FMAs, no TF32): the block's product starts from
+    zero -- a chain of only BLOCK_K FMAs -- and joins the running sum through TwoSum, whose
+    exact rounding error collects in ``err``. Without it ``tl.dot(a, b, acc)`` (and ``acc +=
+    tl.dot(a, b)``, which Triton rewrites into it) compiles to one sequential FMA chain over
+    the whole reduction: every step rounds at the running sum's magnitude and the errors
+    add up (~sqrt(K) ulps at random, up to K / 2 when they share a sign), where cuBLAS
+    splits K or reduces in trees. The interpreter (a numpy matmul per block) never showed
+    it; fp32 results on the H200 failed the tolerance rule. Cost: 7 adds per K block of 32 FMAs.
+    """
     if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        part = tl.dot(a, b, input_precision="ieee")
+        total = acc + part
+        part_rounded = total - acc
+        err += (acc - (total - part_rounded)) + (part - part_rounded)
+        return total, err
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc), err
+
+
+@triton.jit
+def _mma_result(acc, err, ACCURATE: tl.constexpr):
+    """The sum :func:`_mma` accumulated: acc + err for fp32 operands (ACCURATE), acc otherwise.
+
+    An overflowed sum makes TwoSum's error NaN (inf - inf); the sum then stands alone.
+    """
+    if ACCURATE:
+        return tl.where(err == err, acc + err, acc)
+    else:
+        return acc
+
+
+@triton.jit
+def _exp(x, ACCURATE: tl.constexpr):
+    """exp(x). ACCURATE (fp32 inputs): libdevice's expf, as torch computes it.
+
+    ``tl.exp`` is ``ex2.approx(x * log2(e))``: rounding the product costs |x| x 2^-24 of
+    relative error (tens of ulps for probabilities far below the max), which expf avoids by
+    splitting log2(e) in two and reducing the argument first.
+    """
+    if ACCURATE and not _INTERPRETED:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _div(a, b, ACCURATE: tl.constexpr):
+    """a / b, correctly rounded when ACCURATE (Triton's ``/`` is div.full.f32: up to 2 ulp)."""
+    if ACCURATE:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
 
 
 @triton.jit
@@ -93,13 +164,15 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, 
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hn + ks[None, :]
     w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None]  # W^T tile: (BLOCK_K, BLOCK_V)
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    err = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for k in range(0, H, BLOCK_K):
         k_ok = ks < H - k
         h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(h, w, acc)
+        acc, err = _mma(h, w, acc, err)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    acc = _mma_result(acc, err, h_ptr.dtype.element_ty == tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
@@ -117,6 +190,7 @@ def logit_stats_kernel(
     s = sum exp(z - m) and t = sum exp(z - m) * (z - m); the split's entropy is log s - t / s,
     computed relative to the max so it does not cancel when the logits are large.
     """
+    ACCURATE: tl.constexpr = h_ptr.dtype.element_ty == tl.float32
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -139,9 +213,9 @@ def logit_stats_kernel(
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
                          inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
+        alpha = _exp(m - m_new, ACCURATE)
         shifted = z - m_new[:, None]
-        e = tl.exp(shifted)  # 0 in masked columns
+        e = _exp(shifted, ACCURATE)  # 0 in masked columns
         # Rescale t to the new max: sum e^(z-m)(z-m_new) = alpha * (t + s (m - m_new)).
         t = alpha * (t + s * (m - m_new)) + tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
@@ -156,7 +230,7 @@ def logit_stats_kernel(
     tl.store(out, m + log_s, mask=row_ok)
     tl.store(out + plane, label_logit, mask=row_ok)
     tl.store(out + 2 * plane, sum_logits, mask=row_ok)
-    tl.store(out + 3 * plane, log_s - t / s, mask=row_ok)
+    tl.store(out + 3 * plane, log_s - _div(t, s, ACCURATE), mask=row_ok)
 
 
 @triton.jit
@@ -170,6 +244,7 @@ def logits_grad_kernel(
     coef_ptr is (4, N) fp32: rows a, b, c, d of dL/dz_j = p_j (a + b log p_j) + c [j == y] + d.
     The temperature's 1/T (dz/dlogits) is folded into the matmuls' scale, not applied here.
     """
+    ACCURATE: tl.constexpr = h_ptr.dtype.element_ty == tl.float32
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,10 +259,10 @@ def logits_grad_kernel(
     c = tl.load(coef_ptr + 2 * N + rows, mask=row_ok, other=0.0)
     d = tl.load(coef_ptr + 3 * N + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    inv_scale = 1.0 / tl.load(scale_ptr)
+    inv_scale = _div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
 
     # Masked columns: p = exp(-inf) = 0, and log p is set to 0 so no 0 * inf arises.
-    p = tl.exp(z - lse[:, None])
+    p = _exp(z - lse[:, None], ACCURATE)
     log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
     grad = p * (a[:, None] + b[:, None] * log_p)
     is_label = (cols[None, :] == labels[:, None]) & (labels != ignore_index)[:, None]
@@ -230,17 +305,18 @@ def scaled_matmul_kernel(
         a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_a + rk[None, :]
     b_ptrs = b_ptr + rk.to(tl.int64)[:, None] * stride_bk + rn[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    err = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, K, BLOCK_K):
         k_ok = rk < K - k
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc)
+        acc, err = _mma(a, b, acc, err)
         if TRANS_A:
             a_ptrs += BLOCK_K * stride_a.to(tl.int64)
         else:
             a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk.to(tl.int64)
-    acc *= tl.load(scale_ptr)
+    acc = _mma_result(acc, err, a_ptr.dtype.element_ty == tl.float32) * tl.load(scale_ptr)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     c_ok = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -310,11 +386,66 @@ def _matmul(a, b, c, scale, tiles: Tiles, *, trans_a: bool, accumulate: bool) ->
     )
 
 
-def chunk_columns(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Vocabulary columns per backward chunk: whole tiles, at most CHUNK_BYTES of (N, Vc), at least one tile."""
+def chunk_columns(n_rows: int, vocab: int, dtype: torch.dtype, total_rows: int | None = None) -> int:
+    """Vocabulary columns per backward chunk of dL/dlogits for ``n_rows`` tokens.
+
+    Whole tiles, as many as fit in min(CHUNK_BYTES, 1/CHUNK_FRACTION of the call's logits:
+    ``total_rows`` (default ``n_rows``) x ``vocab`` in ``dtype``) but at least one tile, then
+    spread evenly over the chunks that takes (no narrow last chunk). Below the CHUNK_BYTES
+    cap that is at most 2 x CHUNK_FRACTION chunks, however small the call.
+    """
     block_v = TILES[dtype].block_v
-    fit = CHUNK_BYTES // max(1, n_rows * dtype.itemsize) // block_v * block_v
-    return max(block_v, min(fit, triton.cdiv(vocab, block_v) * block_v))
+    total_rows = n_rows if total_rows is None else total_rows
+    budget = min(CHUNK_BYTES, total_rows * vocab * dtype.itemsize // CHUNK_FRACTION)
+    vocab_tiles = triton.cdiv(vocab, block_v)
+    tiles = min(vocab_tiles, max(1, budget // max(1, n_rows * block_v * dtype.itemsize)))
+    return triton.cdiv(vocab_tiles, triton.cdiv(vocab_tiles, tiles)) * block_v
+
+
+def hidden_rows_per_pass(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Tokens whose d_hidden one walk over the vocabulary accumulates (in fp32, for 16-bit inputs).
+
+    All of them when their (N, H) fp32 accumulator fits in 1/ACCUMULATOR_FRACTION of the
+    logits' bytes (H <= V / 16 in bf16: Qwen2.5, Llama 3); otherwise whole row tiles that
+    fit (at least one), and each further group of rows walks the vocabulary again. fp32
+    inputs accumulate in the gradient itself: no extra memory, one walk.
+    """
+    if dtype == torch.float32:
+        return n_rows
+    block_n = TILES[dtype].block_n
+    fit = n_rows * vocab * dtype.itemsize // ACCUMULATOR_FRACTION // (hidden_size * 4) // block_n * block_n
+    return min(n_rows, max(block_n, fit))
+
+
+def _walk_vocabulary(hidden, weight, bias, labels, lse, coefs, scale, out_scale, ignore_index, temperature,
+                     total_rows, d_weight=None, d_bias=None, d_hidden=None):
+    """dL/dlogits of these tokens chunk by chunk, consumed at once by the gradients given.
+
+    d_weight / d_bias: written for every chunk (``hidden`` holds every token then).
+    d_hidden: an fp32 (R, H) accumulator, R <= the tokens here, += G[:R] @ W[chunk].
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    tiles = TILES[hidden.dtype]
+    columns = chunk_columns(n_rows, vocab, hidden.dtype, total_rows)
+    grad = torch.empty((n_rows, columns), dtype=hidden.dtype, device=hidden.device)
+    bias_ptr, has_bias = _bias_arg(bias, weight)
+    for v_start in range(0, vocab, columns):
+        v_end = min(vocab, v_start + columns)
+        width = v_end - v_start
+        logits_grad_kernel[(triton.cdiv(n_rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
+            hidden, weight, bias_ptr, labels, lse, coefs, scale, grad,
+            n_rows, hidden_size, hidden.stride(0), weight.stride(0), grad.stride(0), v_start, v_end,
+            ignore_index, 1.0 / temperature, HAS_BIAS=has_bias, **_tile_args(tiles),
+        )
+        chunk = grad[:, :width]
+        if d_weight is not None:  # d_weight[chunk] = G^T @ hidden: every token in one fp32 accumulator
+            _matmul(chunk, hidden, d_weight[v_start:v_end], out_scale, tiles, trans_a=True, accumulate=False)
+        if d_bias is not None:
+            d_bias[v_start:v_end] = chunk.sum(0, dtype=torch.float32) * out_scale
+        if d_hidden is not None:  # d_hidden += G @ W[chunk], accumulated over the chunks in fp32
+            _matmul(chunk[:d_hidden.shape[0]], weight[v_start:v_end], d_hidden, out_scale, tiles,
+                    trans_a=False, accumulate=True)
 
 
 def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index: int, temperature: float,
@@ -322,39 +453,41 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     """Gradients (d_hidden, d_weight, d_bias) of a loss whose dL/dz rows are given by ``coefs`` (4, N).
 
     Gradients come back in the inputs' dtype; unneeded ones as empty tensors. Nothing of
-    size (N, V) is allocated.
+    size (N, V) is allocated: see :func:`chunk_columns` and :func:`hidden_rows_per_pass`.
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    tiles = TILES[hidden.dtype]
-    d_hidden32 = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=torch.float32, device=device)
+    d_hidden = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=hidden.dtype, device=device)
     d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=weight.dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
-    if n_rows and vocab:
-        # |dL/dz| <= |a| + |b| / e + |c| + |d| per row, so G = (dL/dz) / scale stays within
-        # about [-1, 1]: fp16 keeps its precision however small the upstream gradient.
-        scale = coefs.abs().sum(0).amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    if n_rows and vocab and (need_hidden or need_weight or need_bias):
+        # |dL/dz| <= |a| + |b| / e + |c| + |d| per row; the scale is the power of two above that
+        # bound, so G = (dL/dz) / scale lies in (-1, 1) -- fp16 keeps its precision however
+        # small the upstream gradient -- and dividing by it and multiplying back are exact.
+        bound = coefs.abs().sum(0).amax().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.ldexp(torch.ones_like(bound), torch.frexp(bound).exponent).reshape(1)
         out_scale = scale / temperature  # dL/dlogits = (dL/dz) / T = G * scale / T
-        columns = chunk_columns(n_rows, vocab, hidden.dtype)
-        grad = torch.empty((n_rows, columns), dtype=hidden.dtype, device=device)
-        bias_ptr, has_bias = _bias_arg(bias, weight)
-        for v_start in range(0, vocab, columns):
-            v_end = min(vocab, v_start + columns)
-            width = v_end - v_start
-            logits_grad_kernel[(triton.cdiv(n_rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
-                hidden, weight, bias_ptr, labels, lse, coefs, scale, grad,
-                n_rows, hidden_size, hidden.stride(0), weight.stride(0), grad.stride(0), v_start, v_end,
-                ignore_index, 1.0 / temperature, HAS_BIAS=has_bias, **_tile_args(tiles),
-            )
-            chunk = grad[:, :width]
-            if need_weight:  # d_weight[chunk] = G^T @ hidden: every token in one fp32 accumulator
-                _matmul(chunk, hidden, d_weight[v_start:v_end], out_scale, tiles, trans_a=True, accumulate=False)
-            if need_bias:
-                d_bias[v_start:v_end] = chunk.sum(0, dtype=torch.float32) * out_scale
-            if need_hidden:  # d_hidden += G @ W[chunk], accumulated over the chunks in fp32
-                _matmul(chunk, weight[v_start:v_end], d_hidden32, out_scale, tiles, trans_a=False, accumulate=True)
-    d_hidden = d_hidden32.to(hidden.dtype) if need_hidden else d_hidden32
+        group = hidden_rows_per_pass(n_rows, vocab, hidden_size, hidden.dtype) if need_hidden else n_rows
+        accumulator = None
+        if need_hidden:  # fp32 inputs accumulate in the gradient itself
+            accumulator = d_hidden if hidden.dtype == torch.float32 else torch.zeros(
+                (group, hidden_size), dtype=torch.float32, device=device)
+        # The first walk covers every token (d_weight reduces over all of them at once) and the
+        # first group's d_hidden; each later group of rows walks the vocabulary again for its own.
+        for r0 in range(0, n_rows, group):
+            r1 = min(n_rows, r0 + group)
+            rows = slice(0, n_rows) if r0 == 0 else slice(r0, r1)
+            if r0 > 0:
+                accumulator.zero_()
+            _walk_vocabulary(
+                hidden[rows], weight, bias, labels[rows], lse[rows], coefs[:, rows].contiguous(), scale, out_scale,
+                ignore_index, temperature, n_rows,
+                d_weight=d_weight if need_weight and r0 == 0 else None,
+                d_bias=d_bias if need_bias and r0 == 0 else None,
+                d_hidden=accumulator[:r1 - r0] if need_hidden else None)
+            if need_hidden and accumulator is not d_hidden:
+                d_hidden[r0:r1] = accumulator[:r1 - r0]
     return d_hidden, d_weight, d_bias.to(weight.dtype) if need_bias else d_bias
 
 

@@ -13,12 +13,19 @@ into the zero gradient of the input) and d W = G^T @ rows, accumulated in fp32.
 Both matrix products go through tl.dot (tensor cores for fp16/bf16; for fp32 the
 "ieee" precision keeps full fp32, as the reference computes). K is padded to a power of
 two >= 16, the smallest tile tl.dot takes; padded heads are masked out of every result.
+
+fp32 inputs are reduced as accurately as PyTorch reduces them (see kernels/linear_logprobs.py,
+``_mma``): the forward walks H in blocks of FP32_FORWARD_BLOCK_H, each product from zero joining the
+running sum through TwoSum, and the backward's d W sums its sequence blocks the same way --
+``acc += tl.dot(...)`` is otherwise compiled into one FMA chain over all of H (or all
+sequences) on the GPU. The statistics divide correctly rounded for fp32.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from .linear_logprobs import _div, _mma, _mma_result
 from .registry import KernelConfig, pointer_type, register
 
 MAX_HEADS = 64
@@ -26,6 +33,11 @@ HEAD_TILES = (16, 32, 64)  # K rounded up to a power of two, >= 16
 BLOCK_B = 16  # sequences per forward program / per backward step
 FORWARD_BLOCK_H = 128
 BACKWARD_BLOCK_H = 64
+# fp32: the forward's K blocks are short FMA chains, summed with compensation; the backward
+# keeps a compensation term beside d W, so its column slice halves to stay in registers
+# (64 heads x 64 columns spilled).
+FP32_FORWARD_BLOCK_H = 32
+FP32_BACKWARD_BLOCK_H = 32
 NUM_WARPS = 4
 
 
@@ -52,22 +64,24 @@ def reward_heads_forward_kernel(
     cols = tl.arange(0, BLOCK_H)
 
     acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    err = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
     for h0 in range(0, H, BLOCK_H):
         col_ok = (h0 + cols) < H
         x = tl.load(x_ptr + rows[:, None] + (h0 + cols)[None, :], mask=seq_ok[:, None] & col_ok[None, :], other=0.0)
         # W is (K, H) row-major; read the (BLOCK_H, BLOCK_K) transposed tile directly.
         w = tl.load(w_ptr + heads[None, :] * H + (h0 + cols)[:, None], mask=col_ok[:, None] & head_ok[None, :],
                     other=0.0)
-        acc += _dot(x, w, IEEE)
+        acc, err = _mma(x, w, acc, err)
+    acc = _mma_result(acc, err, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)[None, :]
 
     tl.store(rewards_ptr + seqs[:, None] * K + heads[None, :], acc, mask=seq_ok[:, None] & head_ok[None, :])
     valid = head_ok[None, :]
-    mean = tl.sum(tl.where(valid, acc, 0.0), axis=1) / K
+    mean = _div(tl.sum(tl.where(valid, acc, 0.0), axis=1), K.to(tl.float32), IEEE)
     centered = tl.where(valid, acc - mean[:, None], 0.0)
     # Unbiased variance; a single head has no spread, so K = 1 gives 0 (not 0/0 = NaN).
-    var = tl.sum(centered * centered, axis=1) / tl.maximum(K - 1, 1)
+    var = _div(tl.sum(centered * centered, axis=1), tl.maximum(K - 1, 1).to(tl.float32), IEEE)
     lowest = tl.min(tl.where(valid, acc, float("inf")), axis=1)
     tl.store(mean_ptr + seqs, mean, mask=seq_ok)
     tl.store(var_ptr + seqs, var, mask=seq_ok)
@@ -87,6 +101,7 @@ def reward_heads_backward_kernel(
     # This program's slice of W stays in registers for every sequence block.
     w = tl.load(w_ptr + heads[:, None] * H + cols[None, :], mask=head_ok[:, None] & col_ok[None, :], other=0.0)
     grad_w = tl.zeros((BLOCK_K, BLOCK_H), tl.float32)
+    grad_w_err = tl.zeros((BLOCK_K, BLOCK_H), tl.float32)
     for b0 in range(0, B, BLOCK_B):
         seqs = b0 + tl.arange(0, BLOCK_B)
         seq_ok = seqs < B
@@ -101,7 +116,8 @@ def reward_heads_backward_kernel(
         grad_rows = _dot(g_in, w, IEEE)
         tl.store(grad_rows_ptr + seqs[:, None].to(tl.int64) * H + cols[None, :],
                  grad_rows.to(grad_rows_ptr.dtype.element_ty), mask=tile_ok)
-        grad_w += _dot(tl.trans(g_in), x, IEEE)
+        grad_w, grad_w_err = _mma(tl.trans(g_in), x, grad_w, grad_w_err)
+    grad_w = _mma_result(grad_w, grad_w_err, IEEE)
     tl.store(grad_w_ptr + heads[:, None] * H + cols[None, :], grad_w, mask=head_ok[:, None] & col_ok[None, :])
 
 
@@ -109,6 +125,14 @@ def _head_tile(num_heads: int) -> int:
     if not 1 <= num_heads <= MAX_HEADS:
         raise ValueError(f"number of heads {num_heads} is outside the supported [1, {MAX_HEADS}]")
     return max(16, triton.next_power_of_2(num_heads))
+
+
+def _forward_block_h(dtype) -> int:
+    return FP32_FORWARD_BLOCK_H if dtype == torch.float32 else FORWARD_BLOCK_H
+
+
+def _backward_block_h(dtype) -> int:
+    return FP32_BACKWARD_BLOCK_H if dtype == torch.float32 else BACKWARD_BLOCK_H
 
 
 def forward(x, row_offsets, weight, bias, rewards, mean, var, minimum) -> None:
@@ -125,7 +149,7 @@ def forward(x, row_offsets, weight, bias, rewards, mean, var, minimum) -> None:
         x, row_offsets, weight, bias if bias is not None else weight, rewards, mean, var, minimum,
         B, H, K,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_B=BLOCK_B, BLOCK_H=FORWARD_BLOCK_H, BLOCK_K=_head_tile(K), num_warps=NUM_WARPS,
+        BLOCK_B=BLOCK_B, BLOCK_H=_forward_block_h(x.dtype), BLOCK_K=_head_tile(K), num_warps=NUM_WARPS,
     )
 
 
@@ -133,12 +157,13 @@ def backward(x, row_offsets, weight, grad_rewards, grad_rows, grad_weight) -> No
     """grad_rows (B, H) in x's dtype = G @ W; grad_weight (K, H) fp32 = G^T @ rows."""
     B = row_offsets.numel()
     K, H = weight.shape
-    grid = (triton.cdiv(H, BACKWARD_BLOCK_H),)
+    block_h = _backward_block_h(x.dtype)
+    grid = (triton.cdiv(H, block_h),)
     reward_heads_backward_kernel[grid](
         x, row_offsets, weight, grad_rewards, grad_rows, grad_weight,
         B, H, K,
         IEEE=x.dtype == torch.float32,
-        BLOCK_B=BLOCK_B, BLOCK_H=BACKWARD_BLOCK_H, BLOCK_K=_head_tile(K), num_warps=NUM_WARPS,
+        BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_K=_head_tile(K), num_warps=NUM_WARPS,
     )
 
 
@@ -165,7 +190,7 @@ def _configs():
                                    "HAS_BIAS": "constexpr", "IEEE": "constexpr", "BLOCK_B": "constexpr",
                                    "BLOCK_H": "constexpr", "BLOCK_K": "constexpr"},
                         constexprs={"HAS_BIAS": has_bias, "IEEE": not tensor_cores, "BLOCK_B": BLOCK_B,
-                                    "BLOCK_H": FORWARD_BLOCK_H, "BLOCK_K": block_k},
+                                    "BLOCK_H": _forward_block_h(dtype), "BLOCK_K": block_k},
                         num_warps=NUM_WARPS, uses_tensor_cores=tensor_cores, divisible_by_16=divisible,
                     )
                 yield KernelConfig(
@@ -175,7 +200,7 @@ def _configs():
                                "grad_rows_ptr": ptr, "grad_w_ptr": "*fp32", "B": "i32", "H": "i32", "K": "i32",
                                "IEEE": "constexpr", "BLOCK_B": "constexpr", "BLOCK_H": "constexpr",
                                "BLOCK_K": "constexpr"},
-                    constexprs={"IEEE": not tensor_cores, "BLOCK_B": BLOCK_B, "BLOCK_H": BACKWARD_BLOCK_H,
+                    constexprs={"IEEE": not tensor_cores, "BLOCK_B": BLOCK_B, "BLOCK_H": _backward_block_h(dtype),
                                 "BLOCK_K": block_k},
                     num_warps=NUM_WARPS, uses_tensor_cores=tensor_cores, divisible_by_16=divisible,
                 )

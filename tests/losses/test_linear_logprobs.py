@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+import triton
 
 import docqa_fast
 from docqa_fast.losses import linear_cross_entropy, linear_logprobs
 from docqa_fast.losses.functional import cross_entropy_losses
 from docqa_fast.losses._ops import linear_logit_stats, linear_logit_stats_backward
 from docqa_fast.reference.losses import linear_cross_entropy_ref, linear_logprobs_ref
-from loss_checks import check_by_rule, random_head, random_labels
+from docqa_fast.testing import assert_close_by_rule
+from loss_checks import check_by_rule, long_sum_terms, random_head, random_labels
 
 pytestmark = pytest.mark.backends("reference", "triton")
 
@@ -141,6 +143,113 @@ def test_backward_in_several_vocabulary_chunks(backend, dtype, device, monkeypat
     labels = random_labels((40,), 1000, device)
     _check(_ce("none", label_smoothing=0.1, z_loss=1e-3), hidden, weight, b, labels)
     _check(_logprobs(0.8, True), hidden, weight, b, labels)
+
+
+# Sizes (tokens, vocabulary, hidden) from one answer to 1M tokens: Mistral/Llama 2 (32K
+# vocabulary, hidden up to 8K), GPT-2, Qwen2.5 (152K), the GPU memory test (4K x 32K x 1K).
+MEMORY_SIZES = [(1, 1000, 16), (3, 152064, 3584), (37, 300, 48), (1000, 50257, 2048), (4096, 32000, 1024),
+                (4096, 32000, 4096), (4096, 32000, 8192), (32768, 152064, 3584), (131072, 152064, 3584),
+                (131072, 152064, 8192), (131072, 32000, 4096), (1 << 20, 152064, 8192)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_backward_memory_is_a_small_fraction_of_the_logits(dtype):
+    """The backward's buffers beside the gradients, as functions of (N, V, H), against the (N, V) logits.
+
+    The dL/dlogits chunk holds at most 1/16 of the logits (and at most CHUNK_BYTES), unless
+    one tile of columns is more; the fp32 d_hidden accumulator of 16-bit inputs at most 1/8
+    (unless one tile of rows is more). The old rule (a 128 MiB chunk whatever the logits, an
+    (N, H) fp32 accumulator whatever H) held 145 MiB at 4K x 32K x 1K where the logits are 250.
+    The vocabulary walks stay few: at most 32 chunks, or twice what the CHUNK_BYTES cap
+    needs (~300 chunks of 512 columns at 128K tokens x 152K vocabulary).
+    """
+    from docqa_fast.kernels import linear_logprobs as kernels
+
+    tiles = kernels.TILES[dtype]
+    for n_rows, vocab, hidden_size in MEMORY_SIZES:
+        where = f"N={n_rows}, V={vocab}, H={hidden_size}"
+        logits = n_rows * vocab * dtype.itemsize
+        columns = kernels.chunk_columns(n_rows, vocab, dtype)
+        assert columns % tiles.block_v == 0 and columns >= tiles.block_v, where
+        chunk = n_rows * columns * dtype.itemsize
+        one_tile = n_rows * tiles.block_v * dtype.itemsize
+        assert chunk <= max(one_tile, min(kernels.CHUNK_BYTES, logits // 16)), where
+        chunks = triton.cdiv(vocab, columns)
+        assert chunks <= 2 * max(16, triton.cdiv(logits, kernels.CHUNK_BYTES)), where
+
+        rows = kernels.hidden_rows_per_pass(n_rows, vocab, hidden_size, dtype)
+        assert 0 < rows <= n_rows, where
+        accumulator = 0 if dtype == torch.float32 else rows * hidden_size * 4  # fp32 sums into the gradient
+        assert accumulator <= max(tiles.block_n * hidden_size * 4, logits // 8), where
+        walks = triton.cdiv(n_rows, rows)
+        # Later walks cover only their own rows, so their chunks are wider: each walk has about
+        # as many chunks as the first, and the walks are few (H / V x 32 at most, in 16-bit).
+        assert walks <= max(1, triton.cdiv(32 * hidden_size, vocab * dtype.itemsize)) + 1, where
+        if one_tile <= logits // 16:  # every real vocabulary: the GPU test's bound
+            assert chunk + accumulator < logits / 4, where
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_backward_in_row_groups(backend, dtype, device, frozen_weight):
+    """Hidden sizes large beside the vocabulary: d_hidden is accumulated a group of rows at a time.
+
+    At 150 tokens, H 64, V 300 an (N, H) fp32 accumulator would be 43% of the 16-bit logits:
+    the backward walks the vocabulary once for every token (d_weight, d_bias and the first
+    64 rows' d_hidden) and again for each later group of rows. fp32 needs no accumulator.
+    """
+    n_rows, hidden_size, vocab = 150, 64, 300
+    if backend == "triton" and dtype != torch.float32:
+        from docqa_fast.kernels import linear_logprobs as kernels
+
+        assert kernels.hidden_rows_per_pass(n_rows, vocab, hidden_size, dtype) < n_rows
+    hidden, weight, b = random_head(n_rows, hidden_size, vocab, dtype, device, bias=True)
+    labels = random_labels((n_rows,), vocab, device)
+    ours, ref = _ce("none", label_smoothing=0.1, z_loss=1e-3)
+    if frozen_weight:  # d_hidden only: no walk over every token is needed for d_weight
+        # The frozen head follows hidden's dtype: fp64 for the exact run, the test's dtype otherwise.
+        check_by_rule(lambda hidden: ours(hidden, weight, b, labels),
+                      lambda hidden, upcast: ref(hidden, weight.to(hidden.dtype), b.to(hidden.dtype), labels, upcast),
+                      {"hidden": hidden})
+    else:
+        _check((ours, ref), hidden, weight, b, labels)
+
+
+def test_fp32_long_reduction_over_hidden_is_compensated(device):
+    """The logits' reduction over H, fp32: 256 K blocks, each adding 0.4 ulp of the running 1.0.
+
+    Summed block after block, every block rounds away (102 ulp lost over H = 8192); on the
+    GPU a single FMA chain over H loses it term by term. The kernel sums each block from
+    zero and adds it with TwoSum: within the rule of PyTorch's (pairwise) fp32 sum.
+    """
+    from docqa_fast.kernels import linear_logprobs as kernels
+
+    terms = long_sum_terms(8192, device)  # (8192,) fp32: 1, then tiny terms
+    hidden = torch.stack([terms, terms.flip(0)])
+    weight = torch.ones(64, 8192, device=device)
+    labels = torch.tensor([3, 60], device=device)
+    label_logit = kernels.logit_stats(hidden, weight, None, labels, -100, 1.0)[1]
+    exact = hidden.double().sum(-1)
+    assert_close_by_rule(label_logit, exact, hidden.sum(-1), name="label logit")
+
+
+@pytest.mark.parametrize("role", ["d_weight", "d_hidden"])
+def test_fp32_long_reduction_in_backward_matmuls_is_compensated(device, role):
+    """The backward matmuls' reductions (tokens for d_weight, a vocabulary chunk for d_hidden), fp32."""
+    from docqa_fast.kernels import linear_logprobs as kernels
+
+    terms = long_sum_terms(8192, device)
+    grad = torch.stack([terms, terms.flip(0)], 1)  # (K, 2): K tokens (d_weight) or vocabulary columns
+    other = torch.ones(8192, 16, device=device)  # hidden (d_weight) or the weight chunk (d_hidden)
+    scale = torch.ones(1, device=device)
+    tiles = kernels.TILES[torch.float32]
+    out = torch.zeros(2, 16, device=device)
+    if role == "d_weight":  # G^T @ hidden: G given as the (tokens, columns) array
+        kernels._matmul(grad, other, out, scale, tiles, trans_a=True, accumulate=False)
+    else:  # G @ W[chunk] added to the fp32 accumulator
+        kernels._matmul(grad.T.contiguous(), other, out, scale, tiles, trans_a=False, accumulate=True)
+    exact = (grad.double().T @ other.double())
+    plain = grad.sum(0)[:, None].expand(2, 16)  # PyTorch's pairwise fp32 sum of the same terms
+    assert_close_by_rule(out, exact, plain, name=role)
 
 
 def test_only_needed_gradients(backend, device):

@@ -139,6 +139,48 @@ def test_gradients_match_reference(backend, dtype, layout, device):
         assert_close_by_rule(g, e, p, factor=3.0, name=name)
 
 
+def long_sum_terms(n_terms, device):
+    """fp32 terms 1, d, d, ... every 32 of which add 0.4 ulp of 1 (as tests/losses/loss_checks.py).
+
+    A running fp32 sum near 1 rounds each such block away: summed block after block (or in
+    one FMA chain, as ``acc += tl.dot(...)`` compiles on the GPU) ~100 ulp of 8192 terms are
+    lost; PyTorch's pairwise sum and a compensated one keep them.
+    """
+    terms = torch.full((n_terms,), 0.4 * torch.finfo(torch.float32).eps / 32, device=device)
+    terms[0] = 1.0
+    return terms
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    if not docqa_fast.backends()["triton"].available:
+        pytest.skip(f"triton backend {docqa_fast.backends()['triton']}")
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+
+
+def test_fp32_long_hidden_reduction_is_compensated(triton_backend, device):
+    """fp32 scores over H = 8192: K blocks summed from zero and joined with TwoSum (kernels/reward.py).
+
+    Blocks of 128 added in sequence lost 24 ulp here (a single FMA chain, as on the GPU, more).
+    """
+    terms = long_sum_terms(8192, device)
+    x = torch.stack([terms, terms.flip(0)])[:, None, :]  # (B=2, T=1, H)
+    weight = torch.ones(3, 8192, device=device)
+    rewards = docqa_fast.ensemble_rewards(x, weight)
+    exact = x[:, 0].double().sum(-1, keepdim=True).expand(2, 3)
+    assert_close_by_rule(rewards, exact, x[:, 0].sum(-1, keepdim=True).expand(2, 3), name="rewards")
+
+
+def test_fp32_long_sequence_reduction_of_weight_gradient_is_compensated(triton_backend, device):
+    """d W sums over the sequences (8192 of them here, 16 a block): compensated like the forward."""
+    terms = long_sum_terms(8192, device)
+    x = terms[:, None, None].expand(8192, 1, 32).contiguous()  # every hidden column of sequence b is terms[b]
+    weight = torch.ones(2, 32, device=device, requires_grad=True)
+    docqa_fast.ensemble_rewards(x, weight).sum().backward()  # d W[k, h] = sum_b x[b, h]
+    exact = terms.double().sum().expand(2, 32)
+    assert_close_by_rule(weight.grad, exact, terms.sum().expand(2, 32), name="d weight")
+
+
 def test_min_ties_share_the_gradient(backend, device):
     head = docqa_fast.RewardEnsembleHead(32, 4, device=device)
     with torch.no_grad():
