@@ -6,16 +6,16 @@ reference (see :func:`backends` and ``DOCQA_FAST_BACKEND``).
 """
 
 from ._backend import BACKENDS, backends, dispatch_log, dispatch_table
-from .attention import (
+from .attention import scaled_dot_product_attention
+from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
-    scaled_dot_product_attention,
+    flash_attn_with_kvcache,
 )
-from .inference import flash_attn_with_kvcache
 from .losses import (
     FusedLinearDPOLoss,
     FusedLinearLongPOLoss,

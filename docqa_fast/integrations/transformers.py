@@ -51,7 +51,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..attention import flash_attn_func, flash_attn_varlen_func
+from ..flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 from ..packing.rope import VIDEO_TIME_ROUNDINGS, get_rope_index
 from ..packing.rope_tensor import TEXT, VIDEO
 

@@ -193,7 +193,7 @@ def _prefill_setup(device, quick) -> State:
 
 
 def _kvcache_run(state):
-    from ..inference.kvcache import flash_attn_with_kvcache
+    from ..flash_attn_interface import flash_attn_with_kvcache
 
     return flash_attn_with_kvcache(**state.tensors)
 

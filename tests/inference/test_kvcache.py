@@ -361,7 +361,7 @@ def test_custom_op_and_compile(backend, device):
     q = torch.randn(2, 1, 2, 32, device=device).half()
     k, v = (torch.randn(2, 1, 1, 32, device=device).half() for _ in range(2))
     seqlens = torch.tensor([3, 20], dtype=torch.int32, device=device)
-    from docqa_fast.inference.kvcache import _kvcache_op
+    from docqa_fast.inference.ops import _kvcache_op
     args = (q, k_cache.clone(), v_cache.clone(), k, v, None, None, seqlens, None, None, table, 0.2, True, -1, -1, 0.0,
             True, 1)
     torch.library.opcheck(_kvcache_op, args, test_utils=("test_schema", "test_faketensor"))

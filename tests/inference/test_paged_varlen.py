@@ -93,7 +93,7 @@ def test_windows_and_softcap(backend, options, device):
 
 
 def test_every_num_splits_matches_one_split(backend, device):
-    from docqa_fast.inference.paged_varlen import flash_attn_varlen_paged
+    from docqa_fast.inference.ops import varlen_paged_attention as flash_attn_varlen_paged
 
     lengths_q, lengths_k = [5, 1, 0], [290, 7, 33]
     q, k_cache, v_cache, cu_q, cu_k, table = make_paged(lengths_q, lengths_k, 7, 1, 64, 16, torch.float16, device)
@@ -114,7 +114,7 @@ def test_fp32_runs_on_the_reference_path(device, monkeypatch):
 
 
 def test_custom_op_and_compile(backend, device):
-    from docqa_fast.inference.paged_varlen import _varlen_paged_op
+    from docqa_fast.inference.ops import _varlen_paged_op
 
     lengths_q, lengths_k = [3, 1], [20, 40]
     q, k_cache, v_cache, cu_q, cu_k, table = make_paged(lengths_q, lengths_k, 4, 2, 32, 16, torch.float16, device)

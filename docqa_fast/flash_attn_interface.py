@@ -1,15 +1,22 @@
-"""Drop-in front ends: flash-attn 2's functions and torch's scaled_dot_product_attention.
+"""flash-attn's API: drop-in front ends over docqa_fast's training and inference attention.
 
-Signatures, defaults and return values are flash-attn's / torch's, so swapping the import
-is the whole migration. All of them call :func:`.ops.attention`.
+As flash-attn keeps its ``flash_attn_interface.py``, this module holds every flash-attn 2
+function -- ``flash_attn_func``, ``flash_attn_varlen_func`` (with ``block_table``: packed
+queries over a paged KV cache), the four packed variants and ``flash_attn_with_kvcache`` --
+with flash-attn's signatures, defaults and return values, so swapping the import is the whole
+migration. Each is a thin call into a family: :func:`docqa_fast.attention.ops.attention`
+(training, forward + backward), :func:`docqa_fast.inference.ops.kvcache_attention` and
+:func:`docqa_fast.inference.ops.varlen_paged_attention` (a KV cache); the rules they share are in
+:mod:`docqa_fast.attention_core`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .ops import FAST_DTYPES, MAX_HEAD_DIM, attention, check_unsupported
+from .attention.ops import attention
+from .attention_core import check_unsupported
+from .inference.ops import kvcache_attention, varlen_paged_attention
 
 
 def _result(out, lse, return_attn_probs):
@@ -38,17 +45,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Zero-length sequences are allowed. ``return_attn_probs=True`` returns
     ``(out, softmax_lse (H, total_q) fp32, None)``. With ``block_table`` (B, max_blocks) int32,
     k/v are paged caches (num_blocks, page_size, Hk, D) and cu_seqlens_k gives each sequence's
-    key count (forward only; see :mod:`docqa_fast.inference.paged_varlen`).
+    key count (forward only; see :func:`docqa_fast.inference.ops.varlen_paged_attention`).
     """
     check_unsupported(dropout_p, alibi_slopes)
     if block_table is not None:
-        # k/v are paged caches (num_blocks, page_size, Hk, D): chunked prefill, forward only, run by the
-        # inference family's kernel. Imported here: docqa_fast.inference itself imports this package.
-        from ..inference.paged_varlen import flash_attn_varlen_paged
-
-        out, lse = flash_attn_varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
-                                           softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                                           softcap=softcap)
+        # k/v are paged caches (num_blocks, page_size, Hk, D): chunked prefill, forward only (the inference family).
+        out, lse = varlen_paged_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                                          softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                          softcap=softcap)
         return _result(out, lse, return_attn_probs)
     out, lse = attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                          max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
@@ -99,43 +103,34 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
-def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-    """Why torch's own SDPA must run this call, or None when our kernel computes it exactly."""
-    if attn_mask is not None:
-        return "an explicit attn_mask"
-    if dropout_p:
-        return "dropout"
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
-        return "inputs that are not 4-D (B, H, S, D)"
-    if query.dtype not in FAST_DTYPES or not query.is_cuda:
-        return "a dtype or device our kernels do not take"
-    if query.shape[-1] % 8 or query.shape[-1] > MAX_HEAD_DIM or key.shape[-1] != query.shape[-1] \
-            or value.shape[-1] != query.shape[-1]:
-        return "an unsupported head dim (or one that differs between query, key and value)"
-    if key.shape[0] != query.shape[0] or value.shape != key.shape:
-        return "key / value shapes that broadcast rather than match"
-    if query.shape[1] != key.shape[1] and not enable_gqa:
-        return "different head counts without enable_gqa"
-    if is_causal and query.shape[2] != key.shape[2]:
-        return "is_causal with seqlen_q != seqlen_k (SDPA aligns the mask top-left, flash-attn bottom-right)"
-    if any(t.stride(-1) != 1 for t in (query, key, value)):
-        return "a strided last dimension"
-    return None
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of q over a KV cache, appending new keys/values first -- flash-attn 2's function.
 
+    Args:
+        q: (B, Sq, H, D): Sq = 1 for decode, more for chunked prefill / speculative decoding.
+        k_cache, v_cache: (B_cache, S_cache, Hk, D), or paged (num_blocks, page_size, Hk, D) with
+            ``block_table``; page_size a multiple of 16. Mutated in place by the append.
+        k, v: optional new tokens (B, Sk_new, Hk, D), written at ``cache_seqlens`` then attended to.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2) tables; rotate q and the new k
+            (positions: cache_seqlens + i when causal or windowed, else cache_seqlens). Need ``k``/``v``.
+        cache_seqlens: int or (B,) int32: valid length of each row before the append (None = full).
+        cache_batch_idx: (B,) int32 cache row of each batch row (contiguous caches).
+        cache_leftpad: (B,) int32 first valid slot of each row (contiguous caches).
+        block_table: (B, max_blocks) int32 physical block of each logical page.
+        softmax_scale, causal, window_size, softcap: as :func:`docqa_fast.flash_attn_func`, with the
+            masks aligned bottom-right to ``cache_seqlens + Sk_new`` keys.
+        num_splits: 0 = a heuristic that fills the GPU, 1 = no split, n = n splits of the keys.
+        return_softmax_lse: also return the fp32 LSE (B, H, Sq).
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
-    """``torch.nn.functional.scaled_dot_product_attention`` with (B, H, S, D) tensors.
-
-    Runs our kernel when it computes the call exactly (CUDA fp16/bf16, no mask, no dropout,
-    head dim a multiple of 8 up to 256, causal only when seqlen_q == seqlen_k); anything
-    else goes to torch's own SDPA unchanged, so the result is never silently different.
+    Returns:
+        out (B, Sq, H, D), or ``(out, lse)``. A query that sees no key gets out 0 and lse -inf.
     """
-    if _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) is not None:
-        kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, **kwargs)
-    # (B, H, S, D) -> (B, S, H, D) views: the kernels take any strides but the last.
-    out, _ = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scale,
-                       causal=is_causal)
-    return out.transpose(1, 2)
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not implemented")
+    out, lse = kvcache_attention(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                                 cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                                 rotary_interleaved, num_splits)
+    return (out, lse) if return_softmax_lse else out

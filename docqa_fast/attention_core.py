@@ -1,0 +1,145 @@
+"""The rules every attention entry point shares: training (:mod:`docqa_fast.attention`),
+inference over a KV cache (:mod:`docqa_fast.inference`) and the flash-attn front ends above
+both (:mod:`docqa_fast.flash_attn_interface`).
+
+One definition each of: which q/k/v (or q/cache) tensors are acceptable (dtypes, devices,
+shapes, head dims, GQA), the window and its normalisation, the softcap, what the kernels
+compute (fp16/bf16: the eligibility rule both dispatch entries use), the guard that skips
+value checks where a host sync is forbidden, and the paged-cache checks (page size, the range
+of the block-table entries in use).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validation import (
+    FLOAT_DTYPES,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    value_checks_enabled,
+)
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernels take; fp32 runs the reference
+MAX_HEAD_DIM = 256
+PAGE_MULTIPLE = 16  # page sizes the paged kernels address (flash-attn 2 needs 256)
+# CUDA's grid y axis, which carries the sequences (and z the heads; H <= 65,535 in practice).
+MAX_SEQUENCES = 65_535
+_DEFAULT_NUM_SMS = 132  # H100 / H200; used when the tensors are not on a GPU (interpreter runs)
+
+
+def check_heads(q, k, v, *, q_ndim: int, kv_ndim: int, names=("q", "k", "v")) -> None:
+    """q (..., H, D) against k and v (..., Hk, D): dtypes, devices, shapes, head dim, GQA."""
+    q_name, k_name, v_name = names
+    check_tensor(q_name, q, dtypes=FLOAT_DTYPES, ndims=(q_ndim,))
+    check_tensor(k_name, k, dtypes=FLOAT_DTYPES, ndims=(kv_ndim,))
+    check_tensor(v_name, v, dtypes=FLOAT_DTYPES, ndims=(kv_ndim,))
+    check_same_dtype(names, (q, k, v))
+    check_same_device(names, (q, k, v))
+    check_shape(v_name, v, k.shape, f"the shape of {k_name}")
+    for name, t in zip(names, (q, k, v)):
+        check_last_dim_contiguous(name, t)
+    head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"expected {k_name} with head dim {head_dim} ({q_name}'s), got {k.shape[-1]}")
+    if head_dim > MAX_HEAD_DIM or head_dim % 8:
+        raise ValueError(f"expected a head dim that is a multiple of 8 and at most {MAX_HEAD_DIM}, got {head_dim}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"expected {q_name}'s number of heads ({heads}) to be a multiple of {k_name}'s ({kv_heads})")
+
+
+def check_window(window_size) -> tuple[int, int]:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"expected window_size to be a pair (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"expected window_size values >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    return left, right
+
+
+def normalize_window(window, left_span: int, right_span: int) -> tuple[int, int]:
+    """A window side that restricts nothing becomes -1: a left side >= ``left_span`` or a right
+    side >= ``right_span`` covers every key. Training passes the longest key and query ranges
+    (left as they are, the kernels' int32 sums of positions and sides near 2^31 would wrap);
+    a KV cache passes its capacity for both, flash-attn's rule, which also decides whether a
+    call is "local" (and so how q is rotated)."""
+    left, right = window
+    return (-1 if left >= left_span else left), (-1 if right >= right_span else right)
+
+
+def check_softcap(softcap) -> float:
+    if softcap < 0:
+        raise ValueError(f"expected softcap >= 0 (0 = off), got {softcap}")
+    return float(softcap)
+
+
+def softmax_scale_or_default(softmax_scale, head_dim: int) -> float:
+    return float(1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale)
+
+
+def check_unsupported(dropout_p, alibi_slopes) -> None:
+    if dropout_p:
+        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented (LLM training "
+                                  "rarely uses it); pass 0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not implemented yet")
+
+
+def check_num_splits(num_splits) -> int:
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"expected num_splits to be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    return num_splits
+
+
+def kernel_dtype_reason(q) -> str | None:
+    """Why the attention kernels cannot compute a call on ``q``'s dtype (an eligibility rule of
+    the dispatch table), or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the attention kernels take fp16/bf16, got {q.dtype} (fp32 runs on the reference path)"
+    return None
+
+
+def value_checks_allowed(t: torch.Tensor) -> bool:
+    """Whether checks that read tensor values (one host sync) may run: not under torch.compile,
+    and not while a CUDA graph is being captured (validate once eagerly before capturing)."""
+    return value_checks_enabled() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+# ------------------------------------------------------------------------- paged caches
+
+def cache_capacity(k_cache, block_table) -> int:
+    """Slots one batch row can address: S_cache, or max_blocks * page_size when paged."""
+    return k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+
+
+def check_block_table(block_table, rows: int, page_size: int, q, rows_what: str, cache_name: str) -> None:
+    """The static checks of a paged cache: int32 (rows, max_blocks) on q's device, a page size
+    the kernels address."""
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndims=(2,))
+    check_same_device(("q", "block_table"), (q, block_table))
+    if block_table.shape[0] != rows:
+        raise ValueError(f"expected block_table with {rows} rows ({rows_what}), got {tuple(block_table.shape)}")
+    if page_size % PAGE_MULTIPLE or page_size == 0:
+        raise ValueError(f"expected a page size ({cache_name}.shape[1] with block_table) that is a multiple of "
+                         f"{PAGE_MULTIPLE}, got {page_size}")
+
+
+def check_pages_in_use(block_table, lengths, page_size: int, num_blocks: int, cache_name: str) -> None:
+    """Value check (one host sync): the entries of the pages rows of ``lengths`` slots use lie
+    in [0, num_blocks)."""
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < lengths[:, None]
+    entries = block_table.long()[used]
+    if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_blocks):
+        raise ValueError(f"expected block_table entries of the pages in use in [0, {num_blocks}) (blocks of "
+                         f"{cache_name}), got values from {int(entries.min())} to {int(entries.max())}")

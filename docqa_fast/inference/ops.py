@@ -1,0 +1,343 @@
+"""Attention over a KV cache: the custom ops, their dispatch entries, and the validated calls
+the flash-attn front ends make (:mod:`docqa_fast.flash_attn_interface`).
+
+* ``docqa_fast::flash_attn_with_kvcache`` (:func:`kvcache_attention`): decode and chunked prefill
+  over a contiguous or paged cache, the new k/v appended in place (the op declares ``k_cache``
+  and ``v_cache`` mutated);
+* ``docqa_fast::flash_attn_varlen_paged`` (:func:`varlen_paged_attention`): the ``block_table``
+  path of ``flash_attn_varlen_func`` -- packed queries over a paged cache, forward only.
+
+Implementations: the split-KV Triton kernel (``kernels/inference.py``; fp16/bf16, up to
+MAX_GROUP query heads per KV head) -- one launch that appends, rotates and attends, then, with
+several splits, ``merge_stacked_attention_states`` -- and the reference (fp32, CPU tensors).
+Nothing on the ops' path syncs with the host or allocates a size that depends on tensor values
+(split count and partial buffers follow from shapes), so they trace under
+``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph; the value checks here
+(one host sync) run in eager mode only (:func:`docqa_fast.attention_core.value_checks_allowed`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import Implementation, register_op
+from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_last_dim_contiguous, check_same_device, check_same_dtype
+from .._validation import check_shape, check_tensor
+from ..attention_core import (
+    cache_capacity,
+    check_block_table,
+    check_heads,
+    check_num_splits,
+    check_pages_in_use,
+    check_softcap,
+    check_window,
+    kernel_dtype_reason,
+    normalize_window,
+    num_sms,
+    softmax_scale_or_default,
+    value_checks_allowed,
+)
+from ..merge_attention import merge_stacked_attention_states
+from ..reference.kvcache import flash_attn_varlen_paged_ref, flash_attn_with_kvcache_ref
+
+
+def _kernel_reason(q, kv_heads) -> str | None:
+    """Why the kernel cannot compute a call (the dispatch table's eligibility rule), or None."""
+    from ..kernels.inference import MAX_GROUP
+
+    if q.shape[-2] // kv_heads > MAX_GROUP:  # q (..., H, D): padded or packed
+        return f"more than {MAX_GROUP} query heads per KV head (runs on the reference path)"
+    return kernel_dtype_reason(q)
+
+
+def _run_kernel(q, k_cache, v_cache, lse_shape, seqlens, options, num_splits, capacity):
+    """One launch of the split-KV kernel (it also appends and rotates), then the combine of the
+    fp32 partials when split."""
+    from ..kernels import inference as kernels
+
+    varlen = options.get("cu_seqlens_q") is not None
+    batch = options["cu_seqlens_q"].shape[0] - 1 if varlen else q.shape[0]
+    seqlen_q = options["max_seqlen_q"] if varlen else q.shape[1]
+    if num_splits == 0:
+        num_splits = kernels.num_splits_heuristic(batch, seqlen_q, q.shape[-2], k_cache.shape[2], capacity,
+                                                  num_sms(q.device))
+    if num_splits == 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        kernels.forward(q, k_cache, v_cache, out, lse, seqlens, num_splits=1, **options)
+        return out, lse
+    # fp32 partials: the combine rounds once, to q's dtype, at the end.
+    outs = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+    lses = torch.empty((num_splits, *lse_shape), dtype=torch.float32, device=q.device)
+    kernels.forward(q, k_cache, v_cache, outs, lses, seqlens, num_splits=num_splits, **options)
+    out, lse = merge_stacked_attention_states(outs, lses)
+    return out.to(q.dtype), lse
+
+
+# ------------------------------------------------------------- flash_attn_with_kvcache
+
+def _kvcache_lse_shape(q):
+    return q.shape[0], q.shape[2], q.shape[1]
+
+
+def _kvcache_triton(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                    block_table, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
+                    num_splits):
+    window = (window_left, window_right)
+    options = dict(k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                   rotary_per_token=causal or window != (-1, -1), cache_leftpad=cache_leftpad,
+                   block_table=block_table, cache_batch_idx=cache_batch_idx, softmax_scale=softmax_scale,
+                   causal=causal, window_size=window, softcap=softcap)
+    return _run_kernel(q, k_cache, v_cache, _kvcache_lse_shape(q), cache_seqlens, options, num_splits,
+                       cache_capacity(k_cache, block_table))
+
+
+def _kvcache_reference(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                       cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
+                       rotary_interleaved, num_splits):
+    return flash_attn_with_kvcache_ref(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                                       (window_left, window_right), softcap, rotary_interleaved,
+                                       return_softmax_lse=True)
+
+
+KVCACHE = register_op(
+    "flash_attn_with_kvcache",
+    Implementation("triton", _kvcache_triton, eligible=lambda q, k_cache, *rest: _kernel_reason(q, k_cache.shape[2])),
+    Implementation("reference", _kvcache_reference),
+)
+
+
+@torch.library.custom_op("docqa_fast::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+                v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
+                cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
+                cache_leftpad: Optional[torch.Tensor], block_table: Optional[torch.Tensor], softmax_scale: float,
+                causal: bool, window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
+                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return KVCACHE(q.device, q.dtype, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                   cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
+                   softcap, rotary_interleaved, num_splits)
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+      softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved, num_splits):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(_kvcache_lse_shape(q), dtype=torch.float32))
+
+
+def _check_int32_vector(name, value, batch, q):
+    check_tensor(name, value, dtypes=(torch.int32,), ndims=(1,))
+    check_shape(name, value, (batch,), "one entry per batch row of q")
+    check_same_device(("q", name), (q, value))
+
+
+def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                          cache_leftpad, block_table):
+    """Every check that reads no tensor value, before anything is written to the cache."""
+    check_heads(q, k_cache, v_cache, q_ndim=4, kv_ndim=4, names=("q", "k_cache", "v_cache"))
+    batch, _, _, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if (k is None) != (v is None):
+        raise ValueError("expected k and v together (new tokens to append), got only "
+                         + ("k" if k is not None else "v"))
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(4,))
+            check_last_dim_contiguous(name, t)
+        check_same_dtype(("q", "k", "v"), (q, k, v))
+        check_same_device(("q", "k", "v"), (q, k, v))
+        check_shape("k", k, (batch, k.shape[1], kv_heads, head_dim), "(B, Sk_new, Hk, D) like q and k_cache")
+        check_shape("v", v, k.shape, "the shape of k")
+    if block_table is not None:
+        check_block_table(block_table, batch, k_cache.shape[1], q, "q's batch", "k_cache")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be used with block_table (a paged cache maps rows itself)")
+        if cache_leftpad is not None:
+            raise ValueError("cache_leftpad cannot be used with block_table (as in flash-attn 2)")
+    elif cache_batch_idx is None and k_cache.shape[0] < batch:
+        raise ValueError(f"expected k_cache with at least {batch} rows (q's batch) or a cache_batch_idx, "
+                         f"got {k_cache.shape[0]}")
+    if cache_batch_idx is not None:
+        _check_int32_vector("cache_batch_idx", cache_batch_idx, batch, q)
+    if cache_leftpad is not None:
+        _check_int32_vector("cache_leftpad", cache_leftpad, batch, q)
+    if isinstance(cache_seqlens, torch.Tensor):
+        _check_int32_vector("cache_seqlens", cache_seqlens, batch, q)
+    elif cache_seqlens is not None and (not isinstance(cache_seqlens, int) or isinstance(cache_seqlens, bool)):
+        raise TypeError("expected cache_seqlens to be an int or an int32 tensor (B,), "
+                        f"got {type(cache_seqlens).__name__}")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("expected rotary_cos and rotary_sin together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need the new k and v to rotate (as in flash-attn)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2,))
+            check_last_dim_contiguous(name, t)  # the kernel reads the tables' rows with unit stride
+        check_same_dtype(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
+        check_same_device(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
+        check_shape("rotary_sin", rotary_sin, rotary_cos.shape, "the shape of rotary_cos")
+        if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
+            raise ValueError(f"expected rotary_cos of shape (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
+                             f"{head_dim}, got {tuple(rotary_cos.shape)}")
+
+
+def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
+                          rotary_cos, causal, local):
+    """Checks that read tensor values (one host sync); all before anything is written."""
+    capacity = cache_capacity(k_cache, block_table)
+    lengths = cache_seqlens.long()
+    if int(lengths.min()) < 0:
+        raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
+    ends = lengths + seqlen_new
+    if int(ends.max()) > capacity:
+        raise ValueError(f"expected cache_seqlens + {seqlen_new} new tokens <= the cache capacity {capacity} "
+                         f"(S_cache, or max_blocks * page_size), got up to {int(ends.max())}")
+    if cache_batch_idx is not None:
+        rows = cache_batch_idx.long()
+        if int(rows.min()) < 0 or int(rows.max()) >= k_cache.shape[0]:
+            raise ValueError(f"expected cache_batch_idx values in [0, {k_cache.shape[0]}) (rows of k_cache), "
+                             f"got {cache_batch_idx.tolist()[:16]}")
+        # The append is fused into the attention launch: two batch rows on one cache row would
+        # read slots the other writes in the same launch.
+        if seqlen_new > 0 and torch.unique(rows).numel() != rows.numel():
+            raise ValueError("expected distinct cache_batch_idx values when appending new k/v (two rows writing "
+                             f"one cache row race), got {cache_batch_idx.tolist()[:16]}")
+    if cache_leftpad is not None:
+        pad = cache_leftpad.long()
+        if int(pad.min()) < 0 or bool((pad > lengths).any()):
+            raise ValueError("expected 0 <= cache_leftpad <= cache_seqlens in every row, got "
+                             f"{cache_leftpad.tolist()[:16]} and {cache_seqlens.tolist()[:16]}")
+    if block_table is not None:
+        check_pages_in_use(block_table, ends, k_cache.shape[1], k_cache.shape[0], "k_cache")
+    if rotary_cos is not None:
+        seqlen_q = q.shape[1]
+        needed = int(lengths.max()) + max(seqlen_new, seqlen_q if (causal or local) else 1)
+        if needed > rotary_cos.shape[0]:
+            raise ValueError(f"expected rotary_cos/rotary_sin with at least {needed} positions "
+                             f"(cache_seqlens + new tokens), got {rotary_cos.shape[0]}")
+
+
+def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                      cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, num_splits=0):
+    """Validated attention over a KV cache (appending k/v first) -> (out, lse); see
+    :func:`docqa_fast.flash_attn_with_kvcache` for the arguments."""
+    _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                          cache_leftpad, block_table)
+    softcap = check_softcap(softcap)
+    num_splits = check_num_splits(num_splits)
+    capacity = cache_capacity(k_cache, block_table)
+    left, right = normalize_window(check_window(window_size), capacity, capacity)
+    batch = q.shape[0]
+    if cache_seqlens is None:
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    seqlen_new = 0 if k is None else k.shape[1]
+    if batch and value_checks_allowed(q):
+        _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
+                              rotary_cos, causal, (left, right) != (-1, -1))
+    # The kernels read these with unit stride.
+    cache_seqlens, cache_batch_idx, cache_leftpad = (
+        None if t is None else t.contiguous() for t in (cache_seqlens, cache_batch_idx, cache_leftpad))
+    if block_table is not None and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    return _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                       cache_leftpad, block_table, softmax_scale_or_default(softmax_scale, q.shape[-1]), bool(causal),
+                       left, right, softcap, bool(rotary_interleaved), num_splits)
+
+
+# ---------------------------------------------- flash_attn_varlen_func with block_table
+
+def _paged_triton(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale, causal,
+                  window_left, window_right, softcap, num_splits):
+    # Key counts per sequence, on the device: the kernel reads them where the decode path reads cache_seqlens.
+    seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    options = dict(block_table=block_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+                   softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
+                   softcap=softcap)
+    return _run_kernel(q, k_cache, v_cache, (q.shape[1], q.shape[0]), seqlens_k, options, num_splits,
+                       block_table.shape[1] * k_cache.shape[1])
+
+
+def _paged_reference(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale,
+                     causal, window_left, window_right, softcap, num_splits):
+    return flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale,
+                                       causal, (window_left, window_right), softcap)
+
+
+VARLEN_PAGED = register_op(
+    "flash_attn_varlen_paged",
+    Implementation("triton", _paged_triton, eligible=lambda q, k_cache, *rest: _kernel_reason(q, k_cache.shape[2])),
+    Implementation("reference", _paged_reference),
+)
+
+
+@torch.library.custom_op("docqa_fast::flash_attn_varlen_paged", mutates_args=())
+def _varlen_paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, block_table: torch.Tensor, softmax_scale: float,
+                     causal: bool, window_left: int, window_right: int, softcap: float,
+                     num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return VARLEN_PAGED(q.device, q.dtype, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
+                        softmax_scale, causal, window_left, window_right, softcap, num_splits)
+
+
+@_varlen_paged_op.register_fake
+def _(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale, causal,
+      window_left, window_right, softcap, num_splits):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table):
+    """Every check, before any launch; value checks (one host sync) in eager mode only."""
+    check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4)
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TypeError(f"expected {name} to be a non-negative int, got {value!r}")
+    lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, "q")
+    batch = cu_seqlens_q.shape[0] - 1
+    check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndims=(1,))
+    check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
+    page_size = k_cache.shape[1]
+    check_block_table(block_table, batch, page_size, q, "one per sequence of cu_seqlens_q", "k")
+    check_same_device(("q", "cu_seqlens_k"), (q, cu_seqlens_k))
+    if batch == 0 or not value_checks_allowed(q):
+        return
+    # cu_seqlens_k's end is the total key count, which a paged cache does not fix: check the rest.
+    lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), q, "q")
+    if int(lengths_q.max()) > max_seqlen_q:
+        raise ValueError(f"expected max_seqlen_q >= every query length, got {max_seqlen_q} < {int(lengths_q.max())}")
+    if int(lengths_k.max()) > max_seqlen_k:
+        raise ValueError(f"expected max_seqlen_k >= every key length, got {max_seqlen_k} < {int(lengths_k.max())}")
+    capacity = block_table.shape[1] * page_size
+    if int(lengths_k.max()) > capacity:
+        raise ValueError(f"expected every key length (cu_seqlens_k) <= the block_table capacity {capacity} "
+                         f"(max_blocks * page_size), got {int(lengths_k.max())}")
+    check_pages_in_use(block_table, lengths_k, page_size, k_cache.shape[0], "k")
+
+
+def varlen_paged_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, num_splits=0):
+    """Validated packed attention over a paged cache -> (out (total_q, H, D), lse (H, total_q) fp32).
+
+    flash-attn 2's semantics (forward only): sequence b's keys are its first
+    ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` logical slots, slot j in block
+    ``block_table[b, j // page_size]``; masks align bottom-right per sequence; nothing is
+    appended (the chunk's k/v are in the cache already). A query that sees no key gets out 0 and
+    lse -inf.
+    """
+    _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+    left, right = normalize_window(check_window(window_size), max_seqlen_k, max_seqlen_q)
+    softcap = check_softcap(softcap)
+    num_splits = check_num_splits(num_splits)
+    if block_table.stride(1) != 1:  # the kernel reads rows of the table with unit stride
+        block_table = block_table.contiguous()
+    return _varlen_paged_op(q, k_cache, v_cache, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
+                            block_table, softmax_scale_or_default(softmax_scale, q.shape[-1]), bool(causal), left,
+                            right, softcap, num_splits)
