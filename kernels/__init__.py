@@ -8,5 +8,7 @@ in ``docqa_fast/<family>/``.
 
 import pkgutil
 
-# Every module here except the registry and the tile tables defines kernels; the Hopper check imports them all.
-KERNEL_MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("registry", "tuning")))
+# Modules that define no kernels of their own: the config registry, the tile tables, shared jit helpers.
+_SUPPORT_MODULES = ("registry", "tuning", "exact_math")
+# Every other module (or package) defines kernels; the Hopper check imports them all.
+KERNEL_MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SUPPORT_MODULES))

@@ -3,7 +3,7 @@
 Each function takes the hidden states and the head weight instead of logits and returns
 what the materialised-logits computation would (docqa_fast.reference.losses), in fp32,
 with gradients to hidden, weight and bias. The logits (tokens x vocabulary) never exist:
-everything is a function of four (N,) statistics (see ``_ops``).
+everything is a function of four (N,) statistics (see ``ops``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_cu_seqlens, check_same_device, check_shape, check_tensor
-from ._ops import check_head_inputs, check_label_values, check_positive, logit_stats
+from .ops import check_head_inputs, check_label_values, check_positive, logit_stats
 
 __all__ = ["linear_logprobs", "linear_cross_entropy", "sequence_logprobs"]
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import choose_backend
+from .._backend import Implementation, register_op
 from .._validation import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -23,10 +23,8 @@ from .._validation import (
     check_tensor,
     value_checks_enabled,
 )
-from ..reference.reward import last_token_index_ref
 from .losses import ensemble_statistics
 
-_IMPLEMENTED = ("triton",)
 MAX_HEADS = 64
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -61,6 +59,13 @@ def _check_index(name, index, expected_shape, upper, hidden_states):
                          f"max {int(index.max())}")
 
 
+def _last_real_token(attention_mask):
+    """The last non-padding position per row (left or right padding, -1 for a row of padding
+    only): where the mask is set, the largest column -- the sum of the mask would miss holes."""
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask != 0).long().mul(columns + 1).amax(-1) - 1
+
+
 def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_index=None):
     """(batch index, token index) of each sequence's scoring token, validated.
 
@@ -82,7 +87,7 @@ def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_
             check_tensor("attention_mask", attention_mask, ndims=(2,))
             check_shape("attention_mask", attention_mask, (batch, seqlen), "hidden_states' (batch, seqlen)")
             check_same_device(("hidden_states", "attention_mask"), (hidden_states, attention_mask))
-            token = last_token_index_ref(attention_mask)
+            token = _last_real_token(attention_mask)
             if value_checks_enabled() and batch and bool((token < 0).any()):
                 rows = (token < 0).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask has all-padding rows {rows[:8]}: they have no token to score")
@@ -125,17 +130,16 @@ def _row_offsets(hidden, seq_index, token_index):
     return token_index * hidden.stride(0)
 
 
-@torch.library.custom_op("docqa_fast::reward_heads", mutates_args=())
-def _reward_heads_op(hidden: torch.Tensor, seq_index: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = choose_backend("reward_heads", hidden.device, _IMPLEMENTED, hidden.dtype)
-    if backend == "reference":
-        acc = _reward_dtype(hidden)
-        rows = _gather_rows(hidden, seq_index, token_index).to(acc)
-        rewards = rows @ weight.to(acc).t()
-        if bias is not None:
-            rewards = rewards + bias.to(acc)
-        return (rewards, *ensemble_statistics(rewards))
+def _heads_reference(hidden, seq_index, token_index, weight, bias):
+    acc = _reward_dtype(hidden)
+    rows = _gather_rows(hidden, seq_index, token_index).to(acc)
+    rewards = rows @ weight.to(acc).t()
+    if bias is not None:
+        rewards = rewards + bias.to(acc)
+    return (rewards, *ensemble_statistics(rewards))
+
+
+def _heads_triton(hidden, seq_index, token_index, weight, bias):
     from ..kernels import reward as kernels
 
     batch, num_heads = token_index.shape[0], weight.shape[0]
@@ -144,6 +148,47 @@ def _reward_heads_op(hidden: torch.Tensor, seq_index: torch.Tensor, token_index:
     kernels.forward(hidden, _row_offsets(hidden, seq_index, token_index), weight.contiguous(), bias,
                     rewards, mean, var, minimum)
     return rewards, mean, var, minimum
+
+
+def _heads_backward_reference(hidden, seq_index, token_index, weight, grad_rewards):
+    acc = _reward_dtype(hidden)
+    rows = _gather_rows(hidden, seq_index, token_index)
+    grad_rows = (grad_rewards.to(hidden.dtype).to(acc) @ weight.to(acc)).to(hidden.dtype)
+    return grad_rows, grad_rewards.to(acc).t() @ rows.to(acc)
+
+
+def _heads_backward_triton(hidden, seq_index, token_index, weight, grad_rewards):
+    from ..kernels import reward as kernels
+
+    grad_rows = hidden.new_empty((token_index.shape[0], hidden.shape[-1]))
+    grad_weight = hidden.new_empty(weight.shape, dtype=torch.float32)
+    kernels.backward(hidden, _row_offsets(hidden, seq_index, token_index), weight.contiguous(),
+                     grad_rewards.contiguous(), grad_rows, grad_weight)
+    return grad_rows, grad_weight
+
+
+def _kernel_reason(hidden, *rest):
+    if hidden.dtype == torch.float64:  # reachable through the op itself, for gradcheck
+        return "the reward kernels take fp16/bf16/fp32, got float64"
+    return None
+
+
+REWARD_HEADS = register_op(
+    "reward_heads",
+    Implementation("triton", _heads_triton, eligible=_kernel_reason),
+    Implementation("reference", _heads_reference),
+)
+REWARD_HEADS_BACKWARD = register_op(
+    "reward_heads_backward",
+    Implementation("triton", _heads_backward_triton, eligible=_kernel_reason),
+    Implementation("reference", _heads_backward_reference),
+)
+
+
+@torch.library.custom_op("docqa_fast::reward_heads", mutates_args=())
+def _reward_heads_op(hidden: torch.Tensor, seq_index: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return REWARD_HEADS(hidden.device, hidden.dtype, hidden, seq_index, token_index, weight, bias)
 
 
 @_reward_heads_op.register_fake
@@ -157,19 +202,7 @@ def _(hidden, seq_index, token_index, weight, bias):
 def _reward_heads_backward_op(hidden: torch.Tensor, seq_index: torch.Tensor, token_index: torch.Tensor,
                               weight: torch.Tensor, grad_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d rows (B, H) in hidden's dtype, d weight (K, H) fp32) from G = dL/d rewards (B, K) fp32."""
-    backend = choose_backend("reward_heads", hidden.device, _IMPLEMENTED, hidden.dtype)
-    if backend == "reference":
-        acc = _reward_dtype(hidden)
-        rows = _gather_rows(hidden, seq_index, token_index)
-        grad_rows = (grad_rewards.to(hidden.dtype).to(acc) @ weight.to(acc)).to(hidden.dtype)
-        return grad_rows, grad_rewards.to(acc).t() @ rows.to(acc)
-    from ..kernels import reward as kernels
-
-    grad_rows = hidden.new_empty((token_index.shape[0], hidden.shape[-1]))
-    grad_weight = hidden.new_empty(weight.shape, dtype=torch.float32)
-    kernels.backward(hidden, _row_offsets(hidden, seq_index, token_index), weight.contiguous(),
-                     grad_rewards.contiguous(), grad_rows, grad_weight)
-    return grad_rows, grad_weight
+    return REWARD_HEADS_BACKWARD(hidden.device, hidden.dtype, hidden, seq_index, token_index, weight, grad_rewards)
 
 
 @_reward_heads_backward_op.register_fake

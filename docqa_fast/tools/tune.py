@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--family", action="append", choices=tune_cases.FAMILIES,
                         help="tune only this family (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and the first few candidates")
-    parser.add_argument("--out", type=Path, default=tuning.TUNED_DIR, help="folder of the tables (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=tuning.TUNED_DIR,
+                        help="folder of the tables (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes compiling candidates before the timing (GPU only)")
     parser.add_argument("--budget", type=float, default=None,

@@ -1,13 +1,14 @@
 """What ``python -m docqa_fast.tools.tune`` measures: per tunable kernel variant, the workload
-shape it serves (docs: WORKLOADS.md of the project), random inputs, the launch, and the tile
-candidates.
+shape it serves, random inputs, the launch, and the tile candidates.
 
 Shapes: the full ones are the headline workloads (LLM attention: 1 x 16K tokens, 28 / 4 heads,
 D 128, causal; ViT: 8 images x 4,800 patches, 16 heads, D 80; decode: one token over a 128K
-cache; merge: two 128K-token partials); ``--quick`` halves to quarters them; on a CPU (the
-Triton interpreter, for testing the tool) they are tiny. Candidates are the tiles worth
-timing on Hopper-class GPUs: around the H200 sweep's winners, in both directions of each
-parameter; the current choice is always timed too (tune.sweep adds it).
+cache; merge: two 128K-token partials; the fused cross-entropy through Qwen2.5's head at 8K
+tokens; reward heads on 128 scoring rows of hidden 3584); ``--quick`` shrinks the long ones
+(and times the first three candidates); on a CPU (the Triton interpreter, for testing the
+tool) they are tiny. Candidates are the tiles worth timing on Hopper-class GPUs: around the
+H200 sweep's winners, in both directions of each parameter; the current choice is always
+timed too (tune.sweep adds it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("attention", "inference", "merge_attention")
+FAMILIES = ("attention", "inference", "merge_attention", "losses", "reward")
 
 
 @dataclass
@@ -246,8 +247,118 @@ def _merge_tunables():
                     ((16, 4), (8, 4), (32, 4), (32, 8), (64, 8), (16, 8)))]
 
 
+# ------------------------------------------------------------------------------ losses
+
+def _losses_setup(device, quick) -> State:
+    from ..kernels import losses as kernels
+
+    n_rows, hidden_size, vocab = _size(device, quick, (8192, 3584, 152064), (2048, 3584, 152064), (40, 64, 300))
+    dtype = _dtype(device)
+    hidden = torch.randn(n_rows, hidden_size, device=device).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device) * (2.0 / hidden_size ** 0.5)).to(dtype)
+    labels = torch.randint(0, vocab, (n_rows,), device=device)
+    lse = kernels.logit_stats(hidden, weight, None, labels, -100, 1.0)[0]
+    # The coefficients of a mean cross-entropy: dL/dz = (p - onehot) / N.
+    coefs = torch.stack([torch.full_like(lse, 1.0 / n_rows), torch.zeros_like(lse),
+                         torch.full_like(lse, -1.0 / n_rows), torch.zeros_like(lse)]).contiguous()
+    shape = dict(tokens=n_rows, hidden=hidden_size, vocab=vocab, dtype=str(dtype)[6:])
+    return State(dict(hidden=hidden, weight=weight, labels=labels, lse=lse, coefs=coefs), shape,
+                 2 * n_rows * hidden_size * vocab)
+
+
+def _losses_backward_setup(device, quick) -> State:
+    state = _losses_setup(device, quick)
+    state.work *= 3  # the logits' recompute and the two gradient matmuls
+    return state
+
+
+def _losses_forward(state):
+    from ..kernels import losses as kernels
+
+    t = state.tensors
+    return kernels.logit_stats(t["hidden"], t["weight"], None, t["labels"], -100, 1.0)
+
+
+def _losses_backward(state):
+    from ..kernels import losses as kernels
+
+    t = state.tensors
+    return kernels.logit_stats_backward(t["hidden"], t["weight"], None, t["labels"], t["lse"], t["coefs"], -100, 1.0,
+                                        True, True, False)[:2]
+
+
+def _losses_tunables():
+    from ..kernels import losses as kernels
+
+    def tunable(kernel, what, setup, run, candidates):
+        dtype = torch.bfloat16
+        return Tunable("losses", kernel, kernels.tile_key(dtype), kernels.default_tiles(kernel, dtype), "TFLOP/s",
+                       what, setup, run, candidates)
+
+    return [
+        # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages)
+        tunable("losses_logits", "the fused forward (logits tiles, online log-sum-exp)", _losses_setup,
+                _losses_forward, ((64, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
+                                  (128, 64, 32, 8, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2))),
+        # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+        tunable("losses_matmul", "the backward (logits recompute and both gradient matmuls)", _losses_backward_setup,
+                _losses_backward, ((64, 128, 32, 8, 8, 4), (128, 128, 64, 8, 8, 3), (128, 128, 32, 8, 8, 4),
+                                   (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4))),
+    ]
+
+
+# ------------------------------------------------------------------------------ reward
+
+def _reward_setup(device, quick) -> State:
+    batch, hidden_size, heads = _size(device, quick, (128, 3584, 8), (128, 3584, 8), (20, 100, 8))
+    dtype = _dtype(device)
+    rows = torch.randn(batch, hidden_size, device=device).to(dtype)  # the gathered scoring rows
+    weight = (torch.randn(heads, hidden_size, device=device) / hidden_size ** 0.5).to(dtype)
+    offsets = torch.arange(batch, device=device, dtype=torch.int64) * hidden_size
+    outputs = dict(rewards=torch.empty(batch, heads, device=device), mean=torch.empty(batch, device=device),
+                   var=torch.empty(batch, device=device), minimum=torch.empty(batch, device=device),
+                   grad=torch.randn(batch, heads, device=device), grad_rows=torch.empty_like(rows),
+                   grad_weight=torch.empty(heads, hidden_size, device=device))
+    shape = dict(sequences=batch, hidden=hidden_size, heads=heads, dtype=str(dtype)[6:])
+    return State(dict(rows=rows, weight=weight, offsets=offsets, **outputs), shape,
+                 (batch + heads) * hidden_size * dtype.itemsize)
+
+
+def _reward_forward(state):
+    from ..kernels import reward as kernels
+
+    t = state.tensors
+    kernels.forward(t["rows"], t["offsets"], t["weight"], None, t["rewards"], t["mean"], t["var"], t["minimum"])
+    return t["rewards"], t["mean"], t["var"], t["minimum"]
+
+
+def _reward_backward(state):
+    from ..kernels import reward as kernels
+
+    t = state.tensors
+    kernels.backward(t["rows"], t["offsets"], t["weight"], t["grad"], t["grad_rows"], t["grad_weight"])
+    return t["grad_rows"], t["grad_weight"]
+
+
+def _reward_tunables():
+    from ..kernels import reward as kernels
+
+    def tunable(kernel, what, run, candidates):
+        dtype = torch.bfloat16
+        return Tunable("reward", kernel, kernels.tile_key(dtype, 8), kernels.default_tiles(kernel, dtype), "GB/s",
+                       what, _reward_setup, run, candidates)
+
+    # (BLOCK_B, BLOCK_H, num_warps)
+    return [
+        tunable("reward_forward", "the scoring rows and the head weights read", _reward_forward,
+                ((16, 128, 4), (16, 256, 4), (32, 128, 4), (16, 64, 4), (16, 128, 8), (32, 256, 8))),
+        tunable("reward_backward", "the scoring rows and the head weights read", _reward_backward,
+                ((16, 64, 4), (16, 128, 4), (32, 64, 4), (16, 32, 4), (16, 64, 8), (32, 128, 8))),
+    ]
+
+
 _BUILDERS = {"attention": _attention_tunables, "inference": _inference_tunables,
-             "merge_attention": _merge_tunables}
+             "merge_attention": _merge_tunables, "losses": _losses_tunables, "reward": _reward_tunables}
 
 
 def tunables(families=FAMILIES) -> list[Tunable]:

@@ -2,7 +2,7 @@
 
 The CPU tests run these kernels under the Triton interpreter, which multiplies with numpy
 and exponentiates with numpy's exp: what the GPU compiles can only be seen in the compiled
-code. For every registered fp32 config of kernels/linear_logprobs.py and kernels/reward.py
+code. For every registered fp32 config of kernels/losses.py and kernels/reward.py
 (the reward kernels reuse the fused loss' fp32 helpers), compiled for sm_90 with no GPU:
 
 - no tensor-core instruction (HGMMA/HMMA): fp32 multiplies with IEEE FMAs, never TF32;

@@ -7,7 +7,7 @@ import triton
 import docqa_fast
 from docqa_fast.losses import linear_cross_entropy, linear_logprobs
 from docqa_fast.losses.functional import cross_entropy_losses
-from docqa_fast.losses._ops import linear_logit_stats, linear_logit_stats_backward
+from docqa_fast.losses.ops import linear_logit_stats, linear_logit_stats_backward
 from docqa_fast.reference.losses import linear_cross_entropy_ref, linear_logprobs_ref
 from docqa_fast.testing import assert_close_by_rule
 from loss_checks import check_by_rule, long_sum_terms, random_head, random_labels
@@ -135,7 +135,7 @@ def test_large_logits_stay_accurate(backend, dtype, device):
 def test_backward_in_several_vocabulary_chunks(backend, dtype, device, monkeypatch):
     """Force the backward to walk the vocabulary in many chunks (as at 128K tokens)."""
     if backend == "triton":
-        from docqa_fast.kernels import linear_logprobs as kernels
+        from docqa_fast.kernels import losses as kernels
 
         monkeypatch.setattr(kernels, "CHUNK_BYTES", 40 * 256 * dtype.itemsize)  # 40 rows: 256 columns a chunk
         assert kernels.chunk_columns(40, 1000, dtype) < 1000
@@ -163,16 +163,17 @@ def test_backward_memory_is_a_small_fraction_of_the_logits(dtype):
     The vocabulary walks stay few: at most 32 chunks, or twice what the CHUNK_BYTES cap
     needs (~300 chunks of 512 columns at 128K tokens x 152K vocabulary).
     """
-    from docqa_fast.kernels import linear_logprobs as kernels
+    from docqa_fast.kernels import losses as kernels
 
-    tiles = kernels.TILES[dtype]
+    tiles = kernels.default_tiles("losses_logits", dtype)
+    block_v, block_n = tiles["BLOCK_V"], tiles["BLOCK_N"]
     for n_rows, vocab, hidden_size in MEMORY_SIZES:
         where = f"N={n_rows}, V={vocab}, H={hidden_size}"
         logits = n_rows * vocab * dtype.itemsize
         columns = kernels.chunk_columns(n_rows, vocab, dtype)
-        assert columns % tiles.block_v == 0 and columns >= tiles.block_v, where
+        assert columns % block_v == 0 and columns >= block_v, where
         chunk = n_rows * columns * dtype.itemsize
-        one_tile = n_rows * tiles.block_v * dtype.itemsize
+        one_tile = n_rows * block_v * dtype.itemsize
         assert chunk <= max(one_tile, min(kernels.CHUNK_BYTES, logits // 16)), where
         chunks = triton.cdiv(vocab, columns)
         assert chunks <= 2 * max(16, triton.cdiv(logits, kernels.CHUNK_BYTES)), where
@@ -180,7 +181,7 @@ def test_backward_memory_is_a_small_fraction_of_the_logits(dtype):
         rows = kernels.hidden_rows_per_pass(n_rows, vocab, hidden_size, dtype)
         assert 0 < rows <= n_rows, where
         accumulator = 0 if dtype == torch.float32 else rows * hidden_size * 4  # fp32 sums into the gradient
-        assert accumulator <= max(tiles.block_n * hidden_size * 4, logits // 8), where
+        assert accumulator <= max(block_n * hidden_size * 4, logits // 8), where
         walks = triton.cdiv(n_rows, rows)
         # Later walks cover only their own rows, so their chunks are wider: each walk has about
         # as many chunks as the first, and the walks are few (H / V x 32 at most, in 16-bit).
@@ -199,7 +200,7 @@ def test_backward_in_row_groups(backend, dtype, device, frozen_weight):
     """
     n_rows, hidden_size, vocab = 150, 64, 300
     if backend == "triton" and dtype != torch.float32:
-        from docqa_fast.kernels import linear_logprobs as kernels
+        from docqa_fast.kernels import losses as kernels
 
         assert kernels.hidden_rows_per_pass(n_rows, vocab, hidden_size, dtype) < n_rows
     hidden, weight, b = random_head(n_rows, hidden_size, vocab, dtype, device, bias=True)
@@ -221,7 +222,7 @@ def test_fp32_long_reduction_over_hidden_is_compensated(device):
     GPU a single FMA chain over H loses it term by term. The kernel sums each block from
     zero and adds it with TwoSum: within the rule of PyTorch's (pairwise) fp32 sum.
     """
-    from docqa_fast.kernels import linear_logprobs as kernels
+    from docqa_fast.kernels import losses as kernels
 
     terms = long_sum_terms(8192, device)  # (8192,) fp32: 1, then tiny terms
     hidden = torch.stack([terms, terms.flip(0)])
@@ -235,18 +236,17 @@ def test_fp32_long_reduction_over_hidden_is_compensated(device):
 @pytest.mark.parametrize("role", ["d_weight", "d_hidden"])
 def test_fp32_long_reduction_in_backward_matmuls_is_compensated(device, role):
     """The backward matmuls' reductions (tokens for d_weight, a vocabulary chunk for d_hidden), fp32."""
-    from docqa_fast.kernels import linear_logprobs as kernels
+    from docqa_fast.kernels import losses as kernels
 
     terms = long_sum_terms(8192, device)
     grad = torch.stack([terms, terms.flip(0)], 1)  # (K, 2): K tokens (d_weight) or vocabulary columns
     other = torch.ones(8192, 16, device=device)  # hidden (d_weight) or the weight chunk (d_hidden)
     scale = torch.ones(1, device=device)
-    tiles = kernels.TILES[torch.float32]
     out = torch.zeros(2, 16, device=device)
     if role == "d_weight":  # G^T @ hidden: G given as the (tokens, columns) array
-        kernels._matmul(grad, other, out, scale, tiles, trans_a=True, accumulate=False)
+        kernels._matmul(grad, other, out, scale, trans_a=True, accumulate=False)
     else:  # G @ W[chunk] added to the fp32 accumulator
-        kernels._matmul(grad.T.contiguous(), other, out, scale, tiles, trans_a=False, accumulate=True)
+        kernels._matmul(grad.T.contiguous(), other, out, scale, trans_a=False, accumulate=True)
     exact = (grad.double().T @ other.double())
     plain = grad.sum(0)[:, None].expand(2, 16)  # PyTorch's pairwise fp32 sum of the same terms
     assert_close_by_rule(out, exact, plain, name=role)

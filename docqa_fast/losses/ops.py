@@ -10,7 +10,7 @@ coefficients of
     dL/dz_j = p_j (a + b log p_j) + c [j == label] + d
 
 and ``docqa_fast::linear_logit_stats_backward`` recomputes the logits tile by tile to apply
-them (kernels/linear_logprobs.py). Per-token upstream gradients of any shape and sign
+them (kernels/losses.py). Per-token upstream gradients of any shape and sign
 (``reduction="none"``) are therefore handled exactly, not assumed uniform.
 """
 
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import choose_backend
+from .._backend import Implementation, register_op
 from .._validation import (
     FLOAT_DTYPES,
     check_last_dim_contiguous,
@@ -32,7 +32,6 @@ from .._validation import (
 )
 from ..reference.losses import linear_logit_stats_backward_ref, linear_logit_stats_ref
 
-_IMPLEMENTED = ("triton",)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
@@ -98,18 +97,59 @@ def _empty_stats(hidden):
     return tuple(torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) for _ in range(4))
 
 
+def _stats_triton(hidden, weight, bias, labels, ignore_index, temperature):
+    from ..kernels import losses as kernels
+
+    return kernels.logit_stats(hidden, weight, bias, labels, ignore_index, temperature)
+
+
+def _stats_reference(hidden, weight, bias, labels, ignore_index, temperature):
+    return tuple(s.float().contiguous() if s.dtype != torch.float64 else s.contiguous()
+                 for s in linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index, temperature))
+
+
+def _stats_backward_triton(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature, need_hidden,
+                           need_weight, need_bias):
+    from ..kernels import losses as kernels
+
+    return kernels.logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature,
+                                        need_hidden, need_weight, need_bias)
+
+
+def _stats_backward_reference(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature, need_hidden,
+                              need_weight, need_bias):
+    d_hidden, d_weight, d_bias = linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs,
+                                                                 ignore_index, temperature)
+    # Unneeded gradients are fresh empty tensors: outputs of a custom op may not alias each other.
+    return (d_hidden.to(hidden.dtype) if need_hidden else hidden.new_empty(0),
+            d_weight.to(weight.dtype) if need_weight else weight.new_empty(0),
+            d_bias.to(weight.dtype) if need_bias else weight.new_empty(0))
+
+
+def _kernel_reason(hidden, *rest):
+    if hidden.dtype == torch.float64:  # reachable through the op itself, for gradcheck
+        return "the log-prob kernels take fp16/bf16/fp32, got float64"
+    return None
+
+
+LOGIT_STATS = register_op(
+    "linear_logit_stats",
+    Implementation("triton", _stats_triton, eligible=_kernel_reason),
+    Implementation("reference", _stats_reference),
+)
+LOGIT_STATS_BACKWARD = register_op(
+    "linear_logit_stats_backward",
+    Implementation("triton", _stats_backward_triton, eligible=_kernel_reason),
+    Implementation("reference", _stats_backward_reference),
+)
+
+
 @torch.library.custom_op("docqa_fast::linear_logit_stats", mutates_args=())
 def linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        labels: torch.Tensor, ignore_index: int, temperature: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, label_logit, sum_logits, entropy) of (hidden @ weight^T + bias) / T; hidden (N, H), labels (N,)."""
-    backend = choose_backend("linear_logit_stats", hidden.device, _IMPLEMENTED, hidden.dtype)
-    if backend == "reference":
-        return tuple(s.float().contiguous() if s.dtype != torch.float64 else s.contiguous()
-                     for s in linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index, temperature))
-    from ..kernels import linear_logprobs as kernels
-
-    return kernels.logit_stats(hidden, weight, bias, labels, ignore_index, temperature)
+    return LOGIT_STATS(hidden.device, hidden.dtype, hidden, weight, bias, labels, ignore_index, temperature)
 
 
 @linear_logit_stats.register_fake
@@ -123,18 +163,8 @@ def linear_logit_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias
                                 temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias) for dL/dz rows ``coefs`` (4, N); unneeded ones are empty."""
-    backend = choose_backend("linear_logit_stats", hidden.device, _IMPLEMENTED, hidden.dtype)
-    if backend == "triton":
-        from ..kernels import linear_logprobs as kernels
-
-        return kernels.logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature,
-                                            need_hidden, need_weight, need_bias)
-    d_hidden, d_weight, d_bias = linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs,
-                                                                 ignore_index, temperature)
-    # Unneeded gradients are fresh empty tensors: outputs of a custom op may not alias each other.
-    return (d_hidden.to(hidden.dtype) if need_hidden else hidden.new_empty(0),
-            d_weight.to(weight.dtype) if need_weight else weight.new_empty(0),
-            d_bias.to(weight.dtype) if need_bias else weight.new_empty(0))
+    return LOGIT_STATS_BACKWARD(hidden.device, hidden.dtype, hidden, weight, bias, labels, lse, coefs, ignore_index,
+                                temperature, need_hidden, need_weight, need_bias)
 
 
 @linear_logit_stats_backward.register_fake

@@ -36,48 +36,60 @@ zero in fp16; the matmuls multiply the scale back, exactly.
 fp32 inputs are computed as accurately as PyTorch computes them, on the GPU as under the
 interpreter: IEEE FMAs (``input_precision="ieee"``, no TF32); every reduction over a long
 axis (H in the logits, tokens or vocabulary in the backward matmuls) adds short K blocks,
-each a product from zero, with an error-free TwoSum (:func:`_mma`), where one sequential
+each a product from zero, with an error-free TwoSum (:func:`dot_accumulate`), where one sequential
 FMA chain over thousands of terms drifts by tens of ulps; exp is libdevice's (torch's expf,
 within 2 ulp) instead of ``ex2.approx`` of x log2(e), whose error grows with |x|; divisions
 are correctly rounded. fp16/bf16 keep the fast forms: tensor cores (HGMMA on sm_90)
 accumulating in place, ``ex2.approx``.
 """
 
-from dataclasses import dataclass
+import itertools
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from .exact_math import exact_div, exact_exp, dot_accumulate, dot_result
+from . import tuning
 from .registry import KernelConfig, pointer_type, register
 
-@dataclass(frozen=True)
-class Tiles:
-    """Block sizes and launch shape of every kernel for one input dtype."""
+# The built-in tiles, one entry per dtype, used where the GPU's tuned table (kernels/tuned/,
+# kernels/tuning.py) has none: "losses_logits" for the forward's and the backward's logits tiles
+# (BLOCK_N tokens x BLOCK_V vocabulary columns, the matmul over the hidden size in BLOCK_K steps),
+# "losses_matmul" for the backward's two matmuls (C tile BLOCK_M x BLOCK_N, K steps, L2 grouping).
+# They compile for sm_90 without spills, also unaligned; not yet measured. 16-bit: 64-row tiles
+# are the M of one warpgroup MMA (HGMMA); 8 warps split the 64 x 128 fp32 logits tile so the
+# online softmax state stays in registers; K steps of 32 keep the unaligned loads from spilling.
+# fp32 multiplies with IEEE FMAs (no tensor cores) on smaller tiles.
+LOGITS_PARAMS = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages")
+MATMUL_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+_LOGITS_TILES = {torch.float16: (64, 128, 32, 8, 4), torch.bfloat16: (64, 128, 32, 8, 4),
+                 torch.float32: (32, 64, 32, 8, 2)}
+_MATMUL_TILES = {torch.float16: (64, 128, 32, 8, 8, 4), torch.bfloat16: (64, 128, 32, 8, 8, 4),
+                 torch.float32: (32, 64, 32, 8, 8, 2)}
+tuning.declare("losses_logits", LOGITS_PARAMS)
+tuning.declare("losses_matmul", MATMUL_PARAMS)
 
-    block_n: int  # token rows of a logits tile
-    block_v: int  # vocabulary columns of a logits tile
-    block_k: int  # hidden features per step of the tile's matmul
-    mm_block_m: int  # the backward matmuls' C tile (M x N), K step and L2 grouping
-    mm_block_n: int
-    mm_block_k: int
-    num_warps: int
-    num_stages: int
-    mm_group_m: int = 8
+
+def tile_key(dtype) -> str:
+    return pointer_type(dtype)[1:]  # "bf16", "fp16", "fp32"
 
 
-# The heuristic, one entry per dtype (no autotuning; each entry compiles for sm_90 without
-# spills, also unaligned -- see the registered configs). 16-bit: 64-row tiles are the M of
-# one warpgroup MMA (HGMMA); 8 warps split the 64 x 128 fp32 logits tile so the online
-# softmax state and its temporaries stay in registers; K steps of 32 keep the unaligned
-# (per-element pointer) loads from spilling. fp32 multiplies with IEEE FMAs (no tensor
-# cores) on smaller tiles.
-TILES = {
-    torch.float16: Tiles(64, 128, 32, 64, 128, 32, num_warps=8, num_stages=4),
-    torch.bfloat16: Tiles(64, 128, 32, 64, 128, 32, num_warps=8, num_stages=4),
-    torch.float32: Tiles(32, 64, 32, 32, 64, 32, num_warps=8, num_stages=2),
-}
+def default_tiles(kernel: str, dtype) -> dict:
+    table, params = (_LOGITS_TILES, LOGITS_PARAMS) if kernel == "losses_logits" else (_MATMUL_TILES, MATMUL_PARAMS)
+    return dict(zip(params, table[dtype]))
+
+
+def tiles(kernel: str, dtype, device) -> dict:
+    """The tiles a launch of ``kernel`` on ``device`` uses (the tuned table's or the built-in ones)."""
+    return tuning.lookup(kernel, tile_key(dtype), default_tiles(kernel, dtype), device)
+
+
+def _launch(kernel: str, dtype, device, run):
+    """run(tiles) with the device's tiles; tuned ones that do not compile fall back to the built-in."""
+    return tuning.launch(kernel, tile_key(dtype), default_tiles(kernel, dtype), device, run)
+
+
 # Forward: split the vocabulary until about this many programs run (two waves on an H100's
 # 132 SMs), so short answers (few token blocks) still fill the GPU. A constant, not the
 # device's SM count, so results are bitwise the same on every device.
@@ -90,71 +102,6 @@ TARGET_PROGRAMS = 264
 CHUNK_BYTES = 128 << 20
 CHUNK_FRACTION = 16
 ACCUMULATOR_FRACTION = 8
-# The interpreter cannot call libdevice (extern functions raise there); it computes exp
-# with numpy's accurate one anyway. Fixed when this module is imported, as Triton decides
-# then whether a kernel is interpreted.
-_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def _mma(a, b, acc, err):
-    """One K block of ``acc += a @ b``; returns the new (acc, err). Finish with :func:`_mma_result`.
-
-    16-bit operands: tensor cores accumulate straight into ``acc`` (``err`` is unused and
-    compiled away). fp32 operands (IEEE FMAs, no TF32): the block's product starts from
-    zero -- a chain of only BLOCK_K FMAs -- and joins the running sum through TwoSum, whose
-    exact rounding error collects in ``err``. Without it ``tl.dot(a, b, acc)`` (and ``acc +=
-    tl.dot(a, b)``, which Triton rewrites into it) compiles to one sequential FMA chain over
-    the whole reduction: every step rounds at the running sum's magnitude and the errors
-    add up (~sqrt(K) ulps at random, up to K / 2 when they share a sign), where cuBLAS
-    splits K or reduces in trees. The interpreter (a numpy matmul per block) never showed
-    it; fp32 results on the H200 failed the tolerance rule. Cost: 7 adds per K block of 32 FMAs.
-    """
-    if a.dtype == tl.float32:
-        part = tl.dot(a, b, input_precision="ieee")
-        total = acc + part
-        part_rounded = total - acc
-        err += (acc - (total - part_rounded)) + (part - part_rounded)
-        return total, err
-    else:
-        return tl.dot(a, b, acc), err
-
-
-@triton.jit
-def _mma_result(acc, err, ACCURATE: tl.constexpr):
-    """The sum :func:`_mma` accumulated: acc + err for fp32 operands (ACCURATE), acc otherwise.
-
-    An overflowed sum makes TwoSum's error NaN (inf - inf); the sum then stands alone.
-    """
-    if ACCURATE:
-        return tl.where(err == err, acc + err, acc)
-    else:
-        return acc
-
-
-@triton.jit
-def _exp(x, ACCURATE: tl.constexpr):
-    """exp(x). ACCURATE (fp32 inputs): libdevice's expf, as torch computes it.
-
-    ``tl.exp`` is ``ex2.approx(x * log2(e))``: rounding the product costs |x| x 2^-24 of
-    relative error (tens of ulps for probabilities far below the max), which expf avoids by
-    splitting log2(e) in two and reducing the argument first.
-    """
-    if ACCURATE and not _INTERPRETED:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _div(a, b, ACCURATE: tl.constexpr):
-    """a / b, correctly rounded when ACCURATE (Triton's ``/`` is div.full.f32: up to 2 ulp)."""
-    if ACCURATE:
-        return tl.math.div_rn(a, b)
-    else:
-        return a / b
-
-
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv, inv_temperature,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -169,10 +116,10 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, 
         k_ok = ks < H - k
         h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc, err = _mma(h, w, acc, err)
+        acc, err = dot_accumulate(h, w, acc, err)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = _mma_result(acc, err, h_ptr.dtype.element_ty == tl.float32)
+    acc = dot_result(acc, err, h_ptr.dtype.element_ty == tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
@@ -213,9 +160,9 @@ def logit_stats_kernel(
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
                          inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = _exp(m - m_new, ACCURATE)
+        alpha = exact_exp(m - m_new, ACCURATE)
         shifted = z - m_new[:, None]
-        e = _exp(shifted, ACCURATE)  # 0 in masked columns
+        e = exact_exp(shifted, ACCURATE)  # 0 in masked columns
         # Rescale t to the new max: sum e^(z-m)(z-m_new) = alpha * (t + s (m - m_new)).
         t = alpha * (t + s * (m - m_new)) + tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
@@ -230,7 +177,7 @@ def logit_stats_kernel(
     tl.store(out, m + log_s, mask=row_ok)
     tl.store(out + plane, label_logit, mask=row_ok)
     tl.store(out + 2 * plane, sum_logits, mask=row_ok)
-    tl.store(out + 3 * plane, log_s - _div(t, s, ACCURATE), mask=row_ok)
+    tl.store(out + 3 * plane, log_s - exact_div(t, s, ACCURATE), mask=row_ok)
 
 
 @triton.jit
@@ -259,10 +206,10 @@ def logits_grad_kernel(
     c = tl.load(coef_ptr + 2 * N + rows, mask=row_ok, other=0.0)
     d = tl.load(coef_ptr + 3 * N + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    inv_scale = _div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
+    inv_scale = exact_div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
 
     # Masked columns: p = exp(-inf) = 0, and log p is set to 0 so no 0 * inf arises.
-    p = _exp(z - lse[:, None], ACCURATE)
+    p = exact_exp(z - lse[:, None], ACCURATE)
     log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
     grad = p * (a[:, None] + b[:, None] * log_p)
     is_label = (cols[None, :] == labels[:, None]) & (labels != ignore_index)[:, None]
@@ -310,13 +257,13 @@ def scaled_matmul_kernel(
         k_ok = rk < K - k
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc, err = _mma(a, b, acc, err)
+        acc, err = dot_accumulate(a, b, acc, err)
         if TRANS_A:
             a_ptrs += BLOCK_K * stride_a.to(tl.int64)
         else:
             a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk.to(tl.int64)
-    acc = _mma_result(acc, err, a_ptr.dtype.element_ty == tl.float32) * tl.load(scale_ptr)
+    acc = dot_result(acc, err, a_ptr.dtype.element_ty == tl.float32) * tl.load(scale_ptr)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     c_ok = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -326,10 +273,10 @@ def scaled_matmul_kernel(
 
 # ------------------------------------------------------------------------------ launchers
 
-def _vocab_splits(n_rows: int, vocab: int, tiles: Tiles) -> tuple[int, int]:
+def _vocab_splits(n_rows: int, vocab: int, block_n: int, block_v: int) -> tuple[int, int]:
     """(tiles per split, number of splits): enough programs for TARGET_PROGRAMS, whole tiles each."""
-    vocab_tiles = triton.cdiv(vocab, tiles.block_v)
-    wanted = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, tiles.block_n))))
+    vocab_tiles = triton.cdiv(vocab, block_v)
+    wanted = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, block_n))))
     per_split = triton.cdiv(vocab_tiles, wanted)
     return per_split, triton.cdiv(vocab_tiles, per_split)
 
@@ -337,11 +284,6 @@ def _vocab_splits(n_rows: int, vocab: int, tiles: Tiles) -> tuple[int, int]:
 def _bias_arg(bias, weight):
     # Triton needs a pointer even when HAS_BIAS is off; the weight is never read through it.
     return (bias, True) if bias is not None else (weight, False)
-
-
-def _tile_args(tiles: Tiles) -> dict:
-    return {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_K": tiles.block_k,
-            "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
 
 def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float):
@@ -352,18 +294,22 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    tiles = TILES[hidden.dtype]
-    per_split, n_splits = _vocab_splits(n_rows, vocab, tiles)
-    parts = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=hidden.device)
-    if n_rows:
-        bias_ptr, has_bias = _bias_arg(bias, weight)
-        logit_stats_kernel[(triton.cdiv(n_rows, tiles.block_n), n_splits)](
-            hidden, weight, bias_ptr, labels, parts,
-            n_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), ignore_index, 1.0 / temperature,
-            per_split, HAS_BIAS=has_bias, **_tile_args(tiles),
-        )
+
+    def run(t):
+        per_split, n_splits = _vocab_splits(n_rows, vocab, t["BLOCK_N"], t["BLOCK_V"])
+        parts = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=hidden.device)
+        if n_rows:
+            bias_ptr, has_bias = _bias_arg(bias, weight)
+            logit_stats_kernel[(triton.cdiv(n_rows, t["BLOCK_N"]), n_splits)](
+                hidden, weight, bias_ptr, labels, parts,
+                n_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), ignore_index, 1.0 / temperature,
+                per_split, HAS_BIAS=has_bias, **t,
+            )
+        return parts
+
+    parts = _launch("losses_logits", hidden.dtype, hidden.device, run)
     split_lse, label_logit, sum_logits, split_entropy = parts.unbind(0)
-    if n_splits == 1:  # separate tensors, not views of one buffer (a custom op's outputs may not alias)
+    if parts.shape[1] == 1:  # separate tensors, not views of one buffer (a custom op's outputs may not alias)
         return split_lse[0].clone(), label_logit[0].clone(), sum_logits[0].clone(), split_entropy[0].clone()
     lse = torch.logsumexp(split_lse, dim=0)
     # Split s holds probability mass pi_s = exp(lse_s - lse); H = sum pi_s (H_s + lse - lse_s).
@@ -372,34 +318,37 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
     return lse, label_logit.sum(0), sum_logits.sum(0), entropy
 
 
-def _matmul(a, b, c, scale, tiles: Tiles, *, trans_a: bool, accumulate: bool) -> None:
+def _matmul(a, b, c, scale, *, trans_a: bool, accumulate: bool) -> None:
     """c (+)= scale * (a @ b); with trans_a, ``a`` is given as the (K, M) array to transpose."""
     k, m = a.shape if trans_a else a.shape[::-1]
     n = b.shape[1]
     if m == 0 or n == 0:
         return
-    grid = (triton.cdiv(m, tiles.mm_block_m) * triton.cdiv(n, tiles.mm_block_n),)
-    scaled_matmul_kernel[grid](
-        a, b, c, scale, m, n, k, a.stride(0), b.stride(0), c.stride(0),
-        TRANS_A=trans_a, ACCUMULATE=accumulate, BLOCK_M=tiles.mm_block_m, BLOCK_N=tiles.mm_block_n,
-        BLOCK_K=tiles.mm_block_k, GROUP_M=tiles.mm_group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+
+    def run(t):
+        grid = (triton.cdiv(m, t["BLOCK_M"]) * triton.cdiv(n, t["BLOCK_N"]),)
+        scaled_matmul_kernel[grid](a, b, c, scale, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+                                   TRANS_A=trans_a, ACCUMULATE=accumulate, **t)
+
+    _launch("losses_matmul", a.dtype, a.device, run)
 
 
-def chunk_columns(n_rows: int, vocab: int, dtype: torch.dtype, total_rows: int | None = None) -> int:
+def chunk_columns(n_rows: int, vocab: int, dtype: torch.dtype, total_rows: int | None = None,
+                  block_v: int | None = None) -> int:
     """Vocabulary columns per backward chunk of dL/dlogits for ``n_rows`` tokens.
 
-    Whole tiles, as many as fit in min(CHUNK_BYTES, 1/CHUNK_FRACTION of the call's logits:
-    ``total_rows`` (default ``n_rows``) x ``vocab`` in ``dtype``) but at least one tile, then
-    spread evenly over the chunks that takes (no narrow last chunk). Below the CHUNK_BYTES
-    cap that is at most 2 x CHUNK_FRACTION chunks, however small the call.
+    Whole tiles of ``block_v`` columns (the logits tiles'; by default the built-in ones), as
+    many as fit in min(CHUNK_BYTES, 1/CHUNK_FRACTION of the call's logits: ``total_rows``
+    (default ``n_rows``) x ``vocab`` in ``dtype``) but at least one tile, then spread evenly
+    over the chunks that takes (no narrow last chunk). Below the CHUNK_BYTES cap that is at
+    most 2 x CHUNK_FRACTION chunks, however small the call.
     """
-    block_v = TILES[dtype].block_v
+    block_v = block_v or default_tiles("losses_logits", dtype)["BLOCK_V"]
     total_rows = n_rows if total_rows is None else total_rows
     budget = min(CHUNK_BYTES, total_rows * vocab * dtype.itemsize // CHUNK_FRACTION)
     vocab_tiles = triton.cdiv(vocab, block_v)
-    tiles = min(vocab_tiles, max(1, budget // max(1, n_rows * block_v * dtype.itemsize)))
-    return triton.cdiv(vocab_tiles, triton.cdiv(vocab_tiles, tiles)) * block_v
+    count = min(vocab_tiles, max(1, budget // max(1, n_rows * block_v * dtype.itemsize)))
+    return triton.cdiv(vocab_tiles, triton.cdiv(vocab_tiles, count)) * block_v
 
 
 def hidden_rows_per_pass(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
@@ -412,7 +361,7 @@ def hidden_rows_per_pass(n_rows: int, vocab: int, hidden_size: int, dtype: torch
     """
     if dtype == torch.float32:
         return n_rows
-    block_n = TILES[dtype].block_n
+    block_n = default_tiles("losses_logits", dtype)["BLOCK_N"]
     fit = n_rows * vocab * dtype.itemsize // ACCUMULATOR_FRACTION // (hidden_size * 4) // block_n * block_n
     return min(n_rows, max(block_n, fit))
 
@@ -426,26 +375,30 @@ def _walk_vocabulary(hidden, weight, bias, labels, lse, coefs, scale, out_scale,
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    tiles = TILES[hidden.dtype]
-    columns = chunk_columns(n_rows, vocab, hidden.dtype, total_rows)
+    block_v = tiles("losses_logits", hidden.dtype, hidden.device)["BLOCK_V"]
+    columns = chunk_columns(n_rows, vocab, hidden.dtype, total_rows, block_v)
     grad = torch.empty((n_rows, columns), dtype=hidden.dtype, device=hidden.device)
     bias_ptr, has_bias = _bias_arg(bias, weight)
     for v_start in range(0, vocab, columns):
         v_end = min(vocab, v_start + columns)
         width = v_end - v_start
-        logits_grad_kernel[(triton.cdiv(n_rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
-            hidden, weight, bias_ptr, labels, lse, coefs, scale, grad,
-            n_rows, hidden_size, hidden.stride(0), weight.stride(0), grad.stride(0), v_start, v_end,
-            ignore_index, 1.0 / temperature, HAS_BIAS=has_bias, **_tile_args(tiles),
-        )
+
+        def run(t):
+            logits_grad_kernel[(triton.cdiv(n_rows, t["BLOCK_N"]), triton.cdiv(width, t["BLOCK_V"]))](
+                hidden, weight, bias_ptr, labels, lse, coefs, scale, grad,
+                n_rows, hidden_size, hidden.stride(0), weight.stride(0), grad.stride(0), v_start, v_end,
+                ignore_index, 1.0 / temperature, HAS_BIAS=has_bias, **t,
+            )
+
+        _launch("losses_logits", hidden.dtype, hidden.device, run)
         chunk = grad[:, :width]
         if d_weight is not None:  # d_weight[chunk] = G^T @ hidden: every token in one fp32 accumulator
-            _matmul(chunk, hidden, d_weight[v_start:v_end], out_scale, tiles, trans_a=True, accumulate=False)
+            _matmul(chunk, hidden, d_weight[v_start:v_end], out_scale, trans_a=True, accumulate=False)
         if d_bias is not None:
             d_bias[v_start:v_end] = chunk.sum(0, dtype=torch.float32) * out_scale
         if d_hidden is not None:  # d_hidden += G @ W[chunk], accumulated over the chunks in fp32
-            _matmul(chunk[:d_hidden.shape[0]], weight[v_start:v_end], d_hidden, out_scale, tiles,
-                    trans_a=False, accumulate=True)
+            _matmul(chunk[:d_hidden.shape[0]], weight[v_start:v_end], d_hidden, out_scale, trans_a=False,
+                    accumulate=True)
 
 
 def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index: int, temperature: float,
@@ -524,33 +477,41 @@ def _configs():
                         "stride_hn", "stride_wv", "stride_gn"),
         "scaled_matmul": ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_a", "stride_bk", "stride_cm"),
     }
-    for dtype, tiles in TILES.items():
+    for dtype in _LOGITS_TILES:
         ptr = pointer_type(dtype)
         # fp32 multiplies in IEEE fp32 on purpose (exact against the fp32 reference): no tensor cores.
-        common = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
-                  "uses_tensor_cores": dtype != torch.float32}
-        tile_constexprs = {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_K": tiles.block_k}
-        tile_name = f"{tiles.block_n}x{tiles.block_v}x{tiles.block_k}"
-        mm_constexprs = {"BLOCK_M": tiles.mm_block_m, "BLOCK_N": tiles.mm_block_n, "BLOCK_K": tiles.mm_block_k,
-                         "GROUP_M": tiles.mm_group_m}
-        mm_name = f"{tiles.mm_block_m}x{tiles.mm_block_n}x{tiles.mm_block_k}"
-        for alignment in ("aligned", "unaligned"):
+        for alignment, logits in itertools.product(("aligned", "unaligned"), _choices("losses_logits", dtype)):
+            name = "{BLOCK_N}x{BLOCK_V}x{BLOCK_K}w{num_warps}s{num_stages}".format(**logits)
+            launch = {"num_warps": logits["num_warps"], "num_stages": logits["num_stages"],
+                      "uses_tensor_cores": dtype != torch.float32}
+            constexprs = {k: logits[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K")}
             for has_bias in (False, True):
                 for kind, fn, signature in (("logit_stats", logit_stats_kernel, stats_signature),
                                             ("logits_grad", logits_grad_kernel, grad_signature)):
                     yield KernelConfig(
-                        name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''},{tile_name},{alignment}]", fn=fn,
+                        name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''},{name},{alignment}]", fn=fn,
                         signature={arg: ptr if t == "IN" else t for arg, t in signature.items()},
-                        constexprs={"HAS_BIAS": has_bias, **tile_constexprs},
-                        divisible_by_16=aligned[kind] if alignment == "aligned" else (), **common)
+                        constexprs={"HAS_BIAS": has_bias, **constexprs},
+                        divisible_by_16=aligned[kind] if alignment == "aligned" else (), **launch)
+        for alignment, mm in itertools.product(("aligned", "unaligned"), _choices("losses_matmul", dtype)):
+            name = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}g{GROUP_M}w{num_warps}s{num_stages}".format(**mm)
+            launch = {"num_warps": mm["num_warps"], "num_stages": mm["num_stages"],
+                      "uses_tensor_cores": dtype != torch.float32}
+            constexprs = {k: mm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
             # d_weight: A = G^T, C in the weight's dtype; d_hidden: C = the fp32 accumulator.
             for role, trans_a, accumulate, out in (("d_weight", True, False, ptr), ("d_hidden", False, True, "*fp32")):
                 yield KernelConfig(
-                    name=f"scaled_matmul[{ptr[1:]},{role},{mm_name},{alignment}]", fn=scaled_matmul_kernel,
+                    name=f"scaled_matmul[{ptr[1:]},{role},{name},{alignment}]", fn=scaled_matmul_kernel,
                     signature={arg: ptr if t == "IN" else out if t == "OUT" else t
                                for arg, t in matmul_signature.items()},
-                    constexprs={"TRANS_A": trans_a, "ACCUMULATE": accumulate, **mm_constexprs},
-                    divisible_by_16=aligned["scaled_matmul"] if alignment == "aligned" else (), **common)
+                    constexprs={"TRANS_A": trans_a, "ACCUMULATE": accumulate, **constexprs},
+                    divisible_by_16=aligned["scaled_matmul"] if alignment == "aligned" else (), **launch)
+
+
+def _choices(kernel, dtype):
+    """The built-in tiles and every sm90 table's, for the compile check."""
+    choices = [default_tiles(kernel, dtype)]
+    return choices + [t for t in tuning.tables_choices(kernel, tile_key(dtype)) if t not in choices]
 
 
 register(_configs())
