@@ -1,4 +1,4 @@
-"""Benchmark suite of docqa_fast: every op beside its peers, on the workloads of WORKLOADS.md.
+"""Benchmark suite of docqa_fast: every op beside its peers, on the workloads README.md's Benchmarks table names.
 
 Run it two ways (from the repository root):
 

@@ -21,7 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR "
                                                          "(several: SUBSTR,SUBSTR,...)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="output folder (default: benchmarks/results/<device-slug>/)")
+                        help="output folder (default: benchmarks/results/<device-slug>/ on a GPU, committed; "
+                             "benchmarks/results/local/cpu/ on a CPU, not committed)")
     parser.add_argument("--no-hopper-report", action="store_true",
                         help="skip the static sm_90 compile report of the Triton kernels")
     parser.add_argument("--list", action="store_true", help="list the selected cases and their providers, then exit")
@@ -44,7 +45,10 @@ def main(argv=None) -> int:
 
     device = harness.default_device()
     env = report.environment(device)
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / env["device_slug"]
+    # GPU results are committed; CPU runs (the development machines) show the suite working,
+    # not speed, so they go to an ignored folder.
+    results = Path(__file__).resolve().parent / "results"
+    out_dir = args.out or (results / env["device_slug"] if device.type == "cuda" else results / "local" / "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{env['device']} | torch {env['torch']} | Triton {env['triton']} | {len(cases)} cases -> {out_dir}")
     for name, status in env["backends"].items():

@@ -1,6 +1,6 @@
 """Benchmarks of training attention (docqa_fast.flash_attn_func / flash_attn_varlen_func).
 
-Cases (docs WORKLOADS.md): the LLM shape (28 query / 4 KV heads, D 128; and Mistral's 32/8)
+Cases (README.md, Benchmarks): the LLM shape (28 query / 4 KV heads, D 128; and Mistral's 32/8)
 at S = 1K ... 128K with B*S = 16K tokens (B = 1 from 16K on), causal and not; packed
 documents (4-32 documents of 2K-32K tokens in one varlen row, causal); the ViT shape
 (16 heads, D 80, non-causal, varlen over images of 4,800 patches). Each in three modes:

@@ -1,6 +1,6 @@
 """Benchmarks of fused linear log-probs and preference losses (docqa_fast.losses).
 
-Shapes (docs WORKLOADS.md): N = 8K / 32K / 128K tokens through the LM head of Qwen2.5-VL-7B
+Shapes (README.md, Benchmarks): N = 8K / 32K / 128K tokens through the LM head of Qwen2.5-VL-7B
 (hidden 3584, vocabulary 152,064) and of Mistral-7B (hidden 4096, vocabulary 32,000), bf16;
 DPO on chosen + rejected answers of 2K / 8K tokens each through Qwen's head. Forward alone
 and forward + backward (d hidden, d weight). Providers:

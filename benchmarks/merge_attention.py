@@ -1,6 +1,6 @@
 """Benchmarks of merging partial attention results by log-sum-exp (docqa_fast.merge_attention).
 
-Shapes (docs WORKLOADS.md, Qwen2.5-VL-7B):
+Shapes (Qwen2.5-VL-7B; README.md, Benchmarks):
 
 * ``ring_pair``: ring attention merges two partial results per step; B=1, S = 8K/32K/128K,
   28 heads, D=128 (``merge_attention_states``).

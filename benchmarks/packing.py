@@ -1,6 +1,6 @@
 """Benchmarks of visual-token packing (docqa_fast.packing) against what a user runs today.
 
-Shapes (docs WORKLOADS.md, Qwen2.5-VL-7B): pages of grid (1, 60, 80) ViT patches = 1,200
+Shapes (Qwen2.5-VL-7B; README.md, Benchmarks): pages of grid (1, 60, 80) ViT patches = 1,200
 LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pages.
 
 * ``rope_index``: ``get_rope_index`` vs transformers' own (``Qwen2_5_VLModel.get_rope_index``,

@@ -1,6 +1,6 @@
 """Benchmarks of reward-ensemble scoring (docqa_fast.reward).
 
-Shapes (docs WORKLOADS.md): B pairs (2B sequences: chosen and rejected) of S tokens, hidden
+Shapes (README.md, Benchmarks): B pairs (2B sequences: chosen and rejected) of S tokens, hidden
 3584 (Qwen2.5-VL-7B), K heads, bf16, right-padded with random lengths. Providers:
 
 * ``docqa_fast[triton]``: the fused gather + K heads + statistics kernel (+ its backward);

@@ -268,12 +268,3 @@ def dispatch_log():
     finally:
         _LOGS.remove(log)
 
-
-def choose_backend(op: str, device: torch.device, implemented: tuple[str, ...],
-                   dtype: torch.dtype | None = None, *, cpu_twin: bool = False) -> str:
-    """Transitional: the name-only choice of ops not yet in the table ("cuda" = the extension)."""
-    names = tuple(_ALIASES.get(b, b) for b in implemented)
-    table = Op(op, tuple(Implementation(b, None, cpu=cpu_twin and b == "extension") for b in names)
-               + (Implementation("reference", None),))
-    backend = table.decide(device, dtype, ())[0].backend
-    return "cuda" if backend == "extension" else backend

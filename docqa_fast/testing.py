@@ -1,6 +1,6 @@
 """Test helpers shared by every op family: flash-attn's tolerance rule.
 
-The rule (DESIGN.md, Numerics): a kernel's max error against an exact (fp64) computation is
+The rule (README.md, "Numerics and testing rule"): a kernel's max error against an exact (fp64) computation is
 at most ``factor`` times the max error of the same computation done in plain PyTorch at the
 kernel's precision -- 2x for forward outputs, 2-3x for gradients. NaN never passes, and
 infinities must sit in the same places with the same sign.
