@@ -114,12 +114,19 @@ def naive_dpo(weight, hidden_c, hidden_r, labels_c, labels_r, ref_c, ref_r):
     return -F.logsigmoid(BETA * margin).mean()
 
 
-def _liger_unavailable(device):
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger_kernel is not installed"
-    if device.type != "cuda":
-        return "Liger-Kernel runs on CUDA only"
-    return None
+def _cuda_peer_unavailable(module: str, name: str):
+    """Why a CUDA-only peer package cannot run here, or None."""
+    def check(device):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        if device.type != "cuda":
+            return f"{name} runs on CUDA only"
+        return None
+
+    return check
+
+
+_liger_unavailable = _cuda_peer_unavailable("liger_kernel", "Liger-Kernel")
 
 
 def _liger_ce():
@@ -141,14 +148,6 @@ def _liger_dpo():
     return run
 
 
-def _cce_unavailable(device):
-    if importlib.util.find_spec("cut_cross_entropy") is None:
-        return "cut_cross_entropy is not installed"
-    if device.type != "cuda":
-        return "Cut Cross-Entropy runs on CUDA only"
-    return None
-
-
 def _cce_ce():
     from cut_cross_entropy import linear_cross_entropy as cce
 
@@ -159,7 +158,7 @@ def _cce_ce():
 def _providers(ours, naive, liger_build, grads_of, backward, cce_build=None):
     wrap = (lambda fn: _with_backward(fn, grads_of)) if backward else (lambda fn: fn)
     liger = Provider("liger", build=lambda: wrap(liger_build()), unavailable=_liger_unavailable)
-    peers = [Provider("cut_cross_entropy", build=lambda: wrap(cce_build()), unavailable=_cce_unavailable)] \
+    peers = [Provider("cut_cross_entropy", build=lambda: wrap(cce_build()), unavailable=_cuda_peer_unavailable("cut_cross_entropy", "Cut Cross-Entropy"))] \
         if cce_build else []
     return (*ours_per_backend(wrap(ours), backends=("triton", "reference")), eager_provider(wrap(naive)),
             compiled_provider(wrap(naive)), liger, *peers)

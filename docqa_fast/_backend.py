@@ -241,6 +241,19 @@ class Op:
         return f"{self.name} on {device.type} {str(dtype).removeprefix('torch.')}: {impl.backend} ({why})"
 
 
+def dtype_rule(what: str, dtypes, note: str = "") -> Callable[..., str | None]:
+    """An eligibility rule: the implementation takes its first argument in ``dtypes`` only."""
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    names = "/".join(short.get(d, str(d)) for d in dtypes)
+
+    def eligible(first, *rest):
+        if first.dtype not in dtypes:
+            return f"{what} take {names}, got {first.dtype}{note}"
+        return None
+
+    return eligible
+
+
 OPS: dict[str, Op] = {}
 _LOGS: list[list] = []
 

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ._backend import dtype_rule
 from ._validation import (
     FLOAT_DTYPES,
     check_last_dim_contiguous,
@@ -96,12 +97,9 @@ def check_num_splits(num_splits) -> int:
     return num_splits
 
 
-def kernel_dtype_reason(q) -> str | None:
-    """Why the attention kernels cannot compute a call on ``q``'s dtype (an eligibility rule of
-    the dispatch table), or None."""
-    if q.dtype not in KERNEL_DTYPES:
-        return f"the attention kernels take fp16/bf16, got {q.dtype} (fp32 runs on the reference path)"
-    return None
+# Why the attention kernels cannot compute a call on q's dtype (an eligibility rule of the
+# dispatch table, for training and inference alike), or None.
+kernel_dtype_reason = dtype_rule("the attention kernels", KERNEL_DTYPES, " (fp32 runs on the reference path)")
 
 
 def value_checks_allowed(t: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import Implementation, register_op
+from .._backend import Implementation, dtype_rule, register_op
 from .._validation import (
     FLOAT_DTYPES,
     check_last_dim_contiguous,
@@ -126,20 +126,18 @@ def _stats_backward_reference(hidden, weight, bias, labels, lse, coefs, ignore_i
             d_bias.to(weight.dtype) if need_bias else weight.new_empty(0))
 
 
-def _kernel_reason(hidden, *rest):
-    if hidden.dtype == torch.float64:  # reachable through the op itself, for gradcheck
-        return "the log-prob kernels take fp16/bf16/fp32, got float64"
-    return None
+# fp64 reaches the ops themselves (gradcheck): the reference computes it.
+_KERNEL_DTYPES = dtype_rule("the log-prob kernels", (torch.float16, torch.bfloat16, torch.float32))
 
 
 LOGIT_STATS = register_op(
     "linear_logit_stats",
-    Implementation("triton", _stats_triton, eligible=_kernel_reason),
+    Implementation("triton", _stats_triton, eligible=_KERNEL_DTYPES),
     Implementation("reference", _stats_reference),
 )
 LOGIT_STATS_BACKWARD = register_op(
     "linear_logit_stats_backward",
-    Implementation("triton", _stats_backward_triton, eligible=_kernel_reason),
+    Implementation("triton", _stats_backward_triton, eligible=_KERNEL_DTYPES),
     Implementation("reference", _stats_backward_reference),
 )
 

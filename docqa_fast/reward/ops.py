@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import Implementation, register_op
+from .._backend import Implementation, dtype_rule, register_op
 from .._validation import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -167,20 +167,18 @@ def _heads_backward_triton(hidden, seq_index, token_index, weight, grad_rewards)
     return grad_rows, grad_weight
 
 
-def _kernel_reason(hidden, *rest):
-    if hidden.dtype == torch.float64:  # reachable through the op itself, for gradcheck
-        return "the reward kernels take fp16/bf16/fp32, got float64"
-    return None
+# fp64 reaches the ops themselves (gradcheck): the reference computes it.
+_KERNEL_DTYPES = dtype_rule("the reward kernels", (torch.float16, torch.bfloat16, torch.float32))
 
 
 REWARD_HEADS = register_op(
     "reward_heads",
-    Implementation("triton", _heads_triton, eligible=_kernel_reason),
+    Implementation("triton", _heads_triton, eligible=_KERNEL_DTYPES),
     Implementation("reference", _heads_reference),
 )
 REWARD_HEADS_BACKWARD = register_op(
     "reward_heads_backward",
-    Implementation("triton", _heads_backward_triton, eligible=_kernel_reason),
+    Implementation("triton", _heads_backward_triton, eligible=_KERNEL_DTYPES),
     Implementation("reference", _heads_backward_reference),
 )
 
