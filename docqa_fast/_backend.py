@@ -196,12 +196,21 @@ class Op:
         return tuple(self._by_backend)
 
     def _order(self, device) -> list[Implementation]:
-        """The preference order for ``device``: a tuned table's for this GPU, or the registered one."""
+        """The preference order for ``device``: a tuned table's for this GPU, or the registered one
+        (also while torch.compile traces a call that dispatches in Python: no file reads there)."""
+        if torch.compiler.is_compiling():
+            return list(self.implementations)
         from .kernels import tuning
 
-        preferred = tuning.dispatch_order(self.name, device) or ()
+        preferred = [_ALIASES.get(b, b) for b in tuning.dispatch_order(self.name, device) or ()]
         first = [self._by_backend[b] for b in preferred if b in self._by_backend]
         return first + [i for i in self.implementations if i not in first]
+
+    @staticmethod
+    def _reason(impl, device, dtype, args) -> str | None:
+        """Why ``impl`` cannot run this call: the call's own rule first (it needs no machine
+        state, so it also decides while torch.compile traces), then availability here."""
+        return (impl.eligible and impl.eligible(*args)) or unavailable_reason(impl.backend, device, dtype)
 
     def decide(self, device, dtype, args) -> tuple[Implementation, str]:
         """(the implementation that runs this call, why)."""
@@ -211,7 +220,7 @@ class Op:
             if impl is None:
                 raise RuntimeError(f"{BACKEND_ENV}={forced}: {self.name} has no {forced} implementation "
                                    f"(it has: {', '.join(self.backends)})")
-            reason = unavailable_reason(forced, device, dtype) or (impl.eligible and impl.eligible(*args))
+            reason = self._reason(impl, device, dtype, args)
             if reason:
                 raise RuntimeError(f"{BACKEND_ENV}={forced} cannot run {self.name} on {device.type} tensors: {reason}")
             return impl, f"forced by {BACKEND_ENV}={forced}"
@@ -222,7 +231,7 @@ class Op:
             if device.type != "cuda" and not impl.cpu:
                 skipped.append(f"{impl.backend}: not this op's path for {device.type} tensors")
                 continue
-            reason = unavailable_reason(impl.backend, device, dtype) or (impl.eligible and impl.eligible(*args))
+            reason = self._reason(impl, device, dtype, args)
             if reason:
                 skipped.append(f"{impl.backend}: {reason}")
                 continue
@@ -279,5 +288,6 @@ def dispatch_log():
     try:
         yield log
     finally:
-        _LOGS.remove(log)
+        # By identity: an outer log may hold equal entries.
+        del _LOGS[next(i for i, active in enumerate(_LOGS) if active is log)]
 

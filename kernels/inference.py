@@ -321,7 +321,7 @@ def rotate_queries(q, cos, sin, cache_seqlens, per_token: bool, interleaved: boo
         rotate_queries_kernel[(triton.cdiv(rows, block_r),)](
             q, cos, sin, cache_seqlens, out, rows, seqlen_q, heads, cos.shape[1], cos.stride(0),
             q.stride(0), q.stride(1), q.stride(2), HEAD_DIM=head_dim, PER_TOKEN=bool(per_token),
-            INTERLEAVED=bool(interleaved), BLOCK_R=block_r, BLOCK_D=block_d(head_dim), num_warps=4,
+            INTERLEAVED=bool(interleaved), BLOCK_R=block_r, BLOCK_D=block_d(head_dim), num_warps=4, num_stages=1,
         )
     return out
 

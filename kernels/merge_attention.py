@@ -30,6 +30,8 @@ BLOCK_D_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
 # fp16 when rows are aligned, and few enough per-element pointers to never spill when not.
 TILE_ELEMENTS = 2048
 NUM_WARPS = 4
+# Tiles in flight per loop (the stacked merge walks its parts): launched and registered alike.
+NUM_STAGES = 3
 
 
 @triton.jit
@@ -185,7 +187,7 @@ def merge_pair(out_a, lse_a, out_b, lse_b, out, lse_out) -> None:
             S, H, D, n_rows,
             out_a.stride(0), out_a.stride(1), out_a.stride(2), *lse_a.stride(),
             out_b.stride(0), out_b.stride(1), out_b.stride(2), *lse_b.stride(),
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=NUM_STAGES,
         )
 
     _launch(D, out.device, run)
@@ -204,7 +206,7 @@ def merge_stacked(outs, lses, out, lse_out) -> None:
             outs, lses, out, lse_out,
             n_parts, S, H, D, n_rows,
             *outs.stride()[:4], *lses.stride(),
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=NUM_STAGES,
         )
 
     _launch(D, out.device, run)
@@ -245,7 +247,7 @@ def _configs():
                     fn=fn,
                     signature={arg: ptr if t == "OUT" else t for arg, t in signature.items()},
                     constexprs={"BLOCK_R": tiles["BLOCK_R"], "BLOCK_D": block_d},
-                    num_warps=tiles["num_warps"],
+                    num_warps=tiles["num_warps"], num_stages=NUM_STAGES,
                     divisible_by_16=aligned[kind] if alignment == "aligned" else (),
                 )
 

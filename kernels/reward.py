@@ -42,6 +42,8 @@ BACKWARD_BLOCK_H = 64
 FP32_FORWARD_BLOCK_H = 32
 FP32_BACKWARD_BLOCK_H = 32
 NUM_WARPS = 4
+# Pipeline depth of both kernels' loops: launched and registered alike.
+NUM_STAGES = 3
 
 
 @triton.jit
@@ -51,7 +53,9 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.jit
+# K is never compiled as a constant: the statistics convert it to fp32 (K.to), which a constant
+# 1 (one head: Triton specialises an int argument equal to 1) does not have.
+@triton.jit(do_not_specialize=("K",))
 def reward_heads_forward_kernel(
     x_ptr, row_offsets_ptr, w_ptr, bias_ptr, rewards_ptr, mean_ptr, var_ptr, min_ptr,
     B, H, K,
@@ -163,7 +167,8 @@ def forward(x, row_offsets, weight, bias, rewards, mean, var, minimum) -> None:
     def run(t):
         reward_heads_forward_kernel[(triton.cdiv(B, t["BLOCK_B"]),)](
             x, row_offsets, weight, bias if bias is not None else weight, rewards, mean, var, minimum,
-            B, H, K, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_K=_head_tile(K), **t,
+            B, H, K, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_K=_head_tile(K),
+            num_stages=NUM_STAGES, **t,
         )
 
     tuning.launch("reward_forward", tile_key(x.dtype, K), default_tiles("reward_forward", x.dtype), x.device, run)
@@ -177,7 +182,7 @@ def backward(x, row_offsets, weight, grad_rewards, grad_rows, grad_weight) -> No
     def run(t):
         reward_heads_backward_kernel[(triton.cdiv(H, t["BLOCK_H"]),)](
             x, row_offsets, weight, grad_rewards, grad_rows, grad_weight,
-            B, H, K, IEEE=x.dtype == torch.float32, BLOCK_K=_head_tile(K), **t,
+            B, H, K, IEEE=x.dtype == torch.float32, BLOCK_K=_head_tile(K), num_stages=NUM_STAGES, **t,
         )
 
     tuning.launch("reward_backward", tile_key(x.dtype, K), default_tiles("reward_backward", x.dtype), x.device,
@@ -209,7 +214,8 @@ def _configs():
                                    "BLOCK_H": "constexpr", "BLOCK_K": "constexpr"},
                         constexprs={"HAS_BIAS": has_bias, "IEEE": not tensor_cores, "BLOCK_B": tiles["BLOCK_B"],
                                     "BLOCK_H": tiles["BLOCK_H"], "BLOCK_K": block_k},
-                        num_warps=tiles["num_warps"], uses_tensor_cores=tensor_cores, divisible_by_16=divisible,
+                        num_warps=tiles["num_warps"], num_stages=NUM_STAGES, uses_tensor_cores=tensor_cores,
+                        divisible_by_16=divisible,
                     )
             for tiles in _choices("reward_backward", dtype, block_k):
                 yield KernelConfig(
@@ -222,7 +228,8 @@ def _configs():
                                "BLOCK_K": "constexpr"},
                     constexprs={"IEEE": not tensor_cores, "BLOCK_B": tiles["BLOCK_B"], "BLOCK_H": tiles["BLOCK_H"],
                                 "BLOCK_K": block_k},
-                    num_warps=tiles["num_warps"], uses_tensor_cores=tensor_cores, divisible_by_16=divisible,
+                    num_warps=tiles["num_warps"], num_stages=NUM_STAGES, uses_tensor_cores=tensor_cores,
+                        divisible_by_16=divisible,
                 )
 
 

@@ -112,7 +112,8 @@ def nearest_table(arch: str, version: tuple[int, int] | None = None, directory: 
     tables = table_files(directory).get(arch, [])
     if not tables:
         return None
-    distance = lambda item: (abs(item[0][0] - version[0]), abs(item[0][1] - version[1]), -item[0][1])  # noqa: E731
+    distance = lambda item: (abs(item[0][0] - version[0]), abs(item[0][1] - version[1]),  # noqa: E731
+                             (-item[0][0], -item[0][1]))
     return min(tables, key=distance)[1]
 
 
@@ -154,7 +155,10 @@ def _dispatch_section(path: str) -> dict:
 def dispatch_order(op: str, device) -> tuple[str, ...] | None:
     """The backends a tuned table prefers for ``op`` on ``device`` (its ``dispatch`` section,
     written from measurements such as cuDNN attention beating ours on a GPU), or None."""
-    path = active_table_path(device)
+    try:
+        path = active_table_path(device)
+    except ImportError:  # no Triton here: no table applies, whatever the extension can run
+        return None
     return _dispatch_section(path).get(op) if path else None
 
 
@@ -186,6 +190,8 @@ def _active_path(arch: str | None, setting: str) -> str | None:
 def active_table_path(device) -> str | None:
     """The table a launch on ``device`` reads, or None (built-in defaults)."""
     setting = os.environ.get(TABLE_ENV, "").strip()
+    if setting.lower() == "off" or re.fullmatch(r"(?i)sm\d+", setting):
+        setting = setting.lower()
     # A setting names the table itself: the device's architecture is not asked for.
     return _active_path(None if setting else device_arch(device), setting)
 

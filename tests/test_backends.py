@@ -171,3 +171,29 @@ def test_every_public_op_is_in_the_table():
     for op in ("merge_attention_states", "merge_stacked_attention_states", "get_rope_index", "merge_visual_tokens",
                "merge_visual_tokens_backward", "pack_tokens", "plan_packing"):
         assert table[op][-1] == "reference", op
+
+
+def test_dispatch_logs_nest():
+    with docqa_fast.dispatch_log() as outer:
+        _op()(CPU, torch.float32)
+        with docqa_fast.dispatch_log() as inner:
+            _op()(CPU, torch.float32)
+        _op()(CPU, torch.float32)
+    assert len(outer) == 3 and len(inner) == 1
+    _op()(CPU, torch.float32)
+    assert len(outer) == 3 and len(inner) == 1 and not _backend._LOGS
+
+
+def test_eligibility_is_asked_before_availability():
+    """A call's own rule decides first: under torch.compile the machine-state checks (importing
+    the extension, reading table files) must not be traced for an implementation that is out."""
+    asked = []
+    op = Op("o", (Implementation("extension", lambda: "extension", eligible=lambda: "not for this call", cpu=True),
+                  Implementation("reference", lambda: "reference")))
+    original = _backend.unavailable_reason
+    try:
+        _backend.unavailable_reason = lambda *a: asked.append(a) or original(*a)
+        assert op(CPU, torch.float32) == "reference"
+    finally:
+        _backend.unavailable_reason = original
+    assert not asked

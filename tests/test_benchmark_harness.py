@@ -164,11 +164,11 @@ def test_cuda_rows_appear_with_the_reason_when_the_extension_is_missing(no_exten
     assert "| docqa_fast[extension] | skipped: extension not built: test |" in report.case_table(record)
 
 
-def test_planner_cuda_row_forces_the_extension():
+def test_planner_extension_row_forces_the_extension():
     # The planner's row used to be unforced: without the extension it timed the Python fallback.
     case = next(c for c in harness.collect_cases(quick=True, filter="packing/planner"))
     provider = next(p for p in case.providers if p.name == "docqa_fast[extension]")
-    assert provider.env == {"DOCQA_FAST_BACKEND": "cuda"} and provider.ours
+    assert provider.env == {"DOCQA_FAST_BACKEND": "extension"} and provider.ours
 
 
 # --------------------------------------------------------------------- attention peers

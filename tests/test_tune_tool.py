@@ -74,10 +74,35 @@ def test_a_current_choice_that_no_longer_builds_does_not_stop_the_sweep():
 
 
 def test_time_budget_leaves_candidates_unmeasured():
+    lines = []
     entry = tune.sweep(_fake_tunable(lambda block_r, x: x.clone()), CPU, quick=False, deadline=0.0,
-                       log=lambda _: None)
-    assert {c["status"] for c in entry["candidates"]} == {"not measured: time budget spent"}
-    assert entry["tiles"] == {"BLOCK_R": 16, "num_warps": 4}  # nothing measured: the current choice stays
+                       log=lines.append)
+    assert entry is None  # nothing measured: the table keeps what it had
+    assert lines[0].count("not measured: time budget spent") == 5
+
+
+def test_a_wrong_row_or_an_unwritten_output_is_rejected():
+    """Rounding is judged per element against its row: a tile that zeroes the tail rows of an
+    attention output, or leaves a preallocated output unwritten, cannot pass."""
+    out = torch.empty(8, 64).half()
+
+    def behaviour(block_r, x):
+        if block_r == 32:  # writes nothing: what the previous candidate left stays in the buffer
+            return out
+        out.copy_(x[:8])
+        if block_r == 8:  # the last rows computed wrong (zero), the rest exact
+            out[6:] = 0
+        return out
+
+    entry = tune.sweep(_fake_tunable(behaviour), CPU, quick=False, log=lambda _: None)
+    status = {c["tiles"]["BLOCK_R"]: c["status"] for c in entry["candidates"] if c["tiles"]["num_warps"] == 4}
+    assert status[16] == "ok" and status[64] == "ok"
+    assert status[8].startswith("rejected: output 0: differs by")
+    assert status[32].startswith("rejected: output 0: NaN")
+    x = torch.randn(64, 64).half()
+    wrong = x.clone()
+    wrong[48:] = 0
+    assert "differs" in tune.same_up_to_rounding([wrong], [x])
 
 
 def test_same_up_to_rounding():
@@ -108,15 +133,15 @@ def test_command_line_writes_a_table_the_launchers_can_read(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("index", range(len(tune_cases.tunables())),
-                         ids=[f"{t.kernel}[{t.key}]" for t in tune_cases.tunables()])
+                         ids=[f"{t.kernel}[{t.key_for(CPU)}]" for t in tune_cases.tunables()])
 def test_every_tunable_builds_and_runs(index):
     """What a GPU run would sweep must not fail there for a reason the CPU can show: each
     tunable's inputs, its launch with the current tiles, and the precompile worker's path."""
     tunable = tune_cases.tunables()[index]
-    assert tune._precompile_one(tunable.family, index - _family_start(tunable.family), tunable.default,
+    assert tune._precompile_one(tunable.family, index - _family_start(tunable.family), tunable.default_for(CPU),
                                 True) == "ok"
     state = tunable.setup(CPU, True)
-    outputs = tune._outputs(tunable.run(state))
+    outputs = tune._tensors(tunable.run(state))
     assert outputs and all(torch.isfinite(o.float()).any() for o in outputs)
     assert state.work > 0 and state.shape
 

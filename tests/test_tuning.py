@@ -73,6 +73,9 @@ def test_nearest_triton_version_of_the_same_architecture(tmp_path):
     assert tuning.nearest_table("sm90", (3, 5), tmp_path).name == "sm90-triton3.6.json"  # equally near: newer
     assert tuning.nearest_table("sm90", (3, 3), tmp_path).name == "sm90-triton3.4.json"
     assert tuning.nearest_table("sm100", (3, 8), tmp_path) is None
+    for version in ((2, 6), (4, 6)):
+        _write_table(tmp_path, "sm89", version, {})
+    assert tuning.nearest_table("sm89", (3, 6), tmp_path).name == "sm89-triton4.6.json"  # equally near: newer
 
 
 def test_cpu_tensors_use_defaults_unless_a_table_is_forced(monkeypatch):
@@ -81,7 +84,9 @@ def test_cpu_tensors_use_defaults_unless_a_table_is_forced(monkeypatch):
     monkeypatch.setenv(tuning.TABLE_ENV, "sm90")
     assert tuning.lookup("attention_forward", "D=128,tma", default, CPU) == _tiles(128, 128, 8, 3)
     assert tuning.lookup("attention_forward", "D=96", default, CPU) == default  # not in the table
-    monkeypatch.setenv(tuning.TABLE_ENV, "off")
+    monkeypatch.setenv(tuning.TABLE_ENV, "SM90")
+    assert tuning.lookup("attention_forward", "D=128,tma", default, CPU) == _tiles(128, 128, 8, 3)
+    monkeypatch.setenv(tuning.TABLE_ENV, "OFF")
     assert tuning.lookup("attention_forward", "D=128,tma", default, CPU) == default
     monkeypatch.setenv(tuning.TABLE_ENV, "fastest please")
     with pytest.raises(ValueError, match=tuning.TABLE_ENV):

@@ -66,24 +66,32 @@ def _sync(device):
 
 def same_up_to_rounding(got, want) -> str | None:
     """None when every output of a candidate equals the current choice's up to rounding, else why
-    not. Rounding: a different accumulation order moves a result by a few units of the output
-    dtype's last place relative to the tensor's largest value; a wrong tile (a mask or bound
-    bug) moves it by whole units, or leaves NaN."""
+    not. Rounding, element by element: a few units of the output dtype's last place relative to
+    the element plus its row's largest value (its last dimension: an attention row, a gradient
+    row), since another accumulation order moves a small element by the rounding of the large
+    terms it came from. A wrong tile (a mask or bound bug) moves elements by whole units, leaves
+    a row unwritten (NaN: sweep fills the outputs with NaN first) or zero."""
+    if len(got) != len(want):
+        return f"{len(got)} outputs instead of {len(want)}"
     for index, (a, b) in enumerate(zip(got, want)):
         if a.shape != b.shape:
             return f"output {index}: shape {tuple(a.shape)} instead of {tuple(b.shape)}"
         a64, b64 = a.double(), b.double()
         if not torch.equal(torch.isnan(a64), torch.isnan(b64)) or not torch.equal(torch.isinf(a64), torch.isinf(b64)):
             return f"output {index}: NaN or infinities in other places"
-        finite = torch.isfinite(b64)
-        if not finite.any():
+        if b64.numel() == 0:
             continue
-        scale = b64[finite].abs().max().item()
-        error = (a64 - b64)[finite].abs().max().item()
-        eps = torch.finfo(a.dtype).eps if a.dtype.is_floating_point else 0.0
-        allowed = 8 * max(eps, 2.0 ** -20) * max(scale, 1e-30)
-        if error > allowed:
-            return f"output {index}: differs by {error:.3g} (allowed {allowed:.3g} at magnitude {scale:.3g})"
+        finite = torch.isfinite(b64)
+        magnitude = torch.where(finite, b64.abs(), 0.0)
+        rows = magnitude.reshape(-1, magnitude.shape[-1]) if magnitude.dim() else magnitude.reshape(1, 1)
+        row_max = rows.amax(-1, keepdim=True).expand_as(rows).reshape(magnitude.shape)
+        eps = max(torch.finfo(a.dtype).eps, 2.0 ** -20) if a.dtype.is_floating_point else 0.0
+        allowed = 4 * eps * (magnitude + row_max)
+        error = torch.where(finite, (a64 - b64).abs(), 0.0)
+        worst = int((error - allowed).argmax())
+        if error.flatten()[worst] > allowed.flatten()[worst]:
+            return (f"output {index}: differs by {error.flatten()[worst].item():.3g} at element {worst} "
+                    f"(allowed {allowed.flatten()[worst].item():.3g})")
     return None
 
 
@@ -94,17 +102,27 @@ def _status_of(exc: BaseException) -> str:
     return f"skipped: {kind}: {name}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
 
 
-def _outputs(value) -> list[torch.Tensor]:
+def _tensors(value) -> list[torch.Tensor]:
     values = value if isinstance(value, (tuple, list)) else [value]
-    return [t.detach().clone() for t in values if isinstance(t, torch.Tensor)]
+    return [t for t in values if isinstance(t, torch.Tensor)]
 
 
-def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=print) -> dict:
-    """Measure every candidate of one tunable; return its table entry (without writing it)."""
+def _poison(tensors) -> None:
+    """NaN into preallocated outputs, so a candidate that leaves part of them unwritten cannot
+    pass with the previous candidate's values."""
+    for t in tensors:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+
+
+def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=print) -> dict | None:
+    """Measure every candidate of one tunable; return its table entry (without writing it), or
+    None when no candidate could be measured (the table keeps what it had)."""
     state = tunable.setup(device, quick)
-    current = tuning.lookup(tunable.kernel, tunable.key, tunable.default, device)
+    key = tunable.key_for(device)
+    current = tuning.lookup(tunable.kernel, key, tunable.default_for(device), device)
     candidates = [current] + [c for c in tunable.candidates(quick) if c != current]
-    results, reference = [], None
+    results, reference, written = [], None, []
     for tiles in candidates:
         record = {"tiles": tiles}
         results.append(record)
@@ -112,8 +130,10 @@ def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=pr
             record["status"] = "not measured: time budget spent"
             continue
         try:
-            with tuning.override(tunable.kernel, tunable.key, tiles):
-                outputs = _outputs(tunable.run(state))
+            with tuning.override(tunable.kernel, key, tiles):
+                _poison(written)
+                written = _tensors(tunable.run(state))
+                outputs = [t.detach().clone() for t in written]
                 # The first candidate that runs (the current choice, unless it no longer builds)
                 # gives the outputs every other candidate must reproduce.
                 why = None if reference is None else same_up_to_rounding(outputs, reference)
@@ -126,16 +146,18 @@ def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=pr
             record["status"] = _status_of(exc)
             continue
         record.update(status="ok", ms=round(ms, 5), value=round(tunable.value(state, ms), 3))
+    results[0]["note"] = "current"
     measured = [r for r in results if r["status"] == "ok"]
-    best = min(measured, key=lambda r: r["ms"]) if measured else results[0]
-    best["note"] = "chosen"
-    results[0]["note"] = (results[0].get("note", "") + " current").strip()
-    log(format_entry(tunable, results))
+    log(format_entry(tunable, key, results))
+    if not measured:
+        return None
+    best = min(measured, key=lambda r: r["ms"])
+    best["note"] = ("chosen " + best.get("note", "")).strip()
     return {"tiles": best["tiles"], "shape": state.shape, "metric": tunable.metric, "candidates": results}
 
 
-def format_entry(tunable, results) -> str:
-    lines = [f"{tunable.kernel}[{tunable.key}]  ({tunable.metric})"]
+def format_entry(tunable, key, results) -> str:
+    lines = [f"{tunable.kernel}[{key}]  ({tunable.metric})"]
     for r in results:
         tiles = ", ".join(f"{k}={v}" for k, v in r["tiles"].items())
         figure = f"{r['ms']:9.4f} ms {r['value']:9.2f}" if r["status"] == "ok" else f"  {r['status']}"
@@ -151,7 +173,7 @@ def _precompile_one(family: str, index: int, tiles: dict, quick: bool) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         state = tunable.setup(device, quick)
-        with tuning.override(tunable.kernel, tunable.key, tiles):
+        with tuning.override(tunable.kernel, tunable.key_for(device), tiles):
             tunable.run(state)
         _sync(device)
         return "ok"
@@ -198,7 +220,11 @@ def write_table(path: Path, device, entries: dict, argv) -> dict:
         "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())},
     })
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    # Written beside and moved in one step: a run stopped mid-write must not leave the table
+    # every launch reads half written.
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(partial, path)
     return data
 
 
@@ -210,6 +236,9 @@ def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, ar
     path = out / tuning.table_name(device_arch(device), tuning.triton_version())
     entries: dict[str, dict] = {}
     for family in families:
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"[{family}] not tuned: time budget spent")
+            continue
         tunables = tune_cases.tunables([family])
         if device.type == "cuda":
             started = time.monotonic()
@@ -219,9 +248,13 @@ def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, ar
         with contextlib.ExitStack() as chosen:  # each choice stays in force for the family's next variants
             for tunable in tunables:
                 entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log)
-                entries.setdefault(tunable.kernel, {})[tunable.key] = entry
-                chosen.enter_context(tuning.override(tunable.kernel, tunable.key, entry["tiles"]))
-        write_table(path, device, entries, argv)  # after every family: a cut-short run keeps what it measured
+                if entry is None:
+                    continue
+                key = tunable.key_for(device)
+                entries.setdefault(tunable.kernel, {})[key] = entry
+                chosen.enter_context(tuning.override(tunable.kernel, key, entry["tiles"]))
+        if entries:
+            write_table(path, device, entries, argv)  # after every family: a cut-short run keeps what it measured
     tuning.reload()
     log(f"wrote {path}")
     return path

@@ -34,8 +34,8 @@ class State:
 class Tunable:
     family: str
     kernel: str  # the kernels.tuning kernel name
-    key: str  # the variant's table key
-    default: dict  # the built-in tiles
+    key: str | Callable[[torch.device], str]  # the variant's table key (a function of the device when it
+    default: dict | Callable[[torch.device], dict]  # names the dtype, which the interpreter cannot run in bf16)
     unit: str  # "TFLOP/s" or "GB/s"
     what: str  # what one run does, for the table's metric
     setup: Callable[[torch.device, bool], State]
@@ -45,6 +45,12 @@ class Tunable:
     @property
     def metric(self) -> str:
         return f"{self.unit} of {self.what}"
+
+    def key_for(self, device) -> str:
+        return self.key(device) if callable(self.key) else self.key
+
+    def default_for(self, device) -> dict:
+        return self.default(device) if callable(self.default) else self.default
 
     def candidates(self, quick: bool) -> list[dict]:
         from ..kernels import tuning
@@ -291,12 +297,13 @@ def _losses_tunables():
     from ..kernels import losses as kernels
 
     def tunable(kernel, what, setup, run, candidates):
-        dtype = torch.bfloat16
-        return Tunable("losses", kernel, kernels.tile_key(dtype), kernels.default_tiles(kernel, dtype), "TFLOP/s",
-                       what, setup, run, candidates)
+        return Tunable("losses", kernel, lambda device: kernels.tile_key(_dtype(device)),
+                       lambda device: kernels.default_tiles(kernel, _dtype(device)), "TFLOP/s", what, setup, run,
+                       candidates)
 
     return [
         # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages)
+        # Timed on the forward; the backward's logits-gradient tiles are the same entry.
         tunable("losses_logits", "the fused forward (logits tiles, online log-sum-exp)", _losses_setup,
                 _losses_forward, ((64, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
                                   (128, 64, 32, 8, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2))),
@@ -344,9 +351,9 @@ def _reward_tunables():
     from ..kernels import reward as kernels
 
     def tunable(kernel, what, run, candidates):
-        dtype = torch.bfloat16
-        return Tunable("reward", kernel, kernels.tile_key(dtype, 8), kernels.default_tiles(kernel, dtype), "GB/s",
-                       what, _reward_setup, run, candidates)
+        return Tunable("reward", kernel, lambda device: kernels.tile_key(_dtype(device), 8),
+                       lambda device: kernels.default_tiles(kernel, _dtype(device)), "GB/s", what, _reward_setup, run,
+                       candidates)
 
     # (BLOCK_B, BLOCK_H, num_warps)
     return [

@@ -197,6 +197,7 @@ def _delta(dout, out, lse, grad_lse, varlen):
         flat_out, flat_dout, g, delta, tokens, seqlen, flat_out.stride(0), flat_out.stride(1),
         flat_dout.stride(0), flat_dout.stride(1), *g_strides, *_lse_strides(delta, varlen),
         HEAD_DIM=head_dim, HAS_GRAD_LSE=grad_lse is not None, BLOCK_T=block_t, BLOCK_D=block_d(head_dim),
+        num_warps=4, num_stages=1,  # no loop: nothing to pipeline (as registered)
     )
     return delta
 

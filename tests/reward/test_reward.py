@@ -366,3 +366,19 @@ def test_bad_options_name_the_argument():
         docqa_fast.plackett_luce_loss(torch.randn(2, 3), torch.tensor([[0, 1, 1], [2, 1, 0]]))
     with pytest.raises(ValueError, match="ranks of shape"):
         docqa_fast.all_pairs_ranking_loss(torch.randn(2, 3), torch.tensor([[0, 1], [1, 0]]))
+
+
+def test_one_head_compiles_for_the_gpu():
+    """Triton compiles an int argument equal to 1 as a constant unless told not to; the forward's
+    statistics call K.to(...), which a constant lacks, so one head failed to compile for sm_90
+    (the interpreter never specialises; reproduced by compiling with K = 1 as a constant). K
+    must stay a run-time value: read the kernel's flags in a process without the interpreter."""
+    import subprocess
+    import sys
+
+    code = ("from docqa_fast.kernels import reward\n"
+            "flags = {p.name: p.do_not_specialize for p in reward.reward_heads_forward_kernel.params}\n"
+            "print(flags['K'])\n")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
