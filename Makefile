@@ -28,7 +28,10 @@ GPU_OUT ?= gpu-run
 $(SETUP_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(DEPS)
+	@# Only what is missing: a machine with everything already (the GPU box, which has no
+	@# network) must not need pip to reach an index.
+	missing="$$($(PY) -c 'import importlib.util, sys; print(" ".join(d for d in sys.argv[1:] if importlib.util.find_spec(d.replace("-", "_")) is None))' $(DEPS))"; \
+	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
 	touch $@
 
 # Editable install: builds docqa_fast._C in place (C++ always, CUDA when nvcc is found).
