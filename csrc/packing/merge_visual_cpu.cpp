@@ -3,7 +3,7 @@
 // then copies each tile's rows: the CUDA kernels' steps, with the same functions (merge_visual.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
+#include "messages.h"
 
 #include <cstring>
 #include <vector>
@@ -26,29 +26,29 @@ namespace {
 
 void check_merge_args(const char* op, const at::Tensor& rows_in, const at::Tensor& ids, const at::Tensor& token_ids,
                       const at::Tensor& visual, const at::Tensor& rows_out) {
-  TORCH_CHECK_VALUE(rows_in.dim() == 2 && rows_in.is_contiguous(), op, ": expected contiguous (N, H) rows");
-  TORCH_CHECK_VALUE(visual.dim() == 2 && visual.is_contiguous() && visual.size(1) == rows_in.size(1), op,
+  DOCQA_CHECK_VALUE(rows_in.dim() == 2 && rows_in.is_contiguous(), op, ": expected contiguous (N, H) rows");
+  DOCQA_CHECK_VALUE(visual.dim() == 2 && visual.is_contiguous() && visual.size(1) == rows_in.size(1), op,
                     ": expected contiguous (V, H) visual rows with H = ", rows_in.size(1));
-  TORCH_CHECK_TYPE(visual.scalar_type() == rows_in.scalar_type(), op, ": expected one dtype for all rows");
+  DOCQA_CHECK_TYPE(visual.scalar_type() == rows_in.scalar_type(), op, ": expected one dtype for all rows");
   // The CUDA kernel copies rows in 16-, 4- or 2-byte words: 1- and 8-byte elements would not fit them.
   const auto dtype = rows_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+  DOCQA_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
                    ": expected float16, bfloat16 or float32 rows, got ", dtype);
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
+  DOCQA_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
                    ": expected input_ids of dtype int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == rows_in.size(0) && ids.is_contiguous(), op,
+  DOCQA_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == rows_in.size(0) && ids.is_contiguous(), op,
                     ": expected input_ids as a contiguous (N,) tensor with N = ", rows_in.size(0));
-  TORCH_CHECK_TYPE(token_ids.scalar_type() == at::kLong, op, ": expected token_ids of dtype int64");
-  TORCH_CHECK_VALUE(token_ids.dim() == 1 && token_ids.numel() >= 1 && token_ids.is_contiguous(), op,
+  DOCQA_CHECK_TYPE(token_ids.scalar_type() == at::kLong, op, ": expected token_ids of dtype int64");
+  DOCQA_CHECK_VALUE(token_ids.dim() == 1 && token_ids.numel() >= 1 && token_ids.is_contiguous(), op,
                     ": expected token_ids as a non-empty contiguous 1-D tensor");
-  TORCH_CHECK_VALUE(rows_out.sizes() == rows_in.sizes() && rows_out.is_contiguous() &&
+  DOCQA_CHECK_VALUE(rows_out.sizes() == rows_in.sizes() && rows_out.is_contiguous() &&
                         rows_out.scalar_type() == rows_in.scalar_type(),
                     op, ": expected a contiguous output shaped like the input rows");
   for (const at::Tensor* t : {&ids, &token_ids, &visual, &rows_out})
-    TORCH_CHECK_VALUE(t->device() == rows_in.device(), op, ": expected every tensor on ", rows_in.device());
-  TORCH_CHECK_VALUE(rows_in.device().is_cpu() || rows_in.device().is_cuda(), op, ": expected CPU or CUDA tensors");
+    DOCQA_CHECK_VALUE(t->device() == rows_in.device(), op, ": expected every tensor on ", rows_in.device());
+  DOCQA_CHECK_VALUE(rows_in.device().is_cpu() || rows_in.device().is_cuda(), op, ": expected CPU or CUDA tensors");
 #if !defined(DOCQA_FAST_WITH_CUDA)
-  TORCH_CHECK_VALUE(!rows_in.is_cuda(), op, ": docqa_fast._C was built without CUDA kernels");
+  DOCQA_CHECK_VALUE(!rows_in.is_cuda(), op, ": docqa_fast._C was built without CUDA kernels");
 #endif
 }
 

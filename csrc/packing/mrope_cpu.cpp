@@ -3,7 +3,7 @@
 // mrope.h (summarise, scan with combine, walk), so testing it on CPU tests the kernels' logic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
+#include "messages.h"
 
 #include <vector>
 
@@ -109,24 +109,24 @@ std::vector<at::Tensor> mrope_position_ids(const at::Tensor& mm_token_type_ids, 
   constexpr const char* op = "mrope_position_ids";
   const auto type_dtype = mm_token_type_ids.scalar_type(), mask_dtype = attention_mask.scalar_type();
   const auto device = mm_token_type_ids.device();
-  TORCH_CHECK_VALUE(mm_token_type_ids.dim() == 2 && (type_dtype == at::kLong || type_dtype == at::kInt), op,
+  DOCQA_CHECK_VALUE(mm_token_type_ids.dim() == 2 && (type_dtype == at::kLong || type_dtype == at::kInt), op,
                     ": expected mm_token_type_ids as a 2-D int32 or int64 tensor");
-  TORCH_CHECK_VALUE(attention_mask.sizes() == mm_token_type_ids.sizes() &&
+  DOCQA_CHECK_VALUE(attention_mask.sizes() == mm_token_type_ids.sizes() &&
                         (mask_dtype == at::kBool || mask_dtype == at::kLong || mask_dtype == at::kInt),
                     op, ": expected a bool, int32 or int64 attention_mask shaped like mm_token_type_ids");
   for (const at::Tensor* g : {&image_grid_thw, &video_grid_thw})
-    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(1) == 3 && g->scalar_type() == at::kLong, op,
+    DOCQA_CHECK_VALUE(g->dim() == 2 && g->size(1) == 3 && g->scalar_type() == at::kLong, op,
                       ": expected grids as (n, 3) int64 tensors");
-  TORCH_CHECK_VALUE(video_steps.dim() == 1 && video_steps.scalar_type() == at::kDouble &&
+  DOCQA_CHECK_VALUE(video_steps.dim() == 1 && video_steps.scalar_type() == at::kDouble &&
                         video_steps.size(0) >= video_grid_thw.size(0),
                     op, ": expected video_steps as float64 with one entry per video grid");
   for (const at::Tensor* t : {&attention_mask, &image_grid_thw, &video_grid_thw, &video_steps})
-    TORCH_CHECK_VALUE(t->device() == device, op, ": expected every tensor on ", device, ", got one on ", t->device());
-  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": expected CPU or CUDA tensors, got ", device);
+    DOCQA_CHECK_VALUE(t->device() == device, op, ": expected every tensor on ", device, ", got one on ", t->device());
+  DOCQA_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": expected CPU or CUDA tensors, got ", device);
 #if !defined(DOCQA_FAST_WITH_CUDA)
-  TORCH_CHECK_VALUE(device.is_cpu(), op, ": docqa_fast._C was built without CUDA kernels");
+  DOCQA_CHECK_VALUE(device.is_cpu(), op, ": docqa_fast._C was built without CUDA kernels");
 #endif
-  TORCH_CHECK_VALUE(spatial_merge_size >= 1, op, ": expected spatial_merge_size >= 1");
+  DOCQA_CHECK_VALUE(spatial_merge_size >= 1, op, ": expected spatial_merge_size >= 1");
   const at::Tensor types = mm_token_type_ids.contiguous();
   const at::Tensor keep = attention_mask.contiguous();
   const at::Tensor images = image_grid_thw.contiguous(), videos = video_grid_thw.contiguous();

@@ -2,7 +2,7 @@
 // CUDA kernel; both write every token through pack_token() of pack_tokens.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
+#include "messages.h"
 
 #include <vector>
 
@@ -21,21 +21,21 @@ namespace {
 
 void check_field(const at::Tensor& t, const char* name, size_t d, at::ScalarType dtype, int64_t length,
                  const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "pack_tokens: expected ", name, "[", d, "] of dtype ", dtype, ", got ",
+  DOCQA_CHECK_TYPE(t.scalar_type() == dtype, "pack_tokens: expected ", name, "[", d, "] of dtype ", dtype, ", got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.is_contiguous(), "pack_tokens: expected ", name, "[", d,
+  DOCQA_CHECK_VALUE(t.dim() == 1 && t.size(0) == length && t.is_contiguous(), "pack_tokens: expected ", name, "[", d,
                     "] as a contiguous (", length, ",) tensor, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == device, "pack_tokens: expected ", name, "[", d, "] on ", device, ", got ",
+  DOCQA_CHECK_VALUE(t.device() == device, "pack_tokens: expected ", name, "[", d, "] on ", device, ", got ",
                     t.device());
 }
 
 void check_output(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
                   const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "pack_tokens: expected ", name, " of dtype ", dtype, ", got ",
+  DOCQA_CHECK_TYPE(t.scalar_type() == dtype, "pack_tokens: expected ", name, " of dtype ", dtype, ", got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape && t.is_contiguous(), "pack_tokens: expected a contiguous ", name,
+  DOCQA_CHECK_VALUE(t.sizes() == shape && t.is_contiguous(), "pack_tokens: expected a contiguous ", name,
                     " of shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == device, "pack_tokens: expected ", name, " on ", device, ", got ", t.device());
+  DOCQA_CHECK_VALUE(t.device() == device, "pack_tokens: expected ", name, " on ", device, ", got ", t.device());
 }
 
 }  // namespace
@@ -45,14 +45,14 @@ void pack_tokens(const std::vector<at::Tensor>& ids, const std::vector<at::Tenso
                  const at::Tensor& ids_out, const at::Tensor& labels_out, const at::Tensor& types_out,
                  const at::Tensor& positions_out) {
   const size_t n = ids.size();
-  TORCH_CHECK_VALUE(n >= 1, "pack_tokens: expected at least one document");
-  TORCH_CHECK_VALUE(labels.size() == n && types.size() == n && mrope.size() == n, "pack_tokens: expected ", n,
+  DOCQA_CHECK_VALUE(n >= 1, "pack_tokens: expected at least one document");
+  DOCQA_CHECK_VALUE(labels.size() == n && types.size() == n && mrope.size() == n, "pack_tokens: expected ", n,
                     " labels, types and mrope tensors (one per document), got ", labels.size(), ", ", types.size(),
                     " and ", mrope.size());
   const at::Device device = ids_out.device();
-  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "pack_tokens: expected CPU or CUDA tensors, got ", device);
+  DOCQA_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "pack_tokens: expected CPU or CUDA tensors, got ", device);
 #if !defined(DOCQA_FAST_WITH_CUDA)
-  TORCH_CHECK_VALUE(device.is_cpu(), "pack_tokens: docqa_fast._C was built without CUDA kernels");
+  DOCQA_CHECK_VALUE(device.is_cpu(), "pack_tokens: docqa_fast._C was built without CUDA kernels");
 #endif
   std::vector<packing::DocSource> docs(n);
   int64_t total = 0;
@@ -61,8 +61,8 @@ void pack_tokens(const std::vector<at::Tensor>& ids, const std::vector<at::Tenso
     check_field(ids[d], "ids", d, at::kLong, L, device);
     check_field(labels[d], "labels", d, at::kLong, L, device);
     check_field(types[d], "types", d, at::kInt, L, device);
-    TORCH_CHECK_TYPE(mrope[d].scalar_type() == at::kLong, "pack_tokens: expected mrope[", d, "] of dtype int64");
-    TORCH_CHECK_VALUE(mrope[d].dim() == 2 && mrope[d].size(0) == 3 && mrope[d].size(1) == L &&
+    DOCQA_CHECK_TYPE(mrope[d].scalar_type() == at::kLong, "pack_tokens: expected mrope[", d, "] of dtype int64");
+    DOCQA_CHECK_VALUE(mrope[d].dim() == 2 && mrope[d].size(0) == 3 && mrope[d].size(1) == L &&
                           mrope[d].is_contiguous() && mrope[d].device() == device,
                       "pack_tokens: expected mrope[", d, "] as a contiguous (3, ", L, ") tensor on ", device,
                       ", got shape ", mrope[d].sizes());

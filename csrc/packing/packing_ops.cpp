@@ -2,7 +2,7 @@
 #include "packing/packing_ops.h"
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
+#include "messages.h"
 
 #include <stdexcept>
 
@@ -21,18 +21,18 @@ at::Tensor to_tensor(std::vector<int64_t>&& v) {
 
 std::vector<at::Tensor> plan_packing(const at::Tensor& lengths, int64_t max_tokens, int64_t strategy,
                                      bool split_long) {
-  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kLong, "plan_packing: expected lengths of dtype int64, got ",
+  DOCQA_CHECK_TYPE(lengths.scalar_type() == at::kLong, "plan_packing: expected lengths of dtype int64, got ",
                    lengths.scalar_type());
-  TORCH_CHECK_VALUE(lengths.dim() == 1, "plan_packing: expected 1-D lengths, got shape ", lengths.sizes());
-  TORCH_CHECK_VALUE(lengths.device().is_cpu(), "plan_packing: expected lengths on the CPU, got ", lengths.device());
-  TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2, "plan_packing: unknown strategy code ", strategy);
+  DOCQA_CHECK_VALUE(lengths.dim() == 1, "plan_packing: expected 1-D lengths, got shape ", lengths.sizes());
+  DOCQA_CHECK_VALUE(lengths.device().is_cpu(), "plan_packing: expected lengths on the CPU, got ", lengths.device());
+  DOCQA_CHECK_VALUE(strategy >= 0 && strategy <= 2, "plan_packing: unknown strategy code ", strategy);
   const at::Tensor contiguous = lengths.contiguous();
   packing::Plan p;
   try {
     p = packing::plan(contiguous.data_ptr<int64_t>(), contiguous.numel(), max_tokens,
                       static_cast<packing::Strategy>(strategy), split_long);
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, "plan_packing: ", e.what());
+    DOCQA_CHECK_VALUE(false, "plan_packing: ", e.what());
   }
   return {to_tensor(std::move(p.item_sample)), to_tensor(std::move(p.item_start)),
           to_tensor(std::move(p.item_length)), to_tensor(std::move(p.bin_offsets)),

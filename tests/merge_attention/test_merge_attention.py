@@ -230,3 +230,24 @@ def test_bad_stacked_input_names_the_argument():
         docqa_fast.merge_stacked_attention_states(out[None], lse[None, :, :, :4])
     with pytest.raises(TypeError, match="lses of dtype torch.float32"):
         docqa_fast.merge_stacked_attention_states(out[None], lse[None].double())
+
+
+def test_extension_entry_points_reject_bad_arguments():
+    """The C++ checks behind the Python ones: a ValueError or TypeError with the shape in the
+    message (the H200 stack crashed formatting integers into such messages)."""
+    from docqa_fast._backend import extension
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("docqa_fast._C is not built")
+    out, lse = _valid()
+    B, S, H, _ = out.shape
+    result, lse_result = torch.empty_like(out), torch.empty_like(lse)
+    with pytest.raises(ValueError, match=re.escape(f"lse_b of shape [{B}, {H}, {S}], got [{B}, {H}, 4]")):
+        ext.merge_attention_states(out, lse, out, lse[..., :4].contiguous(), result, lse_result)
+    with pytest.raises(ValueError, match="out_a with 4 dimensions, got 3"):
+        ext.merge_attention_states(out[0], lse, out, lse, result, lse_result)
+    with pytest.raises(TypeError, match="lse_a of dtype float32, got Double"):
+        ext.merge_attention_states(out, lse.double(), out, lse, result, lse_result)
+    with pytest.raises(ValueError, match="outs with 1 to 2147483647 parts along dimension 0, got 0"):
+        ext.merge_stacked_attention_states(out[None][:0], lse[None][:0], result, lse_result)
