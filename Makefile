@@ -1,19 +1,25 @@
 # docqa_fast: everything a fresh clone needs, from one command.
-#   make test    set up the virtualenv, build the extension, run the test suite
+#   make test    set up the virtualenv, build the extension, run the whole test suite
+#   make check   the same set-up, then the quick tests (all but those marked slow): between edits
 #   make bench   set up the same, run the benchmark suite on whatever device is here
 #   make gpu     on a GPU machine: build for its architecture, tests, tuning sweep, headline
 #                benchmarks, logs and tables in GPU_OUT (at most 8 files), under 10 minutes
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_SPEC (installed
-# only when the venv cannot import torch yet), MAX_JOBS, DOCQA_FAST_CUDA_ARCHS,
-# DOCQA_FAST_NO_EXTENSION=1, BENCH_ARGS (e.g. "--quick --filter merge"), GPU_OUT.
+# only when the venv cannot import torch yet), MAX_JOBS (compile jobs and test processes),
+# TEST_JOBS, DOCQA_FAST_CUDA_ARCHS, DOCQA_FAST_NO_EXTENSION=1, PYTEST_ARGS (e.g. "-k merge -x"),
+# BENCH_ARGS (e.g. "--quick --filter merge"), GPU_OUT.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := pytest pytest-benchmark ninja numpy matplotlib tqdm transformers setuptools wheel
+# Distribution names (pip's): pytest-xdist runs the suite in TEST_JOBS processes.
+DEPS := pytest pytest-benchmark pytest-xdist ninja numpy matplotlib tqdm transformers setuptools wheel
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
+TEST_JOBS ?= $(MAX_JOBS)
+PYTEST := DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs \
+	$(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS)) $(PYTEST_ARGS)
 
 SETUP_STAMP := $(VENV)/.docqa_fast-deps
 BUILD_STAMP := $(VENV)/.docqa_fast-built
@@ -21,7 +27,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc kernels docqa_fast -name '*
 
 GPU_OUT ?= gpu-run
 
-.PHONY: test bench gpu install hopper-report clean
+.PHONY: test check bench gpu install hopper-report clean
 
 # The venv sees the system's packages, so a machine that already has PyTorch (a GPU box
 # with its own CUDA build, no network) reuses it; pip skips what is already satisfied.
@@ -30,7 +36,7 @@ $(SETUP_STAMP): Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	@# Only what is missing: a machine with everything already (the GPU box, which has no
 	@# network) must not need pip to reach an index.
-	missing="$$($(PY) -c 'import importlib.util, sys; print(" ".join(d for d in sys.argv[1:] if importlib.util.find_spec(d.replace("-", "_")) is None))' $(DEPS))"; \
+	missing="$$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(d for d in sys.argv[1:] if next(m.distributions(name=d), None) is None))' $(DEPS))"; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
 	touch $@
 
@@ -43,7 +49,12 @@ $(BUILD_STAMP): $(SETUP_STAMP) $(SOURCES)
 install: $(BUILD_STAMP)
 
 test: install
-	DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs --durations=15
+	$(PYTEST) --durations=15
+
+# Between edits: everything but the tests marked slow (the sm_90 compile of every config,
+# torch.compile's first compiles, the interpreter on real vocabulary sizes); CI runs them all.
+check: install
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -14,10 +14,11 @@ from . import harness, report
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a minute or two on CPU)")
-    parser.add_argument("--full", action="store_true",
-                        help="the full workload sizes even without a GPU (the default there is --quick: full "
-                             "sizes need tens of GB and hours on a CPU)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a minute or two on CPU)")
+    sizes.add_argument("--full", action="store_true",
+                       help="the full workload sizes even without a GPU (the default there is --quick: full "
+                            "sizes need tens of GB and hours on a CPU)")
     parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR "
                                                          "(several: SUBSTR,SUBSTR,...)")
     parser.add_argument("--out", type=Path, metavar="DIR",
@@ -25,8 +26,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "benchmarks/results/local/cpu/ on a CPU, not committed)")
     parser.add_argument("--no-hopper-report", action="store_true",
                         help="skip the static sm_90 compile report of the Triton kernels")
-    parser.add_argument("--list", action="store_true", help="list the selected cases and their providers, then exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list the selected cases and their providers (those that would be skipped here "
+                             "marked, with the reason), then exit")
     return parser.parse_args(argv)
+
+
+def list_cases(cases, device) -> str:
+    """A line per case, its providers that cannot run on ``device`` starred; then each starred
+    provider once with the reason (the same for every case it is in)."""
+    skipped = {}
+    lines = []
+    for case in cases:
+        names = []
+        for provider in case.providers:
+            reason = provider.unavailable(device)
+            if reason is not None:
+                skipped.setdefault(provider.name, reason)
+            names.append(provider.name + ("*" if reason is not None else ""))
+        lines.append(f"{case.id}: {', '.join(names)}")
+    if skipped:
+        lines += ["", f"* skipped on this machine ({device.type}):"]
+        lines += [f"  {name}: {reason}" for name, reason in skipped.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -39,8 +61,7 @@ def main(argv=None) -> int:
         print(f"no benchmark case matches --filter {args.filter!r}", file=sys.stderr)
         return 2
     if args.list:
-        for case in cases:
-            print(f"{case.id}: {', '.join(p.name for p in case.providers)}")
+        print(list_cases(cases, harness.default_device()))
         return 0
 
     device = harness.default_device()

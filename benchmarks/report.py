@@ -226,7 +226,8 @@ def write_summary(path: Path, env: dict, ceilings: dict, records: list[dict], ho
 
 def write_plots(out_dir: Path, records: list[dict], ceilings: dict) -> list[Path]:
     """One PNG per case group: each provider's rate (p50, p20-p80 band) across the swept size,
-    with the device ceiling and our target drawn when they are known (GPU runs)."""
+    with the device ceiling and our target drawn when they are known (GPU runs). A group in which
+    no provider measured anything (all skipped or failed) gets no plot: its table says why."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,6 +238,8 @@ def write_plots(out_dir: Path, records: list[dict], ceilings: dict) -> list[Path
         groups[(record["family"], record["group"])].append(record)
     paths = []
     for (family, group), members in groups.items():
+        if not any(row["status"] == "ok" for r in members for row in r["providers"]):
+            continue
         members.sort(key=lambda r: r["params"][r["sweep"]])
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         providers = dict.fromkeys(row["provider"] for r in members for row in r["providers"])

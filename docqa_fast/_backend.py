@@ -28,6 +28,7 @@ import functools
 import importlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,25 +66,64 @@ def _triton_import_error() -> str | None:
     return None
 
 
+REBUILD_HINT = "rebuild it for this PyTorch with `python -m docqa_fast.build`"
+
+
+class ExtensionWarning(UserWarning):
+    """docqa_fast._C was built but cannot be loaded here (built for another PyTorch, or broken)."""
+
+
 @functools.cache
 def _build_info() -> dict:
     path = Path(__file__).with_name("_build_info.json")
     if not path.exists():
-        return {"extension": "none", "reason": "package was not built with setup.py (no _build_info.json)"}
-    return json.loads(path.read_text())
+        return {"extension": "unknown", "reason": "package was not built with setup.py (no _build_info.json)"}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # read at import: a damaged file must not stop docqa_fast from importing
+        return {"extension": "unknown", "reason": f"{path} is not valid JSON ({exc}); reinstall docqa_fast"}
+
+
+def _import_failure(info: dict, exc: ImportError) -> str:
+    """Why a built extension does not load; a PyTorch other than the one it was compiled against
+    is the usual cause (its C++ ABI changes between releases), so name both versions."""
+    built = info.get("torch")
+    if built and built != torch.__version__:
+        return (f"docqa_fast._C was built for torch {built} but torch {torch.__version__} is installed, and it "
+                f"does not load with it ({exc}); {REBUILD_HINT}")
+    return f"docqa_fast._C was built but failed to import ({exc}); {REBUILD_HINT}"
+
+
+def _import_extension():
+    return importlib.import_module("docqa_fast._C")
 
 
 @functools.cache
 def _load_extension():
     """Import docqa_fast._C once; returns (module or None, reason when None)."""
+    info = _build_info()
+    if info.get("extension") == "none":
+        # The last install chose no extension: a _C left in the tree by an older build is not used.
+        return None, f"extension not built: {info.get('reason', 'unknown reason')}"
     try:
-        module = importlib.import_module("docqa_fast._C")
+        module = _import_extension()
     except ImportError as exc:
-        info = _build_info()
         if info.get("extension") in ("cpu", "cuda"):
-            return None, f"docqa_fast._C was built but failed to import: {exc}"
+            return None, _import_failure(info, exc)
         return None, f"extension not built: {info.get('reason', 'unknown reason')}"
     return module, None
+
+
+def warn_if_extension_unusable() -> str | None:
+    """At import: an extension that was built but does not load is said once, as an
+    :class:`ExtensionWarning` (ops still run, on Triton and the reference); returns the reason."""
+    if _build_info().get("extension") not in ("cpu", "cuda"):
+        return None
+    module, reason = _load_extension()
+    if module is None:
+        warnings.warn(f"{reason}. Until then docqa_fast runs without it (Triton kernels and the PyTorch reference).",
+                      ExtensionWarning, stacklevel=2)
+    return reason
 
 
 def extension():
@@ -291,3 +331,7 @@ def dispatch_log():
         # By identity: an outer log may hold equal entries.
         del _LOGS[next(i for i, active in enumerate(_LOGS) if active is log)]
 
+
+# Checked when docqa_fast is imported, not at the first op that needs the extension: a PyTorch
+# upgraded under a built extension is then said at once, not discovered as slower runs.
+warn_if_extension_unusable()

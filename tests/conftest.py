@@ -7,13 +7,18 @@ miscomputes bf16) and the extension's C++ twins of the CUDA kernels. Backends th
 run here appear as skipped, with the reason docqa_fast.backends() gives.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 import zlib
 
 # A fresh compile cache per run: AOTAutograd's cache keys on the forward graph, not on a
 # custom op's Python backward, so a cache left by an older checkout can replay a stale backward.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="docqa_fast_inductor_"))
+# Removed when the run ends (each pytest-xdist worker has its own); one set by the caller is kept.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="docqa_fast_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,6 +32,31 @@ import docqa_fast  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Tests of more than ~5 s each on a 2-core CPU machine, left out by `make check` (`-m "not slow"`)
+# and run by `make test` and CI: node-id prefixes, for tests in files whose family marks nothing
+# itself (a file may also say @pytest.mark.slow). torch.compile's first compile in a process,
+# sm_90 compiles, and the Triton interpreter on real vocabulary sizes are what costs.
+SLOW_TESTS = (
+    "tests/losses/test_fp32_kernels_compile_exact.py::",
+    "tests/losses/test_linear_logprobs.py::test_vocabulary_sizes[triton-float16-32000]",
+    "tests/losses/test_linear_logprobs.py::test_vocabulary_sizes[triton-float32-32000]",
+    "tests/losses/test_linear_logprobs.py::test_vocabulary_sizes[triton-float16-50257]",
+    "tests/losses/test_linear_logprobs.py::test_vocabulary_sizes[triton-float16-152064]",
+    "tests/attention/test_attention.py::test_compile_fullgraph_forward_and_backward[",
+    "tests/attention/test_attention.py::test_varlen_matches_reference[triton-33]",
+    "tests/attention/test_attention.py::test_tma_and_pointer_loads_give_the_same_result[",
+    "tests/reward/test_reward.py::test_opcheck_and_compile[",
+    "tests/merge_attention/test_merge_attention.py::test_torch_compile_fullgraph[",
+    "tests/packing/test_merge_and_window.py::test_merge_compiles_fullgraph[",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:
