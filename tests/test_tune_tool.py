@@ -115,9 +115,10 @@ def test_same_up_to_rounding():
     assert "NaN" in tune.same_up_to_rounding([nan], [x])
 
 
-def test_command_line_writes_a_table_the_launchers_can_read(tmp_path, monkeypatch):
+def test_command_line_writes_a_table_the_launchers_can_read(tmp_path, monkeypatch, device):
     assert tune.main(["--family", "merge_attention", "--quick", "--out", str(tmp_path), "--jobs", "1"]) == 0
-    path = tmp_path / tuning.table_name("cpu", tuning.triton_version())
+    # Named for the machine it ran on: cpu here, sm90 on an H100 / H200.
+    path = tmp_path / tuning.table_name(tune.device_arch(device), tuning.triton_version())
     data = json.loads(path.read_text())
     entry = data["kernels"]["merge_attention"]["D=128"]
     assert tuning.check_tiles("merge_attention", entry["tiles"]) == entry["tiles"]
@@ -134,13 +135,13 @@ def test_command_line_writes_a_table_the_launchers_can_read(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("index", range(len(tune_cases.tunables())),
                          ids=[f"{t.kernel}[{t.key_for(CPU)}]" for t in tune_cases.tunables()])
-def test_every_tunable_builds_and_runs(index):
+def test_every_tunable_builds_and_runs(index, device):
     """What a GPU run would sweep must not fail there for a reason the CPU can show: each
     tunable's inputs, its launch with the current tiles, and the precompile worker's path."""
     tunable = tune_cases.tunables()[index]
-    assert tune._precompile_one(tunable.family, index - _family_start(tunable.family), tunable.default_for(CPU),
+    assert tune._precompile_one(tunable.family, index - _family_start(tunable.family), tunable.default_for(device),
                                 True) == "ok"
-    state = tunable.setup(CPU, True)
+    state = tunable.setup(device, True)
     outputs = tune._tensors(tunable.run(state))
     assert outputs and all(torch.isfinite(o.float()).any() for o in outputs)
     assert state.work > 0 and state.shape
