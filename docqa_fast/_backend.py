@@ -114,16 +114,30 @@ def _load_extension():
     return module, None
 
 
+def _release(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def warn_if_extension_unusable() -> str | None:
     """At import: an extension that was built but does not load is said once, as an
-    :class:`ExtensionWarning` (ops still run, on Triton and the reference); returns the reason."""
-    if _build_info().get("extension") not in ("cpu", "cuda"):
+    :class:`ExtensionWarning` (its ops still run, on the other backends); so is one that loads
+    but was compiled against another PyTorch release. Returns what was said, or None."""
+    info = _build_info()
+    if info.get("extension") not in ("cpu", "cuda"):
         return None
     module, reason = _load_extension()
     if module is None:
-        warnings.warn(f"{reason}. Until then docqa_fast runs without it (Triton kernels and the PyTorch reference).",
+        warnings.warn(f"{reason}. Until then its ops run on the other backends (docqa_fast.backends()).",
                       ExtensionWarning, stacklevel=2)
-    return reason
+        return reason
+    built = info.get("torch")
+    if built and _release(built) != _release(torch.__version__):
+        # It loaded, but PyTorch keeps no C++ ABI promise across releases: a call may still crash.
+        reason = (f"docqa_fast._C was built for torch {built} but torch {torch.__version__} is installed; it "
+                  f"loaded, but PyTorch's C++ ABI changes between releases: {REBUILD_HINT}")
+        warnings.warn(reason, ExtensionWarning, stacklevel=2)
+        return reason
+    return None
 
 
 def extension():
