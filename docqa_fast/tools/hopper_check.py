@@ -89,9 +89,10 @@ def cuobjdump_path() -> str:
 
 
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-_SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(.*)")
-_COUNTED = {"hgmma_count": re.compile(r"\bHGMMA\b"), "hmma_count": re.compile(r"\bHMMA\b"),
-            "tma_count": re.compile(r"\bUTMALDG\b")}
+# A disassembled instruction whose opcode is counted: its address, and the opcode. One pass over
+# the text: a batch disassembles to hundreds of thousands of lines.
+_COUNTED_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/[^\n]*?\b(HGMMA|HMMA|UTMALDG)\b")
+_COUNT_OF = {"HGMMA": "hgmma_count", "HMMA": "hmma_count", "UTMALDG": "tma_count"}
 
 
 def text_sections(cubin: bytes) -> list[bytes]:
@@ -116,7 +117,7 @@ def count_instructions(codes: list[bytes]) -> list[dict[str, int]]:
 
     The pieces are concatenated into one raw binary (every sm_90 instruction is 16 bytes, so
     they stay aligned) and each disassembled line is attributed by its address."""
-    counts = [dict.fromkeys(_COUNTED, 0) for _ in codes]
+    counts = [dict.fromkeys(_COUNT_OF.values(), 0) for _ in codes]
     starts, blob = [], bytearray()
     for code in codes:
         if len(code) % 16:
@@ -130,13 +131,9 @@ def count_instructions(codes: list[bytes]) -> list[dict[str, int]]:
         raw.flush()
         sass = subprocess.run([_nvidia_tool("nvdisasm"), "--binary", "SM90a", raw.name],
                               capture_output=True, text=True, check=True).stdout
-    for line in sass.splitlines():
-        match = _SASS_LINE.search(line)
-        if match is None:
-            continue
-        owner = counts[bisect.bisect_right(starts, int(match.group(1), 16)) - 1]
-        for key, pattern in _COUNTED.items():
-            owner[key] += len(pattern.findall(match.group(2)))
+    for match in _COUNTED_INSTRUCTION.finditer(sass):
+        address, opcode = match.groups()
+        counts[bisect.bisect_right(starts, int(address, 16)) - 1][_COUNT_OF[opcode]] += 1
     return counts
 
 
