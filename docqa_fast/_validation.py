@@ -14,6 +14,34 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class ArgumentValueError(ValueError, RuntimeError):
+    """A bad value as docqa_fast reports it (ValueError) that is also what flash-attn raises for
+    the same input (RuntimeError, from its C++ checks), so code catching either keeps working."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A bad type or dtype (TypeError) that flash-attn reports as a RuntimeError."""
+
+
+def raises_like_flash_attn(fn):
+    """Re-raise ``fn``'s argument errors as exceptions that are also RuntimeErrors (same message,
+    the original chained), for the flash-attn front ends."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ArgumentValueError, ArgumentTypeError):
+            raise
+        except ValueError as exc:
+            raise ArgumentValueError(str(exc)) from exc
+        except TypeError as exc:
+            raise ArgumentTypeError(str(exc)) from exc
+
+    return wrapper
+
+
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d) for d in dtypes)
 

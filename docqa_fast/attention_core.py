@@ -12,6 +12,8 @@ of the block-table entries in use).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -48,18 +50,32 @@ def check_heads(q, k, v, *, q_ndim: int, kv_ndim: int, names=("q", "k", "v")) ->
     head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     if k.shape[-1] != head_dim:
         raise ValueError(f"expected {k_name} with head dim {head_dim} ({q_name}'s), got {k.shape[-1]}")
-    if head_dim > MAX_HEAD_DIM or head_dim % 8:
-        raise ValueError(f"expected a head dim that is a multiple of 8 and at most {MAX_HEAD_DIM}, got {head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        # Any size: the kernels mask the head dim to the next power of two (no padded copy).
+        raise ValueError(f"expected a head dim from 1 to {MAX_HEAD_DIM}, got {head_dim}")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"expected {q_name}'s number of heads ({heads}) to be a multiple of {k_name}'s ({kv_heads})")
 
 
 def check_window(window_size) -> tuple[int, int]:
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+    """(left, right) as Python ints from any 2-element sequence of integers, as flash-attn takes
+    it: a tuple or list (of Python or NumPy ints) or a 1-D integer tensor of two elements (read
+    once on the host: a sync for a CUDA tensor, as in flash-attn). Floats are refused, not
+    truncated."""
+    if isinstance(window_size, torch.Tensor):
+        if window_size.dim() != 1 or window_size.numel() != 2 or window_size.dtype.is_floating_point \
+                or window_size.dtype.is_complex or window_size.dtype == torch.bool:
+            raise TypeError(f"expected window_size as a 1-D integer tensor of two elements, got a "
+                            f"{window_size.dtype} tensor of shape {tuple(window_size.shape)}")
+        window_size = window_size.tolist()
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
         raise TypeError(f"expected window_size to be a pair (left, right), got {window_size!r}")
-    left, right = (int(w) for w in window_size)
+    try:
+        left, right = (operator.index(w) for w in window_size)
+    except TypeError:
+        raise TypeError(f"expected window_size of two integers, got {tuple(window_size)!r}") from None
     if left < -1 or right < -1:
-        raise ValueError(f"expected window_size values >= -1 (-1 = unbounded), got {tuple(window_size)}")
+        raise ValueError(f"expected window_size values >= -1 (-1 = unbounded), got {(left, right)}")
     return left, right
 
 
@@ -83,12 +99,25 @@ def softmax_scale_or_default(softmax_scale, head_dim: int) -> float:
     return float(1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale)
 
 
-def check_unsupported(dropout_p, alibi_slopes) -> None:
-    if dropout_p:
-        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented (LLM training "
-                                  "rarely uses it); pass 0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented yet")
+def check_alibi_slopes(alibi_slopes, batch: int, heads: int, q):
+    """ALiBi slopes as flash-attn takes them: None, or fp32 (H,) or (B, H) on q's device."""
+    if alibi_slopes is None:
+        return None
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndims=(1, 2))
+    check_same_device(("q", "alibi_slopes"), (q, alibi_slopes))
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"expected alibi_slopes of shape ({heads},) or ({batch}, {heads}) (heads, or batch x heads), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    return alibi_slopes
+
+
+def check_dropout(dropout_p) -> float:
+    """The dropout probability: a number in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"expected dropout_p to be a float in [0, 1), got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"expected dropout_p in [0, 1), got {dropout_p}")
+    return float(dropout_p)
 
 
 def check_num_splits(num_splits) -> int:

@@ -4,7 +4,9 @@ As flash-attn keeps its ``flash_attn_interface.py``, this module holds every fla
 function -- ``flash_attn_func``, ``flash_attn_varlen_func`` (with ``block_table``: packed
 queries over a paged KV cache), the four packed variants and ``flash_attn_with_kvcache`` --
 with flash-attn's signatures, defaults and return values, so swapping the import is the whole
-migration. Each is a thin call into a family: :func:`docqa_fast.attention.ops.attention`
+migration. Argument errors are ValueErrors / TypeErrors that are also RuntimeErrors, the
+type flash-attn raises for them (:func:`docqa_fast._validation.raises_like_flash_attn`). Each is
+a thin call into a family: :func:`docqa_fast.attention.ops.attention`
 (training, forward + backward), :func:`docqa_fast.inference.ops.kvcache_attention` and
 :func:`docqa_fast.inference.ops.varlen_paged_attention` (a KV cache); the rules they share are in
 :mod:`docqa_fast.attention_core`.
@@ -15,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from .attention.ops import attention
-from .attention_core import check_unsupported
+from .attention_core import check_dropout
+from ._validation import raises_like_flash_attn
 from .inference.ops import kvcache_attention, varlen_paged_attention
 
 
@@ -24,19 +27,31 @@ def _result(out, lse, return_attn_probs):
     return (out, lse, None) if return_attn_probs else out
 
 
+def _check_probs_request(dropout_p, return_attn_probs) -> None:
+    # flash-attn's S_dmask (the probabilities with the dropout pattern in their signs) is a
+    # testing aid only; with dropout on, our None there would hide the pattern a test asks for.
+    if return_attn_probs and not isinstance(dropout_p, bool) and isinstance(dropout_p, (int, float)) and dropout_p > 0:
+        raise NotImplementedError("return_attn_probs=True with dropout_p > 0: the dropout pattern is not returned "
+                                  "(docqa_fast.reference.attention.dropout_keep_ref recomputes it from the seed)")
+
+
+@raises_like_flash_attn
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Attention over (B, S, H, D) tensors with flash-attn 2's semantics (GQA when H % Hk == 0).
 
     ``deterministic`` is accepted for compatibility: the backward is always deterministic
-    (no atomics). ``return_attn_probs=True`` returns ``(out, softmax_lse (B, H, Sq) fp32, None)``.
+    (no atomics), with dropout too. ``return_attn_probs=True`` returns
+    ``(out, softmax_lse (B, H, Sq) fp32, None)``. ``alibi_slopes`` (H,) or (B, H) fp32;
+    ``dropout_p`` drops attention weights (pass 0.0 in evaluation, as with flash-attn).
     """
-    check_unsupported(dropout_p, alibi_slopes)
+    _check_probs_request(dropout_p, return_attn_probs)
     out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                         softcap=softcap)
+                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     return _result(out, lse, return_attn_probs)
 
 
+@raises_like_flash_attn
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -46,17 +61,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``(out, softmax_lse (H, total_q) fp32, None)``. With ``block_table`` (B, max_blocks) int32,
     k/v are paged caches (num_blocks, page_size, Hk, D) and cu_seqlens_k gives each sequence's
     key count (forward only; see :func:`docqa_fast.inference.ops.varlen_paged_attention`).
+    ``alibi_slopes`` and ``dropout_p`` as in :func:`flash_attn_func` (no dropout with ``block_table``).
     """
-    check_unsupported(dropout_p, alibi_slopes)
+    _check_probs_request(dropout_p, return_attn_probs)
     if block_table is not None:
         # k/v are paged caches (num_blocks, page_size, Hk, D): chunked prefill, forward only (the inference family).
+        if check_dropout(dropout_p) > 0:
+            raise ValueError("expected dropout_p = 0 with block_table (a paged KV cache serves inference)")
         out, lse = varlen_paged_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
                                           softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                                          softcap=softcap)
+                                          softcap=softcap, alibi_slopes=alibi_slopes)
         return _result(out, lse, return_attn_probs)
     out, lse = attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                          max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-                         window_size=window_size, softcap=softcap)
+                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     return _result(out, lse, return_attn_probs)
 
 
@@ -67,6 +85,7 @@ def _unpack(packed, parts, name, dim):
     return packed.unbind(dim)
 
 
+@raises_like_flash_attn
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """``qkv`` (B, S, 3, H, D)."""
@@ -75,6 +94,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            deterministic, return_attn_probs)
 
 
+@raises_like_flash_attn
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """``q`` (B, Sq, H, D), ``kv`` (B, Sk, 2, Hk, D)."""
@@ -83,6 +103,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                            deterministic, return_attn_probs)
 
 
+@raises_like_flash_attn
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
@@ -93,6 +114,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                   return_attn_probs)
 
 
+@raises_like_flash_attn
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
@@ -103,6 +125,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
+@raises_like_flash_attn
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -122,15 +145,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         block_table: (B, max_blocks) int32 physical block of each logical page.
         softmax_scale, causal, window_size, softcap: as :func:`docqa_fast.flash_attn_func`, with the
             masks aligned bottom-right to ``cache_seqlens + Sk_new`` keys.
+        alibi_slopes: (H,) or (B, H) fp32: bias ``-slope * |i + L - Sq - j|`` (L = cache_seqlens + Sk_new).
         num_splits: 0 = a heuristic that fills the GPU, 1 = no split, n = n splits of the keys.
         return_softmax_lse: also return the fp32 LSE (B, H, Sq).
 
     Returns:
         out (B, Sq, H, D), or ``(out, lse)``. A query that sees no key gets out 0 and lse -inf.
     """
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented")
     out, lse = kvcache_attention(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                  cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
-                                 rotary_interleaved, num_splits)
+                                 rotary_interleaved, num_splits, alibi_slopes)
     return (out, lse) if return_softmax_lse else out

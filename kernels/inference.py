@@ -42,43 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention.common import HEAD_DIMS, block_d, head_dim_bucket, score_scale, scores, sequence
+from .attention.common import HEAD_DIMS, alibi_bias, block_d, head_dim_bucket, score_scale, scores, sequence
 from . import tuning
 from .registry import KernelConfig, pointer_type, register
-
-
-@triton.jit
-def _rotary_layout(dims, rotary_half, INTERLEAVED: tl.constexpr):
-    """Per dim: its partner in the rotation, its frequency index, whether it is the first of the
-    pair, and whether it is rotated at all. Pairs are (2i, 2i+1) interleaved, (i, i + half) otherwise."""
-    if INTERLEAVED:
-        partner = dims ^ 1
-        freq = dims // 2
-        first = (dims % 2) == 0
-    else:
-        partner = tl.where(dims < rotary_half, dims + rotary_half, dims - rotary_half)
-        freq = dims % rotary_half
-        first = dims < rotary_half
-    return partner, freq, first, dims < 2 * rotary_half
-
-
-@triton.jit
-def _load_rotated(rows, dims, row_ok, dim_ok, positions, cos_ptr, sin_ptr, cos_st, rotary_half,
-                  HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The (rows, BLOCK_D) tile at row pointers ``rows``; with HAS_ROTARY rotated at ``positions``
-    in fp32 (x cos -/+ partner sin) and rounded once to the tile's dtype, as the reference does."""
-    x = tl.load(rows[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if HAS_ROTARY:
-        partner, freq, first, rotated = _rotary_layout(dims, rotary_half, INTERLEAVED)
-        turn = row_ok[:, None] & rotated[None, :]
-        other = tl.load(rows[:, None] + partner[None, :], mask=turn, other=0.0).to(tl.float32)
-        angle = positions.to(tl.int64)[:, None] * cos_st + freq[None, :]
-        cos = tl.load(cos_ptr + angle, mask=turn, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + angle, mask=turn, other=0.0).to(tl.float32)
-        x32 = x.to(tl.float32)
-        turned = tl.where(first[None, :], x32 * cos - other * sin, x32 * cos + other * sin)
-        x = tl.where(rotated[None, :], turned, x32).to(x.dtype)
-    return x
+from .rotary import load_rotated, rotate
 
 
 @triton.jit
@@ -114,15 +81,17 @@ def decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, out_ptr, lse_ptr,
     cache_seqlens_ptr, leftpad_ptr, block_table_ptr, cache_rows_ptr, cu_seqlens_q_ptr,
     seqlen_q, seqlen_new, page_size, heads_per_kv, queries_per_block, num_splits, qk_scale, softcap,
-    window_left, window_right, rotary_half, rotary_q_step,
+    window_left, window_right, rotary_half, rotary_q_step, alibi_ptr, alibi_sb, alibi_sh,
     q_sb, q_st, q_sh, k_sp, k_st, k_sh, v_sp, v_st, v_sh, kn_sb, kn_st, kn_sh, vn_sb, vn_st, vn_sh, cos_st,
     o_ss, o_sb, o_st, o_sh, lse_ss, lse_sb, lse_sh, bt_sb,
     HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr,
     VARLEN_Q: tl.constexpr, APPEND: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     ROTATE_Q: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_NEW: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """HAS_ALIBI: fp32 slopes at b * alibi_sb + h * alibi_sh; the bias -slope * |i + L - Sq - j| in
+    absolute slots, which is flash-attn's distance counted from cache_leftpad too (both ends shift)."""
     pid, b, kv_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_block = pid // num_splits
     split = pid % num_splits
@@ -168,7 +137,7 @@ def decode_attention_kernel(
     cache_stop = tl.where(q0 < len_q, tl.minimum(stop, old_len), start)
 
     q_rows = q_ptr + b.to(tl.int64) * q_sb + (q_start + qi).to(tl.int64) * q_st + h.to(tl.int64) * q_sh
-    q = _load_rotated(q_rows, dims, row_ok, dim_ok, old_len + qi * rotary_q_step, cos_ptr, sin_ptr, cos_st,
+    q = load_rotated(q_rows, dims, row_ok, dim_ok, old_len + qi * rotary_q_step, cos_ptr, sin_ptr, cos_st,
                       rotary_half, ROTATE_Q, INTERLEAVED)
 
     cache_row = b.to(tl.int64)
@@ -176,6 +145,11 @@ def decode_attention_kernel(
         cache_row = tl.load(cache_rows_ptr + b).to(tl.int64)
     k_head = k_cache_ptr + kv_h.to(tl.int64) * k_sh
     v_head = v_cache_ptr + kv_h.to(tl.int64) * v_sh
+
+    slope = tl.zeros((BLOCK_M, 1), tl.float32)
+    if HAS_ALIBI:  # per row: the rows are (query, head) pairs; base-2 units like the scores
+        slope = tl.load(alibi_ptr + b.to(tl.int64) * alibi_sb + h.to(tl.int64) * alibi_sh, mask=row_ok,
+                        other=0.0)[:, None] * 1.4426950408889634
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -190,6 +164,8 @@ def decode_attention_kernel(
         k = tl.load(k_head + k_slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         s = scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, True)
+        if HAS_ALIBI:
+            s += alibi_bias(slope, qi, cols, len_q, len_k)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         v = tl.load(v_head + v_slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
@@ -203,11 +179,13 @@ def decode_attention_kernel(
             col_ok = cols < stop
             t = (cols - old_len).to(tl.int64)  # index among the new tokens
             kv_mask = col_ok[:, None] & dim_ok[None, :]
-            k = _load_rotated(k_new_head + t * kn_st, dims, col_ok, dim_ok, cols, cos_ptr, sin_ptr, cos_st,
+            k = load_rotated(k_new_head + t * kn_st, dims, col_ok, dim_ok, cols, cos_ptr, sin_ptr, cos_st,
                               rotary_half, HAS_ROTARY, INTERLEAVED).to(k_cache_ptr.dtype.element_ty)
             v = tl.load(v_new_head + t[:, None] * vn_st + dims[None, :], mask=kv_mask, other=0.0)
             s = scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                         CAUSAL, HAS_SOFTCAP, True)
+            if HAS_ALIBI:
+                s += alibi_bias(slope, qi, cols, len_q, len_k)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
             # Each new slot is in exactly one split of the last query block: written once.
@@ -228,31 +206,6 @@ def decode_attention_kernel(
              mask=row_ok[:, None] & dim_ok[None, :])
     lse_rows = lse_ptr + split64 * lse_ss + b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + tokens
     tl.store(lse_rows, lse, mask=row_ok)
-
-
-@triton.jit
-def rotate_queries_kernel(
-    q_ptr, cos_ptr, sin_ptr, cache_seqlens_ptr, out_ptr, rows_total, seqlen_q, heads, rotary_half, cos_st,
-    q_sb, q_st, q_sh, HEAD_DIM: tl.constexpr, PER_TOKEN: tl.constexpr, INTERLEAVED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """out (B, Sq, H, D) contiguous = q rotated at position cache_seqlens[b] (+ s when PER_TOKEN):
-    the pass before a launch whose tiles are too large to rotate q in registers (see
-    rotate_q_in_kernel). Row r is (b, s, h) of q in that order."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = r < rows_total
-    h = r % heads
-    s = (r // heads) % seqlen_q
-    b = r // (heads * seqlen_q)
-    positions = tl.load(cache_seqlens_ptr + b, mask=row_ok, other=0)
-    if PER_TOKEN:
-        positions += s
-    dims = tl.arange(0, BLOCK_D)
-    rows = q_ptr + b.to(tl.int64) * q_sb + s.to(tl.int64) * q_st + h.to(tl.int64) * q_sh
-    x = _load_rotated(rows, dims, row_ok, dims < HEAD_DIM, positions, cos_ptr, sin_ptr, cos_st, rotary_half,
-                      True, INTERLEAVED)
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :], x,
-             mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -304,26 +257,17 @@ def default_tiles(head_dim: int, block_m: int) -> dict:
     return {"BLOCK_N": block_n(head_dim), **dict(zip(("num_warps", "num_stages"), _warps_stages(head_dim, block_m)))}
 
 
-_ROTATE_ELEMENTS = 2048  # elements of q per rotation program: rows of BLOCK_D, ~16 per thread at 4 warps
-
-
-def _rotate_rows(head_dim: int) -> int:
-    return max(1, _ROTATE_ELEMENTS // block_d(head_dim))
-
-
 def rotate_queries(q, cos, sin, cache_seqlens, per_token: bool, interleaved: bool):
-    """q (B, Sq, H, D) rotated at cache_seqlens (+ i per token) into a new contiguous tensor."""
+    """q (B, Sq, H, D) rotated at cache_seqlens (+ i per token) into a new contiguous tensor
+    (kernels/rotary.py, the kernel of docqa_fast.rotary.apply_rotary_emb)."""
     batch, seqlen_q, heads, head_dim = q.shape
-    out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
-    rows = batch * seqlen_q * heads
-    if rows:
-        block_r = _rotate_rows(head_dim)
-        rotate_queries_kernel[(triton.cdiv(rows, block_r),)](
-            q, cos, sin, cache_seqlens, out, rows, seqlen_q, heads, cos.shape[1], cos.stride(0),
-            q.stride(0), q.stride(1), q.stride(2), HEAD_DIM=head_dim, PER_TOKEN=bool(per_token),
-            INTERLEAVED=bool(interleaved), BLOCK_R=block_r, BLOCK_D=block_d(head_dim), num_warps=4, num_stages=1,
-        )
-    return out
+    steps = torch.arange(seqlen_q, device=q.device) if per_token else torch.zeros(seqlen_q, dtype=torch.long,
+                                                                                   device=q.device)
+    positions = (cache_seqlens.long()[:, None] + steps[None, :]).reshape(-1)
+    tokens = q.reshape(batch * seqlen_q, heads, head_dim)  # a view unless B and Sq do not merge
+    out = torch.empty((batch * seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    rotate(tokens, cos, sin, positions, out, interleaved=interleaved)
+    return out.view(batch, seqlen_q, heads, head_dim)
 
 
 def launch_shape(batch: int, seqlen_q: int, heads: int, kv_heads: int) -> tuple[int, int]:
@@ -360,8 +304,9 @@ def _layout_strides(q, out, lse, varlen):
 def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rotary_cos=None, rotary_sin=None,
             rotary_interleaved=True, rotary_per_token=True, cache_leftpad=None, block_table=None,
             cache_batch_idx=None, cu_seqlens_q=None, max_seqlen_q=0, softmax_scale, causal, window_size,
-            softcap, num_splits):
+            softcap, num_splits, alibi_slopes=None):
     """One launch: append k/v (k and q rotated with rotary tables) and fill ``out``/``lse``.
+    ``alibi_slopes``: fp32 (H,) or (B, H), or None.
 
     q (B, Sq, H, D), or packed (total_q, H, D) with ``cu_seqlens_q`` / ``max_seqlen_q``;
     ``out``/``lse`` like q / (B, H, Sq) or (H, total_q), with a leading split dimension of
@@ -388,6 +333,10 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
     q_strides, o_strides, lse_strides = _layout_strides(q, out, lse, varlen)
     # Sq = 0 with new tokens still launches one (query-less) block: it writes them.
     grid = (max(1, triton.cdiv(seqlen_q, per_block)) * num_splits, batch, kv_heads)
+    alibi = (lse, 0, 0)  # a pointer never read without HAS_ALIBI
+    if alibi_slopes is not None:
+        alibi = (alibi_slopes, 0 if alibi_slopes.dim() == 1 else alibi_slopes.stride(0), alibi_slopes.stride(-1))
+
     def run(tiles):
         decode_attention_kernel[grid](
             q, k_cache, v_cache, k, v, cos, sin, out, lse, cache_seqlens,
@@ -397,7 +346,7 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
             cu_seqlens_q if varlen else dummy,
             seqlen_q, k.shape[1] if append else 0, k_cache.shape[1], heads // kv_heads, per_block, num_splits,
             score_scale(softmax_scale, softcap), softcap, left, right,
-            rotary_cos.shape[1] if rotary else 0, int(rotary_per_token),
+            rotary_cos.shape[1] if rotary else 0, int(rotary_per_token), *alibi,
             *q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3],
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             rotary_cos.stride(0) if rotary else 0, *o_strides, *lse_strides,
@@ -406,6 +355,7 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
             HAS_CACHE_ROWS=cache_batch_idx is not None, VARLEN_Q=varlen, APPEND=append, HAS_ROTARY=rotary,
             INTERLEAVED=bool(rotary_interleaved) and rotary, ROTATE_Q=rotate_q, CAUSAL=causal,
             HAS_WINDOW=left >= 0 or (right >= 0 and not causal), HAS_SOFTCAP=softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None,
             BLOCK_M=block_m, BLOCK_N=tiles["BLOCK_N"], BLOCK_N_NEW=BLOCK_N_NEW, BLOCK_D=block_d(head_dim),
             num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
         )
@@ -416,9 +366,10 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
 # ------------------------------------------------------------------------ registered configs
 
 _NO_FLAGS = {"PAGED": False, "HAS_LEFTPAD": False, "HAS_CACHE_ROWS": False, "VARLEN_Q": False, "APPEND": False,
-             "HAS_ROTARY": False, "INTERLEAVED": False, "CAUSAL": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False}
+             "HAS_ROTARY": False, "INTERLEAVED": False, "CAUSAL": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+             "HAS_ALIBI": False}
 # The flag sets that matter, each compiled for every head dim and BLOCK_M: the plain decode
-# (with and without new tokens), a paged one with every mask option and interleaved rotary,
+# (with and without new tokens), a paged one with every mask option, ALiBi and interleaved rotary,
 # a paged causal one with GPT-NeoX rotary, a contiguous one with leftpad and
 # cache_batch_idx, and the packed (varlen) chunked prefill of flash_attn_varlen_func.
 FLAG_SETS = {
@@ -426,7 +377,7 @@ FLAG_SETS = {
     "contiguous": {},
     "paged_append_rotary_interleaved_all_masks": {"PAGED": True, "APPEND": True, "HAS_ROTARY": True,
                                                   "INTERLEAVED": True, "CAUSAL": True, "HAS_WINDOW": True,
-                                                  "HAS_SOFTCAP": True},
+                                                  "HAS_SOFTCAP": True, "HAS_ALIBI": True},
     "paged_append_rotary_halves_causal": {"PAGED": True, "APPEND": True, "HAS_ROTARY": True, "CAUSAL": True},
     "contiguous_rows_leftpad_causal_append": {"HAS_LEFTPAD": True, "HAS_CACHE_ROWS": True, "CAUSAL": True,
                                               "APPEND": True},
@@ -457,7 +408,7 @@ def _configs():
                     for out_ptr in outs:
                         signature = {name: ptr for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "k_new_ptr",
                                                             "v_new_ptr", "cos_ptr", "sin_ptr")}
-                        signature.update({"out_ptr": out_ptr, "lse_ptr": "*fp32"})
+                        signature.update({"out_ptr": out_ptr, "lse_ptr": "*fp32", "alibi_ptr": "*fp32"})
                         signature.update({name: "*i32" for name in ("cache_seqlens_ptr", "leftpad_ptr",
                                                                     "block_table_ptr", "cache_rows_ptr",
                                                                     "cu_seqlens_q_ptr")})
@@ -489,30 +440,9 @@ def _config(ptr, out_ptr, head_dim, block_m, flags_name, flags, tiles, order, si
              f"N{tiles['BLOCK_N']}w{warps}s{stages}]",
         fn=decode_attention_kernel, signature={n: signature[n] for n in order},
         constexprs=constexprs, num_warps=warps, num_stages=stages, uses_tensor_cores=True,
-        divisible_by_16=tuple(n for n in order if (n.endswith("_ptr") and n not in ("cos_ptr", "sin_ptr"))
+        divisible_by_16=tuple(n for n in order if (n.endswith("_ptr") and n not in ("cos_ptr", "sin_ptr", "alibi_ptr"))
                               or n in _ALIGNED_STRIDES),
     )
 
 
-def _rotate_configs():
-    """The q rotation pass per head dim, dtype and rotary layout (decode-sized and prefill-sized
-    queries compile the same)."""
-    for dtype in (torch.bfloat16, torch.float16):
-        ptr = pointer_type(dtype)
-        for head_dim in HEAD_DIMS:
-            for per_token, interleaved in ((True, True), (True, False), (False, True)):
-                constexprs = {"HEAD_DIM": head_dim, "PER_TOKEN": per_token, "INTERLEAVED": interleaved,
-                              "BLOCK_R": _rotate_rows(head_dim), "BLOCK_D": block_d(head_dim)}
-                signature = {"q_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr, "cache_seqlens_ptr": "*i32",
-                             "out_ptr": ptr, **dict.fromkeys(("rows_total", "seqlen_q", "heads", "rotary_half"), "i32"),
-                             **dict.fromkeys(("cos_st", "q_sb", "q_st", "q_sh"), "i64"),
-                             **dict.fromkeys(constexprs, "constexpr")}
-                yield KernelConfig(
-                    name=f"rotate_queries[{ptr[1:]},D={head_dim},per_token={int(per_token)},"
-                         f"interleaved={int(interleaved)}]",
-                    fn=rotate_queries_kernel, signature=signature, constexprs=constexprs, num_warps=4,
-                    num_stages=1, divisible_by_16=("q_ptr", "out_ptr", "cache_seqlens_ptr", "q_sb", "q_st", "q_sh"))
-
-
 register(_configs())
-register(_rotate_configs())

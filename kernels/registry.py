@@ -32,13 +32,16 @@ class KernelConfig:
 
 
 _CONFIGS: dict[str, KernelConfig] = {}
+# Registered, not yet expanded: a module's configs often list its tuned tables' tiles, and
+# reading a table while kernel modules are still being imported would judge its entries
+# before every tunable kernel is declared (decode_attention's tiles were dropped that way
+# when another module's registration loaded the table mid-import). Expanded on first use.
+_PENDING: list = []
 
 
 def register(configs) -> None:
-    for config in configs:
-        if config.name in _CONFIGS:
-            raise ValueError(f"kernel config {config.name!r} registered twice")
-        _CONFIGS[config.name] = config
+    """Add a module's configs (any iterable, typically its ``_configs()`` generator; read lazily)."""
+    _PENDING.append(configs)
 
 
 def registered_configs() -> list[KernelConfig]:
@@ -47,6 +50,11 @@ def registered_configs() -> list[KernelConfig]:
 
     for module in KERNEL_MODULES:
         importlib.import_module(f"{__package__}.{module}")
+    while _PENDING:
+        for config in _PENDING.pop(0):
+            if config.name in _CONFIGS:
+                raise ValueError(f"kernel config {config.name!r} registered twice")
+            _CONFIGS[config.name] = config
     return list(_CONFIGS.values())
 
 

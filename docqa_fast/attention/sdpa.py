@@ -1,7 +1,7 @@
 """torch's ``scaled_dot_product_attention`` over the training kernels, where that is exact.
 
 Runs :func:`.ops.attention` when it computes the call exactly (CUDA fp16/bf16, no mask, no
-dropout, head dim a multiple of 8 up to 256, causal only when seqlen_q == seqlen_k, as SDPA
+dropout, any head dim up to 256, causal only when seqlen_q == seqlen_k, as SDPA
 aligns causal masks top-left); anything else goes to torch's own SDPA unchanged, so the
 result is never silently different.
 """
@@ -25,7 +25,7 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, en
         return "inputs that are not 4-D (B, H, S, D)"
     if query.dtype not in KERNEL_DTYPES or not query.is_cuda:
         return "a dtype or device our kernels do not take"
-    if query.shape[-1] % 8 or query.shape[-1] > MAX_HEAD_DIM or key.shape[-1] != query.shape[-1] \
+    if not 1 <= query.shape[-1] <= MAX_HEAD_DIM or key.shape[-1] != query.shape[-1] \
             or value.shape[-1] != query.shape[-1]:
         return "an unsupported head dim (or one that differs between query, key and value)"
     if key.shape[0] != query.shape[0] or value.shape != key.shape:
@@ -44,7 +44,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """``torch.nn.functional.scaled_dot_product_attention`` with (B, H, S, D) tensors.
 
     Runs our kernel when it computes the call exactly (CUDA fp16/bf16, no mask, no dropout,
-    head dim a multiple of 8 up to 256, causal only when seqlen_q == seqlen_k); anything
+    head dim up to 256, causal only when seqlen_q == seqlen_k); anything
     else goes to torch's own SDPA unchanged, so the result is never silently different.
     """
     if _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) is not None:

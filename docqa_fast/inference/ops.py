@@ -27,6 +27,7 @@ from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_last_dim_contigu
 from .._validation import check_shape, check_tensor
 from ..attention_core import (
     cache_capacity,
+    check_alibi_slopes,
     check_block_table,
     check_heads,
     check_num_splits,
@@ -84,22 +85,22 @@ def _kvcache_lse_shape(q):
 
 def _kvcache_triton(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                     block_table, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-                    num_splits):
+                    num_splits, alibi_slopes):
     window = (window_left, window_right)
     options = dict(k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                    rotary_per_token=causal or window != (-1, -1), cache_leftpad=cache_leftpad,
                    block_table=block_table, cache_batch_idx=cache_batch_idx, softmax_scale=softmax_scale,
-                   causal=causal, window_size=window, softcap=softcap)
+                   causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes)
     return _run_kernel(q, k_cache, v_cache, _kvcache_lse_shape(q), cache_seqlens, options, num_splits,
                        cache_capacity(k_cache, block_table))
 
 
 def _kvcache_reference(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                        cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
-                       rotary_interleaved, num_splits):
+                       rotary_interleaved, num_splits, alibi_slopes):
     return flash_attn_with_kvcache_ref(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
-                                       (window_left, window_right), softcap, rotary_interleaved,
+                                       (window_left, window_right), softcap, rotary_interleaved, alibi_slopes,
                                        return_softmax_lse=True)
 
 
@@ -116,15 +117,15 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
                 cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
                 cache_leftpad: Optional[torch.Tensor], block_table: Optional[torch.Tensor], softmax_scale: float,
                 causal: bool, window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
-                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                num_splits: int, alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return KVCACHE(q.device, q.dtype, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                    cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
-                   softcap, rotary_interleaved, num_splits)
+                   softcap, rotary_interleaved, num_splits, alibi_slopes)
 
 
 @_kvcache_op.register_fake
 def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-      softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved, num_splits):
+      softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved, num_splits, alibi_slopes):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(_kvcache_lse_shape(q), dtype=torch.float32))
 
@@ -195,8 +196,9 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
         raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
     ends = lengths + seqlen_new
     if int(ends.max()) > capacity:
+        where = "max_blocks * page_size of block_table" if block_table is not None else "S_cache of k_cache"
         raise ValueError(f"expected cache_seqlens + {seqlen_new} new tokens <= the cache capacity {capacity} "
-                         f"(S_cache, or max_blocks * page_size), got up to {int(ends.max())}")
+                         f"({where}), got up to {int(ends.max())}")
     if cache_batch_idx is not None:
         rows = cache_batch_idx.long()
         if int(rows.min()) < 0 or int(rows.max()) >= k_cache.shape[0]:
@@ -224,11 +226,12 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
 
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                       cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
-                      window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, num_splits=0):
+                      window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, num_splits=0, alibi_slopes=None):
     """Validated attention over a KV cache (appending k/v first) -> (out, lse); see
     :func:`docqa_fast.flash_attn_with_kvcache` for the arguments."""
     _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                           cache_leftpad, block_table)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q)
     softcap = check_softcap(softcap)
     num_splits = check_num_splits(num_splits)
     capacity = cache_capacity(k_cache, block_table)
@@ -249,26 +252,26 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
         block_table = block_table.contiguous()
     return _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                        cache_leftpad, block_table, softmax_scale_or_default(softmax_scale, q.shape[-1]), bool(causal),
-                       left, right, softcap, bool(rotary_interleaved), num_splits)
+                       left, right, softcap, bool(rotary_interleaved), num_splits, alibi_slopes)
 
 
 # ---------------------------------------------- flash_attn_varlen_func with block_table
 
 def _paged_triton(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale, causal,
-                  window_left, window_right, softcap, num_splits):
+                  window_left, window_right, softcap, num_splits, alibi_slopes):
     # Key counts per sequence, on the device: the kernel reads them where the decode path reads cache_seqlens.
     seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
     options = dict(block_table=block_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
                    softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
-                   softcap=softcap)
+                   softcap=softcap, alibi_slopes=alibi_slopes)
     return _run_kernel(q, k_cache, v_cache, (q.shape[1], q.shape[0]), seqlens_k, options, num_splits,
                        block_table.shape[1] * k_cache.shape[1])
 
 
 def _paged_reference(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale,
-                     causal, window_left, window_right, softcap, num_splits):
+                     causal, window_left, window_right, softcap, num_splits, alibi_slopes):
     return flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale,
-                                       causal, (window_left, window_right), softcap)
+                                       causal, (window_left, window_right), softcap, alibi_slopes)
 
 
 VARLEN_PAGED = register_op(
@@ -282,14 +285,14 @@ VARLEN_PAGED = register_op(
 def _varlen_paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, block_table: torch.Tensor, softmax_scale: float,
                      causal: bool, window_left: int, window_right: int, softcap: float,
-                     num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_splits: int, alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return VARLEN_PAGED(q.device, q.dtype, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
-                        softmax_scale, causal, window_left, window_right, softcap, num_splits)
+                        softmax_scale, causal, window_left, window_right, softcap, num_splits, alibi_slopes)
 
 
 @_varlen_paged_op.register_fake
 def _(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale, causal,
-      window_left, window_right, softcap, num_splits):
+      window_left, window_right, softcap, num_splits, alibi_slopes):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -323,7 +326,8 @@ def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seq
 
 
 def varlen_paged_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, num_splits=0):
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, num_splits=0,
+                           alibi_slopes=None):
     """Validated packed attention over a paged cache -> (out (total_q, H, D), lse (H, total_q) fp32).
 
     flash-attn 2's semantics (forward only): sequence b's keys are its first
@@ -336,8 +340,9 @@ def varlen_paged_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     left, right = normalize_window(check_window(window_size), max_seqlen_k, max_seqlen_q)
     softcap = check_softcap(softcap)
     num_splits = check_num_splits(num_splits)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     if block_table.stride(1) != 1:  # the kernel reads rows of the table with unit stride
         block_table = block_table.contiguous()
     return _varlen_paged_op(q, k_cache, v_cache, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q,
                             block_table, softmax_scale_or_default(softmax_scale, q.shape[-1]), bool(causal), left,
-                            right, softcap, num_splits)
+                            right, softcap, num_splits, alibi_slopes)

@@ -21,6 +21,8 @@ One call:
 2. q attends to slots ``[leftpad, L)`` with ``L = cache_seqlens + Sk_new``: causal masks and windows
    align bottom-right to that key count (query i's diagonal is slot ``i + L - Sq``), softcap
    and GQA as in :func:`attention_ref`. A query that sees no key gets out 0 and lse -inf.
+   ALiBi (``alibi_slopes`` (H,) or (B, H)) adds ``-slope * |i + L - Sq - j|``: the distance
+   is the same counted from slot 0 or from ``cache_leftpad`` (flash-attn's), both ends shift.
 
 The math is :func:`docqa_fast.reference.attention.attention_ref` on each row's gathered keys.
 """
@@ -32,6 +34,7 @@ import math
 import torch
 
 from .attention import attention_ref
+from .rotary import rotate_at
 
 
 def cache_capacity(k_cache, block_table) -> int:
@@ -58,19 +61,9 @@ def rotary_positions(cache_seqlens: torch.Tensor, seqlen: int, per_token: bool) 
 
 def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                      interleaved: bool) -> torch.Tensor:
-    """Rotate the first 2 * cos.shape[1] dims of x (B, S, H, D) at ``positions`` (B, S), in fp32."""
-    rotary_dim = 2 * cos.shape[1]
-    c = cos.float()[positions][:, :, None, :]  # (B, S, 1, rotary_dim / 2)
-    s = sin.float()[positions][:, :, None, :]
-    x32 = x.float()
-    rot, rest = x32[..., :rotary_dim], x32[..., rotary_dim:]
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rotated, rest), dim=-1).to(x.dtype)
+    """Rotate the first 2 * cos.shape[1] dims of x (B, S, H, D) at ``positions`` (B, S), in fp32
+    (as the kernel does), rounded to x's dtype."""
+    return rotate_at(x, cos, sin, positions, interleaved, torch.float32).to(x.dtype)
 
 
 def cache_slots(cache_seqlens, seqlen_new, cache_batch_idx, block_table, page_size):
@@ -119,8 +112,6 @@ def flash_attn_with_kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=
     computes the attention in the inputs' dtype (the tolerance rule's "plain PyTorch").
     Returns out (B, Sq, H, D), or (out, lse (B, H, Sq) fp32) with ``return_softmax_lse``.
     """
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented")
     batch, seqlen_q = q.shape[0], q.shape[1]
     if cache_seqlens is None:  # flash-attn: no lengths means every row fills the whole cache
         cache_seqlens = cache_capacity(k_cache, block_table)
@@ -147,9 +138,10 @@ def flash_attn_with_kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=
         keys = gather_row(k_cache, b, end, cache_batch_idx, block_table)[start:]
         values = gather_row(v_cache, b, end, cache_batch_idx, block_table)[start:]
         dtype = q.dtype if not upcast else (torch.float64 if q.dtype == torch.float64 else torch.float32)
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
         out, lse = attention_ref(q[b:b + 1].to(dtype), keys[None].to(dtype), values[None].to(dtype),
                                  softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
-                                 softcap=softcap, upcast=upcast)
+                                 softcap=softcap, alibi_slopes=slopes, upcast=upcast)
         outs.append(out.to(q.dtype))
         lses.append(lse)
     out, lse = torch.cat(outs), torch.cat(lses)
@@ -166,7 +158,7 @@ def gather_paged_varlen(cache, cu_seqlens_k, block_table):
 
 
 def flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, softmax_scale=None,
-                                causal=False, window_size=(-1, -1), softcap=0.0, upcast=True):
+                                causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, upcast=True):
     """flash-attn 2's ``flash_attn_varlen_func(..., block_table=...)``: packed queries
     (total_q, H, D) over a paged cache (num_blocks, page_size, Hk, D); sequence b's keys are
     its first ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` logical slots (through ``block_table[b]``).
@@ -174,4 +166,5 @@ def flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
     keys = gather_paged_varlen(k_cache, cu_seqlens_k, block_table)
     values = gather_paged_varlen(v_cache, cu_seqlens_k, block_table)
     return attention_ref(q, keys, values, softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
-                         softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, upcast=upcast)
+                         softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         alibi_slopes=alibi_slopes, upcast=upcast)

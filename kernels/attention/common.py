@@ -67,3 +67,26 @@ def block_d(head_dim: int) -> int:
 def score_scale(softmax_scale, softcap):
     """qk_scale turns q.k into base-2 scores (or into tanh's argument under a softcap)."""
     return (softmax_scale / softcap) if softcap > 0 else softmax_scale * LOG2E
+
+
+@triton.jit
+def alibi_bias(slope, rows, cols, len_q, len_k):
+    """ALiBi's bias of a (rows, cols) tile: -slope * |i + Sk - Sq - j| (flash-attn's, bottom-right
+    aligned per sequence); ``slope`` already in the scores' base-2 units."""
+    distance = tl.abs(rows[:, None] + (len_k - len_q) - cols[None, :])
+    return -slope * distance.to(tl.float32)
+
+
+@triton.jit
+def dropout_keep(seed, stream, rows, cols, threshold):
+    """Which elements of a (rows, cols) score tile dropout keeps: Philox-4x32 (10 rounds) keyed by
+    ``seed`` with counters (key j, query i, stream = b * H + h, 0), sequence-local i and j, kept
+    where the first output word is at least ``threshold`` = p * 2^32. The same bits for the same
+    element whichever kernel or tile asks (forward, dK/dV, dQ), and in the reference's PyTorch
+    Philox (docqa_fast.reference.attention.dropout_keep_ref)."""
+    zero = (rows[:, None] + cols[None, :]) * 0
+    c0 = (cols[None, :] + zero).to(tl.uint32)
+    c1 = (rows[:, None] + zero).to(tl.uint32)
+    c2 = (zero + stream).to(tl.uint32)
+    word, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    return word.to(tl.int64) >= threshold

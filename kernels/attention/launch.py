@@ -97,15 +97,37 @@ def _lse_strides(lse, varlen):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def _flags(causal, window_size, softcap, varlen):
+def _flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p):
     left, right = window_size
     return {"IS_VARLEN": varlen, "CAUSAL": causal, "HAS_WINDOW": left >= 0 or (right >= 0 and not causal),
-            "HAS_SOFTCAP": softcap > 0}
+            "HAS_SOFTCAP": softcap > 0, "HAS_ALIBI": alibi_slopes is not None, "HAS_DROPOUT": dropout_p > 0}
+
+
+DROPOUT_RANDOM_RANGE = 2 ** 32  # the Philox word dropout compares with p * this
+
+
+def _extras(alibi_slopes, dropout_p, dropout_seed, placeholder):
+    """(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale) kernel arguments:
+    slopes (H,) or (B, H) fp32 (a batch stride of 0 for (H,)); the Philox seed (1,) int64 and the
+    threshold p * 2^32 below which an element drops. ``placeholder`` stands for absent tensors
+    (Triton needs a pointer; the constexpr flags keep it unread)."""
+    if alibi_slopes is None:
+        alibi = (placeholder, 0, 0)
+    elif alibi_slopes.dim() == 1:
+        alibi = (alibi_slopes, 0, alibi_slopes.stride(0))
+    else:
+        alibi = (alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1))
+    if dropout_p > 0:
+        threshold = min(int(dropout_p * DROPOUT_RANDOM_RANGE), DROPOUT_RANDOM_RANGE - 1)
+        return (*alibi, dropout_seed, threshold, 1.0 / (1.0 - dropout_p))
+    return (*alibi, placeholder, 0, 1.0)
 
 
 def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            softmax_scale, causal, window_size, softcap):
-    """Fill ``out`` (like q) and ``lse`` (B, H, Sq) / (H, total_q). Dense when cu_seqlens_q is None."""
+            softmax_scale, causal, window_size, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+    """Fill ``out`` (like q) and ``lse`` (B, H, Sq) / (H, total_q). Dense when cu_seqlens_q is None.
+    ALiBi slopes (H,) / (B, H) fp32; dropout with probability ``dropout_p`` from the Philox seed
+    ``dropout_seed`` (1,) int64 (the backward must get the same)."""
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -121,10 +143,10 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         attention_forward_kernel[grid](
             q, k_arg, v_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, heads // k.shape[-2], score_scale(softmax_scale, softcap), softcap,
-            window_size[0], window_size[1],
+            window_size[0], window_size[1], *_extras(alibi_slopes, dropout_p, dropout_seed, lse),
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *_lse_strides(lse, varlen),
-            HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen),
+            HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(head_dim), USE_TMA=tma,
             num_warps=warps, num_stages=stages,
         )
@@ -203,7 +225,7 @@ def _delta(dout, out, lse, grad_lse, varlen):
 
 
 def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             softmax_scale, causal, window_size, softcap):
+             softmax_scale, causal, window_size, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     """Fill dq, dk, dv (shaped like q, k, v). Deterministic: no atomics anywhere.
 
     ``grad_lse`` (like lse, or None) is the LSE's own gradient: dL/ds_ij = p_ij (dP_ij - delta_i)
@@ -220,8 +242,10 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     lse = lse.contiguous()  # the kernels address delta (allocated like it) with the LSE's strides
     delta = _delta(dout, out, lse, grad_lse, varlen)
     common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
-              score_scale(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1])
-    flags = dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen), BLOCK_D=block_d(head_dim))
+              score_scale(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1],
+              *_extras(alibi_slopes, dropout_p, dropout_seed, lse))
+    flags = dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p),
+                 BLOCK_D=block_d(head_dim))
     lse_strides = _lse_strides(lse, varlen)
     dkdv_tma = _tma_eligible(q, dout, varlen, DKDV_TMA_MAX_HEAD_DIM)
     dq_tma = _tma_eligible(k, v, varlen)
@@ -274,8 +298,10 @@ def _configs():
     """Every tile the launchers pick (head dim x dtype x TMA or not), with two flag sets per tile:
     plain (dense, no mask options) and the heaviest (varlen + causal + window + softcap)."""
     flag_sets = {
-        "plain": {"IS_VARLEN": False, "CAUSAL": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False},
-        "all_options": {"IS_VARLEN": True, "CAUSAL": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True},
+        "plain": {"IS_VARLEN": False, "CAUSAL": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+                  "HAS_ALIBI": False, "HAS_DROPOUT": False},
+        "all_options": {"IS_VARLEN": True, "CAUSAL": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
+                        "HAS_ALIBI": True, "HAS_DROPOUT": True},
     }
     kernels = (
         (attention_forward_kernel, ("q", "k", "v", "out"), (), ("q", "k", "v", "o")),
@@ -296,7 +322,9 @@ def _configs():
             signature.update({"cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32", "seqlen_q": "i32",
                               "seqlen_k": "i32", "heads_per_kv": "i32", "qk_scale": "fp32"})
             signature.update({name: "fp32" for name in extra_floats})
-            signature.update({"softcap": "fp32", "window_left": "i32", "window_right": "i32"})
+            signature.update({"softcap": "fp32", "window_left": "i32", "window_right": "i32",
+                              "alibi_ptr": "*fp32", "alibi_sb": "i64", "alibi_sh": "i64", "seed_ptr": "*i64",
+                              "dropout_threshold": "i64", "dropout_scale": "fp32"})
             for group in stride_groups:
                 signature.update({f"{group}_{axis}": "i64" for axis in ("sb", "st", "sh")})
             signature.update({"lse_sb": "i64", "lse_sh": "i64"})

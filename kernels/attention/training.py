@@ -25,7 +25,7 @@ gradients are bitwise reproducible), one kernel per query block for dQ.
 import triton
 import triton.language as tl
 
-from .common import scores, sequence
+from .common import alibi_bias, dropout_keep, scores, sequence
 
 # Lengths and window sides Triton would otherwise compile as constants when they equal 1: Triton
 # 3.6's ptxas crashes (signal 11) on the dQ kernel compiled for seqlen_k == 1 with TMA loads,
@@ -217,6 +217,18 @@ def _stage_start(j, lo, inner_lo, inner_hi, leading, BLOCK: tl.constexpr, MASK: 
 
 
 @triton.jit
+def _head_extras(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, b, h, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """(ALiBi slope of (b, h) in the scores' base-2 units, dropout seed); zeros when off."""
+    slope = 0.0
+    seed = 0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b.to(tl.int64) * alibi_sb + h.to(tl.int64) * alibi_sh) * 1.4426950408889634
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    return slope, seed
+
+
+@triton.jit
 def _query_block(CAUSAL: tl.constexpr):
     """This program's query block: under a causal mask the longest blocks (the last ones) are
     launched first, so the grid's tail is short blocks instead of one long straggler."""
@@ -229,10 +241,12 @@ def _query_block(CAUSAL: tl.constexpr):
 
 @triton.jit
 def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo, inner_lo,
-                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-                    BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
-    """Online softmax over one stage's key blocks (see _stage_blocks)."""
+                    inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r, slope, seed, stream, threshold,
+                    keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Online softmax over one stage's key blocks (see _stage_blocks). ALiBi adds its bias to the
+    scores; dropout drops from the values' weights only (the normaliser l counts every key)."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
     # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
     for j in tl.range(0, count, num_stages=1 if MASK else None):
@@ -241,6 +255,8 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
         k = _head_tile(k_src, n_start, kv_row, kv_col, cols, k_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, False)
         s = scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
+        if HAS_ALIBI:
+            s += alibi_bias(slope, rows, cols, len_q, len_k)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         if MASK:
             # A row that has seen only hidden keys keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
@@ -250,6 +266,8 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(seed, stream, rows, cols, threshold), p * keep_scale, 0.0)
         v = _head_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -260,12 +278,16 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, softcap, window_left, window_right,
+    alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile)."""
+    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile).
+    HAS_ALIBI: alibi_ptr holds fp32 slopes at b * alibi_sb + h * alibi_sh. HAS_DROPOUT: seed_ptr
+    holds the Philox seed; keys drop where their random word is below dropout_threshold, the
+    kept ones scaled by dropout_scale = 1 / (1 - p)."""
     m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -288,12 +310,16 @@ def attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    slope, seed = _head_extras(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, b, h, HAS_ALIBI, HAS_DROPOUT)
+    stream = b * tl.num_programs(2) + h  # (sequence, query head): the dropout pattern's stream
     # Two stages: the blocks inside the band, with no mask and unmasked loads; then its edges
     # (window start, diagonal, window end, the sequence's end), which pay for the mask.
     for stage_masked in tl.static_range(2):
         acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo,
                                         inner_lo, inner_hi, hi, len_q, len_k, qk_scale, softcap, window_l, window_r,
-                                        HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_N, USE_TMA)
+                                        slope, seed, stream, dropout_threshold, dropout_scale,
+                                        HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_N, USE_TMA,
+                                        HAS_ALIBI, HAS_DROPOUT)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -302,6 +328,15 @@ def attention_forward_kernel(
     _store_tile(_head_start(out_ptr, b, h, q_start, o_sb, o_sh, o_st), rows, o_st, dims, len_q, out, HEAD_DIM)
     lse_base = lse_ptr + b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
     tl.store(lse_base + rows, lse, mask=rows < len_q)
+
+
+@triton.jit
+def _probabilities(s, lse, slope, rows, cols, len_q, len_k, HAS_ALIBI: tl.constexpr):
+    """The softmax of a recomputed score tile (base 2) from the forward's LSE, ALiBi's bias
+    included (the softcap's slope is taken from the scores without it)."""
+    if HAS_ALIBI:
+        s = s + alibi_bias(slope, rows, cols, len_q, len_k)
+    return tl.exp2(s - lse[:, None])
 
 
 @triton.jit
@@ -323,9 +358,10 @@ def _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base, q_st, do_st, cols, dims, lo,
-                 inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr):
+                 inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, slope, seed,
+                 stream, threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """dK, dV of one key block from one stage's query blocks of one query head."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_M, MASK)
     # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
@@ -340,9 +376,14 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base
         lse, delta = _row_stats(lse_base, delta_base, rows, len_q, MASK)
         s = scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
-        p = tl.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        p = _probabilities(s, lse, slope, rows, cols, len_q, len_k, HAS_ALIBI)
         dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, stream, rows, cols, threshold)
+            dv += tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     return dk, dv
@@ -352,13 +393,15 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base
 def attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
+    alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, do_sb, do_st, do_sh,
     dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """USE_TMA: q_ptr / dout_ptr are tensor descriptors over (tokens, H * D) (see _head_tile)."""
+    """USE_TMA: q_ptr / dout_ptr are tensor descriptors over (tokens, H * D) (see _head_tile).
+    ALiBi and dropout as in the forward kernel."""
     n_block, b, kv_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -385,11 +428,14 @@ def attention_backward_dkdv_kernel(
         q_src, do_src, q_row, q_col = _tile_sources(q_ptr, dout_ptr, b, h, q_start, seqlen_q, q_sb, q_sh, q_st,
                                                     do_sb, do_sh, do_st, HEAD_DIM, IS_VARLEN, USE_TMA)
         stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
+        slope, seed = _head_extras(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, b, h, HAS_ALIBI, HAS_DROPOUT)
+        stream = b * (tl.num_programs(2) * heads_per_kv) + h
         for stage_masked in tl.static_range(2):  # inside the band first, then its edges
             dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_ptr + stat, delta_ptr + stat, q_st,
                                   do_st, cols, dims, lo, inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale,
-                                  softcap, window_l, window_r, HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP,
-                                  stage_masked == 1, BLOCK_M, USE_TMA)
+                                  softcap, window_l, window_r, slope, seed, stream, dropout_threshold, dropout_scale,
+                                  HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_M, USE_TMA,
+                                  HAS_ALIBI, HAS_DROPOUT)
 
     _store_tile(_head_start(dk_ptr, b, kv_h, k_start, dk_sb, dk_sh, dk_st), cols, dk_st, dims, len_k, dk, HEAD_DIM)
     _store_tile(_head_start(dv_ptr, b, kv_h, k_start, dv_sb, dv_sh, dv_st), cols, dv_st, dims, len_k, dv, HEAD_DIM)
@@ -397,9 +443,10 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo, inner_lo, inner_hi,
-               hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+               hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, slope, seed, stream, threshold,
+               keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """dQ of one query block from one stage's key blocks."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_N, MASK)
     # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
@@ -411,8 +458,10 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, 
         v = _head_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
         s = scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
                     CAUSAL, HAS_SOFTCAP, MASK)
-        p = tl.exp2(s - lse[:, None])
+        p = _probabilities(s, lse, slope, rows, cols, len_q, len_k, HAS_ALIBI)
         dp = tl.dot(do, tl.trans(v))
+        if HAS_DROPOUT:
+            dp = tl.where(dropout_keep(seed, stream, rows, cols, threshold), dp * keep_scale, 0.0)
         ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k)
     return dq
@@ -422,13 +471,15 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, 
 def attention_backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
+    alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, do_sb, do_st, do_sh, dq_sb, dq_st, dq_sh,
     lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile)."""
+    """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile).
+    ALiBi and dropout as in the forward kernel."""
     m_block, b, h = _query_block(CAUSAL), tl.program_id(1), tl.program_id(2)
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -453,10 +504,13 @@ def attention_backward_dq_kernel(
     first, end = _inner_keys(m_start, len_q, len_k, BLOCK_M, window_l, window_r, CAUSAL)
     inner_lo, inner_hi = _inner_blocks(lo, hi, first, end, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    slope, seed = _head_extras(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, b, h, HAS_ALIBI, HAS_DROPOUT)
+    stream = b * tl.num_programs(2) + h
     for stage_masked in tl.static_range(2):  # inside the band first, then its edges
         dq = _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, rows, dims, lo, inner_lo,
-                        inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, HEAD_DIM,
-                        BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_N, USE_TMA)
+                        inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, slope, seed,
+                        stream, dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP,
+                        stage_masked == 1, BLOCK_N, USE_TMA, HAS_ALIBI, HAS_DROPOUT)
     _store_tile(_head_start(dq_ptr, b, h, q_start, dq_sb, dq_sh, dq_st), rows, dq_st, dims, len_q, dq, HEAD_DIM)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from docqa_fast.kernels import tuning
-from test_attention import check_attention
+from .test_attention import check_attention
 
 pytestmark = pytest.mark.backends("triton")
 

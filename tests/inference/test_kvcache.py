@@ -336,7 +336,8 @@ BAD_INPUTS = {
     "leftpad with paged": (lambda a: a.update(cache_leftpad=torch.zeros(2, dtype=torch.int32)), ValueError,
                            "cache_leftpad"),
     "num_splits negative": (lambda a: a.update(num_splits=-1), ValueError, "num_splits"),
-    "alibi": (lambda a: a.update(alibi_slopes=torch.ones(2)), NotImplementedError, "alibi"),
+    "alibi shape": (lambda a: a.update(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes of shape \(2,\)"),
+    "alibi dtype": (lambda a: a.update(alibi_slopes=torch.ones(2).half()), TypeError, "alibi_slopes"),
     "strided rotary table": (lambda a: a.update(zip(("rotary_cos", "rotary_sin"),
                                                     (t.repeat(1, 2)[:, ::2] for t in _rotary(70, "cpu")))),
                              ValueError, "rotary_cos"),
@@ -363,8 +364,11 @@ def test_custom_op_and_compile(backend, device):
     seqlens = torch.tensor([3, 20], dtype=torch.int32, device=device)
     from docqa_fast.inference.ops import _kvcache_op
     args = (q, k_cache.clone(), v_cache.clone(), k, v, None, None, seqlens, None, None, table, 0.2, True, -1, -1, 0.0,
-            True, 1)
+            True, 1, None)
     torch.library.opcheck(_kvcache_op, args, test_utils=("test_schema", "test_faketensor"))
+    slopes = torch.rand(2, device=device)
+    torch.library.opcheck(_kvcache_op, (*args[:1], k_cache.clone(), v_cache.clone(), *args[3:-1], slopes),
+                          test_utils=("test_schema", "test_faketensor"))
 
     def step(q, k_cache, v_cache, k, v):
         return inference.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,

@@ -118,8 +118,9 @@ def test_custom_op_and_compile(backend, device):
 
     lengths_q, lengths_k = [3, 1], [20, 40]
     q, k_cache, v_cache, cu_q, cu_k, table = make_paged(lengths_q, lengths_k, 4, 2, 32, 16, torch.float16, device)
-    torch.library.opcheck(_varlen_paged_op, (q, k_cache, v_cache, cu_q, cu_k, 3, table, 0.2, True, -1, -1, 0.0, 1),
-                          test_utils=("test_schema", "test_faketensor"))
+    for slopes in (None, torch.rand(2, 4, device=device)):
+        torch.library.opcheck(_varlen_paged_op, (q, k_cache, v_cache, cu_q, cu_k, 3, table, 0.2, True, -1, -1, 0.0, 1,
+                                                 slopes), test_utils=("test_schema", "test_faketensor"))
 
     def prefill(q, k_cache, v_cache):
         return docqa_fast.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 3, 40, causal=True,

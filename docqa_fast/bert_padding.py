@@ -1,0 +1,78 @@
+"""flash-attn's padding helpers: from a padded batch to the packed (varlen) layout and back.
+
+``from flash_attn.bert_padding import unpad_input, pad_input, index_first_axis`` becomes
+``from docqa_fast.bert_padding import ...`` with the same signatures and return values
+(flash-attn 2.6+: ``unpad_input`` returns five values). Gathers and scatters of whole rows in
+PyTorch, differentiable; the only host sync is ``unpad_input``'s ``max_seqlen`` (an int, as
+flash-attn returns it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_same_device, check_tensor
+
+__all__ = ["index_first_axis", "pad_input", "unpad_input"]
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def index_first_axis(input, indices):
+    """``input[indices]`` along the first axis: input (N, ...), indices (n,) int -> (n, ...)."""
+    check_tensor("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"expected input with at least 2 dimensions (rows, ...), got shape {tuple(input.shape)}")
+    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), ndims=(1,))
+    check_same_device(("input", "indices"), (input, indices))
+    return input[indices]
+
+
+def pad_input(hidden_states, indices, batch, seqlen):
+    """The packed rows back to (batch, seqlen, ...), zeros where nothing was packed.
+
+    hidden_states (total_nnz, ...); indices (total_nnz,) positions in the flattened batch (what
+    :func:`unpad_input` returned)."""
+    check_tensor("hidden_states", hidden_states)
+    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), ndims=(1,))
+    check_same_device(("hidden_states", "indices"), (hidden_states, indices))
+    if indices.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"expected one index per row of hidden_states ({hidden_states.shape[0]}), "
+                         f"got {indices.shape[0]}")
+    for name, value in (("batch", batch), ("seqlen", seqlen)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"expected {name} to be a non-negative int, got {value!r}")
+    out = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
+    out = out.index_put((indices.long(),), hidden_states)  # differentiable, no in-place write on a leaf
+    return out.view(batch, seqlen, *hidden_states.shape[1:])
+
+
+def unpad_input(hidden_states, attention_mask, unused_mask=None):
+    """(hidden_states (total_nnz, ...), indices, cu_seqlens (batch + 1,) int32, max_seqlen_in_batch
+    (int), seqused (batch,) int32) of a padded batch.
+
+    hidden_states (batch, seqlen, ...); attention_mask (batch, seqlen), nonzero for real tokens;
+    unused_mask (batch, seqlen): tokens that are allocated but unused -- kept in the packed rows
+    and counted in cu_seqlens, but not in ``seqused`` (the real tokens per sequence).
+    """
+    check_tensor("hidden_states", hidden_states)
+    if hidden_states.dim() < 2:
+        raise ValueError(f"expected hidden_states of shape (batch, seqlen, ...), got {tuple(hidden_states.shape)}")
+    masks = [("attention_mask", attention_mask)] + ([("unused_mask", unused_mask)] if unused_mask is not None else [])
+    for name, mask in masks:
+        check_tensor(name, mask, dtypes=_MASK_DTYPES, ndims=(2,))
+        if tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            raise ValueError(f"expected {name} of shape {tuple(hidden_states.shape[:2])} (hidden_states' batch and "
+                             f"seqlen), got {tuple(mask.shape)}")
+        check_same_device(("hidden_states", name), (hidden_states, mask))
+    kept = attention_mask != 0
+    if unused_mask is not None:
+        kept = kept | (unused_mask != 0)
+    lengths = kept.sum(-1, dtype=torch.int32)
+    seqused = (attention_mask != 0).sum(-1, dtype=torch.int32)
+    indices = kept.flatten().nonzero().flatten()
+    cu_seqlens = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=lengths.device)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    rows = hidden_states.reshape(-1, *hidden_states.shape[2:])
+    return rows[indices], indices, cu_seqlens, max_seqlen, seqused
