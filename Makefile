@@ -18,8 +18,10 @@ DEPS := pytest pytest-benchmark pytest-xdist ninja numpy matplotlib tqdm transfo
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 TEST_JOBS ?= $(MAX_JOBS)
+# tests/ times nothing: pytest-benchmark (for `pytest benchmarks/`) is left out rather than have
+# every xdist worker warn that it disabled itself.
 PYTEST := DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs \
-	$(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS)) $(PYTEST_ARGS)
+	-p no:benchmark $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS)) $(PYTEST_ARGS)
 
 SETUP_STAMP := $(VENV)/.docqa_fast-deps
 BUILD_STAMP := $(VENV)/.docqa_fast-built

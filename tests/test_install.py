@@ -112,6 +112,20 @@ def test_build_info_is_written_only_when_the_extension_built(setup_py, tmp_path,
     assert json.loads((tmp_path / "tree" / "_build_info.json").read_text()) == info
 
 
+def test_an_editable_build_keeps_its_objects_in_the_tree_for_the_next_one(setup_py):
+    class Base:
+        def finalize_options(self):
+            self.build_temp = "/tmp/pip-xyz.build-temp"  # what pip's editable build would use
+
+    command = setup_py._build_ext_recording(Base, {})()
+    command.inplace = True
+    command.finalize_options()
+    assert command.build_temp == os.path.join(setup_py.ROOT, "build", "editable")
+    command.inplace = False  # a wheel: the scratch folder setup.py removes afterwards
+    command.finalize_options()
+    assert command.build_temp == "/tmp/pip-xyz.build-temp"
+
+
 @pytest.fixture
 def extension_state(monkeypatch):
     """Fake build info and import outcome for the extension loader; its caches cleared around the test."""
