@@ -33,6 +33,13 @@ G is stored in the input dtype, divided by a per-call power-of-two scale (at lea
 largest row coefficient) so that tiny gradients (a mean over many tokens) do not flush to
 zero in fp16; the matmuls multiply the scale back, exactly.
 
+Chunk kernels (:func:`chunk_stats`, :func:`chunk_grad`): the same online statistics and
+the same dL/dz, read from a logits chunk that a library matmul (cuBLAS through ``torch.mm``:
+docqa_fast/losses/chunked.py) wrote, instead of computing the logits tiles themselves. The
+forward kernels also record, per LOG_P_TILE vocabulary columns, an upper bound of log p
+over the tokens that count (z - the running max, never below z - lse), which lets the
+backward leave out tiles whose every softmax value is negligible.
+
 fp32 inputs are computed as accurately as PyTorch computes them, on the GPU as under the
 interpreter: IEEE FMAs (``input_precision="ieee"``, no TF32); every reduction over a long
 axis (H in the logits, tokens or vocabulary in the backward matmuls) adds short K blocks,
@@ -67,8 +74,26 @@ _LOGITS_TILES = {torch.float16: (64, 128, 32, 8, 4), torch.bfloat16: (64, 128, 3
                  torch.float32: (32, 64, 32, 8, 2)}
 _MATMUL_TILES = {torch.float16: (64, 128, 32, 8, 8, 4), torch.bfloat16: (64, 128, 32, 8, 8, 4),
                  torch.float32: (32, 64, 32, 8, 8, 2)}
+# "losses_chunks": the path whose products are library matmuls (docqa_fast/losses/chunked.py).
+# PRODUCTS picks who multiplies: 1 = the library (cuBLAS through torch.mm), 2 = the Triton
+# kernels above (the whole all-Triton path then runs, with its own tiles); CHUNK_COLUMNS caps
+# the vocabulary columns of one logits chunk (the memory budget may cut it further); BLOCK_N x
+# BLOCK_V, num_warps, num_stages are the tiles of the chunk kernels (chunk_stats, chunk_grad),
+# which stream the chunk from memory. Not yet measured on a GPU: library products because
+# cuBLAS multiplies bf16 at ~2.5x the rate of the Triton matmuls on the H200; 16-row tiles
+# give a 8K-token chunk 512 programs; 8K columns make each product a large matmul.
+CHUNKS_PARAMS = ("PRODUCTS", "CHUNK_COLUMNS", "BLOCK_N", "BLOCK_V", "num_warps", "num_stages")
+LIBRARY_PRODUCTS, TRITON_PRODUCTS = 1, 2
+_CHUNKS_TILES = {torch.float16: (1, 8192, 16, 256, 4, 2), torch.bfloat16: (1, 8192, 16, 256, 4, 2),
+                 torch.float32: (1, 4096, 16, 128, 4, 2)}
 tuning.declare("losses_logits", LOGITS_PARAMS)
 tuning.declare("losses_matmul", MATMUL_PARAMS)
+tuning.declare("losses_chunks", CHUNKS_PARAMS)
+_TILES = {"losses_logits": (_LOGITS_TILES, LOGITS_PARAMS), "losses_matmul": (_MATMUL_TILES, MATMUL_PARAMS),
+          "losses_chunks": (_CHUNKS_TILES, CHUNKS_PARAMS)}
+# Columns per entry of the log p bound the forward records (one entry per LOG_P_TILE vocabulary
+# columns); the package passes its own constant (docqa_fast/losses/ops.py), the same number.
+LOG_P_TILE = 128
 
 
 def tile_key(dtype) -> str:
@@ -76,7 +101,7 @@ def tile_key(dtype) -> str:
 
 
 def default_tiles(kernel: str, dtype) -> dict:
-    table, params = (_LOGITS_TILES, LOGITS_PARAMS) if kernel == "losses_logits" else (_MATMUL_TILES, MATMUL_PARAMS)
+    table, params = _TILES[kernel]
     return dict(zip(params, table[dtype]))
 
 
@@ -85,7 +110,7 @@ def tiles(kernel: str, dtype, device) -> dict:
     return tuning.lookup(kernel, tile_key(dtype), default_tiles(kernel, dtype), device)
 
 
-def _launch(kernel: str, dtype, device, run):
+def launch_tiles(kernel: str, dtype, device, run):
     """run(tiles) with the device's tiles; tuned ones that do not compile fall back to the built-in."""
     return tuning.launch(kernel, tile_key(dtype), default_tiles(kernel, dtype), device, run)
 
@@ -126,16 +151,70 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, 
 
 
 @triton.jit
+def _online_update(z, col_ok, m, s, t, ACCURATE: tl.constexpr):
+    """One tile of the online log-sum-exp: (m, s, t) after the tile, and z - m for its columns.
+
+    The running state per row is the max m, the sum s = sum exp(z - m) and t = sum exp(z - m)
+    * (z - m); the entropy is log s - t / s at the end, relative to the max, so it does not
+    cancel when the logits are large. Masked columns hold -inf: exp gives 0 there.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = exact_exp(m - m_new, ACCURATE)
+    shifted = z - m_new[:, None]
+    e = exact_exp(shifted, ACCURATE)
+    # Rescale t to the new max: sum e^(z-m)(z-m_new) = alpha * (t + s (m - m_new)).
+    t = alpha * (t + s * (m - m_new)) + tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, t, shifted
+
+
+@triton.jit
+def _record_log_p_bound(bound_ptr, shifted, counted, col0, n_bound_tiles,
+                        BLOCK_V: tl.constexpr, LOG_P_TILE: tl.constexpr):
+    """bound[tile] = max(bound[tile], z - m) over the counted rows, per LOG_P_TILE columns from col0.
+
+    z - m (m the running max after this tile) is never below log p = z - lse, as lse >= the
+    final max >= m: an upper bound of the softmax of every counted token in the tile, without
+    knowing lse yet. col0 is a multiple of LOG_P_TILE when BLOCK_V >= LOG_P_TILE, and of
+    BLOCK_V (which divides LOG_P_TILE) otherwise.
+    """
+    column_max = tl.max(tl.where(counted[:, None], shifted, float("-inf")), axis=0)
+    if BLOCK_V >= LOG_P_TILE:
+        tiles = col0 // LOG_P_TILE + tl.arange(0, BLOCK_V // LOG_P_TILE)
+        tile_max = tl.max(tl.reshape(column_max, (BLOCK_V // LOG_P_TILE, LOG_P_TILE)), axis=1)
+        tl.atomic_max(bound_ptr + tiles, tile_max, mask=tiles < n_bound_tiles)
+    else:
+        tl.atomic_max(bound_ptr + col0 // LOG_P_TILE, tl.max(column_max, axis=0))
+
+
+@triton.jit
+def _logits_grad(z, cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE: tl.constexpr):
+    """dL/dz_j = p_j (a + b log p_j) + c [j == label] + d for a tile (rows x cols) of logits z.
+
+    Rows whose coefficients are all 0 give 0: their lse may be 0 (an ignored row the forward did
+    not compute), where exp(z - lse) can overflow and inf * 0 would make NaN.
+    """
+    # Masked columns: p = exp(-inf) = 0, and log p is set to 0 so no 0 * inf arises.
+    p = exact_exp(z - lse[:, None], ACCURATE)
+    log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
+    grad = p * (a[:, None] + b[:, None] * log_p)
+    is_label = (cols[None, :] == labels[:, None]) & (labels != ignore_index)[:, None]
+    grad += tl.where(is_label, c[:, None], 0.0) + d[:, None]
+    active = (a != 0.0) | (b != 0.0) | (c != 0.0) | (d != 0.0)
+    return tl.where(active[:, None], grad, 0.0)
+
+
+@triton.jit
 def logit_stats_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
-    N, V, H, stride_hn, stride_wv, ignore_index, inv_temperature, tiles_per_split,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, bound_ptr,
+    N, V, H, stride_hn, stride_wv, ignore_index, inv_temperature, tiles_per_split, n_bound_tiles, record_bound,
+    HAS_BIAS: tl.constexpr, LOG_P_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per (token block, vocabulary split): the split's lse, label logit, logit sum and entropy.
 
-    ``part_ptr`` is (4, n_splits, N) fp32. The running state per row is the max m, the sum
-    s = sum exp(z - m) and t = sum exp(z - m) * (z - m); the split's entropy is log s - t / s,
-    computed relative to the max so it does not cancel when the logits are large.
+    ``part_ptr`` is (4, n_splits, N) fp32; with ``record_bound`` (0 or 1), ``bound_ptr`` the
+    per-tile log p bound (see _record_log_p_bound; a split's running max is below the lse too).
     """
     ACCURATE: tl.constexpr = h_ptr.dtype.element_ty == tl.float32
     pid_n = tl.program_id(0)
@@ -159,15 +238,12 @@ def logit_stats_kernel(
         col_ok = cols < V
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
                          inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = exact_exp(m - m_new, ACCURATE)
-        shifted = z - m_new[:, None]
-        e = exact_exp(shifted, ACCURATE)  # 0 in masked columns
-        # Rescale t to the new max: sum e^(z-m)(z-m_new) = alpha * (t + s (m - m_new)).
-        t = alpha * (t + s * (m - m_new)) + tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
-        is_label = (cols[None, :] == labels[:, None]) & has_label[:, None]
+        m, s, t, shifted = _online_update(z, col_ok, m, s, t, ACCURATE)
+        if record_bound:
+            _record_log_p_bound(bound_ptr, shifted, row_ok & has_label, tile * BLOCK_V, n_bound_tiles,
+                                BLOCK_V, LOG_P_TILE)
+        # col_ok: a label past the vocabulary (unchecked bad input) matches no masked column either.
+        is_label = (cols[None, :] == labels[:, None]) & has_label[:, None] & col_ok[None, :]
         label_logit += tl.sum(tl.where(is_label, z, 0.0), axis=1)
         sum_logits += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
@@ -207,13 +283,7 @@ def logits_grad_kernel(
     d = tl.load(coef_ptr + 3 * N + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     inv_scale = exact_div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
-
-    # Masked columns: p = exp(-inf) = 0, and log p is set to 0 so no 0 * inf arises.
-    p = exact_exp(z - lse[:, None], ACCURATE)
-    log_p = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
-    grad = p * (a[:, None] + b[:, None] * log_p)
-    is_label = (cols[None, :] == labels[:, None]) & (labels != ignore_index)[:, None]
-    grad += tl.where(is_label, c[:, None], 0.0) + d[:, None]
+    grad = _logits_grad(z, cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE)
     g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - v_start)[None, :]
     tl.store(g_ptrs, (grad * inv_scale).to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -271,6 +341,96 @@ def scaled_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
+@triton.jit
+def _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, inv_temperature,
+                  HAS_BIAS: tl.constexpr):
+    """(z + bias) / T for a tile of a logits chunk that a library matmul wrote (fp32 or the inputs'
+    dtype); columns past the chunk are -inf."""
+    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + v_start + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], z * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def chunk_stats_kernel(
+    z_ptr, b_ptr, labels_ptr, state_ptr, bound_ptr,
+    n_rows, width, stride_z, v_start, state_stride, n_bound_tiles, ignore_index, inv_temperature, first,
+    record_bound, HAS_BIAS: tl.constexpr, ACCURATE: tl.constexpr, LOG_P_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Fold the logits chunk z (n_rows x width, vocabulary columns from v_start) into the rows' state.
+
+    ``state_ptr`` holds five planes of ``state_stride`` fp32 each: the running max m, s, t of
+    :func:`_online_update`, the label logit and the sum of the logits; ``first`` (0 or 1)
+    starts them (the chunk holding column 0); ``record_bound`` adds the chunk to the log p
+    bound. One program walks a block of rows across the chunk, so the state stays in registers.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    has_label = labels != ignore_index
+    state = state_ptr + rows
+    # Later chunks carry the state on; the first starts from m = -1e30 (finite: the first
+    # rescale is 0 * finite, never 0 * inf) and zeros.
+    carried = row_ok & (first == 0)
+    m = tl.load(state, mask=carried, other=-1.0e30)
+    s = tl.load(state + state_stride, mask=carried, other=0.0)
+    t = tl.load(state + 2 * state_stride, mask=carried, other=0.0)
+    label_logit = tl.load(state + 3 * state_stride, mask=carried, other=0.0)
+    sum_logits = tl.load(state + 4 * state_stride, mask=carried, other=0.0)
+    for c0 in range(0, width, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < width
+        z = _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, inv_temperature, HAS_BIAS)
+        m, s, t, shifted = _online_update(z, col_ok, m, s, t, ACCURATE)
+        if record_bound:
+            _record_log_p_bound(bound_ptr, shifted, row_ok & has_label, v_start + c0, n_bound_tiles,
+                                BLOCK_V, LOG_P_TILE)
+        # col_ok: the columns past this chunk are the next chunk's (and past the vocabulary, none).
+        is_label = ((v_start + cols)[None, :] == labels[:, None]) & has_label[:, None] & col_ok[None, :]
+        label_logit += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        sum_logits += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    tl.store(state, m, mask=row_ok)
+    tl.store(state + state_stride, s, mask=row_ok)
+    tl.store(state + 2 * state_stride, t, mask=row_ok)
+    tl.store(state + 3 * state_stride, label_logit, mask=row_ok)
+    tl.store(state + 4 * state_stride, sum_logits, mask=row_ok)
+
+
+@triton.jit
+def chunk_grad_kernel(
+    z_ptr, g_ptr, b_ptr, labels_ptr, lse_ptr, coef_ptr, scale_ptr,
+    n_rows, width, stride_z, stride_g, v_start, coef_stride, ignore_index, inv_temperature,
+    HAS_BIAS: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """G = dL/dz / scale, in G's dtype, for a logits chunk z (n_rows x width, columns from v_start).
+
+    coef_ptr holds the planes a, b, c, d (``coef_stride`` apart) of :func:`_logits_grad`. G may
+    be z itself (fp32 inputs: each element is read and written by the same thread), else a
+    separate 16-bit buffer the gradient matmuls take at full tensor-core rate.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < width
+    z = _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, inv_temperature, HAS_BIAS)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    b = tl.load(coef_ptr + coef_stride + rows, mask=row_ok, other=0.0)
+    c = tl.load(coef_ptr + 2 * coef_stride + rows, mask=row_ok, other=0.0)
+    d = tl.load(coef_ptr + 3 * coef_stride + rows, mask=row_ok, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    inv_scale = exact_div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
+    grad = _logits_grad(z, v_start + cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE)
+    g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    tl.store(g_ptrs, (grad * inv_scale).to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 # ------------------------------------------------------------------------------ launchers
 
 def _vocab_splits(n_rows: int, vocab: int, block_n: int, block_v: int) -> tuple[int, int]:
@@ -286,11 +446,13 @@ def _bias_arg(bias, weight):
     return (bias, True) if bias is not None else (weight, False)
 
 
-def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float):
+def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float, bound=None,
+                log_p_tile: int = LOG_P_TILE):
     """(lse, label_logit, sum_logits, entropy), each (N,) fp32, of z = (hidden @ weight^T + bias) / T.
 
     hidden (N, H) and weight (V, H) of one dtype with unit stride along H; bias (V,) or
-    None; labels (N,) int64.
+    None; labels (N,) int64. ``bound`` (cdiv(V, log_p_tile),) fp32, when given, is raised to
+    an upper bound of log p per tile of columns over the rows whose label counts.
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -301,13 +463,14 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
         if n_rows:
             bias_ptr, has_bias = _bias_arg(bias, weight)
             logit_stats_kernel[(triton.cdiv(n_rows, t["BLOCK_N"]), n_splits)](
-                hidden, weight, bias_ptr, labels, parts,
+                hidden, weight, bias_ptr, labels, parts, parts if bound is None else bound,
                 n_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), ignore_index, 1.0 / temperature,
-                per_split, HAS_BIAS=has_bias, **t,
+                per_split, triton.cdiv(vocab, log_p_tile), int(bound is not None), HAS_BIAS=has_bias,
+                LOG_P_TILE=log_p_tile, **t,
             )
         return parts
 
-    parts = _launch("losses_logits", hidden.dtype, hidden.device, run)
+    parts = launch_tiles("losses_logits", hidden.dtype, hidden.device, run)
     split_lse, label_logit, sum_logits, split_entropy = parts.unbind(0)
     if parts.shape[1] == 1:  # separate tensors, not views of one buffer (a custom op's outputs may not alias)
         return split_lse[0].clone(), label_logit[0].clone(), sum_logits[0].clone(), split_entropy[0].clone()
@@ -316,6 +479,45 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
     mass = torch.exp(split_lse - lse)
     entropy = (mass * (split_entropy + (lse - split_lse))).sum(0)
     return lse, label_logit.sum(0), sum_logits.sum(0), entropy
+
+
+def chunk_stats(z, bias, labels, state, bound, v_start: int, first: bool, ignore_index: int, temperature: float,
+                accurate: bool, tiles: dict, log_p_tile: int = LOG_P_TILE) -> None:
+    """Fold the fp32 logits chunk z (rows x width; vocabulary columns from v_start) into ``state``.
+
+    state: (5, rows) fp32 view (m, s, t, label logit, logit sum; planes state.stride(0) apart),
+    started here when ``first``; labels (rows,) int64; bound as for :func:`logit_stats` or None.
+    """
+    n_rows, width = z.shape
+    if n_rows == 0 or width == 0:
+        return
+    bias_arg, has_bias = _bias_arg(bias, z)
+    chunk_stats_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
+        z, bias_arg, labels, state, state if bound is None else bound,
+        n_rows, width, z.stride(0), v_start, state.stride(0), 0 if bound is None else bound.numel(), ignore_index,
+        1.0 / temperature, int(first), int(bound is not None), HAS_BIAS=has_bias, ACCURATE=accurate,
+        LOG_P_TILE=log_p_tile, BLOCK_N=tiles["BLOCK_N"], BLOCK_V=tiles["BLOCK_V"], num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
+
+
+def chunk_grad(z, g, bias, labels, lse, coefs, scale, v_start: int, ignore_index: int, temperature: float,
+               accurate: bool, tiles: dict) -> None:
+    """g = dL/dz / scale for the fp32 logits chunk z (rows x width, columns from v_start); g may be z.
+
+    lse (rows,), coefs (4, rows) (planes coefs.stride(0) apart), scale (1,) fp32 on the device.
+    """
+    n_rows, width = z.shape
+    if n_rows == 0 or width == 0:
+        return
+    bias_arg, has_bias = _bias_arg(bias, z)
+    grid = (triton.cdiv(n_rows, tiles["BLOCK_N"]), triton.cdiv(width, tiles["BLOCK_V"]))
+    chunk_grad_kernel[grid](
+        z, g, bias_arg, labels, lse, coefs, scale,
+        n_rows, width, z.stride(0), g.stride(0), v_start, coefs.stride(0), ignore_index, 1.0 / temperature,
+        HAS_BIAS=has_bias, ACCURATE=accurate, BLOCK_N=tiles["BLOCK_N"], BLOCK_V=tiles["BLOCK_V"],
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+    )
 
 
 def _matmul(a, b, c, scale, *, trans_a: bool, accumulate: bool) -> None:
@@ -330,7 +532,7 @@ def _matmul(a, b, c, scale, *, trans_a: bool, accumulate: bool) -> None:
         scaled_matmul_kernel[grid](a, b, c, scale, m, n, k, a.stride(0), b.stride(0), c.stride(0),
                                    TRANS_A=trans_a, ACCUMULATE=accumulate, **t)
 
-    _launch("losses_matmul", a.dtype, a.device, run)
+    launch_tiles("losses_matmul", a.dtype, a.device, run)
 
 
 def chunk_columns(n_rows: int, vocab: int, dtype: torch.dtype, total_rows: int | None = None,
@@ -366,9 +568,19 @@ def hidden_rows_per_pass(n_rows: int, vocab: int, hidden_size: int, dtype: torch
     return min(n_rows, max(block_n, fit))
 
 
+def split_runs(runs, columns: int):
+    """The (start, end) column ranges ``runs`` cut into pieces of at most ``columns``, spread evenly."""
+    for start, end in runs:
+        pieces = triton.cdiv(end - start, columns)
+        step = triton.cdiv(end - start, pieces)
+        for v_start in range(start, end, step):
+            yield v_start, min(end, v_start + step)
+
+
 def _walk_vocabulary(hidden, weight, bias, labels, lse, coefs, scale, out_scale, ignore_index, temperature,
-                     total_rows, d_weight=None, d_bias=None, d_hidden=None):
-    """dL/dlogits of these tokens chunk by chunk, consumed at once by the gradients given.
+                     total_rows, runs, d_weight=None, d_bias=None, d_hidden=None):
+    """dL/dlogits of these tokens over the column ranges ``runs``, chunk by chunk, consumed at
+    once by the gradients given (columns outside the runs contribute nothing).
 
     d_weight / d_bias: written for every chunk (``hidden`` holds every token then).
     d_hidden: an fp32 (R, H) accumulator, R <= the tokens here, += G[:R] @ W[chunk].
@@ -379,8 +591,7 @@ def _walk_vocabulary(hidden, weight, bias, labels, lse, coefs, scale, out_scale,
     columns = chunk_columns(n_rows, vocab, hidden.dtype, total_rows, block_v)
     grad = torch.empty((n_rows, columns), dtype=hidden.dtype, device=hidden.device)
     bias_ptr, has_bias = _bias_arg(bias, weight)
-    for v_start in range(0, vocab, columns):
-        v_end = min(vocab, v_start + columns)
+    for v_start, v_end in split_runs(runs, columns):
         width = v_end - v_start
 
         def run(t):
@@ -390,7 +601,7 @@ def _walk_vocabulary(hidden, weight, bias, labels, lse, coefs, scale, out_scale,
                 ignore_index, 1.0 / temperature, HAS_BIAS=has_bias, **t,
             )
 
-        _launch("losses_logits", hidden.dtype, hidden.device, run)
+        launch_tiles("losses_logits", hidden.dtype, hidden.device, run)
         chunk = grad[:, :width]
         if d_weight is not None:  # d_weight[chunk] = G^T @ hidden: every token in one fp32 accumulator
             _matmul(chunk, hidden, d_weight[v_start:v_end], out_scale, trans_a=True, accumulate=False)
@@ -401,12 +612,27 @@ def _walk_vocabulary(hidden, weight, bias, labels, lse, coefs, scale, out_scale,
                     accumulate=True)
 
 
+def gradient_scale(coefs, temperature: float):
+    """(scale, out_scale), (1,) fp32 on the device: G = (dL/dz) / scale is what the 16-bit gradient
+    chunks hold, and G * out_scale = dL/dlogits (out_scale = scale / T).
+
+    |dL/dz| <= |a| + |b| / e + |c| + |d| per row; the scale is the power of two above that
+    bound, so G lies in (-1, 1) -- fp16 keeps its precision however small the upstream
+    gradient -- and dividing by it and multiplying back are exact. No host sync.
+    """
+    bound = coefs.abs().sum(0).amax().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = torch.ldexp(torch.ones_like(bound), torch.frexp(bound).exponent).reshape(1)
+    return scale, scale / temperature
+
+
 def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index: int, temperature: float,
-                         need_hidden: bool, need_weight: bool, need_bias: bool):
+                         need_hidden: bool, need_weight: bool, need_bias: bool, runs=None):
     """Gradients (d_hidden, d_weight, d_bias) of a loss whose dL/dz rows are given by ``coefs`` (4, N).
 
     Gradients come back in the inputs' dtype; unneeded ones as empty tensors. Nothing of
     size (N, V) is allocated: see :func:`chunk_columns` and :func:`hidden_rows_per_pass`.
+    ``runs``: the (start, end) vocabulary column ranges to compute (default: all); columns
+    outside them contribute nothing (the caller knows their softmax is negligible).
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -415,12 +641,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=weight.dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
     if n_rows and vocab and (need_hidden or need_weight or need_bias):
-        # |dL/dz| <= |a| + |b| / e + |c| + |d| per row; the scale is the power of two above that
-        # bound, so G = (dL/dz) / scale lies in (-1, 1) -- fp16 keeps its precision however
-        # small the upstream gradient -- and dividing by it and multiplying back are exact.
-        bound = coefs.abs().sum(0).amax().clamp_min(torch.finfo(torch.float32).tiny)
-        scale = torch.ldexp(torch.ones_like(bound), torch.frexp(bound).exponent).reshape(1)
-        out_scale = scale / temperature  # dL/dlogits = (dL/dz) / T = G * scale / T
+        scale, out_scale = gradient_scale(coefs, temperature)
         group = hidden_rows_per_pass(n_rows, vocab, hidden_size, hidden.dtype) if need_hidden else n_rows
         accumulator = None
         if need_hidden:  # fp32 inputs accumulate in the gradient itself
@@ -435,7 +656,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
                 accumulator.zero_()
             _walk_vocabulary(
                 hidden[rows], weight, bias, labels[rows], lse[rows], coefs[:, rows].contiguous(), scale, out_scale,
-                ignore_index, temperature, n_rows,
+                ignore_index, temperature, n_rows, [(0, vocab)] if runs is None else runs,
                 d_weight=d_weight if need_weight and r0 == 0 else None,
                 d_bias=d_bias if need_bias and r0 == 0 else None,
                 d_hidden=accumulator[:r1 - r0] if need_hidden else None)
@@ -449,10 +670,11 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
 def _configs():
     """Every (kernel, dtype, variant, alignment) the launchers above compile."""
     stats_signature = {
-        "h_ptr": "IN", "w_ptr": "IN", "b_ptr": "IN", "labels_ptr": "*i64", "part_ptr": "*fp32",
+        "h_ptr": "IN", "w_ptr": "IN", "b_ptr": "IN", "labels_ptr": "*i64", "part_ptr": "*fp32", "bound_ptr": "*fp32",
         "N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "ignore_index": "i32",
-        "inv_temperature": "fp32", "tiles_per_split": "i32",
-        "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+        "inv_temperature": "fp32", "tiles_per_split": "i32", "n_bound_tiles": "i32", "record_bound": "i32",
+        "HAS_BIAS": "constexpr", "LOG_P_TILE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+        "BLOCK_K": "constexpr",
     }
     grad_signature = {
         "h_ptr": "IN", "w_ptr": "IN", "b_ptr": "IN", "labels_ptr": "*i64", "lse_ptr": "*fp32",
@@ -472,7 +694,8 @@ def _configs():
     # Aligned: 16-byte aligned tensors and hidden size / row strides multiples of 16 (every
     # real model: hidden 896-8192, vocab 32000 / 152064); unaligned: none of it.
     aligned = {
-        "logit_stats": ("h_ptr", "w_ptr", "b_ptr", "labels_ptr", "part_ptr", "H", "stride_hn", "stride_wv"),
+        "logit_stats": ("h_ptr", "w_ptr", "b_ptr", "labels_ptr", "part_ptr", "bound_ptr", "H", "stride_hn",
+                        "stride_wv"),
         "logits_grad": ("h_ptr", "w_ptr", "b_ptr", "labels_ptr", "lse_ptr", "coef_ptr", "g_ptr", "H",
                         "stride_hn", "stride_wv", "stride_gn"),
         "scaled_matmul": ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_a", "stride_bk", "stride_cm"),
@@ -488,10 +711,11 @@ def _configs():
             for has_bias in (False, True):
                 for kind, fn, signature in (("logit_stats", logit_stats_kernel, stats_signature),
                                             ("logits_grad", logits_grad_kernel, grad_signature)):
+                    extra = {"LOG_P_TILE": LOG_P_TILE} if kind == "logit_stats" else {}
                     yield KernelConfig(
                         name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''},{name},{alignment}]", fn=fn,
                         signature={arg: ptr if t == "IN" else t for arg, t in signature.items()},
-                        constexprs={"HAS_BIAS": has_bias, **constexprs},
+                        constexprs={"HAS_BIAS": has_bias, **extra, **constexprs},
                         divisible_by_16=aligned[kind] if alignment == "aligned" else (), **launch)
         for alignment, mm in itertools.product(("aligned", "unaligned"), _choices("losses_matmul", dtype)):
             name = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}g{GROUP_M}w{num_warps}s{num_stages}".format(**mm)
@@ -506,6 +730,45 @@ def _configs():
                                for arg, t in matmul_signature.items()},
                     constexprs={"TRANS_A": trans_a, "ACCUMULATE": accumulate, **constexprs},
                     divisible_by_16=aligned["scaled_matmul"] if alignment == "aligned" else (), **launch)
+        yield from _chunk_configs(dtype, ptr)
+
+
+def _chunk_configs(dtype, ptr):
+    """The chunk kernels: the logits chunk is fp32 (the library matmul's fp32 output), G the
+    inputs' dtype (fp32 inputs: G is the chunk itself), the bias the inputs' dtype."""
+    stats_signature = {
+        "z_ptr": "*fp32", "b_ptr": ptr, "labels_ptr": "*i64", "state_ptr": "*fp32", "bound_ptr": "*fp32",
+        "n_rows": "i32", "width": "i32", "stride_z": "i32", "v_start": "i32", "state_stride": "i32",
+        "n_bound_tiles": "i32", "ignore_index": "i32", "inv_temperature": "fp32", "first": "i32",
+        "record_bound": "i32", "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "LOG_P_TILE": "constexpr",
+        "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+    }
+    grad_signature = {
+        "z_ptr": "*fp32", "g_ptr": ptr, "b_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": "*fp32",
+        "coef_ptr": "*fp32", "scale_ptr": "*fp32", "n_rows": "i32", "width": "i32", "stride_z": "i32",
+        "stride_g": "i32", "v_start": "i32", "coef_stride": "i32", "ignore_index": "i32", "inv_temperature": "fp32",
+        "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+    }
+    aligned = {"chunk_stats": ("z_ptr", "b_ptr", "labels_ptr", "state_ptr", "bound_ptr", "width", "stride_z",
+                               "v_start", "state_stride"),
+               "chunk_grad": ("z_ptr", "g_ptr", "b_ptr", "labels_ptr", "lse_ptr", "coef_ptr", "width", "stride_z",
+                              "stride_g", "v_start", "coef_stride")}
+    accurate = dtype == torch.float32
+    # Tile sets that differ only in PRODUCTS or CHUNK_COLUMNS compile the same kernels.
+    kernel_tiles = list({tuple(t[k] for k in CHUNKS_PARAMS[2:]): {k: t[k] for k in CHUNKS_PARAMS[2:]}
+                         for t in _choices("losses_chunks", dtype)}.values())
+    for alignment, t in itertools.product(("aligned", "unaligned"), kernel_tiles):
+        name = "{BLOCK_N}x{BLOCK_V}w{num_warps}s{num_stages}".format(**t)
+        for has_bias in (False, True):
+            for kind, fn, signature in (("chunk_stats", chunk_stats_kernel, stats_signature),
+                                        ("chunk_grad", chunk_grad_kernel, grad_signature)):
+                extra = {"LOG_P_TILE": LOG_P_TILE} if kind == "chunk_stats" else {}
+                yield KernelConfig(
+                    name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''},{name},{alignment}]", fn=fn,
+                    signature=signature, num_warps=t["num_warps"], num_stages=t["num_stages"],
+                    constexprs={"HAS_BIAS": has_bias, "ACCURATE": accurate, **extra, "BLOCK_N": t["BLOCK_N"],
+                                "BLOCK_V": t["BLOCK_V"]},
+                    divisible_by_16=aligned[kind] if alignment == "aligned" else ())
 
 
 def _choices(kernel, dtype):

@@ -2,16 +2,20 @@
 
 ``docqa_fast::linear_logit_stats(hidden, weight, bias, labels, ignore_index, temperature)``
 returns four (N,) fp32 statistics of z = (hidden @ weight^T + bias) / T -- the log-sum-exp,
-the label's logit (0 where ignored), the sum of the logits and the entropy -- without
-building z. Every public loss is a few PyTorch ops on these, so autograd of those ops
-yields the upstream gradients of the four statistics; the backward turns them into per-row
-coefficients of
+the label's logit, the sum of the logits and the entropy, all 0 on rows whose label is
+ignore_index -- without building z, and a bound of log p per vocabulary tile. Every public
+loss is a few PyTorch ops on these, so autograd of those ops yields the upstream gradients
+of the four statistics; the backward turns them into per-row coefficients of
 
     dL/dz_j = p_j (a + b log p_j) + c [j == label] + d
 
-and ``docqa_fast::linear_logit_stats_backward`` recomputes the logits tile by tile to apply
-them (kernels/losses.py). Per-token upstream gradients of any shape and sign
-(``reduction="none"``) are therefore handled exactly, not assumed uniform.
+and ``docqa_fast::linear_logit_stats_backward`` recomputes the logits chunk by chunk to apply
+them. Per-token upstream gradients of any shape and sign (``reduction="none"``) are therefore
+handled exactly, not assumed uniform.
+
+The triton implementation (fused.py) computes only the rows that count and, in the backward,
+the vocabulary tiles that are not negligible, on library matmuls (chunked.py) or on the
+all-Triton path (kernels/losses.py); the reference materialises the logits.
 """
 
 from __future__ import annotations
@@ -93,31 +97,73 @@ def check_positive(name: str, value: float) -> float:
 
 # ------------------------------------------------------------------------ the custom ops
 
-def _empty_stats(hidden):
-    return tuple(torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) for _ in range(4))
+# Vocabulary columns per entry of the log p bound the forward returns (the kernels' LOG_P_TILE).
+LOG_P_TILE = 128
+
+
+def _bound_tiles(vocab: int) -> int:
+    return -(-vocab // LOG_P_TILE)
+
+
+def check_op_inputs(hidden, weight, bias, labels, ignore_index, temperature, lse=None, coefs=None) -> None:
+    """The ops' own argument checks (metadata only, no host sync): flattened (N, H) hidden, (V, H)
+    weight, (V,) bias, (N,) int64 labels, and the backward's (N,) fp32 lse and (4, N) coefficients.
+    The public functions check and flatten first; these guard direct ``torch.ops`` calls."""
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES + (torch.float64,), ndims=(2,))
+    check_tensor("weight", weight, dtypes=(hidden.dtype,), ndims=(2,))
+    check_tensor("labels", labels, dtypes=(torch.int64,), ndims=(1,))
+    if weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"expected weight of shape (vocab >= 1, {hidden.shape[1]}), got {tuple(weight.shape)}")
+    check_shape("labels", labels, (hidden.shape[0],), "one label per row of hidden")
+    tensors, names = [hidden, weight, labels], ["hidden", "weight", "labels"]
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndims=(1,))
+        check_shape("bias", bias, (weight.shape[0],), "one value per vocabulary row of weight")
+        tensors.append(bias)
+        names.append("bias")
+    if lse is not None:
+        check_tensor("lse", lse, dtypes=(torch.float32, torch.float64), ndims=(1,))
+        check_shape("lse", lse, (hidden.shape[0],), "one value per row of hidden")
+        check_tensor("coefs", coefs, dtypes=(lse.dtype,), ndims=(2,))
+        check_shape("coefs", coefs, (4, hidden.shape[0]), "four coefficients per row of hidden")
+        tensors += [lse, coefs]
+        names += ["lse", "coefs"]
+    check_same_device(names, tensors)
+    check_last_dim_contiguous("hidden", hidden)
+    check_last_dim_contiguous("weight", weight)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"expected ignore_index to be an int, got {type(ignore_index).__name__}")
+    check_positive("temperature", temperature)
+
+
+def _empty_stats(hidden, vocab):
+    stats = tuple(torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) for _ in range(4))
+    return (*stats, torch.empty(_bound_tiles(vocab), dtype=torch.float32, device=hidden.device))
 
 
 def _stats_triton(hidden, weight, bias, labels, ignore_index, temperature):
-    from ..kernels import losses as kernels
+    from . import fused
 
-    return kernels.logit_stats(hidden, weight, bias, labels, ignore_index, temperature)
+    return fused.logit_stats(hidden, weight, bias, labels, ignore_index, temperature, LOG_P_TILE)
 
 
 def _stats_reference(hidden, weight, bias, labels, ignore_index, temperature):
-    return tuple(s.float().contiguous() if s.dtype != torch.float64 else s.contiguous()
-                 for s in linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index, temperature))
+    stats = tuple(s.float().contiguous() if s.dtype != torch.float64 else s.contiguous()
+                  for s in linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index, temperature))
+    # A bound of 0 (p <= 1) marks no vocabulary tile negligible: the backward computes them all.
+    return (*stats, torch.zeros(_bound_tiles(weight.shape[0]), dtype=torch.float32, device=hidden.device))
 
 
-def _stats_backward_triton(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature, need_hidden,
+def _stats_backward_triton(hidden, weight, bias, labels, lse, coefs, bound, ignore_index, temperature, need_hidden,
                            need_weight, need_bias):
-    from ..kernels import losses as kernels
+    from . import fused
 
-    return kernels.logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature,
-                                        need_hidden, need_weight, need_bias)
+    return fused.logit_stats_backward(hidden, weight, bias, labels, lse, coefs, bound, ignore_index, temperature,
+                                      need_hidden, need_weight, need_bias, LOG_P_TILE)
 
 
-def _stats_backward_reference(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature, need_hidden,
-                              need_weight, need_bias):
+def _stats_backward_reference(hidden, weight, bias, labels, lse, coefs, bound, ignore_index, temperature,
+                              need_hidden, need_weight, need_bias):
     d_hidden, d_weight, d_bias = linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs,
                                                                  ignore_index, temperature)
     # Unneeded gradients are fresh empty tensors: outputs of a custom op may not alias each other.
@@ -145,28 +191,44 @@ LOGIT_STATS_BACKWARD = register_op(
 @torch.library.custom_op("docqa_fast::linear_logit_stats", mutates_args=())
 def linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        labels: torch.Tensor, ignore_index: int, temperature: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse, label_logit, sum_logits, entropy) of (hidden @ weight^T + bias) / T; hidden (N, H), labels (N,)."""
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, label_logit, sum_logits, entropy, log_p_bound) of z = (hidden @ weight^T + bias) / T.
+
+    hidden (N, H), labels (N,); the four statistics are (N,) fp32, 0 on rows whose label is
+    ignore_index (those rows count for nothing: they are not computed). log_p_bound
+    (cdiv(V, LOG_P_TILE),) fp32 bounds log p from above over the counted rows, per LOG_P_TILE
+    vocabulary columns (0 where not recorded); the backward skips tiles it proves negligible.
+    """
+    check_op_inputs(hidden, weight, bias, labels, ignore_index, temperature)
     return LOGIT_STATS(hidden.device, hidden.dtype, hidden, weight, bias, labels, ignore_index, temperature)
 
 
 @linear_logit_stats.register_fake
 def _(hidden, weight, bias, labels, ignore_index, temperature):
-    return _empty_stats(hidden)
+    check_op_inputs(hidden, weight, bias, labels, ignore_index, temperature)
+    return _empty_stats(hidden, weight.shape[0])
 
 
 @torch.library.custom_op("docqa_fast::linear_logit_stats_backward", mutates_args=())
 def linear_logit_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                labels: torch.Tensor, lse: torch.Tensor, coefs: torch.Tensor, ignore_index: int,
-                                temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_hidden, d_weight, d_bias) for dL/dz rows ``coefs`` (4, N); unneeded ones are empty."""
-    return LOGIT_STATS_BACKWARD(hidden.device, hidden.dtype, hidden, weight, bias, labels, lse, coefs, ignore_index,
-                                temperature, need_hidden, need_weight, need_bias)
+                                labels: torch.Tensor, lse: torch.Tensor, coefs: torch.Tensor, bound: torch.Tensor,
+                                ignore_index: int, temperature: float, need_hidden: bool, need_weight: bool,
+                                need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_weight, d_bias) for dL/dz rows ``coefs`` (4, N); unneeded ones are empty.
+
+    ``bound``: the forward's log_p_bound. Rows whose coefficients are all 0 contribute nothing.
+    """
+    check_op_inputs(hidden, weight, bias, labels, ignore_index, temperature, lse, coefs)
+    check_tensor("bound", bound, dtypes=(torch.float32,), ndims=(1,))
+    check_shape("bound", bound, (_bound_tiles(weight.shape[0]),), f"one value per {LOG_P_TILE} vocabulary columns")
+    return LOGIT_STATS_BACKWARD(hidden.device, hidden.dtype, hidden, weight, bias, labels, lse, coefs, bound,
+                                ignore_index, temperature, need_hidden, need_weight, need_bias)
 
 
 @linear_logit_stats_backward.register_fake
-def _(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature, need_hidden, need_weight, need_bias):
+def _(hidden, weight, bias, labels, lse, coefs, bound, ignore_index, temperature, need_hidden, need_weight,
+      need_bias):
+    check_op_inputs(hidden, weight, bias, labels, ignore_index, temperature, lse, coefs)
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty((weight.shape[0],) if need_bias else (0,)))
@@ -176,14 +238,15 @@ def _(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature, need_
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, temperature = inputs
-    lse, _, _, entropy = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    lse, _, _, entropy, bound = output
+    ctx.mark_non_differentiable(bound)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, bound)
     ctx.ignore_index = ignore_index
     ctx.temperature = temperature
 
 
-def _backward(ctx, grad_lse, grad_label, grad_sum, grad_entropy):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_lse, grad_label, grad_sum, grad_entropy, _grad_bound):
+    hidden, weight, bias, labels, lse, entropy, bound = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     if not (need_hidden or need_weight or need_bias):
         return None, None, None, None, None, None
@@ -191,10 +254,12 @@ def _backward(ctx, grad_lse, grad_label, grad_sum, grad_entropy):
     grad_lse, grad_label, grad_sum, grad_entropy = (zeros if g is None else g.to(lse.dtype)
                                                     for g in (grad_lse, grad_label, grad_sum, grad_entropy))
     # d lse/dz = p; d label/dz = onehot; d sum/dz = 1; d entropy/dz = -p (log p + entropy).
-    coefs = torch.stack([grad_lse - grad_entropy * entropy, -grad_entropy, grad_label, grad_sum]).contiguous()
+    coefs = torch.stack([grad_lse - grad_entropy * entropy, -grad_entropy, grad_label, grad_sum])
+    # Ignored rows' statistics are constant 0: no gradient flows through them.
+    coefs = torch.where(labels != ctx.ignore_index, coefs, 0.0).contiguous()
     # The bias is passed even when it needs no gradient (a frozen bias): the recomputed logits include it.
     d_hidden, d_weight, d_bias = linear_logit_stats_backward(
-        hidden, weight, bias, labels, lse, coefs, ctx.ignore_index, ctx.temperature,
+        hidden, weight, bias, labels, lse, coefs, bound, ctx.ignore_index, ctx.temperature,
         bool(need_hidden), bool(need_weight), bool(need_bias))
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
             None, None, None)
@@ -204,5 +269,5 @@ linear_logit_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
 def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float):
-    """The statistics op on validated, flattened inputs (see check_head_inputs)."""
-    return linear_logit_stats(hidden, weight, bias, labels, int(ignore_index), float(temperature))
+    """The four statistics of the op on validated, flattened inputs (see check_head_inputs)."""
+    return linear_logit_stats(hidden, weight, bias, labels, int(ignore_index), float(temperature))[:4]

@@ -186,9 +186,9 @@ def fused_linear_longpo_loss_ref(lm_head_weight, hidden_chosen, hidden_rejected,
 def linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index: int = -100, temperature: float = 1.0):
     """(lse, label_logit, sum_logits, entropy), each (N,), of z = (hidden @ weight^T + bias) / T.
 
-    hidden (N, H), labels (N,); label_logit is 0 where the label is ignore_index. Every loss
-    of docqa_fast.losses is a function of these four; this is the CPU path of the op that
-    the Triton kernel ``logit_stats_kernel`` implements.
+    hidden (N, H), labels (N,); all four are 0 where the label is ignore_index (such a token
+    counts for nothing). Every loss of docqa_fast.losses is a function of these four; this is
+    the CPU path of the op that the fused implementation computes.
     """
     logits = linear_logits_ref(hidden, weight, bias, temperature=temperature)
     lse = torch.logsumexp(logits, -1)
@@ -197,7 +197,8 @@ def linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index: int = -10
     in_range = (labels >= 0) & (labels < logits.shape[-1])
     label_logit, _ = _gather_labels(logits, torch.where(in_range, labels, ignore_index), ignore_index)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return lse, label_logit, logits.sum(-1), entropy
+    counted = labels != ignore_index
+    return tuple(torch.where(counted, s, 0.0) for s in (lse, label_logit, logits.sum(-1), entropy))
 
 
 def linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs, ignore_index: int = -100,
@@ -205,11 +206,13 @@ def linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs, ig
     """(d_hidden, d_weight, d_bias) for dL/dz_j = p_j (a + b log p_j) + c [j == label] + d.
 
     ``coefs`` is (4, N): the rows a, b, c, d built from the upstream gradients of the four
-    statistics; dL/dlogits = dL/dz / T. Gradients in fp32 (fp64 for fp64 inputs).
+    statistics; dL/dlogits = dL/dz / T. Gradients in fp32 (fp64 for fp64 inputs). Rows whose
+    coefficients are all 0 contribute nothing (their lse may be the 0 of an ignored row).
     """
     logits = linear_logits_ref(hidden, weight, bias, temperature=temperature)
     dtype = logits.dtype
-    log_probs = logits - lse.to(dtype).unsqueeze(-1)
+    active = (coefs != 0).any(0).unsqueeze(-1)
+    log_probs = torch.where(active, logits - lse.to(dtype).unsqueeze(-1), 0.0)
     a, b, c, d = coefs.to(dtype).unsqueeze(-1).unbind(0)
     valid = (labels != ignore_index) & (labels >= 0) & (labels < logits.shape[-1])
     one_hot = F.one_hot(torch.where(valid, labels, 0), logits.shape[-1]).to(dtype) * valid.unsqueeze(-1)

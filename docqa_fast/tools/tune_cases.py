@@ -4,9 +4,10 @@ shape it serves, random inputs, the launch, and the tile candidates.
 Shapes: the full ones are the headline workloads (LLM attention: 1 x 16K tokens, 28 / 4 heads,
 D 128, causal; ViT: 8 images x 4,800 patches, 16 heads, D 80; decode: one token over a 128K
 cache; merge: two 128K-token partials; the fused cross-entropy through Qwen2.5's head at 8K
-tokens; reward heads on 128 scoring rows of hidden 3584); ``--quick`` shrinks the long ones
-(and times the first three candidates); on a CPU (the Triton interpreter, for testing the
-tool) they are tiny. Candidates are the tiles worth timing on Hopper-class GPUs: around the
+tokens, forward + backward on either product path; reward heads on 128 scoring rows of hidden
+3584); ``--quick`` shrinks the long ones (and times the first three candidates); on a CPU (the
+Triton interpreter, for testing the tool) they are tiny. Candidates are the tiles worth timing
+on Hopper-class GPUs: around the
 H200 sweep's winners, in both directions of each parameter; the current choice is always
 timed too (tune.sweep adds it).
 """
@@ -293,6 +294,19 @@ def _losses_backward(state):
                                         True, True, False)[:2]
 
 
+def _losses_step(state):
+    """Forward and backward of a mean cross-entropy through the fused implementation the ops run
+    (rows, skip filter, products as a user's call gets them): lse, d_hidden, d_weight."""
+    from ..losses import fused
+    from ..losses.ops import LOG_P_TILE
+
+    t = state.tensors
+    lse, _, _, _, bound = fused.logit_stats(t["hidden"], t["weight"], None, t["labels"], -100, 1.0, LOG_P_TILE)
+    d_hidden, d_weight, _ = fused.logit_stats_backward(t["hidden"], t["weight"], None, t["labels"], lse, t["coefs"],
+                                                       bound, -100, 1.0, True, True, False, LOG_P_TILE)
+    return lse, d_hidden, d_weight
+
+
 def _losses_tunables():
     from ..kernels import losses as kernels
 
@@ -311,6 +325,16 @@ def _losses_tunables():
         tunable("losses_matmul", "the backward (logits recompute and both gradient matmuls)", _losses_backward_setup,
                 _losses_backward, ((64, 128, 32, 8, 8, 4), (128, 128, 64, 8, 8, 3), (128, 128, 32, 8, 8, 4),
                                    (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4))),
+        # (PRODUCTS, CHUNK_COLUMNS, BLOCK_N, BLOCK_V, num_warps, num_stages): after the Triton
+        # path's own tiles, so PRODUCTS=2 times that path at its best. Library products (1) with
+        # chunks of 2K-8K columns (the budget allows ~6K at this shape; 2K chunks of 8K tokens,
+        # 64 MiB, may stay in L2 between the matmul and the chunk kernel) and the chunk kernels'
+        # tiles around 16 x 256; the all-Triton path (2) second, so --quick compares the two.
+        tunable("losses_chunks", "forward + backward (3 x 2NHV; the backward's recompute not counted)",
+                _losses_backward_setup, _losses_step,
+                ((1, 8192, 16, 256, 4, 2), (2, 8192, 16, 256, 4, 2), (1, 4096, 16, 256, 4, 2),
+                 (1, 2048, 16, 256, 4, 2), (1, 8192, 32, 128, 4, 2), (1, 8192, 8, 512, 4, 2),
+                 (1, 8192, 16, 256, 8, 3), (1, 8192, 32, 256, 8, 2))),
     ]
 
 

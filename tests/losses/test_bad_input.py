@@ -90,3 +90,26 @@ def test_bad_preference_arguments():
     _raises(ValueError, "ref_rejected_logps of shape", dpo_loss, *logps[:3], torch.randn(5))
     _raises(ValueError, "chosen_nll of shape", longpo_loss, *logps, torch.rand(3))
     _raises(ValueError, "lam >= 0", longpo_loss, *logps, torch.rand(4), lam=-1.0)
+
+
+def test_the_ops_check_their_own_arguments():
+    """Direct torch.ops calls (the public functions flatten and check first) get the same kind of errors."""
+    ops = torch.ops.docqa_fast
+    hidden, weight, labels = _inputs()
+    stats = ops.linear_logit_stats
+    _raises(ValueError, "hidden with 2 dimensions", stats, hidden.reshape(2, 3, 8), weight, None, labels, -100, 1.0)
+    _raises(ValueError, "weight of shape", stats, hidden, torch.randn(20, 9), None, labels, -100, 1.0)
+    _raises(TypeError, "weight of dtype torch.float32", stats, hidden, weight.half(), None, labels, -100, 1.0)
+    _raises(TypeError, "labels of dtype torch.int64", stats, hidden, weight, None, labels.int(), -100, 1.0)
+    _raises(ValueError, "labels of shape", stats, hidden, weight, None, labels[:4], -100, 1.0)
+    _raises(ValueError, "bias of shape", stats, hidden, weight, torch.zeros(19), labels, -100, 1.0)
+    _raises(ValueError, "temperature > 0", stats, hidden, weight, None, labels, -100, -1.0)
+    lse, coefs = torch.zeros(6), torch.zeros(4, 6)
+    bound = stats(hidden, weight, None, labels, -100, 1.0)[4]
+    backward = ops.linear_logit_stats_backward
+    _raises(ValueError, "coefs of shape", backward, hidden, weight, None, labels, lse, coefs[:3], bound, -100, 1.0,
+            True, True, False)
+    _raises(TypeError, "lse of dtype", backward, hidden, weight, None, labels, lse.half(), coefs, bound, -100, 1.0,
+            True, True, False)
+    _raises(ValueError, "bound of shape", backward, hidden, weight, None, labels, lse, coefs, bound[:0], -100, 1.0,
+            True, True, False)

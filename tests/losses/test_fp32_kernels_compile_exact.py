@@ -2,8 +2,9 @@
 
 The CPU tests run these kernels under the Triton interpreter, which multiplies with numpy
 and exponentiates with numpy's exp: what the GPU compiles can only be seen in the compiled
-code. For every registered fp32 config of kernels/losses.py and kernels/reward.py
-(the reward kernels reuse the fused loss' fp32 helpers), compiled for sm_90 with no GPU:
+code. For every registered fp32 config of kernels/losses.py (the chunk kernels too: they exponentiate
+and divide) and kernels/reward.py (the reward kernels reuse the fused loss' fp32 helpers),
+compiled for sm_90 with no GPU:
 
 - no tensor-core instruction (HGMMA/HMMA): fp32 multiplies with IEEE FMAs, never TF32;
 - every ``tt.dot`` starts from a zero accumulator: the compensated K-block sums survived
@@ -22,8 +23,11 @@ import pytest
 from docqa_fast.kernels.registry import registered_configs
 from docqa_fast.tools import hopper_check
 
-FP32_CONFIG = re.compile(r"(logit_stats|logits_grad|scaled_matmul|reward_forward|reward_backward)\[fp32")
-EXPONENTIATING = ("logit_stats", "logits_grad")
+FP32_CONFIG = re.compile(r"(logit_stats|logits_grad|scaled_matmul|chunk_stats|chunk_grad|reward_forward|"
+                         r"reward_backward)\[fp32")
+EXPONENTIATING = ("logit_stats", "logits_grad", "chunk_stats", "chunk_grad")
+# The chunk kernels read logits a library matmul wrote: they multiply nothing themselves.
+MULTIPLYING = ("logit_stats", "logits_grad", "scaled_matmul", "reward_forward", "reward_backward")
 
 
 def _compile(name):
@@ -61,7 +65,8 @@ def _accumulating_dots(ttgir: str) -> list[str]:
 
 def test_every_fp32_kernel_is_checked(compiled):
     kernels = {name.split("[")[0] for name in compiled}
-    assert kernels == {"logit_stats", "logits_grad", "scaled_matmul", "reward_forward", "reward_backward"}
+    assert kernels == {"logit_stats", "logits_grad", "scaled_matmul", "chunk_stats", "chunk_grad", "reward_forward",
+                       "reward_backward"}
 
 
 def test_fp32_multiplies_without_tensor_cores(compiled):
@@ -72,7 +77,7 @@ def test_fp32_multiplies_without_tensor_cores(compiled):
 
 def test_fp32_dots_start_from_zero(compiled):
     for name, (_, _, ttgir) in compiled.items():
-        assert "tt.dot" in ttgir, name
+        assert ("tt.dot" in ttgir) == name.startswith(MULTIPLYING), name
         assert not _accumulating_dots(ttgir), f"{name}: a dot accumulates in one chain: {_accumulating_dots(ttgir)}"
 
 

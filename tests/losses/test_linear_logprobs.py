@@ -133,10 +133,12 @@ def test_large_logits_stay_accurate(backend, dtype, device):
 
 
 def test_backward_in_several_vocabulary_chunks(backend, dtype, device, monkeypatch):
-    """Force the backward to walk the vocabulary in many chunks (as at 128K tokens)."""
+    """Force the all-Triton backward to walk the vocabulary in many chunks (as at 128K tokens);
+    the library products' chunks: test_fused_paths.py."""
     if backend == "triton":
         from docqa_fast.kernels import losses as kernels
 
+        monkeypatch.setenv("DOCQA_FAST_LOSSES_PRODUCTS", "triton")
         monkeypatch.setattr(kernels, "CHUNK_BYTES", 40 * 256 * dtype.itemsize)  # 40 rows: 256 columns a chunk
         assert kernels.chunk_columns(40, 1000, dtype) < 1000
     hidden, weight, b = random_head(40, 32, 1000, dtype, device, bias=True)
@@ -191,7 +193,7 @@ def test_backward_memory_is_a_small_fraction_of_the_logits(dtype):
 
 
 @pytest.mark.parametrize("frozen_weight", [False, True])
-def test_backward_in_row_groups(backend, dtype, device, frozen_weight):
+def test_backward_in_row_groups(backend, dtype, device, frozen_weight, monkeypatch):
     """Hidden sizes large beside the vocabulary: d_hidden is accumulated a group of rows at a time.
 
     At 150 tokens, H 64, V 300 an (N, H) fp32 accumulator would be 43% of the 16-bit logits:
@@ -199,10 +201,11 @@ def test_backward_in_row_groups(backend, dtype, device, frozen_weight):
     64 rows' d_hidden) and again for each later group of rows. fp32 needs no accumulator.
     """
     n_rows, hidden_size, vocab = 150, 64, 300
-    if backend == "triton" and dtype != torch.float32:
+    if backend == "triton":  # the all-Triton path's row groups (library products: one (N, H) accumulator)
         from docqa_fast.kernels import losses as kernels
 
-        assert kernels.hidden_rows_per_pass(n_rows, vocab, hidden_size, dtype) < n_rows
+        monkeypatch.setenv("DOCQA_FAST_LOSSES_PRODUCTS", "triton")
+        assert dtype == torch.float32 or kernels.hidden_rows_per_pass(n_rows, vocab, hidden_size, dtype) < n_rows
     hidden, weight, b = random_head(n_rows, hidden_size, vocab, dtype, device, bias=True)
     labels = random_labels((n_rows,), vocab, device)
     ours, ref = _ce("none", label_smoothing=0.1, z_loss=1e-3)
@@ -303,8 +306,10 @@ def test_custom_ops_pass_opcheck(backend, device):
                                                                 "test_autograd_registration"))
     coefs = torch.randn(4, 9, device=device)
     lse = torch.logsumexp((hidden @ weight.T + bias) / 0.9, -1).detach()
+    bound = linear_logit_stats(hidden.detach(), weight.detach(), bias.detach(), labels, -100, 0.9)[4]
+    assert bound.shape == (1,)  # one entry per 128 vocabulary columns
     torch.library.opcheck(linear_logit_stats_backward,
-                          (hidden.detach(), weight.detach(), bias.detach(), labels, lse, coefs, -100, 0.9,
+                          (hidden.detach(), weight.detach(), bias.detach(), labels, lse, coefs, bound, -100, 0.9,
                            True, True, False),
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -1,0 +1,343 @@
+"""The fused losses with library products: torch.mm (cuBLAS) multiplies, Triton streams the chunks.
+
+Three matrix products are nearly all the work of a fused linear loss -- the logits z = h W^T,
+d_hidden = G W and d_weight = G^T h (G = dL/dz) -- and on the H200 cuBLAS multiplies bf16 at
+~750 TFLOP/s where the Triton matmuls of kernels/losses.py reached ~300. Here the products are
+``torch.mm`` calls on chunks of tokens x vocabulary columns, written into one reused buffer,
+and the Triton chunk kernels do the rest in one pass over each chunk:
+
+* forward: z chunk = h[rows] @ W[cols]^T; ``chunk_stats`` folds it into the online log-sum-exp,
+  label logit, logit sum and entropy of its rows (and the log p bound of the skip filter);
+* backward: the z chunk again; ``chunk_grad`` turns it into G = dL/dz / scale (16-bit for 16-bit
+  inputs, in place for fp32); then d_weight[cols] (+)= G^T @ h[rows] and d_hidden[rows] (+)=
+  G @ W[cols] -- 4 products in all, against 3 for a path that keeps the logits.
+
+Precision: 16-bit products come out in fp32 (``torch.mm(..., out_dtype=torch.float32)``: exact
+16-bit products summed in fp32, as the Triton tiles do), so the logits are never rounded to
+16 bits and the gradients are summed across chunks in fp32. fp32 inputs multiply in IEEE fp32:
+TF32 is switched off around the products, whatever the caller set. On CPU tensors (the
+interpreter tests) the 16-bit products run as fp32 matmuls of the upcast operands: the same sums.
+
+Memory beyond inputs and gradients (:func:`plan_chunks`): the chunk buffer -- rows x columns x
+4 bytes, + 2 for the 16-bit G -- sized from :func:`chunk_budget`; one fp32 accumulator for the
+gradient that sums across chunks, the smaller of the two: d_hidden (N x H) when N <= V (the
+backward then walks the vocabulary outside, and each column chunk's d_weight rows are written
+once), else d_weight (V x H) (the tokens outside); and a chunk-sized fp32 accumulator of the
+other gradient. fp32 inputs accumulate in the gradients themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import losses as kernels
+
+CHUNK_ENV = "DOCQA_FAST_LOSSES_CHUNK_MIB"
+# The chunk budget without the setting: 1/CHUNK_FRACTION of the (N, V) logits in the inputs'
+# dtype (what the naive path holds at least once), at least CHUNK_FLOOR (a short answer runs as
+# one chunk: no launch-bound slivers) and at most CHUNK_CAP (at 128K tokens through Qwen2.5's
+# head: 1 GiB, 119 chunks of 1,280 columns, each product still a large matmul).
+CHUNK_FRACTION = 8
+CHUNK_FLOOR = 32 << 20
+CHUNK_CAP = 1 << 30
+# Chunks have whole multiples of these: rows a matmul tile's, columns the log p bound's tiles.
+ROW_GRAIN = 64
+COLUMN_GRAIN = kernels.LOG_P_TILE
+# The fallback accumulation (old torch without fp32 accumulation into fp32) goes this many
+# bytes of fp32 product at a time.
+_FALLBACK_SLICE_BYTES = 64 << 20
+
+
+def chunk_budget(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes the chunk buffers may take: ``DOCQA_FAST_LOSSES_CHUNK_MIB`` when set, else the rule above."""
+    setting = os.environ.get(CHUNK_ENV, "").strip()
+    if setting:
+        try:
+            mib = float(setting)
+        except ValueError:
+            mib = float("nan")
+        if not mib > 0:
+            raise ValueError(f"{CHUNK_ENV}={setting!r}: expected a positive number of MiB")
+        return int(mib * (1 << 20))
+    logits = n_rows * vocab * dtype.itemsize
+    return max(CHUNK_FLOOR, min(CHUNK_CAP, logits // CHUNK_FRACTION))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is cut: ``rows`` x ``columns`` per chunk; ``vocab_outer``: the backward walks
+    the column chunks outside (N <= V: d_hidden accumulates) or the row chunks (d_weight does)."""
+
+    rows: int
+    columns: int
+    vocab_outer: bool
+
+    def row_chunks(self, n_rows: int):
+        return [(r0, min(n_rows, r0 + self.rows)) for r0 in range(0, n_rows, self.rows)]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _spread(total: int, size: int, grain: int) -> int:
+    """``size`` (a multiple of ``grain``) made even: as many chunks, none much narrower than the rest."""
+    if size >= total:
+        return total
+    return min(total, _cdiv(_cdiv(total, _cdiv(total, size)), grain) * grain)
+
+
+def plan_chunks(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype, budget: int, max_columns: int,
+                backward: bool = True) -> Plan:
+    """Chunk shape for N = ``n_rows`` tokens: rows x columns x bytes per logit <= ``budget`` (at least
+    one grain of each), at most ``max_columns`` columns, and the chunk-sized fp32 accumulator
+    (columns x H when the vocabulary is outside, rows x H otherwise) within the budget too."""
+    per_logit = 4 + (dtype.itemsize if backward and dtype != torch.float32 else 0)
+    per_accumulator_row = hidden_size * 4
+    vocab_outer = n_rows <= vocab
+    max_columns = max(COLUMN_GRAIN, max_columns // COLUMN_GRAIN * COLUMN_GRAIN)
+
+    def fit(limit: int, grain: int) -> int:
+        return max(grain, limit // grain * grain)
+
+    if vocab_outer:  # every token in one chunk when a grain of columns allows it
+        rows = n_rows if n_rows * COLUMN_GRAIN * per_logit <= budget else \
+            fit(budget // (COLUMN_GRAIN * per_logit), ROW_GRAIN)
+        columns = fit(min(max_columns, budget // (rows * per_logit), budget // per_accumulator_row), COLUMN_GRAIN)
+    else:  # every column in one chunk when a grain of rows allows it
+        columns = fit(min(max_columns, _cdiv(vocab, COLUMN_GRAIN) * COLUMN_GRAIN,
+                          budget // (ROW_GRAIN * per_logit)), COLUMN_GRAIN)
+        rows = fit(min(budget // (columns * per_logit), budget // per_accumulator_row), ROW_GRAIN)
+    return Plan(_spread(max(n_rows, 1), rows, ROW_GRAIN), _spread(vocab, columns, COLUMN_GRAIN), vocab_outer)
+
+
+# ------------------------------------------------------------------------------ products
+
+@functools.cache
+def _fp32_output(device: torch.device) -> tuple[bool, bool]:
+    """(16-bit matmuls write fp32 here, and accumulate into fp32): ``torch.mm(..., out_dtype=)``
+    and ``torch.addmm`` into an fp32 ``self`` exist on CUDA from torch 2.8 (the latter later);
+    tried once per device on small integers, whose products and sums are exact."""
+    a = torch.arange(24, device=device).reshape(4, 6).remainder(5).to(torch.bfloat16)
+    b = torch.arange(18, device=device).reshape(6, 3).remainder(7).to(torch.bfloat16)
+    expected = a.float() @ b.float()
+    try:
+        out = torch.empty(4, 3, device=device)
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+        mm_ok = bool(torch.equal(out, expected))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False, False
+    try:
+        acc = torch.ones(4, 3, device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        addmm_ok = bool(torch.equal(acc, expected + 1))
+    except (RuntimeError, TypeError, NotImplementedError):
+        addmm_ok = False
+    return mm_ok, addmm_ok
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why library products cannot compute this call here, or None."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    if torch.cuda.is_current_stream_capturing() and _fp32_output.cache_info().currsize == 0:
+        return "the fp32-output matmul is not yet probed and a CUDA graph is being captured"
+    if not _fp32_output(device)[0]:
+        return (f"torch {torch.__version__} has no 16-bit matmul with fp32 output on CUDA "
+                "(torch.mm(..., out_dtype=torch.float32))")
+    return None
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """fp32 products in IEEE fp32 (no TF32) inside the block, the caller's setting restored after.
+
+    The per-backend setting (torch >= 2.9) leaves a caller's legacy ``allow_tf32`` readable."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != "cuda":
+        yield
+    elif hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # pragma: no cover - torch < 2.9
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+class Products:
+    """``out = a @ b`` and ``out += a @ b`` with ``out`` fp32, for operands of the inputs' dtype.
+
+    ``accumulate`` says how 16-bit products are added to an fp32 ``out``: ``"addmm"`` (cuBLAS
+    adds into it), ``"slices"`` (torch without that: an fp32 product of a slice of rows at a
+    time, then added) or ``"upcast"`` (CPU tensors: the fp32 matmul of the upcast operands).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.sixteen = dtype != torch.float32
+        self.cuda = device.type == "cuda"
+        if not self.sixteen:
+            self.accumulate = "fp32"
+        elif not self.cuda:
+            self.accumulate = "upcast"
+        else:
+            self.accumulate = "addmm" if _fp32_output(device)[1] else "slices"
+
+    def mm(self, a, b, out) -> None:
+        if not self.sixteen:
+            torch.mm(a, b, out=out)
+        elif self.cuda:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:  # CPU: the upcast operands' fp32 matmul sums the same exact products in fp32
+            torch.mm(a.float(), b.float(), out=out)
+
+    def addmm(self, out, a, b) -> None:
+        if self.accumulate == "fp32":
+            out.addmm_(a, b)
+        elif self.accumulate == "addmm":
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        elif self.accumulate == "upcast":
+            out.addmm_(a.float(), b.float())
+        else:
+            step = max(1, _FALLBACK_SLICE_BYTES // (4 * max(1, b.shape[1])))
+            part = torch.empty((min(step, a.shape[0]), b.shape[1]), dtype=torch.float32, device=out.device)
+            for r0 in range(0, a.shape[0], step):
+                rows = min(step, a.shape[0] - r0)
+                self.mm(a[r0:r0 + rows], b, part[:rows])
+                out[r0:r0 + rows].add_(part[:rows])
+
+
+# ------------------------------------------------------------------------------ the passes
+
+def column_chunks(runs, columns: int):
+    """``runs`` (start, end) cut into chunks of at most ``columns``, starting on COLUMN_GRAIN."""
+    for start, end in runs:
+        pieces = _cdiv(end - start, columns)
+        step = _cdiv(_cdiv(end - start, pieces), COLUMN_GRAIN) * COLUMN_GRAIN
+        for v_start in range(start, end, step):
+            yield v_start, min(end, v_start + step)
+
+
+def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float, bound, tiles: dict):
+    """(lse, label_logit, sum_logits, entropy) of every row, as kernels.logit_stats, on library products.
+
+    ``bound``: the log p bound to raise (see kernels.losses), or None.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    if n_rows == 0:
+        return tuple(torch.empty(0, dtype=torch.float32, device=device) for _ in range(4))
+    plan = plan_chunks(n_rows, vocab, hidden_size, dtype, chunk_budget(n_rows, vocab, dtype),
+                       tiles["CHUNK_COLUMNS"], backward=False)
+    products = Products(device, dtype)
+    state = torch.empty((5, n_rows), dtype=torch.float32, device=device)
+    buffer = torch.empty(min(n_rows, plan.rows) * plan.columns, dtype=torch.float32, device=device)
+    with _ieee_fp32(device):
+        for r0, r1 in plan.row_chunks(n_rows):
+            for v0, v1 in column_chunks([(0, vocab)], plan.columns):
+                z = buffer[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+                products.mm(hidden[r0:r1], weight[v0:v1].T, z)
+                kernels.chunk_stats(z, bias, labels[r0:r1], state[:, r0:r1], bound, v0, v0 == 0, ignore_index,
+                                    temperature, dtype == torch.float32, tiles)
+    m, s, t, label_logit, sum_logits = state.unbind(0)
+    log_s = torch.log(s)
+    return m + log_s, label_logit, sum_logits, log_s - t / s
+
+
+def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index: int, temperature: float,
+                         need_hidden: bool, need_weight: bool, need_bias: bool, runs, tiles: dict):
+    """(d_hidden, d_weight, d_bias) as kernels.logit_stats_backward, on library products.
+
+    ``runs``: the (start, end) vocabulary column ranges to compute; the others contribute nothing.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    sixteen = dtype != torch.float32
+    d_hidden = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=dtype, device=device)
+    d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=dtype, device=device)
+    d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
+    chunks = list(column_chunks(runs, vocab))  # the planned widths below; here only: is there any?
+    if not (n_rows and chunks and (need_hidden or need_weight or need_bias)):
+        return d_hidden, d_weight, d_bias.to(dtype) if need_bias else d_bias
+    plan = plan_chunks(n_rows, vocab, hidden_size, dtype, chunk_budget(n_rows, vocab, dtype), tiles["CHUNK_COLUMNS"])
+    chunks = list(column_chunks(runs, plan.columns))
+    row_chunks = plan.row_chunks(n_rows)
+    products = Products(device, dtype)
+    scale, out_scale = kernels.gradient_scale(coefs, temperature)
+    size = min(n_rows, plan.rows) * plan.columns
+    z_buffer = torch.empty(size, dtype=torch.float32, device=device)
+    g_buffer = torch.empty(size, dtype=dtype, device=device) if sixteen else z_buffer
+
+    def gradient_chunk(r0, r1, v0, v1):
+        """G = dL/dz / scale of rows [r0, r1) x columns [v0, v1), in the buffers."""
+        shape = (r1 - r0, v1 - v0)
+        z = z_buffer[:shape[0] * shape[1]].view(shape)
+        products.mm(hidden[r0:r1], weight[v0:v1].T, z)
+        g = g_buffer[:shape[0] * shape[1]].view(shape)
+        kernels.chunk_grad(z, g, bias, labels[r0:r1], lse[r0:r1], coefs[:, r0:r1], scale, v0, ignore_index,
+                           temperature, not sixteen, tiles)
+        if need_bias:
+            d_bias[v0:v1] += g.sum(0, dtype=torch.float32)
+        return g
+
+    def finish(accumulator, gradient):
+        """gradient = accumulator * out_scale (G was divided by the scale; dz/dlogits is 1/T)."""
+        accumulator.mul_(out_scale)
+        if accumulator is not gradient:
+            gradient.copy_(accumulator)
+
+    with _ieee_fp32(device):
+        if plan.vocab_outer:
+            # d_hidden sums over every column chunk: one (N, H) fp32 accumulator (fp32: the gradient).
+            sum_hidden = (torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device) if sixteen
+                          else d_hidden) if need_hidden else None
+            part_weight = torch.empty((plan.columns, hidden_size), dtype=torch.float32, device=device) \
+                if need_weight and sixteen else None
+            for v0, v1 in chunks:
+                # d_weight[v0:v1] sums over the row chunks only: a chunk-sized accumulator, written once.
+                dw = part_weight[:v1 - v0] if sixteen and need_weight else d_weight[v0:v1]
+                for index, (r0, r1) in enumerate(row_chunks):
+                    g = gradient_chunk(r0, r1, v0, v1)
+                    if need_weight:
+                        (products.mm(g.T, hidden[r0:r1], dw) if index == 0
+                         else products.addmm(dw, g.T, hidden[r0:r1]))
+                    if need_hidden:
+                        products.addmm(sum_hidden[r0:r1], g, weight[v0:v1])
+                if need_weight:
+                    finish(dw, d_weight[v0:v1])
+            if need_hidden:
+                finish(sum_hidden, d_hidden)
+        else:
+            # d_weight sums over every row chunk: one (V, H) fp32 accumulator (fp32: the gradient).
+            sum_weight = (torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device) if sixteen
+                          else d_weight) if need_weight else None
+            part_hidden = torch.empty((plan.rows, hidden_size), dtype=torch.float32, device=device) \
+                if need_hidden and sixteen else None
+            for r0, r1 in row_chunks:
+                dh = part_hidden[:r1 - r0] if sixteen and need_hidden else d_hidden[r0:r1]
+                for index, (v0, v1) in enumerate(chunks):
+                    g = gradient_chunk(r0, r1, v0, v1)
+                    if need_hidden:
+                        (products.mm(g, weight[v0:v1], dh) if index == 0
+                         else products.addmm(dh, g, weight[v0:v1]))
+                    if need_weight:
+                        products.addmm(sum_weight[v0:v1], g.T, hidden[r0:r1])
+                if need_hidden:
+                    finish(dh, d_hidden[r0:r1])
+            if need_weight:
+                finish(sum_weight, d_weight)
+    return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias
