@@ -2,8 +2,11 @@
 
 ``lm_head`` -> logits (tokens x 152,064) -> ``log_softmax`` -> gather is the memory wall of
 long-context preference training (37 GiB of bf16 logits for one 128K-token sequence). Here
-the head projection, an online log-sum-exp, the label gather and the backward run tile by
-tile (Triton on GPUs; the materialised reference, docqa_fast.reference.losses, on CPU):
+the head projection runs chunk by chunk -- library matmuls (cuBLAS) into one reused buffer,
+with Triton kernels for the online log-sum-exp, the label gather and dL/dlogits around them
+(``chunked.py``), or the all-Triton tiles (``kernels/losses.py``) -- and only the tokens that
+count and the vocabulary tiles that are not negligible are computed (``fused.py``); the
+materialised reference, docqa_fast.reference.losses, runs on CPU:
 
 * :func:`linear_logprobs` -- per-token log p(label) (and entropy), fp32;
 * :func:`linear_cross_entropy` -- ``F.cross_entropy(hidden @ weight.T, labels)`` with

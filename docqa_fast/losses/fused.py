@@ -3,7 +3,7 @@ multiplies.
 
 Rows. A token whose label is ``ignore_index`` counts for nothing (its statistics are 0 and its
 coefficients are 0), so it is left out of every product: the counted rows are gathered first
-(one host sync to learn how many; CUT Cross-Entropy does the same) when at least 1 in
+(one host sync to learn how many; Cut Cross-Entropy does the same) when at least 1 in
 COMPACT_FRACTION rows is ignored -- a long prompt before a short answer costs only the
 answer's products. The backward likewise leaves out rows whose coefficients are all 0 (ignored
 tokens, masked positions of ``sequence_logprobs``).

@@ -131,9 +131,11 @@ def check_op_inputs(hidden, weight, bias, labels, ignore_index, temperature, lse
     check_same_device(names, tensors)
     check_last_dim_contiguous("hidden", hidden)
     check_last_dim_contiguous("weight", weight)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # Symbolic scalars (torch.compile with dynamic shapes) are checked when the call runs.
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
         raise TypeError(f"expected ignore_index to be an int, got {type(ignore_index).__name__}")
-    check_positive("temperature", temperature)
+    if not isinstance(temperature, torch.SymFloat):
+        check_positive("temperature", temperature)
 
 
 def _empty_stats(hidden, vocab):

@@ -248,3 +248,21 @@ def test_settings_are_checked(backend, device, monkeypatch):
 
 def test_log_p_tile_is_the_kernels():
     assert LOG_P_TILE == kernels.LOG_P_TILE == chunked.COLUMN_GRAIN
+
+
+def test_torch_compile_with_dynamic_shapes(backend, device):
+    """The ops' fakes and argument checks under symbolic token counts (one graph for both sizes)."""
+    def step(hidden, weight, labels):
+        return (linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1)
+                + linear_logprobs(hidden, weight, labels, temperature=0.7).sum())
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", dynamic=True, fullgraph=True)
+    weight = random_head(1, 16, 90, torch.float32, device)[1]
+    for n_rows in (13, 21):
+        hidden = random_head(n_rows, 16, 90, torch.float32, device)[0].requires_grad_()
+        labels = random_labels((n_rows,), 90, device)
+        (got_grad,) = torch.autograd.grad(got := compiled(hidden, weight, labels), hidden)
+        (expected_grad,) = torch.autograd.grad(expected := step(hidden, weight, labels), hidden)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got_grad, expected_grad)
