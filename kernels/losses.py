@@ -80,11 +80,13 @@ _MATMUL_TILES = {torch.float16: (64, 128, 32, 8, 8, 4), torch.bfloat16: (64, 128
 # the vocabulary columns of one logits chunk (the memory budget may cut it further); BLOCK_N x
 # BLOCK_V, num_warps, num_stages are the tiles of the chunk kernels (chunk_stats, chunk_grad),
 # which stream the chunk from memory. Not yet measured on a GPU: library products because
-# cuBLAS multiplies bf16 at ~2.5x the rate of the Triton matmuls on the H200; 16-row tiles
-# give a 8K-token chunk 512 programs; 8K columns make each product a large matmul.
+# cuBLAS multiplies bf16 at ~2.5x the rate of the Triton matmuls on the H200; 8K columns make
+# each product a large matmul; 16 x 256 tiles on 8 warps hold 16 logits per thread (123
+# registers on sm_90, 16 warps resident per SM for these memory-bound kernels; 4 warps took
+# 212) and give an 8K-token chunk 512 programs.
 CHUNKS_PARAMS = ("PRODUCTS", "CHUNK_COLUMNS", "BLOCK_N", "BLOCK_V", "num_warps", "num_stages")
 LIBRARY_PRODUCTS, TRITON_PRODUCTS = 1, 2
-_CHUNKS_TILES = {torch.float16: (1, 8192, 16, 256, 4, 2), torch.bfloat16: (1, 8192, 16, 256, 4, 2),
+_CHUNKS_TILES = {torch.float16: (1, 8192, 16, 256, 8, 2), torch.bfloat16: (1, 8192, 16, 256, 8, 2),
                  torch.float32: (1, 4096, 16, 128, 4, 2)}
 tuning.declare("losses_logits", LOGITS_PARAMS)
 tuning.declare("losses_matmul", MATMUL_PARAMS)
