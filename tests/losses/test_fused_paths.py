@@ -266,3 +266,29 @@ def test_torch_compile_with_dynamic_shapes(backend, device):
         (expected_grad,) = torch.autograd.grad(expected := step(hidden, weight, labels), hidden)
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close(got_grad, expected_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+@pytest.mark.parametrize("products", PRODUCTS)
+def test_memory_at_the_qwen_head_on_gpu(monkeypatch, products):
+    """Forward + backward at 8K tokens through Qwen2.5's head (bf16): beyond inputs and gradients,
+    under a quarter of the (N, V) bf16 logits (the chunk rule gives ~0.5 GiB of 2.3 GiB; the naive
+    path holds ~14 GiB there). A memory bound, not a timing."""
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+    monkeypatch.setenv(fused.PRODUCTS_ENV, products)
+    n_rows, hidden_size, vocab = 8192, 3584, 152064
+    hidden, weight, _ = random_head(n_rows, hidden_size, vocab, torch.bfloat16, "cuda")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    labels = random_labels((n_rows,), vocab, "cuda")
+    linear_cross_entropy(hidden, weight, labels).backward()  # compiles and probes outside the measurement
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    gradients = (hidden.numel() + weight.numel()) * 2
+    extra = torch.cuda.max_memory_allocated() - base - gradients
+    logits = n_rows * vocab * 2
+    assert extra < logits / 4, f"{extra / 2**20:.0f} MiB beyond the gradients; the logits are {logits / 2**20:.0f}"
