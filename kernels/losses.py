@@ -190,6 +190,21 @@ def _record_log_p_bound(bound_ptr, shifted, counted, col0, n_bound_tiles,
 
 
 @triton.jit
+def _scaled_logits_grad(z, rows, row_ok, cols, col_ok, labels_ptr, lse_ptr, coef_ptr, coef_stride, scale_ptr,
+                        ignore_index, ACCURATE: tl.constexpr):
+    """dL/dz / scale for a tile (rows x cols) of logits z; ``coef_ptr`` holds the planes a, b, c, d
+    (``coef_stride`` apart), ``scale_ptr`` the power-of-two scale (dividing by it is exact)."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    b = tl.load(coef_ptr + coef_stride + rows, mask=row_ok, other=0.0)
+    c = tl.load(coef_ptr + 2 * coef_stride + rows, mask=row_ok, other=0.0)
+    d = tl.load(coef_ptr + 3 * coef_stride + rows, mask=row_ok, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    inv_scale = exact_div(1.0, tl.load(scale_ptr), ACCURATE)
+    return _logits_grad(z, cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE) * inv_scale
+
+
+@triton.jit
 def _logits_grad(z, cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE: tl.constexpr):
     """dL/dz_j = p_j (a + b log p_j) + c [j == label] + d for a tile (rows x cols) of logits z.
 
@@ -278,16 +293,10 @@ def logits_grad_kernel(
     col_ok = cols < v_end
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
                      inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    b = tl.load(coef_ptr + N + rows, mask=row_ok, other=0.0)
-    c = tl.load(coef_ptr + 2 * N + rows, mask=row_ok, other=0.0)
-    d = tl.load(coef_ptr + 3 * N + rows, mask=row_ok, other=0.0)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    inv_scale = exact_div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
-    grad = _logits_grad(z, cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE)
+    grad = _scaled_logits_grad(z, rows, row_ok, cols, col_ok, labels_ptr, lse_ptr, coef_ptr, N, scale_ptr,
+                               ignore_index, ACCURATE)
     g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - v_start)[None, :]
-    tl.store(g_ptrs, (grad * inv_scale).to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(g_ptrs, grad.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -421,16 +430,10 @@ def chunk_grad_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < width
     z = _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, inv_temperature, HAS_BIAS)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    b = tl.load(coef_ptr + coef_stride + rows, mask=row_ok, other=0.0)
-    c = tl.load(coef_ptr + 2 * coef_stride + rows, mask=row_ok, other=0.0)
-    d = tl.load(coef_ptr + 3 * coef_stride + rows, mask=row_ok, other=0.0)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    inv_scale = exact_div(1.0, tl.load(scale_ptr), ACCURATE)  # a power of two: exact
-    grad = _logits_grad(z, v_start + cols, col_ok, labels, lse, a, b, c, d, ignore_index, ACCURATE)
+    grad = _scaled_logits_grad(z, rows, row_ok, v_start + cols, col_ok, labels_ptr, lse_ptr, coef_ptr, coef_stride,
+                               scale_ptr, ignore_index, ACCURATE)
     g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :]
-    tl.store(g_ptrs, (grad * inv_scale).to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(g_ptrs, grad.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ------------------------------------------------------------------------------ launchers

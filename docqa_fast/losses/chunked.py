@@ -270,8 +270,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     d_hidden = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=dtype, device=device)
     d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
-    chunks = list(column_chunks(runs, vocab))  # the planned widths below; here only: is there any?
-    if not (n_rows and chunks and (need_hidden or need_weight or need_bias)):
+    if not (n_rows and runs and (need_hidden or need_weight or need_bias)):
         return d_hidden, d_weight, d_bias.to(dtype) if need_bias else d_bias
     plan = plan_chunks(n_rows, vocab, hidden_size, dtype, chunk_budget(n_rows, vocab, dtype), tiles["CHUNK_COLUMNS"])
     chunks = list(column_chunks(runs, plan.columns))
@@ -300,44 +299,37 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
         if accumulator is not gradient:
             gradient.copy_(accumulator)
 
+    # The gradient whose sums cross the outer chunks (d_hidden when the vocabulary is outside,
+    # d_weight when the tokens are) has one full fp32 accumulator -- the gradient itself for fp32
+    # inputs; the other sums over the inner chunks only: a chunk-sized fp32 part, written once
+    # per outer chunk.
+    if plan.vocab_outer:
+        outer, inner = chunks, row_chunks
+        total_grad, need_total, part_grad, need_part = d_hidden, need_hidden, d_weight, need_weight
+    else:
+        outer, inner = row_chunks, chunks
+        total_grad, need_total, part_grad, need_part = d_weight, need_weight, d_hidden, need_hidden
+    total = (torch.zeros(total_grad.shape, dtype=torch.float32, device=device) if sixteen else total_grad) \
+        if need_total else None
+    part_rows = plan.columns if plan.vocab_outer else plan.rows
+    parts = torch.empty((part_rows, hidden_size), dtype=torch.float32, device=device) if need_part and sixteen \
+        else None
     with _ieee_fp32(device):
-        if plan.vocab_outer:
-            # d_hidden sums over every column chunk: one (N, H) fp32 accumulator (fp32: the gradient).
-            sum_hidden = (torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device) if sixteen
-                          else d_hidden) if need_hidden else None
-            part_weight = torch.empty((plan.columns, hidden_size), dtype=torch.float32, device=device) \
-                if need_weight and sixteen else None
-            for v0, v1 in chunks:
-                # d_weight[v0:v1] sums over the row chunks only: a chunk-sized accumulator, written once.
-                dw = part_weight[:v1 - v0] if sixteen and need_weight else d_weight[v0:v1]
-                for index, (r0, r1) in enumerate(row_chunks):
-                    g = gradient_chunk(r0, r1, v0, v1)
-                    if need_weight:
-                        (products.mm(g.T, hidden[r0:r1], dw) if index == 0
-                         else products.addmm(dw, g.T, hidden[r0:r1]))
-                    if need_hidden:
-                        products.addmm(sum_hidden[r0:r1], g, weight[v0:v1])
-                if need_weight:
-                    finish(dw, d_weight[v0:v1])
-            if need_hidden:
-                finish(sum_hidden, d_hidden)
-        else:
-            # d_weight sums over every row chunk: one (V, H) fp32 accumulator (fp32: the gradient).
-            sum_weight = (torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device) if sixteen
-                          else d_weight) if need_weight else None
-            part_hidden = torch.empty((plan.rows, hidden_size), dtype=torch.float32, device=device) \
-                if need_hidden and sixteen else None
-            for r0, r1 in row_chunks:
-                dh = part_hidden[:r1 - r0] if sixteen and need_hidden else d_hidden[r0:r1]
-                for index, (v0, v1) in enumerate(chunks):
-                    g = gradient_chunk(r0, r1, v0, v1)
-                    if need_hidden:
-                        (products.mm(g, weight[v0:v1], dh) if index == 0
-                         else products.addmm(dh, g, weight[v0:v1]))
-                    if need_weight:
-                        products.addmm(sum_weight[v0:v1], g.T, hidden[r0:r1])
-                if need_hidden:
-                    finish(dh, d_hidden[r0:r1])
-            if need_weight:
-                finish(sum_weight, d_weight)
+        for o0, o1 in outer:
+            part = parts[:o1 - o0] if parts is not None else part_grad[o0:o1]
+            for index, (i0, i1) in enumerate(inner):
+                (r0, r1), (v0, v1) = ((i0, i1), (o0, o1)) if plan.vocab_outer else ((o0, o1), (i0, i1))
+                g = gradient_chunk(r0, r1, v0, v1)
+                # d_weight[v0:v1] (+)= G^T @ hidden[r0:r1]; d_hidden[r0:r1] (+)= G @ weight[v0:v1].
+                weight_terms, hidden_terms = (g.T, hidden[r0:r1]), (g, weight[v0:v1])
+                part_terms, total_terms = (weight_terms, hidden_terms) if plan.vocab_outer else \
+                    (hidden_terms, weight_terms)
+                if need_part:
+                    (products.mm(*part_terms, part) if index == 0 else products.addmm(part, *part_terms))
+                if need_total:
+                    products.addmm(total[i0:i1], *total_terms)
+            if need_part:
+                finish(part, part_grad[o0:o1])
+        if need_total:
+            finish(total, total_grad)
     return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias
