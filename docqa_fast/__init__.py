@@ -2,11 +2,14 @@
 
 Public ops are drop-in replacements for the reference pieces of a VLM training and serving
 stack; each dispatches per call to the CUDA extension, a Triton kernel or the pure-PyTorch
-reference (see :func:`backends` and ``DOCQA_FAST_BACKEND``).
+reference (see :func:`backends` and ``DOCQA_FAST_BACKEND``); training attention may also run
+torch's cuDNN attention where a GPU's tuned table measured it faster (see
+:func:`explain_attention` and ``DOCQA_FAST_ATTENTION``).
 """
 
 from ._backend import BACKENDS, backends, dispatch_log, dispatch_table
 from .attention import scaled_dot_product_attention
+from .attention.ops import explain_attention
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -53,7 +56,7 @@ __all__ = [
     "BACKENDS", "backends", "dispatch_log", "dispatch_table", "__version__",
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "scaled_dot_product_attention",
-    "flash_attn_with_kvcache",
+    "flash_attn_with_kvcache", "explain_attention",
     "merge_attention_states", "merge_stacked_attention_states",
     "linear_logprobs", "linear_cross_entropy", "sequence_logprobs", "dpo_loss", "longpo_loss",
     "LinearCrossEntropyLoss", "FusedLinearDPOLoss", "FusedLinearLongPOLoss",

@@ -8,17 +8,22 @@ eligibility rule: why this implementation cannot compute *this* call (a dtype it
 a group too large), or None. Per call the table takes, in order:
 
 * ``DOCQA_FAST_BACKEND=reference|triton|extension`` (read on every call; ``cuda`` is the old
-  name of ``extension``): that backend, or a ``RuntimeError`` saying why it cannot run the
-  call -- never a silent fallback;
+  name of ``extension``), or an op family's own variable (``DOCQA_FAST_ATTENTION=triton|cudnn``
+  for the training attention ops, see :class:`Override`): that implementation, or a
+  ``RuntimeError`` saying why it cannot run the call -- never a silent fallback;
 * CUDA tensors: the first implementation that is available here and eligible for the call,
-  in the op's order, or the order a tuned table gives for this GPU (``kernels/tuned/``,
-  section ``dispatch``);
+  in the op's order, or the order a tuned table gives for this GPU and the call's shape class
+  (``kernels/tuned/``, section ``dispatch``: written from measurements, e.g. cuDNN's attention
+  ahead of ours for dense D 128 calls where it was faster);
 * CPU tensors: the reference, unless an implementation is the op's CPU fast path
   (``cpu=True``: the extension's C++ twins, for data-loader code). ``triton`` runs on CPU
   tensors only when forced under ``TRITON_INTERPRET=1`` (how the kernels are tested here).
 
-``explain(op, ...)`` answers which implementation runs a call and why; ``dispatch_log()``
-records every choice made inside a ``with`` block.
+Implementations that are not docqa_fast's own backends (torch's cuDNN attention, backend name
+``cudnn``) say with ``available`` when they cannot run on a device here; they are never a value
+of ``DOCQA_FAST_BACKEND``. ``Op.explain`` / ``Op.decision`` answer which implementation runs a
+call and why (and why not the others); ``dispatch_log()`` records every choice made inside a
+``with`` block.
 """
 
 from __future__ import annotations
@@ -223,74 +228,176 @@ def forced_backend() -> str | None:
 class Implementation:
     """One way to compute an op: its backend, the function (the op's own signature), when it
     cannot compute a call (``eligible(*args) -> reason or None``), and whether it is the op's
-    CPU fast path."""
+    CPU fast path. An implementation from outside docqa_fast's backends (torch's cuDNN
+    attention) also says why it cannot run on a device here: ``available(device) -> reason or
+    None`` (ours answer through :func:`unavailable_reason`)."""
 
     backend: str
     run: Callable
     eligible: Callable[..., str | None] | None = None
     cpu: bool = False
+    available: Callable[[torch.device], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Override:
+    """An environment variable that forces one of an op family's implementations, read on every
+    call like ``DOCQA_FAST_BACKEND`` (``DOCQA_FAST_ATTENTION=triton|cudnn|auto``): a backend
+    name forces it (a ``RuntimeError`` where it cannot run the call), ``auto`` or unset leaves
+    the choice to the table. Set together with ``DOCQA_FAST_BACKEND`` it must name the same
+    implementation: two settings that disagree are an error, not a precedence rule."""
+
+    env: str
+    choices: tuple[str, ...]
+
+    def choice(self) -> str | None:
+        value = os.environ.get(self.env, "").strip().lower()
+        if not value or value == "auto":
+            return None
+        if value not in self.choices:
+            raise ValueError(f"{self.env}={value!r} is not one of {', '.join(self.choices)} or 'auto'")
+        return value
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which implementation runs a call, why, and for each other implementation why not (its
+    eligibility or availability reason, or that it comes later in the order)."""
+
+    op: str
+    backend: str
+    why: str
+    others: tuple[tuple[str, str], ...]
+
+    def __str__(self) -> str:
+        lines = [f"{self.op}: {self.backend} ({self.why})"]
+        lines += [f"  {backend}: {status}" for backend, status in self.others]
+        return "\n".join(lines)
 
 
 @dataclass
 class Op:
-    """An op's implementations in order of preference on CUDA tensors (the reference last)."""
+    """An op's implementations in order of preference on CUDA tensors (the reference last).
+
+    ``shape_class(*args) -> dict`` names the features of a call a tuned table's dispatch rules
+    may select on (the attention ops: head dim, causal); ``override`` is the family's own
+    forcing variable, if it has one."""
 
     name: str
     implementations: tuple[Implementation, ...]
+    shape_class: Callable[..., dict] | None = None
+    override: Override | None = None
     _by_backend: dict = field(init=False, repr=False)
 
     def __post_init__(self):
         backends_ = [i.backend for i in self.implementations]
         if backends_[-1] != "reference" or len(set(backends_)) != len(backends_):
             raise ValueError(f"{self.name}: implementations must be distinct, the reference last, got {backends_}")
+        foreign = [i.backend for i in self.implementations if i.backend not in BACKENDS and i.available is None]
+        if foreign:
+            raise ValueError(f"{self.name}: {foreign} are not docqa_fast backends and need an availability rule "
+                             f"(Implementation.available)")
         self._by_backend = {i.backend: i for i in self.implementations}
+        if self.override is not None and not set(self.override.choices) <= set(self._by_backend):
+            raise ValueError(f"{self.name}: {self.override.env} offers {self.override.choices}, not all of them "
+                             f"implementations ({backends_})")
 
     @property
     def backends(self) -> tuple[str, ...]:
         return tuple(self._by_backend)
 
-    def _order(self, device) -> list[Implementation]:
-        """The preference order for ``device``: a tuned table's for this GPU, or the registered one
-        (also while torch.compile traces a call that dispatches in Python: no file reads there)."""
+    def implementation(self, backend: str) -> Implementation:
+        return self._by_backend[backend]
+
+    def _order(self, device, args) -> tuple[list[Implementation], str]:
+        """The preference order for ``device`` and this call, and where it comes from: a tuned
+        table's rule for this GPU and the call's shape class, or the registered order (also
+        while torch.compile traces a call that dispatches in Python: no file reads there)."""
         if torch.compiler.is_compiling():
-            return list(self.implementations)
+            return list(self.implementations), ""
         from .kernels import tuning
 
-        preferred = [_ALIASES.get(b, b) for b in tuning.dispatch_order(self.name, device) or ()]
+        rules = tuning.dispatch_rules(self.name, device)
+        # The call's shape class is worked out only where a table has rules for the op.
+        features = (self.shape_class(*args) if self.shape_class is not None else {}) if rules else {}
+        rule = next((r for r in rules if r.matches(features)), None)
+        if rule is None:
+            return list(self.implementations), ""
+        preferred = [_ALIASES.get(b, b) for b in rule.order]
         first = [self._by_backend[b] for b in preferred if b in self._by_backend]
-        return first + [i for i in self.implementations if i not in first]
+        return first + [i for i in self.implementations if i not in first], rule.describe()
 
-    @staticmethod
-    def _reason(impl, device, dtype, args) -> str | None:
+    def why_not(self, impl: Implementation, device, dtype, args) -> str | None:
         """Why ``impl`` cannot run this call: the call's own rule first (it needs no machine
         state, so it also decides while torch.compile traces), then availability here."""
-        return (impl.eligible and impl.eligible(*args)) or unavailable_reason(impl.backend, device, dtype)
+        if impl.eligible is not None:
+            reason = impl.eligible(*args)
+            if reason:
+                return reason
+        if impl.available is not None:
+            return impl.available(device)
+        return unavailable_reason(impl.backend, device, dtype)
 
-    def decide(self, device, dtype, args) -> tuple[Implementation, str]:
-        """(the implementation that runs this call, why)."""
-        forced = forced_backend()
+    def _forced(self) -> tuple[str | None, str]:
+        """The implementation a variable forces for this op, and which variable says so."""
+        backend = forced_backend()
+        choice = self.override.choice() if self.override is not None else None
+        if backend is not None and choice is not None and backend != choice:
+            raise ValueError(f"{BACKEND_ENV}={backend} and {self.override.env}={choice} ask for different "
+                             f"implementations of {self.name}: unset one of them")
+        if choice is not None:
+            return choice, f"{self.override.env}={choice}"
+        return backend, f"{BACKEND_ENV}={backend}"
+
+    def _choose(self, device, dtype, args) -> tuple[Implementation, str, dict[str, str]]:
+        """(the implementation that runs this call, why in short, {backend: why not} of those
+        passed over on the way to it)."""
+        forced, setting = self._forced()
         if forced is not None:
             impl = self._by_backend.get(forced)
             if impl is None:
-                raise RuntimeError(f"{BACKEND_ENV}={forced}: {self.name} has no {forced} implementation "
+                raise RuntimeError(f"{setting}: {self.name} has no {forced} implementation "
                                    f"(it has: {', '.join(self.backends)})")
-            reason = self._reason(impl, device, dtype, args)
+            reason = self.why_not(impl, device, dtype, args)
             if reason:
-                raise RuntimeError(f"{BACKEND_ENV}={forced} cannot run {self.name} on {device.type} tensors: {reason}")
-            return impl, f"forced by {BACKEND_ENV}={forced}"
-        skipped = []
-        for impl in self._order(device):
+                raise RuntimeError(f"{setting} cannot run {self.name} on {device.type} tensors: {reason}")
+            return impl, f"forced by {setting}", {}
+        order, source = self._order(device, args)
+        passed: dict[str, str] = {}
+        for impl in order:
             if impl.backend == "reference":
                 break
             if device.type != "cuda" and not impl.cpu:
-                skipped.append(f"{impl.backend}: not this op's path for {device.type} tensors")
+                passed[impl.backend] = f"not this op's path for {device.type} tensors"
                 continue
-            reason = self._reason(impl, device, dtype, args)
+            reason = self.why_not(impl, device, dtype, args)
             if reason:
-                skipped.append(f"{impl.backend}: {reason}")
+                passed[impl.backend] = reason
                 continue
-            return impl, "first available and eligible" + (f" ({'; '.join(skipped)})" if skipped else "")
-        return self._by_backend["reference"], ("; ".join(skipped) or "the only implementation") + " -> reference"
+            return impl, "first available and eligible" + (f" in {source}" if source else ""), passed
+        return self._by_backend["reference"], "", passed
+
+    def decide(self, device, dtype, args) -> tuple[Implementation, str]:
+        """(the implementation that runs this call, why: with the reasons of those passed over)."""
+        impl, why, passed = self._choose(device, dtype, args)
+        skipped = "; ".join(f"{backend}: {reason}" for backend, reason in passed.items())
+        if impl.backend == "reference" and not why:
+            return impl, (skipped or "the only implementation") + " -> reference"
+        return impl, why + (f" ({skipped})" if skipped else "")
+
+    def decision(self, device, dtype, *args) -> Decision:
+        """Which implementation runs this call and why, and why not each of the others: the call's
+        own rule first (what would keep it out on any machine), then this device and machine.
+        Asks every implementation, so it is for explaining, not for the hot path."""
+        chosen, why, passed = self._choose(device, dtype, args)
+        others = []
+        for impl in self.implementations:
+            if impl is chosen:
+                continue
+            status = ((impl.eligible and impl.eligible(*args)) or passed.get(impl.backend)
+                      or self.why_not(impl, device, dtype, args))
+            others.append((impl.backend, status or f"could run it; {chosen.backend} comes first"))
+        return Decision(self.name, chosen.backend, why or "no other implementation can run it", tuple(others))
 
     def __call__(self, device, dtype, *args):
         """Run the call on the implementation :meth:`decide` picks."""
@@ -321,11 +428,13 @@ OPS: dict[str, Op] = {}
 _LOGS: list[list] = []
 
 
-def register_op(name: str, *implementations: Implementation) -> Op:
-    """Add an op to the table (implementations in preference order, the reference last)."""
+def register_op(name: str, *implementations: Implementation, shape_class: Callable[..., dict] | None = None,
+                override: Override | None = None) -> Op:
+    """Add an op to the table (implementations in preference order, the reference last; see
+    :class:`Op` for ``shape_class`` and ``override``)."""
     if name in OPS:
         raise ValueError(f"op {name!r} registered twice")
-    op = OPS[name] = Op(name, tuple(implementations))
+    op = OPS[name] = Op(name, tuple(implementations), shape_class=shape_class, override=override)
     return op
 
 

@@ -40,14 +40,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Attention over (B, S, H, D) tensors with flash-attn 2's semantics (GQA when H % Hk == 0).
 
-    ``deterministic`` is accepted for compatibility: the backward is always deterministic
-    (no atomics), with dropout too. ``return_attn_probs=True`` returns
+    ``deterministic``: our kernels' backward is always deterministic (no atomics), with dropout
+    too; ``deterministic=True`` also keeps the call off torch's cuDNN attention (whose backward
+    is not guaranteed to be), which the dispatch may otherwise pick. ``return_attn_probs=True`` returns
     ``(out, softmax_lse (B, H, Sq) fp32, None)``. ``alibi_slopes`` (H,) or (B, H) fp32;
     ``dropout_p`` drops attention weights (pass 0.0 in evaluation, as with flash-attn).
     """
     _check_probs_request(dropout_p, return_attn_probs)
     out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic)
     return _result(out, lse, return_attn_probs)
 
 
@@ -61,7 +62,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``(out, softmax_lse (H, total_q) fp32, None)``. With ``block_table`` (B, max_blocks) int32,
     k/v are paged caches (num_blocks, page_size, Hk, D) and cu_seqlens_k gives each sequence's
     key count (forward only; see :func:`docqa_fast.inference.ops.varlen_paged_attention`).
-    ``alibi_slopes`` and ``dropout_p`` as in :func:`flash_attn_func` (no dropout with ``block_table``).
+    ``alibi_slopes``, ``dropout_p`` and ``deterministic`` as in :func:`flash_attn_func` (no dropout with
+    ``block_table``).
     """
     _check_probs_request(dropout_p, return_attn_probs)
     if block_table is not None:
@@ -74,7 +76,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return _result(out, lse, return_attn_probs)
     out, lse = attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                          max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         deterministic=deterministic)
     return _result(out, lse, return_attn_probs)
 
 

@@ -17,6 +17,13 @@ choice, the shape it was measured at and every candidate's time, so a choice can
 re-judged later. Why measurement and not the compile check: on the H200 the backward tiles
 that compile without spills ran 3.6x slower than the fastest ones, which spill a little.
 
+A table's ``dispatch`` section orders the implementations of dispatched ops on that GPU (read by
+the dispatch table, ``docqa_fast/_backend.py``), written by the same tool from measurements:
+``{op: [{"when": {feature: value or [values]}, "order": [backends], ...the measurement}]}``, the
+first rule whose conditions the call's shape class meets applies (attention: ``layout``,
+``head_dim``, ``causal``); no rule, the op's own order. A plain list of backends (the first
+tables' form) is one rule for every call. :func:`dispatch_rule` answers for a call.
+
 ``DOCQA_FAST_TUNED_TABLE`` (read on every call): ``off`` ignores the tables; an architecture
 (``sm90``) or a path to a table applies that table to every device, CPU tensors under the
 Triton interpreter included -- how the tests run the tuned tiles without a GPU.
@@ -30,6 +37,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 TUNED_DIR = Path(__file__).with_name("tuned")
@@ -145,21 +153,78 @@ def load_table(path: str) -> dict:
     return table
 
 
+@dataclass(frozen=True)
+class DispatchRule:
+    """One rule of a table's ``dispatch`` section: for calls of ``op`` whose shape class matches
+    ``when``, try the implementations in ``order`` first (the rest follow in the op's own order)."""
+
+    op: str
+    when: tuple[tuple[str, object], ...]
+    order: tuple[str, ...]
+    table: str
+
+    def matches(self, features: dict) -> bool:
+        """Every condition holds: the call's feature equals the value, or is one of a list of values."""
+        return all(name in features and (features[name] in value if isinstance(value, tuple)
+                                         else features[name] == value) for name, value in self.when)
+
+    def describe(self) -> str:
+        shape = ", ".join(f"{name}={'|'.join(map(str, v)) if isinstance(v, tuple) else v}" for name, v in self.when)
+        return f"the order of {Path(self.table).name} for {shape or 'every call'}: {', '.join(self.order)}"
+
+
+def _rule(op: str, entry, path: str) -> DispatchRule:
+    """A dispatch entry as a rule. Two forms: a list of backends (every call of the op; the first
+    tables' form), or ``{"when": {feature: value or [values]}, "order": [backends], ...}`` (the
+    measurement behind it rides along in the other keys)."""
+    if isinstance(entry, list):
+        entry = {"when": {}, "order": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected a rule object or a list of backends, got {entry!r}")
+    when, order = entry.get("when", {}), entry.get("order")
+    if not isinstance(when, dict) or not all(isinstance(v, (bool, int, str, list)) for v in when.values()):
+        raise ValueError(f"expected 'when' as {{feature: value or [values]}}, got {when!r}")
+    if not isinstance(order, list) or not order or not all(isinstance(b, str) for b in order):
+        raise ValueError(f"expected 'order' as a non-empty list of backend names, got {order!r}")
+    conditions = tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in sorted(when.items()))
+    return DispatchRule(op, conditions, tuple(order), path)
+
+
 @functools.cache
-def _dispatch_section(path: str) -> dict:
-    data = json.loads(Path(path).read_text())
-    return {op: tuple(order) for op, order in data.get("dispatch", {}).items()
-            if isinstance(order, list) and all(isinstance(b, str) for b in order)}
+def _dispatch_section(path: str) -> dict[str, tuple[DispatchRule, ...]]:
+    """{op: its rules in the table's order}; a malformed rule is dropped with a warning."""
+    rules: dict[str, list[DispatchRule]] = {}
+    for op, entries in json.loads(Path(path).read_text()).get("dispatch", {}).items():
+        # One list of backends is a single rule for every call; a list of objects, one rule each.
+        items = [entries] if isinstance(entries, list) and all(isinstance(e, str) for e in entries) else entries
+        for entry in items if isinstance(items, list) else [items]:
+            try:
+                rules.setdefault(op, []).append(_rule(op, entry, path))
+            except ValueError as exc:
+                warnings.warn(f"tuned table {path}: a dispatch rule of {op} ignored ({exc})")
+    return {op: tuple(found) for op, found in rules.items()}
 
 
-def dispatch_order(op: str, device) -> tuple[str, ...] | None:
-    """The backends a tuned table prefers for ``op`` on ``device`` (its ``dispatch`` section,
-    written from measurements such as cuDNN attention beating ours on a GPU), or None."""
+def dispatch_rules(op: str, device) -> tuple[DispatchRule, ...]:
+    """The rules of the tuned table for ``device`` (its ``dispatch`` section, written from
+    measurements such as cuDNN attention beating ours on a GPU) for ``op``, in order."""
     try:
         path = active_table_path(device)
     except ImportError:  # no Triton here: no table applies, whatever the extension can run
-        return None
-    return _dispatch_section(path).get(op) if path else None
+        return ()
+    return _dispatch_section(path).get(op, ()) if path else ()
+
+
+def dispatch_rule(op: str, device, features: dict | None = None) -> DispatchRule | None:
+    """The first rule for ``op`` on ``device`` that covers a call with these shape-class
+    ``features``, or None: the op's own order then holds."""
+    return next((r for r in dispatch_rules(op, device) if r.matches(features or {})), None)
+
+
+def dispatch_order(op: str, device, features: dict | None = None) -> tuple[str, ...] | None:
+    """The backends a tuned table prefers for ``op`` on ``device`` (see :func:`dispatch_rule`), or None."""
+    rule = dispatch_rule(op, device, features)
+    return rule.order if rule else None
 
 
 def reload() -> None:

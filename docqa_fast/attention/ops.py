@@ -2,21 +2,28 @@
 autograd, and :func:`attention`, the validated call every front end makes.
 
 ``docqa_fast::attention_forward`` / ``docqa_fast::attention_backward`` are ``torch.library``
-custom ops over the dense (B, S, H, D) and packed (total, H, D) layouts. Implementations: the
-Triton kernels (``kernels/attention/``; fp16/bf16) and the reference (fp32, CPU tensors). The
-flash-attn front ends (:mod:`docqa_fast.flash_attn_interface`) and the SDPA one (:mod:`.sdpa`)
-call :func:`attention`; the rules it checks are :mod:`docqa_fast.attention_core`'s.
+custom ops over the dense (B, S, H, D) and packed (total, H, D) layouts. Implementations, in
+the dispatch table's default order: the Triton kernels (``kernels/attention/``; fp16/bf16),
+torch's own cuDNN fused attention (``cudnn``: the dense calls it computes exactly, see
+:func:`cudnn_forward_reason`; first only where a GPU's tuned table measured it faster) and the
+reference (fp32, CPU tensors). ``DOCQA_FAST_ATTENTION=triton|cudnn|auto`` forces one of the two
+fast ones; :func:`explain_attention` says which a call takes and why. The flash-attn front ends
+(:mod:`docqa_fast.flash_attn_interface`) and the SDPA one (:mod:`.sdpa`) call
+:func:`attention`; the rules it checks are :mod:`docqa_fast.attention_core`'s.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .._backend import Implementation, register_op
+from .._backend import Decision, Implementation, Override, register_op
 from .._validation import check_cu_seqlens, check_shape, check_tensor
 from ..attention_core import (
+    KERNEL_DTYPES,
     MAX_SEQUENCES,
     check_alibi_slopes,
     check_dropout,
@@ -57,12 +64,17 @@ def _check_op_extras(q, cu_seqlens_q, alibi_slopes, dropout_p, dropout_seed) -> 
         check_tensor("dropout_seed", dropout_seed, dtypes=(torch.int64,), ndims=(1,))
         check_shape("dropout_seed", dropout_seed, (1,), "one Philox seed")
 
+
 def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+# Every implementation takes the ops' arguments in order; ``deterministic`` last. Ours are always
+# deterministic (dK/dV sum a GQA group's query heads in a fixed order, no atomics), so only the
+# cuDNN route's eligibility reads it.
+
 def _forward_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                    window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed):
+                    window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
     from ..kernels import attention as kernels
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -73,14 +85,15 @@ def _forward_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 
 def _forward_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                       window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed):
+                       window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
     return attention_ref(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
                          softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def _backward_triton(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed):
+                     softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                     deterministic=False):
     from ..kernels import attention as kernels
 
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -92,22 +105,175 @@ def _backward_triton(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens
 
 def _backward_reference(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                        dropout_seed):
+                        dropout_seed, deterministic=False):
     return attention_backward_ref(dout, q, k, v, out, lse, grad_lse=grad_lse, softmax_scale=softmax_scale,
                                   causal=causal, window_size=(window_left, window_right), softcap=softcap,
                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
                                   dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
+# ------------------------------------------------------------------- torch's cuDNN attention
+#
+# torch's ``_scaled_dot_product_cudnn_attention`` (what SDPA runs on Hopper by default) and its
+# backward, called directly: SDPA itself returns no LSE. Their schemas are the same in torch
+# 2.11 and 2.14 (native_functions.yaml):
+#   (query, key, value, attn_bias?, compute_log_sumexp, dropout_p=0, is_causal=False,
+#    return_debug_mask=False, *, scale=None) -> (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
+#    philox_seed, philox_offset, debug_attn_mask)
+#   backward(grad_out, query, key, value, out, logsumexp, philox_seed, philox_offset, attn_bias,
+#    cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, *, scale=None) -> (dq, dk, dv)
+# Tensors are (B, H, S, D) with fewer K/V heads allowed (GQA: SDPA passes them unexpanded); the
+# LSE is fp32 (B, H, S, 1), cuDNN's softmax statistics max + ln(sum exp(s - max)) of the scaled
+# scores: flash-attn's natural-log LSE, so either route's (out, lse) feeds the other's backward.
+
+CUDNN_MIN_VERSION = 91501  # torch prefers cuDNN attention only above 9.15.0 (sequence lengths not a multiple of 128)
+CUDNN_MAX_HEAD_DIM = 128  # beyond it torch gates by cuDNN release and GPU (and the backward's head dims differ)
+_CUDNN_MAX_GRID = 65_535  # cuDNN's limit on the batch size and on the heads
+
+
+def _cudnn_kernels():
+    """torch's cuDNN attention forward and backward ops, looked up per call (tests stand in for them on CPU)."""
+    return (torch.ops.aten._scaled_dot_product_cudnn_attention,
+            torch.ops.aten._scaled_dot_product_cudnn_attention_backward)
+
+
+def _bhsd(t):
+    # (B, S, H, D) -> the (B, H, S, D) view cuDNN takes. A contiguous (B, S, H, D) tensor is the
+    # layout cuDNN reads natively ("BSHD"), so the view costs no copy; only strided views
+    # (packed qkv) are copied.
+    return t.contiguous().transpose(1, 2)
+
+
+def _forward_cudnn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                   window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
+    forward, _ = _cudnn_kernels()
+    out, lse = forward(_bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, bool(causal), False, scale=softmax_scale)[:2]
+    # out comes laid out like its query (B, S, H, D); lse as (B, H, S, 1).
+    return out.transpose(1, 2).contiguous(), lse.reshape(lse.shape[:3]).contiguous()
+
+
+def _backward_cudnn(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                    deterministic=False):
+    _, backward = _cudnn_kernels()
+    # The dropout seed and offset are read only with dropout, which never takes this route.
+    unused = torch.zeros((), dtype=torch.int64, device=q.device)
+    grads = backward(_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1), unused, unused,
+                     None, None, None, q.shape[1], k.shape[1], 0.0, bool(causal), scale=softmax_scale)
+    return tuple(g.transpose(1, 2).contiguous() for g in grads)
+
+
+def cudnn_forward_reason(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                         window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                         deterministic=False) -> str | None:
+    """Why torch's cuDNN attention does not compute exactly this call, or None.
+
+    It computes plain dense softmax attention: no window, softcap, ALiBi or packed sequences;
+    its causal mask is aligned top-left (flash-attn's bottom-right), the same only when
+    seqlen_q == seqlen_k; its dropout pattern would not be ours (the reference and our backward
+    redraw our Philox bits); its backward is not guaranteed bitwise reproducible."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"cuDNN attention takes fp16/bf16, got {q.dtype}"
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        return "packed (varlen) sequences: torch's cuDNN op takes dense batches"
+    if window_left != -1 or window_right != -1:
+        return "a sliding window"
+    if softcap:
+        return "softcap"
+    if alibi_slopes is not None:
+        return "ALiBi"
+    if dropout_p:
+        return "dropout (the pattern must be docqa_fast's Philox draw, which the backward and the reference redraw)"
+    if deterministic:
+        return "deterministic=True (cuDNN's backward is not guaranteed bitwise reproducible)"
+    head_dim = q.shape[-1]
+    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        return f"head dim {head_dim} (cuDNN here: multiples of 8 up to {CUDNN_MAX_HEAD_DIM})"
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    if causal and seqlen_q != seqlen_k:
+        return "causal with seqlen_q != seqlen_k (cuDNN aligns the mask top-left, flash-attn bottom-right)"
+    if q.shape[0] == 0 or seqlen_q == 0 or seqlen_k < 2:
+        return f"batch {q.shape[0]}, seqlen_q {seqlen_q}, seqlen_k {seqlen_k} (cuDNN needs a query and two keys)"
+    if q.shape[0] > _CUDNN_MAX_GRID or q.shape[2] > _CUDNN_MAX_GRID:
+        return f"more than {_CUDNN_MAX_GRID} sequences or heads"
+    return None
+
+
+def cudnn_backward_reason(dout, q, k, v, out, lse, grad_lse, *rest) -> str | None:
+    """Why torch's cuDNN backward does not compute exactly this backward, or None: as the
+    forward, and no gradient to the LSE (ring / split-KV merges), which it has no input for.
+    Its (out, lse) may come from either route: both are flash-attn's."""
+    if grad_lse is not None:
+        return "a gradient to the LSE (ring / split-KV merges): cuDNN's backward has no input for it"
+    return cudnn_forward_reason(q, k, v, *rest)
+
+
+@functools.cache
+def _cudnn_machine_reason(device_index: int) -> str | None:
+    """What of this torch build and GPU keeps cuDNN attention out (fixed for a process)."""
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
+        return f"torch {torch.__version__} has no _scaled_dot_product_cudnn_attention"
+    if not torch.backends.cudnn.is_available():
+        return f"torch {torch.__version__} was built without cuDNN"
+    version = torch.backends.cudnn.version() or 0
+    if version < CUDNN_MIN_VERSION:
+        return (f"cuDNN {version // 10000}.{version // 100 % 100}.{version % 100} is older than 9.15.1 "
+                "(torch's own bar for preferring it: earlier releases mishandle lengths not a multiple of 128)")
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < (8, 0):
+        return f"cuDNN attention needs sm80 or newer, this GPU is sm{capability[0]}{capability[1]}"
+    return None
+
+
+def cudnn_unavailable_reason(device) -> str | None:
+    """Why torch's cuDNN attention cannot run on ``device`` here, or None. Besides the build and
+    the GPU, the switches a torch user already has are honoured: cuDNN off, cuDNN SDPA off,
+    deterministic algorithms on."""
+    if device.type != "cuda":
+        return "torch's cuDNN attention runs on CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device here"
+    reason = _cudnn_machine_reason(device.index if device.index is not None else torch.cuda.current_device())
+    if reason:
+        return reason
+    if not torch.backends.cudnn.enabled:
+        return "torch.backends.cudnn.enabled is False"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return "torch.backends.cuda.enable_cudnn_sdp(False) is in force"
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return "torch.use_deterministic_algorithms(True) is in force (cuDNN attention is not deterministic)"
+    return None
+
+
+# --------------------------------------------------------------------------- the dispatch
+
+def _forward_shape_class(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                         *rest) -> dict:
+    """What a tuned table's dispatch rules for the attention ops select on."""
+    return {"layout": "dense" if cu_seqlens_q is None else "varlen", "head_dim": q.shape[-1], "causal": bool(causal)}
+
+
+def _backward_shape_class(dout, q, k, v, out, lse, grad_lse, *rest) -> dict:
+    return _forward_shape_class(q, k, v, *rest)
+
+
+# DOCQA_FAST_ATTENTION=triton|cudnn|auto: the training attention ops' own forcing variable.
+ATTENTION_OVERRIDE = Override("DOCQA_FAST_ATTENTION", ("triton", "cudnn"))
+
+
 ATTENTION_FORWARD = register_op(
     "attention_forward",
     Implementation("triton", _forward_triton, eligible=lambda q, *rest: kernel_dtype_reason(q)),
+    Implementation("cudnn", _forward_cudnn, eligible=cudnn_forward_reason, available=cudnn_unavailable_reason),
     Implementation("reference", _forward_reference),
+    shape_class=_forward_shape_class, override=ATTENTION_OVERRIDE,
 )
 ATTENTION_BACKWARD = register_op(
     "attention_backward",
     Implementation("triton", _backward_triton, eligible=lambda dout, q, *rest: kernel_dtype_reason(q)),
+    Implementation("cudnn", _backward_cudnn, eligible=cudnn_backward_reason, available=cudnn_unavailable_reason),
     Implementation("reference", _backward_reference),
+    shape_class=_backward_shape_class, override=ATTENTION_OVERRIDE,
 )
 
 
@@ -115,17 +281,17 @@ ATTENTION_BACKWARD = register_op(
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                           cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                           softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-                          alibi_slopes: Optional[torch.Tensor], dropout_p: float, dropout_seed: Optional[torch.Tensor]
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          alibi_slopes: Optional[torch.Tensor], dropout_p: float, dropout_seed: Optional[torch.Tensor],
+                          deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     _check_op_extras(q, cu_seqlens_q, alibi_slopes, dropout_p, dropout_seed)
     return ATTENTION_FORWARD(q.device, q.dtype, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                             dropout_seed)
+                             dropout_seed, deterministic)
 
 
 @_attention_forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, alibi_slopes, dropout_p, dropout_seed):
+      window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         _lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
@@ -136,24 +302,29 @@ def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                            softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
                            alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-                           dropout_seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           dropout_seed: Optional[torch.Tensor], deterministic: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_op_extras(q, cu_seqlens_q, alibi_slopes, dropout_p, dropout_seed)
     return ATTENTION_BACKWARD(q.device, q.dtype, dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
-                              alibi_slopes, dropout_p, dropout_seed)
+                              alibi_slopes, dropout_p, dropout_seed, deterministic)
 
 
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed):
+      causal, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-     window_right, softcap, alibi_slopes, dropout_p, dropout_seed) = inputs
+     window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic) = inputs
     ctx.options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    ctx.dropout_p = dropout_p
+    ctx.dropout_p, ctx.deterministic = dropout_p, deterministic
+    # An output nobody differentiates gets None, not zeros: a zero LSE gradient would look like a
+    # ring merge's to the dispatch (which cannot read values without a sync) and keep the
+    # backward off cuDNN, and would cost our kernel a read.
+    ctx.set_materialize_grads(False)
     # The seed travels to the backward, which draws the forward's dropout pattern again from it.
     ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed, *output)
 
@@ -165,21 +336,17 @@ def _backward(ctx, grad_out, grad_lse):
     # The LSE has a gradient when partial results are merged by it (ring / split-KV attention
     # through merge_attention_states): d lse_i / d s_ij = p_ij, folded into the backward's delta.
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
-                                        *ctx.options, alibi_slopes, ctx.dropout_p, dropout_seed)
-    return (dq, dk, dv) + (None,) * 12
+                                        *ctx.options, alibi_slopes, ctx.dropout_p, dropout_seed, ctx.deterministic)
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-              softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0):
-    """Validated attention -> (out, lse). Dense when ``cu_seqlens_q`` is None.
-
-    ``alibi_slopes`` (H,) / (B, H) fp32: flash-attn's ALiBi bias. ``dropout_p`` > 0 drops
-    attention weights; the pattern comes from a Philox seed drawn here from the device's torch
-    generator (so ``torch.manual_seed`` reproduces a run and a CUDA graph captures it) and kept
-    for the backward."""
+def _op_arguments(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                  window_size, softcap, alibi_slopes, dropout_p, deterministic, draw_seed: bool) -> tuple:
+    """The forward op's arguments of a validated call (``draw_seed``: draw the dropout seed, which
+    advances torch's generator; :func:`explain_attention` must not)."""
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     check_heads(q, k, v, q_ndim=3 if varlen else 4, kv_ndim=3 if varlen else 4)
     if not varlen and k.shape[0] != q.shape[0]:
@@ -187,6 +354,8 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     window = check_window(window_size)
     softcap = check_softcap(softcap)
     dropout_p = check_dropout(dropout_p)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"expected deterministic to be a bool, got {deterministic!r}")
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
@@ -204,7 +373,81 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         raise ValueError(f"expected at most {MAX_SEQUENCES} sequences per call (the kernels' grid axis for them, "
                          f"as in flash-attn), got {batch}: split the batch")
     alibi_slopes = check_alibi_slopes(alibi_slopes, batch, q.shape[-2], q)
-    seed = dropout_seed(q.device) if dropout_p > 0 else None
-    return _attention_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale_or_default(softmax_scale, q.shape[-1]), bool(causal), left, right,
-                                 softcap, alibi_slopes, dropout_p, seed)
+    seed = dropout_seed(q.device) if dropout_p > 0 and draw_seed else None
+    return (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale_or_default(softmax_scale, q.shape[-1]), bool(causal), left, right, softcap, alibi_slopes,
+            dropout_p, seed, deterministic)
+
+
+def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+              softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+              deterministic=False):
+    """Validated attention -> (out, lse). Dense when ``cu_seqlens_q`` is None.
+
+    ``alibi_slopes`` (H,) / (B, H) fp32: flash-attn's ALiBi bias. ``dropout_p`` > 0 drops
+    attention weights; the pattern comes from a Philox seed drawn here from the device's torch
+    generator (so ``torch.manual_seed`` reproduces a run and a CUDA graph captures it) and kept
+    for the backward. ``deterministic=True`` keeps the call (forward and backward) on our
+    kernels, whose backward is always bitwise reproducible, never on cuDNN's."""
+    return _attention_forward_op(*_op_arguments(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic, draw_seed=True))
+
+
+@dataclass(frozen=True)
+class AttentionExplanation:
+    """Which implementation each half of a training-attention call takes, and why (what
+    :func:`explain_attention` returns; printing it gives the text)."""
+
+    call: str
+    forward: Decision
+    backward: Decision
+    backward_with_lse_grad: Decision
+
+    def __str__(self) -> str:
+        def part(title, decision):
+            lines = [f"{title}: {decision.backend} -- {decision.why}"]
+            lines += [f"    not {backend}: {status}" for backend, status in decision.others]
+            return lines
+
+        return "\n".join([self.call, *part("  forward", self.forward), *part("  backward", self.backward),
+                          *part("  backward with a gradient to the LSE (ring / split-KV merges)",
+                                self.backward_with_lse_grad)])
+
+    __repr__ = __str__
+
+
+def explain_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                      alibi_slopes=None, deterministic=False, *, cu_seqlens_q=None, cu_seqlens_k=None,
+                      max_seqlen_q=None, max_seqlen_k=None) -> AttentionExplanation:
+    """Which implementation ``flash_attn_func(q, k, v, ...)`` (or ``flash_attn_varlen_func`` with
+    ``cu_seqlens_*``) would run for its forward and its backward, and why each other one would
+    not, without running anything (no kernel, no dropout draw). The arguments are flash-attn's and
+    are checked as a call checks them. Reads the same settings as a call: DOCQA_FAST_ATTENTION,
+    DOCQA_FAST_BACKEND and the tuned table of q's GPU."""
+    args = _op_arguments(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                         max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
+                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         deterministic=deterministic, draw_seed=False)
+    device, dtype = q.device, q.dtype
+    # The backward's decision reads shapes and options only: q stands in for dout and out.
+    lse = q.new_empty(0, dtype=torch.float32)
+    backward_args = (q, q, k, v, q, lse, None, *args[3:])
+    with_lse_grad = (q, q, k, v, q, lse, lse, *args[3:])
+    shape = "x".join(map(str, q.shape))
+    options = [name for name, on in (("causal", args[8]), ("window", args[9:11] != (-1, -1)), ("softcap", args[11]),
+                                     ("ALiBi", alibi_slopes is not None), ("dropout", args[13]),
+                                     ("deterministic", deterministic)) if on]
+    call = (f"attention on {device.type} {str(dtype).removeprefix('torch.')}: q {shape}, {k.shape[-2]} KV heads, "
+            f"{'varlen' if cu_seqlens_q is not None else 'dense'}{', ' if options else ''}{', '.join(options)}")
+    return AttentionExplanation(call, _decision(ATTENTION_FORWARD, device, dtype, args),
+                                _decision(ATTENTION_BACKWARD, device, dtype, backward_args),
+                                _decision(ATTENTION_BACKWARD, device, dtype, with_lse_grad))
+
+
+def _decision(op, device, dtype, args) -> Decision:
+    try:
+        return op.decision(device, dtype, *args)
+    except RuntimeError as exc:  # forced onto an implementation that cannot run it: what the call would raise
+        return Decision(op.name, "error", str(exc), ())
