@@ -149,3 +149,105 @@ def test_every_tunable_builds_and_runs(index, device):
 
 def _family_start(family):
     return next(i for i, t in enumerate(tune_cases.tunables()) if t.family == family)
+
+
+# ------------------------------------------------------------------ dispatched calls
+
+def _fake_dispatch(monkeypatch, other_run, other_available=lambda device: None):
+    """An op of two implementations -- ours (slow here) and an outside one -- and a case timing them."""
+    import dataclasses
+    import time
+
+    from docqa_fast import _backend
+
+    def slow(x):
+        time.sleep(0.02)
+        return x * 2
+
+    op = _backend.Op("tune_test_op", (_backend.Implementation("triton", slow),
+                                      _backend.Implementation("other", other_run, available=other_available),
+                                      _backend.Implementation("reference", lambda x: x * 2)),
+                     shape_class=lambda x: {"rows": x.shape[0]})
+    monkeypatch.setitem(_backend.OPS, op.name, op)
+
+    def setup(device, quick):
+        return tune_cases.State({"x": torch.randn(16, 32).half()}, {"rows": 16}, work=16 * 32 * 2)
+
+    return dataclasses.replace(tune_cases.dispatch_cases(["attention"])[0], op=op.name, setup=setup,
+                               args=lambda state: (state.tensors["x"],), backends=("triton", "other"), unit="GB/s",
+                               what="a test"), op
+
+
+def test_dispatch_is_timed_through_the_table_and_the_fastest_comes_first(monkeypatch):
+    case, _ = _fake_dispatch(monkeypatch, lambda x: x * 2)
+    lines = []
+    rule = tune.measure_dispatch(case, CPU, quick=True, log=lines.append)
+    assert rule["when"] == {"rows": 16} and rule["order"] == ["other", "triton"]
+    assert [(c["backend"], c["status"], c.get("note")) for c in rule["candidates"]] == [
+        ("triton", "ok", None), ("other", "ok", "chosen")]
+    assert rule["metric"] == "GB/s of a test" and rule["shape"] == {"rows": 16} and "cudnn" in rule["versions"]
+    assert lines[0].startswith("dispatch tune_test_op[rows=16]  (GB/s of a test)")
+
+
+def test_dispatch_never_puts_first_what_changes_the_answer_or_cannot_run(monkeypatch):
+    wrong, _ = _fake_dispatch(monkeypatch, lambda x: x * 2 + 1)
+    rule = tune.measure_dispatch(wrong, CPU, quick=True, log=lambda _: None)
+    assert rule["order"] == ["triton"] and rule["candidates"][1]["status"].startswith("rejected: output 0: differs")
+    absent, _ = _fake_dispatch(monkeypatch, lambda x: x * 2, other_available=lambda device: "no such library")
+    rule = tune.measure_dispatch(absent, CPU, quick=True, log=lambda _: None)
+    assert rule["order"] == ["triton"] and rule["candidates"][1]["status"] == "unavailable: no such library"
+    assert tune.measure_dispatch(absent, CPU, quick=True, deadline=0.0, log=lambda _: None) is None
+
+
+def test_a_measured_rule_is_merged_into_the_table_and_read_by_the_dispatch(tmp_path, monkeypatch):
+    case, op = _fake_dispatch(monkeypatch, lambda x: x * 2)
+    rule = tune.measure_dispatch(case, CPU, quick=True, log=lambda _: None)
+    path = tmp_path / "sm90-triton3.8.json"
+    # A first table's unconditional order for the op, and another op's rule: both kept.
+    path.write_text(json.dumps({"format": tuning.FORMAT, "kernels": {}, "dispatch": {
+        op.name: ["reference"], "other_op": [{"when": {}, "order": ["triton"]}]}}))
+    tune.write_table(path, CPU, {}, ["--test"], {op.name: [rule]})
+    again = dict(rule, order=["triton", "other"])  # a later measurement of the same shape class replaces it
+    data = tune.write_table(path, CPU, {}, ["--test"], {op.name: [again]})
+    assert [r["order"] for r in data["dispatch"][op.name]] == [["triton", "other"], ["reference"]]
+    assert data["dispatch"]["other_op"] == [{"when": {}, "order": ["triton"]}]
+    monkeypatch.setenv(tuning.TABLE_ENV, str(path))
+    tuning.reload()
+    x = torch.ones(16, 2)
+    assert op.decide(torch.device("cuda"), torch.float16, (x,))[0].backend == "triton"
+    assert op.decide(torch.device("cuda"), torch.float16, (torch.ones(3, 2),))[0].backend == "reference"
+
+
+@pytest.mark.parametrize("index", range(len(tune_cases.dispatch_cases())),
+                         ids=[f"{c.op}-{c.what.split()[1]}" for c in tune_cases.dispatch_cases()])
+def test_every_attention_dispatch_case_is_a_call_both_routes_take(index, device):
+    """What a GPU run measures: dense D 128 calls our kernel and cuDNN both compute exactly."""
+    from docqa_fast import _backend
+    from docqa_fast.attention import ops
+
+    case = tune_cases.dispatch_cases()[index]
+    op = _backend.OPS[case.op]
+    args = case.args(case.setup(device, True))
+    assert op.shape_class(*args) == {"layout": "dense", "head_dim": 128, "causal": "non" not in case.what}
+    reason = ops.cudnn_forward_reason if case.op == "attention_forward" else ops.cudnn_backward_reason
+    assert reason(*args) is None and op.implementation("triton").eligible(*args) is None
+
+
+def test_the_attention_forward_case_measured_end_to_end(device, monkeypatch):
+    """The causal forward case through measure_dispatch, cuDNN's route standing in as the reference's
+    math where cuDNN cannot run (CPU): both outputs checked against each other, timed, ranked."""
+    import dataclasses
+
+    from docqa_fast import _backend
+    from docqa_fast.attention import ops
+
+    op = _backend.OPS["attention_forward"]
+    if ops.cudnn_unavailable_reason(device) is not None:
+        stand_in = dataclasses.replace(op.implementation("cudnn"), run=ops._forward_reference,
+                                       available=lambda device: None)
+        op = dataclasses.replace(op, implementations=tuple(stand_in if i.backend == "cudnn" else i
+                                                           for i in op.implementations))
+        monkeypatch.setitem(_backend.OPS, "attention_forward", op)
+    rule = tune.measure_dispatch(tune_cases.dispatch_cases()[0], device, quick=True, log=lambda _: None)
+    assert {c["backend"]: c["status"] for c in rule["candidates"]} == {"triton": "ok", "cudnn": "ok"}
+    assert sorted(rule["order"]) == ["cudnn", "triton"]

@@ -21,6 +21,14 @@ tuned in order, each with the choices made before it in force (dQ is timed with 
 tiles just chosen). ``--jobs`` compiles candidates in parallel processes first (Triton's disk
 cache then serves the timing process), which is what keeps the attention sweep inside its
 3-minute share of a GPU run.
+
+Then, with the family's new tiles in force, the implementations of its dispatched calls
+(``tune_cases.dispatch_cases``: training attention through our kernels against torch's cuDNN
+attention) are timed the same way -- through the dispatch table's own functions, an
+implementation that cannot run the call reported with its reason, one whose outputs differ from
+the first's beyond rounding rejected -- and the table's ``dispatch`` section gets a rule for
+the call's shape class: the implementations fastest first, with every one's time (see
+``kernels/tuning.py``, ``dispatch_rule``). The calls that follow read it.
 """
 
 from __future__ import annotations
@@ -64,10 +72,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def same_up_to_rounding(got, want) -> str | None:
+# Units in the last place two implementations of one op (ours, cuDNN's) may differ by, per element
+# against its row: beyond the accumulation order, each rounds in places of its own (the
+# probabilities to bf16 before the P.V product, exp against exp2). A wrong mask or LSE units
+# (log2 for ln: 44%) still differ by whole units.
+IMPLEMENTATION_ULPS = 8
+
+
+def same_up_to_rounding(got, want, ulps: int = 4) -> str | None:
     """None when every output of a candidate equals the current choice's up to rounding, else why
-    not. Rounding, element by element: a few units of the output dtype's last place relative to
-    the element plus its row's largest value (its last dimension: an attention row, a gradient
+    not. Rounding, element by element: ``ulps`` units of the output dtype's last place relative
+    to the element plus its row's largest value (its last dimension: an attention row, a gradient
     row), since another accumulation order moves a small element by the rounding of the large
     terms it came from. A wrong tile (a mask or bound bug) moves elements by whole units, leaves
     a row unwritten (NaN: sweep fills the outputs with NaN first) or zero."""
@@ -86,7 +101,7 @@ def same_up_to_rounding(got, want) -> str | None:
         rows = magnitude.reshape(-1, magnitude.shape[-1]) if magnitude.dim() else magnitude.reshape(1, 1)
         row_max = rows.amax(-1, keepdim=True).expand_as(rows).reshape(magnitude.shape)
         eps = max(torch.finfo(a.dtype).eps, 2.0 ** -20) if a.dtype.is_floating_point else 0.0
-        allowed = 4 * eps * (magnitude + row_max)
+        allowed = ulps * eps * (magnitude + row_max)
         error = torch.where(finite, (a64 - b64).abs(), 0.0)
         worst = int((error - allowed).argmax())
         if error.flatten()[worst] > allowed.flatten()[worst]:
@@ -165,6 +180,77 @@ def format_entry(tunable, key, results) -> str:
     return "\n".join(lines)
 
 
+def measure_dispatch(case, device, *, quick: bool, deadline: float | None = None, log=print) -> dict | None:
+    """Time each implementation ``case`` names for its op at its call; return the dispatch rule
+    for the call's shape class (implementations fastest first, every one's status and time), or
+    None when none could be measured (the table keeps what it had)."""
+    from .._backend import OPS
+
+    op = OPS[case.op]
+    state = case.setup(device, quick)
+    args = case.args(state)
+    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+    when = op.shape_class(*args)
+    results, reference = [], None
+    for backend in case.backends:
+        record = {"backend": backend}
+        results.append(record)
+        if deadline is not None and time.monotonic() > deadline:
+            record["status"] = "not measured: time budget spent"
+            continue
+        impl = op.implementation(backend)
+        reason = op.why_not(impl, device, dtype, args)
+        if reason:
+            record["status"] = f"unavailable: {reason}"
+            continue
+        try:
+            outputs = [t.detach().clone() for t in _tensors(impl.run(*args))]
+            # The first implementation that runs (ours, tested against the reference) gives the
+            # outputs every other one must reproduce.
+            why = None if reference is None else same_up_to_rounding(outputs, reference, IMPLEMENTATION_ULPS)
+            if why is not None:
+                record["status"] = f"rejected: {why}"
+                continue
+            reference = outputs if reference is None else reference
+            ms = _bench(lambda: impl.run(*args), device)
+        except Exception as exc:  # an implementation that fails here is reported, never put first
+            record["status"] = _status_of(exc)
+            continue
+        record.update(status="ok", ms=round(ms, 5), value=round(case.value(state, ms), 3))
+    measured = sorted((r for r in results if r["status"] == "ok"), key=lambda r: r["ms"])  # stable: ties keep order
+    if measured:
+        measured[0]["note"] = "chosen"
+    log(format_dispatch(case, when, results))
+    if not measured:
+        return None
+    versions = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    return {"when": when, "order": [r["backend"] for r in measured], "shape": state.shape, "metric": case.metric,
+            "candidates": results, "versions": versions}
+
+
+def format_dispatch(case, when, results) -> str:
+    shape = ", ".join(f"{k}={v}" for k, v in when.items())
+    lines = [f"dispatch {case.op}[{shape}]  ({case.metric})"]
+    for r in results:
+        figure = f"{r['ms']:9.4f} ms {r['value']:9.2f}" if r["status"] == "ok" else f"  {r['status']}"
+        lines.append(f"  {r['backend']:12s} {figure}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def merge_dispatch(section: dict, rules: dict) -> dict:
+    """The table's ``dispatch`` section with ``rules`` ({op: [rule, ...]}) in: a new rule replaces
+    the one for the same shape class, the op's other rules stay after the new ones (an
+    unconditional list of backends, the first tables' form, becomes the last rule)."""
+    merged = dict(section)
+    for op, new in rules.items():
+        existing = merged.get(op, [])
+        if existing and all(isinstance(b, str) for b in existing):
+            existing = [{"when": {}, "order": existing}]
+        classes = [rule["when"] for rule in new]
+        merged[op] = list(new) + [rule for rule in existing if rule.get("when") not in classes]
+    return dict(sorted(merged.items()))
+
+
 def _precompile_one(family: str, index: int, tiles: dict, quick: bool) -> str:
     """Worker: build and launch one candidate once, so its binary lands in Triton's disk cache."""
     from . import tune_cases
@@ -202,14 +288,17 @@ def _git_commit() -> str | None:
         return None
 
 
-def write_table(path: Path, device, entries: dict, argv) -> dict:
-    """Merge ``entries`` ({kernel: {key: entry}}) into the table at ``path`` and write it."""
+def write_table(path: Path, device, entries: dict, argv, dispatch: dict | None = None) -> dict:
+    """Merge ``entries`` ({kernel: {key: entry}}) and ``dispatch`` rules ({op: [rule, ...]}) into
+    the table at ``path`` and write it."""
     import triton
 
     data = json.loads(path.read_text()) if path.exists() else {}
     kernels = data.get("kernels", {})
     for kernel, by_key in entries.items():
         kernels.setdefault(kernel, {}).update(by_key)
+    if dispatch:
+        data["dispatch"] = merge_dispatch(data.get("dispatch", {}), dispatch)
     version = tuning.triton_version()
     data.update({
         "format": tuning.FORMAT, "arch": device_arch(device), "triton": f"{version[0]}.{version[1]}",
@@ -235,6 +324,7 @@ def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, ar
     deadline = time.monotonic() + budget if budget else None
     path = out / tuning.table_name(device_arch(device), tuning.triton_version())
     entries: dict[str, dict] = {}
+    dispatch: dict[str, list] = {}
     for family in families:
         if deadline is not None and time.monotonic() > deadline:
             log(f"[{family}] not tuned: time budget spent")
@@ -253,8 +343,14 @@ def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, ar
                 key = tunable.key_for(device)
                 entries.setdefault(tunable.kernel, {})[key] = entry
                 chosen.enter_context(tuning.override(tunable.kernel, key, entry["tiles"]))
-        if entries:
-            write_table(path, device, entries, argv)  # after every family: a cut-short run keeps what it measured
+            # Our kernels against the other implementations, with the tiles just chosen in force.
+            for case in tune_cases.dispatch_cases([family]):
+                rule = measure_dispatch(case, device, quick=quick, deadline=deadline, log=log)
+                if rule is not None:
+                    dispatch.setdefault(case.op, []).append(rule)
+        if entries or dispatch:
+            # After every family: a cut-short run keeps what it measured.
+            write_table(path, device, entries, argv, dispatch)
     tuning.reload()
     log(f"wrote {path}")
     return path

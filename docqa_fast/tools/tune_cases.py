@@ -1,6 +1,9 @@
 """What ``python -m docqa_fast.tools.tune`` measures: per tunable kernel variant, the workload
 shape it serves, random inputs, the launch, and the tile candidates.
 
+Besides tiles, the implementation of a dispatched call (:class:`DispatchCase`: training attention
+through our tuned kernels or torch's cuDNN attention, at the LLM shape, causal and not).
+
 Shapes: the full ones are the headline workloads (LLM attention: 1 x 16K tokens, 28 / 4 heads,
 D 128, causal; ViT: 8 images x 4,800 patches, 16 heads, D 80; decode: one token over a 128K
 cache; merge: two 128K-token partials; the fused cross-entropy through Qwen2.5's head at 8K
@@ -147,6 +150,9 @@ _DKDV_80 = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (12
 _DQ_80 = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))
 
 
+_LLM_FULL = _attention_setup(128, 28, 4, False, ([16384], [4096], [70]), varlen=False)
+
+
 def _attention_tunables():
     from ..kernels import attention as kernels
 
@@ -167,6 +173,58 @@ def _attention_tunables():
         tunable("attention_backward_dq", 80, False, _backward_state(_VIT), _attention_backward,
                 "the whole backward (delta, dK/dV, dQ)", _DQ_80),
     ]
+
+
+@dataclass
+class DispatchCase:
+    """A call of a dispatched op at which ``python -m docqa_fast.tools.tune`` times the
+    implementations a tuned table may put first (our tuned kernels against torch's cuDNN
+    attention): the fastest leads the ``dispatch`` rule it writes for the call's shape class
+    (the op's ``shape_class`` of these arguments), the others follow by time."""
+
+    family: str
+    op: str  # the dispatch table's op
+    setup: Callable[[torch.device, bool], State]
+    args: Callable[[State], tuple]  # the op's arguments, from the state's tensors
+    backends: tuple[str, ...]  # timed in this order; the first that runs gives the outputs the rest must match
+    unit: str
+    what: str
+
+    @property
+    def metric(self) -> str:
+        return f"{self.unit} of {self.what}"
+
+    def value(self, state: State, ms: float) -> float:
+        return state.work / ms / (1e9 if self.unit == "TFLOP/s" else 1e6)
+
+
+def _forward_args(state) -> tuple:
+    t, call = state.tensors, state.tensors["call"]
+    return (t["q"], t["k"], t["v"], call["cu_seqlens_q"], call["cu_seqlens_k"], call["max_seqlen_q"],
+            call["max_seqlen_k"], call["softmax_scale"], call["causal"], -1, -1, call["softcap"], None, 0.0, None,
+            False)
+
+
+def _backward_args(state) -> tuple:
+    t = state.tensors
+    forward = _forward_args(state)
+    # Both routes' backward read the same (out, lse): flash-attn's semantics, whichever forward made them.
+    return (t["dout"], *forward[:3], t["out"], t["lse"], None, *forward[3:])
+
+
+def dispatch_cases(families=FAMILIES) -> list[DispatchCase]:
+    """The calls whose implementation the tool measures (training attention: dense D 128 at the
+    LLM shape, causal and not, forward and backward; the ViT shape is varlen, which cuDNN's
+    dense op does not take)."""
+    if "attention" not in families:
+        return []
+    cases = []
+    for setup, kind in ((_LLM, "causal"), (_LLM_FULL, "non-causal")):
+        cases += [DispatchCase("attention", "attention_forward", setup, _forward_args, ("triton", "cudnn"), "TFLOP/s",
+                               f"the {kind} forward"),
+                  DispatchCase("attention", "attention_backward", _backward_state(setup), _backward_args,
+                               ("triton", "cudnn"), "TFLOP/s", f"the {kind} backward")]
+    return cases
 
 
 # ------------------------------------------------------------------------------ inference
