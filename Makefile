@@ -53,10 +53,11 @@ install: $(BUILD_STAMP)
 test: install
 	$(PYTEST) --durations=15
 
-# Between edits: everything but the tests marked slow (the sm_90 compile of every config,
-# torch.compile's first compiles, the interpreter on real vocabulary sizes); CI runs them all.
+# Between edits (pytest --quick): everything but the tests marked slow (the sm_90 compile of
+# every config, torch.compile, the interpreter on real vocabulary sizes) and the Triton
+# interpreter's fp32 runs; make test and CI run them all.
 check: install
-	$(PYTEST) -m "not slow"
+	$(PYTEST) --quick
 
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
