@@ -4,8 +4,10 @@
 #   make bench   set up the same, run the benchmark suite on whatever device is here
 #   make gpu     on a GPU machine: build for its architecture, tests, tuning sweep, headline
 #                benchmarks, logs and tables in GPU_OUT (at most 8 files), under 10 minutes
-# Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_SPEC (installed
-# only when the venv cannot import torch yet), MAX_JOBS (compile jobs and test processes),
+# Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_SPEC (pip's arguments for
+# PyTorch, installed only when the venv cannot import torch yet; split into words, so it can name
+# an index: TORCH_SPEC="torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu"; quote a
+# specifier with < or > inside it: TORCH_SPEC="'torch>=2.11,<2.15'"), MAX_JOBS (compile jobs and test processes),
 # TEST_JOBS, DOCQA_FAST_CUDA_ARCHS, DOCQA_FAST_NO_EXTENSION=1, PYTEST_ARGS (e.g. "-k merge -x"),
 # BENCH_ARGS (e.g. "--quick --filter merge"), GPU_OUT.
 
@@ -35,7 +37,7 @@ GPU_OUT ?= gpu-run
 # with its own CUDA build, no network) reuses it; pip skips what is already satisfied.
 $(SETUP_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	@# Only what is missing: a machine with everything already (the GPU box, which has no
 	@# network) must not need pip to reach an index.
 	missing="$$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(d for d in sys.argv[1:] if next(m.distributions(name=d), None) is None))' $(DEPS))"; \
