@@ -2,7 +2,8 @@
 
 ``from flash_attn.bert_padding import unpad_input, pad_input, index_first_axis`` becomes
 ``from docqa_fast.bert_padding import ...`` with the same signatures and return values
-(flash-attn 2.6+: ``unpad_input`` returns five values). Gathers and scatters of whole rows in
+(flash-attn 2.6+: ``unpad_input`` returns five values), ``unpad_input_for_concatenated_sequences``
+included. Gathers and scatters of whole rows in
 PyTorch, differentiable; the only host sync is ``unpad_input``'s ``max_seqlen`` (an int, as
 flash-attn returns it).
 """
@@ -13,7 +14,7 @@ import torch
 
 from ._validation import check_same_device, check_tensor
 
-__all__ = ["index_first_axis", "pad_input", "unpad_input"]
+__all__ = ["index_first_axis", "pad_input", "unpad_input", "unpad_input_for_concatenated_sequences"]
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -76,3 +77,37 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     max_seqlen = int(lengths.max()) if lengths.numel() else 0
     rows = hidden_states.reshape(-1, *hidden_states.shape[2:])
     return rows[indices], indices, cu_seqlens, max_seqlen, seqused
+
+
+def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
+    """(hidden_states (total_nnz, ...), indices, cu_seqlens int32, max_seqlen_in_batch) of a batch
+    whose rows each hold several sequences back to back, then padding.
+
+    attention_mask_in_length (batch, seqlen) integer: row b lists the lengths of its sequences
+    first, then zeros (``[[2, 3, 0, 0, 0, 0], ...]``: a row whose first 5 tokens are two sequences
+    of 2 and 3 tokens). Each sequence becomes its own entry of cu_seqlens, so varlen attention
+    never lets them see each other. One host sync, for max_seqlen_in_batch and the lengths' checks.
+    """
+    check_tensor("hidden_states", hidden_states)
+    if hidden_states.dim() < 2:
+        raise ValueError(f"expected hidden_states of shape (batch, seqlen, ...), got {tuple(hidden_states.shape)}")
+    lengths = attention_mask_in_length
+    check_tensor("attention_mask_in_length", lengths, dtypes=_MASK_DTYPES[1:], ndims=(2,))
+    if tuple(lengths.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"expected attention_mask_in_length of shape {tuple(hidden_states.shape[:2])} (hidden_states' "
+                         f"batch and seqlen), got {tuple(lengths.shape)}")
+    check_same_device(("hidden_states", "attention_mask_in_length"), (hidden_states, lengths))
+    seqlen = lengths.shape[1]
+    row_tokens = lengths.long().sum(-1)
+    if lengths.numel() and (bool((lengths < 0).any()) or int(row_tokens.max()) > seqlen):
+        raise ValueError(f"expected attention_mask_in_length to hold non-negative sequence lengths summing to at most "
+                         f"{seqlen} per row, got {lengths.tolist()}")
+    flat = lengths.flatten()
+    seqlens = flat[flat != 0].to(torch.int32)  # row-major: each row's sequences in order
+    kept = torch.arange(seqlen, device=lengths.device)[None, :] < row_tokens[:, None]
+    indices = kept.flatten().nonzero().flatten()
+    cu_seqlens = torch.zeros(seqlens.shape[0] + 1, dtype=torch.int32, device=lengths.device)
+    cu_seqlens[1:] = seqlens.cumsum(0)
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    rows = hidden_states.reshape(-1, *hidden_states.shape[2:])
+    return rows[indices], indices, cu_seqlens, max_seqlen

@@ -1,7 +1,8 @@
 """Rotary position embedding with flash-attn's ``apply_rotary_emb`` signature.
 
 ``from flash_attn.layers.rotary import apply_rotary_emb`` becomes
-``from docqa_fast.rotary import apply_rotary_emb``. One Triton kernel (``kernels/rotary.py``;
+``from docqa_fast.rotary import apply_rotary_emb`` (also ``apply_rotary_emb_func``, its older
+name, and the in-place ``apply_rotary_emb_qkv_`` / ``apply_rotary_emb_kv_`` for packed q/k/v). One Triton kernel (``kernels/rotary.py``;
 the reference, ``docqa_fast.reference.rotary``, on CPU) rotates every (token, head) row at its
 position; positions are computed with a few tensor ops (no host sync), dense or varlen.
 """
@@ -14,7 +15,7 @@ from .._validation import FLOAT_DTYPES, check_last_dim_contiguous, check_same_de
 from .._validation import value_checks_enabled
 from .ops import rotary_op
 
-__all__ = ["apply_rotary_emb"]
+__all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_"]
 
 
 def _check_tables(x, cos, sin):
@@ -93,3 +94,64 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     if inplace:
         return x.copy_(out)
     return out
+
+
+apply_rotary_emb_func = apply_rotary_emb  # flash-attn's older name for the same function
+
+
+def _rotate_in_place(name, x, cos, sin, interleaved, seqlen_offsets):
+    """Rotates the view x of a packed tensor in place (apply_rotary_emb writes back with copy_,
+    so a strided view is updated where it lives)."""
+    try:
+        apply_rotary_emb(x, cos, sin, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets)
+    except (TypeError, ValueError) as error:  # the slice's messages say "x": say which tensor it was
+        raise type(error)(f"{name}: {error}") from None
+
+
+def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0,
+                          num_heads_q=None):
+    """q and k of a packed qkv rotated in place, as flash-attn's ``apply_rotary_emb_qkv_``; returns qkv.
+
+    Args:
+        qkv: (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with ``num_heads_q = Hq`` (grouped heads:
+            the query heads, then the key heads, then the value heads). V is left as it is.
+        cos, sin: (seqlen_ro, rotary_dim / 2) tables for q (and for k unless cos_k / sin_k are given).
+        cos_k, sin_k: k's own tables (both or neither).
+        interleaved, seqlen_offsets: as :func:`apply_rotary_emb`.
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndims=(4, 5))
+    if (cos_k is None) != (sin_k is None):
+        raise ValueError("expected cos_k and sin_k both given or both None, got one of them")
+    if qkv.dim() == 5:
+        if num_heads_q is not None:
+            raise ValueError(f"num_heads_q is for qkv of shape (B, S, Hq + 2 * Hk, D); got qkv of shape "
+                             f"{tuple(qkv.shape)} with num_heads_q={num_heads_q!r}")
+        if qkv.shape[2] != 3:
+            raise ValueError(f"expected qkv of shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+    else:
+        if isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int):
+            raise TypeError(f"expected num_heads_q (an int) with qkv of shape (B, S, Hq + 2 * Hk, D), "
+                            f"got {num_heads_q!r}")
+        heads_kv, odd = divmod(qkv.shape[2] - num_heads_q, 2)
+        if num_heads_q <= 0 or heads_kv <= 0 or odd:
+            raise ValueError(f"expected qkv's {qkv.shape[2]} heads to be num_heads_q ({num_heads_q}) query heads "
+                             f"plus as many key as value heads")
+        q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + heads_kv]
+        if cos_k is None:  # q's and k's heads are adjacent: one launch for both
+            q, k = qkv[:, :, :num_heads_q + heads_kv], None
+    _rotate_in_place("qkv's q", q, cos, sin, interleaved, seqlen_offsets)
+    if k is not None:
+        _rotate_in_place("qkv's k", k, cos if cos_k is None else cos_k, sin if sin_k is None else sin_k,
+                         interleaved, seqlen_offsets)
+    return qkv
+
+
+def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
+    """k of a packed kv (B, S, 2, H, D) rotated in place, as flash-attn's ``apply_rotary_emb_kv_``;
+    returns kv."""
+    check_tensor("kv", kv, dtypes=FLOAT_DTYPES, ndims=(5,))
+    if kv.shape[2] != 2:
+        raise ValueError(f"expected kv of shape (B, S, 2, H, D), got {tuple(kv.shape)}")
+    _rotate_in_place("kv's k", kv[:, :, 0], cos, sin, interleaved, seqlen_offsets)
+    return kv
