@@ -4,7 +4,8 @@ Run it two ways (from the repository root):
 
 * ``python -m benchmarks [--quick] [--filter SUBSTR] [--out DIR] [--no-hopper-report]``
   prints a table per case and writes ``results.json``, ``summary.md`` and PNG plots to
-  ``benchmarks/results/<device-slug>/`` (``cpu``, ``nvidia-h100-80gb-hbm3``, ...).
+  ``benchmarks/results/local/<device-slug>/`` (``cpu``, ``nvidia-h100-80gb-hbm3``, ...;
+  ignored by git), or to ``--out DIR``: committed runs live in ``benchmarks/results/<device-slug>/``.
 * ``pytest benchmarks/ --benchmark-json=out.json``: the same cases at quick sizes
   through pytest-benchmark (``pytest tests/`` never collects them).
 

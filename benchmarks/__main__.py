@@ -12,6 +12,10 @@ from tqdm import tqdm
 from . import harness, report
 
 
+# Ignored by git (.gitignore): where a run writes unless --out says otherwise.
+LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sizes = parser.add_mutually_exclusive_group()
@@ -22,8 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose id (family/name) contains SUBSTR "
                                                          "(several: SUBSTR,SUBSTR,...)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="output folder (default: benchmarks/results/<device-slug>/ on a GPU, committed; "
-                             "benchmarks/results/local/cpu/ on a CPU, not committed)")
+                        help="output folder (default: benchmarks/results/local/<device-slug>/, which git "
+                             "ignores; results to commit go to --out benchmarks/results/<device-slug>)")
     parser.add_argument("--no-hopper-report", action="store_true",
                         help="skip the static sm_90 compile report of the Triton kernels")
     parser.add_argument("--list", action="store_true",
@@ -66,10 +70,9 @@ def main(argv=None) -> int:
 
     device = harness.default_device()
     env = report.environment(device)
-    # GPU results are committed; CPU runs (the development machines) show the suite working,
-    # not speed, so they go to an ignored folder.
-    results = Path(__file__).resolve().parent / "results"
-    out_dir = args.out or (results / env["device_slug"] if device.type == "cuda" else results / "local" / "cpu")
+    # A run leaves the checkout clean unless asked: committed results (a GPU run worth keeping)
+    # are written with --out benchmarks/results/<device-slug>.
+    out_dir = args.out or LOCAL_RESULTS / env["device_slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{env['device']} | torch {env['torch']} | Triton {env['triton']} | {len(cases)} cases -> {out_dir}")
     for name, status in env["backends"].items():

@@ -370,6 +370,13 @@ def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=Non
         "metric": case.metric, "bytes_moved": case.bytes_moved, "flops": case.flops,
         "target": case.target,
     }
+    skipped = _all_skipped_rows(case, device)
+    if skipped is not None:  # nothing can run here: no inputs made, one line in the report
+        for provider in case.providers:
+            if on_provider_done is not None:
+                on_provider_done(provider)
+        return {**record, "providers": skipped,
+                "check": {"reference": case.reference, "against": None, "note": None}}
     failure = None
     try:
         input_sets = make_input_sets(case, device)
@@ -429,6 +436,27 @@ def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=Non
     _add_speedups(ordered)
     return {**record, "providers": ordered,
             "check": {"reference": case.reference, "against": against, "note": "; ".join(notes) or None}}
+
+
+def _all_skipped_rows(case: Case, device: torch.device) -> list[dict] | None:
+    """The rows of a case none of whose providers can run on ``device``, or None when one can
+    (or when an availability probe fails: :func:`_measure` then reports it)."""
+    rows = []
+    for provider in case.providers:
+        try:
+            reason = provider.unavailable(device)
+        except Exception:
+            return None
+        if reason is None:
+            return None
+        rows.append({"provider": provider.name, "ours": provider.ours, "status": "skipped", "reason": reason,
+                     "check": None})
+    return rows
+
+
+def all_skipped(record: dict) -> bool:
+    """Whether no provider of a case's record ran (all unavailable here)."""
+    return all(row["status"] == "skipped" for row in record["providers"])
 
 
 def _release(device: torch.device) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import CEILING_OF_METRIC
+from .harness import CEILING_OF_METRIC, all_skipped
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,14 @@ def _host_cost(counts: dict | None) -> str:
 
 
 def case_table(record: dict) -> str:
-    """Markdown table of one case: a row per provider (skips and errors with their reason)."""
+    """Markdown table of one case: a row per provider (skips and errors with their reason); one
+    line instead when every provider was skipped, each reason once."""
+    if all_skipped(record):
+        reasons = {}
+        for row in record["providers"]:
+            reasons.setdefault(row["reason"], []).append(row["provider"])
+        return "Skipped here, no provider can run: " + "; ".join(
+            f"{', '.join(names)}: {reason}" for reason, names in reasons.items()) + "."
     header = ["provider", "p20 ms", "p50 ms", "p80 ms", record["metric"], "of ceiling", "speedup (ours)",
               "peak MiB", "check"]
     host = record["params"].get("host_syncs")

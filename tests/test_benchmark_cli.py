@@ -54,3 +54,39 @@ def test_a_group_with_nothing_measured_gets_no_plot(tmp_path):
     plots = report.write_plots(tmp_path, nothing + measured, ceilings={})
     assert [p.name for p in plots] == ["test__measured.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test__measured.png"]
+
+
+def test_a_case_nothing_can_run_makes_no_inputs_and_says_so_in_one_line():
+    def no_inputs(params, device):
+        raise AssertionError("inputs made for a case nothing can run")
+
+    gpu_only = [harness.Provider(name, fn=_double, unavailable=lambda device: "needs a CUDA device")
+                for name in ("ours", "flash-attn")]
+    other = harness.Provider("eager", fn=_double, unavailable=lambda device: "not installed")
+    case = harness.Case(family="test", name="nothing", group="g", description="d", params={"n": 1}, sweep="n",
+                        make_inputs=no_inputs, providers=(*gpu_only, other), bytes_moved=8)
+    done = []
+    record = harness.run_case(case, CPU, quick=True, on_provider_done=done.append)
+    assert len(done) == 3 and harness.all_skipped(record)
+    assert report.case_table(record) == ("Skipped here, no provider can run: ours, flash-attn: needs a CUDA device; "
+                                         "eager: not installed.")
+    # A case where one provider runs keeps its table, the skipped rows with their reason.
+    ran = harness.run_case(_case("some", harness.Provider("eager", fn=_double), gpu_only[0]), CPU, quick=True)
+    assert not harness.all_skipped(ran)
+    table = report.case_table(ran)
+    assert table.startswith("| provider |") and "skipped: needs a CUDA device" in table
+
+
+def test_a_run_writes_to_the_ignored_folder_unless_told(tmp_path, monkeypatch):
+    assert cli.LOCAL_RESULTS == Path(harness.__file__).parent / "results" / "local"
+    ignored = Path(harness.__file__).parents[1] / ".gitignore"
+    assert "benchmarks/results/local/" in ignored.read_text().split()
+    monkeypatch.setattr(cli, "LOCAL_RESULTS", tmp_path / "local")
+    monkeypatch.setattr(harness, "default_device", lambda: CPU)  # the same folders on a GPU machine
+    monkeypatch.setattr(harness, "collect_cases", lambda quick, filter=None: [
+        _case("a", harness.Provider("eager", fn=_double))])
+    assert cli.main(["--quick", "--no-hopper-report"]) == 0
+    assert sorted(p.name for p in (tmp_path / "local" / "cpu").iterdir()) == ["results.json", "summary.md",
+                                                                               "test__group.png"]
+    assert cli.main(["--quick", "--no-hopper-report", "--out", str(tmp_path / "kept")]) == 0
+    assert (tmp_path / "kept" / "results.json").exists()
