@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # causal), the ViT shape, decode over 128K contiguous and paged, the Qwen head's fused
 # cross-entropy, and the ring-attention merge.
 HEADLINE_CASES = ("attention/llm28x4-causal-fwd-S16384", "attention/llm28x4-causal-bwd-S16384",
-                  "attention/vit-fwd_bwd-images8", "inference/decode-contiguous-H28x4-B1-ctx131072",
+                  "attention/vit-fwd_bwd-8x4800", "inference/decode-contiguous-H28x4-B1-ctx131072",
                   "inference/decode-paged256-H28x4-B1-ctx131072", "losses/ce_qwen_fwdbwd-N8192",
                   "merge_attention/ring_pair-S131072")
 # Seconds per step: 180 + 210 + 110 = 500, plus the build before it (44 s on the H200's 16 cores):
