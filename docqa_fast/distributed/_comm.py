@@ -1,0 +1,153 @@
+"""Communication pieces of the context-parallel attention: the ring's point-to-point exchange
+(on a side stream on CUDA), an autograd all-to-all, and the cross-rank agreement check that
+turns a mismatch or a local error on any rank into an error on every rank instead of a hang."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+
+class ContextParallelError(ValueError):
+    """Raised on every rank of a context-parallel call when any rank's arguments are wrong or
+    differ from the others' (shapes, dtypes, options, cu_seqlens)."""
+
+
+def group_size_rank(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("context parallelism needs torch.distributed initialised (init_process_group, or "
+                           "launch with torchrun)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def global_rank(group, rank: int) -> int:
+    """The default group's rank of ``group``'s rank ``rank`` (what P2P ops address)."""
+    if group is None or group is dist.group.WORLD:
+        return rank
+    return dist.get_global_rank(group, rank)
+
+
+def agree(group, signature: str, error: BaseException | None, what: str) -> None:
+    """Check that every rank of ``group`` reached this call with the same ``signature`` and no
+    local ``error``; otherwise raise :class:`ContextParallelError` on every rank, naming the ranks
+    and what they hold. One all_gather of two int64 per rank on the fast path; the descriptive
+    all_gather_object only when something is wrong (all ranks then take it, so none waits)."""
+    world, rank = group_size_rank(group)
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    mine = torch.tensor([zlib.crc32(signature.encode()), 0 if error is None else 1], dtype=torch.int64,
+                        device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).cpu().tolist()
+    if all(row == rows[0] for row in rows) and rows[0][1] == 0:
+        return
+    described = [None] * world
+    dist.all_gather_object(described, (signature, None if error is None else f"{type(error).__name__}: {error}"),
+                           group=group)
+    failing = [f"rank {r}: {err}" for r, (_, err) in enumerate(described) if err is not None]
+    if failing:
+        message = f"{what}: " + "; ".join(failing)
+        if error is not None:
+            raise ContextParallelError(message) from error
+        raise ContextParallelError(message)
+    lines = [f"rank {r}: {sig}" for r, (sig, _) in enumerate(described)]
+    raise ContextParallelError(f"{what}: the ranks' arguments differ (every rank must pass the same shapes, "
+                               "dtypes and options):\n" + "\n".join(lines))
+
+
+def describe(*tensors, **options) -> str:
+    """A signature string of the tensors' shapes/dtypes/devices types and the call's options."""
+    parts = [f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}:{t.device.type}" if isinstance(t, torch.Tensor)
+             else repr(t) for t in tensors]
+    parts += [f"{key}={value!r}" for key, value in options.items()]
+    return " ".join(parts)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+class Exchange:
+    """One round of point-to-point messages: ``send`` tensors to one rank while receiving
+    same-shaped tensors from another, started now and finished by :meth:`wait`.
+
+    On CUDA the ops are issued on a side stream that first waits for the producer (the current
+    stream), so the next block's compute on the current stream overlaps the transfer; ``wait``
+    makes the current stream wait for the side stream and marks the received buffers as used by
+    it (the caching allocator must not recycle them early)."""
+
+    def __init__(self, send, to_rank: int, from_rank: int, group, tag: int = 0):
+        self.received = [torch.empty_like(t) for t in send]
+        # Distinct tags per tensor and per exchange: gloo matches messages by (peer, tag), and a
+        # ring's K/V and gradient exchanges are in flight together.
+        ops = [dist.P2POp(dist.isend, t, to_rank, group, tag + i) for i, t in enumerate(send)]
+        ops += [dist.P2POp(dist.irecv, t, from_rank, group, tag + i) for i, t in enumerate(self.received)]
+        self.stream = None
+        if send[0].is_cuda:
+            self.stream = _side_stream(send[0].device)
+            self.stream.wait_stream(torch.cuda.current_stream(send[0].device))
+            for t in send:
+                t.record_stream(self.stream)
+            with torch.cuda.stream(self.stream):
+                self.requests = dist.batch_isend_irecv(ops)
+        else:
+            self.requests = dist.batch_isend_irecv(ops)
+
+    def wait(self):
+        for request in self.requests:
+            request.wait()
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.received[0].device)
+            current.wait_stream(self.stream)
+            for t in self.received:
+                t.record_stream(current)
+        return self.received
+
+
+def ring_exchange(send, group, shift: int = 1, tag: int = 0) -> Exchange:
+    """Send ``send`` to the rank ``shift`` ahead in ``group``, receive from ``shift`` behind."""
+    world, rank = group_size_rank(group)
+    return Exchange([t.contiguous() for t in send], global_rank(group, (rank + shift) % world),
+                    global_rank(group, (rank - shift) % world), group, tag)
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    world, _ = group_size_rank(group)
+    if world == 1:
+        return x
+    inputs = [t.contiguous() for t in x.chunk(world, dim=scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(world)]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=gather_dim)
+
+
+class AllToAll(torch.autograd.Function):
+    """All-to-all that splits ``scatter_dim`` across the group and concatenates what arrives
+    along ``gather_dim`` (rank order); its gradient is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def all_to_all(x, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    return AllToAll.apply(x, scatter_dim, gather_dim, group)

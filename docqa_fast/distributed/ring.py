@@ -1,0 +1,278 @@
+"""Ring attention over docqa_fast's training attention ops: contiguous and zigzag layouts,
+dense and packed (varlen), forward and backward.
+
+Forward, on each rank: the local queries stay; the key/value shards go around the ring
+(``batch_isend_irecv``, the next shard in flight while the current one is computed); each
+step's blocks (:mod:`.plan`) run ``docqa_fast::attention_forward`` and their (out, lse) are
+merged into an fp32 accumulator by ``merge_attention_states`` -- accumulating the merged output
+in the inputs' bf16 would round once per step and let the error grow with the ring's length.
+
+Backward (the ring-flash-attn scheme): the same ring again. Every block's gradients come from
+``docqa_fast::attention_backward`` given the *final* output and the *global* LSE, which makes
+each block's probabilities the global ones: no re-merge is needed. dQ accumulates locally; the
+dK/dV of a key/value shard travel with it (fp32) and reach its owner after the last step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_cu_seqlens
+from ..attention_core import check_heads, check_softcap, check_window, softmax_scale_or_default
+from ..merge_attention import merge_attention_states
+from ._comm import agree, describe, group_size_rank, ring_exchange
+from .plan import chunks_per_rank, rank_chunks, ring_plan
+
+_KV_TAG, _GRAD_TAG = 0, 8
+
+
+# ------------------------------------------------------------------------- sequence layouts
+
+def split_sequence(x: torch.Tensor, dim: int, layout: str, group=None) -> torch.Tensor:
+    """This rank's shard of a full tensor along ``dim`` in ``layout`` ("zigzag"/"contiguous")."""
+    world, rank = group_size_rank(group)
+    n_chunks = world * chunks_per_rank(layout)
+    if x.shape[dim] % n_chunks:
+        raise ValueError(f"expected x.shape[{dim}] divisible by {n_chunks} ({layout} layout over {world} ranks), "
+                         f"got {x.shape[dim]}")
+    chunks = x.chunk(n_chunks, dim=dim)
+    return torch.cat([chunks[c] for c in rank_chunks(layout, rank, world)], dim=dim)
+
+
+def gather_sequence(x: torch.Tensor, dim: int, layout: str, group=None) -> torch.Tensor:
+    """The full tensor from every rank's ``layout`` shard (the inverse of :func:`split_sequence`;
+    not differentiable)."""
+    import torch.distributed as dist
+
+    world, _ = group_size_rank(group)
+    per_rank = chunks_per_rank(layout)
+    if x.shape[dim] % per_rank:
+        raise ValueError(f"expected x.shape[{dim}] divisible by {per_rank}, got {x.shape[dim]}")
+    shards = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    chunks = [None] * (world * per_rank)
+    for rank, shard in enumerate(shards):
+        for piece, c in zip(shard.chunk(per_rank, dim=dim), rank_chunks(layout, rank, world)):
+            chunks[c] = piece
+    return torch.cat(chunks, dim=dim)
+
+
+def zigzag_split(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """This rank's zigzag shard of ``x``: chunks r and 2P-1-r of 2P along ``dim``."""
+    return split_sequence(x, dim, "zigzag", group)
+
+
+def zigzag_gather(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """The full tensor from every rank's zigzag shard along ``dim`` (not differentiable)."""
+    return gather_sequence(x, dim, "zigzag", group)
+
+
+# ------------------------------------------------------------------------- block calls
+
+def _rows(x, lo, hi, dense):
+    return (x[:, lo:hi] if dense else x[lo:hi]).contiguous()
+
+
+def _lse_rows(lse, lo, hi):
+    return lse[..., lo:hi].contiguous()  # (B, H, S) and (H, T) both keep the sequence last
+
+
+def _block_layout(block, dense, device):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a block's kernel call."""
+    sq, sk = block.q_hi - block.q_lo, block.k_hi - block.k_lo
+    if dense:
+        return None, None, sq, sk
+    if block.cu_seqlens is not None:
+        cu = torch.tensor(block.cu_seqlens, dtype=torch.int32, device=device)
+        longest = max(b - a for a, b in zip(block.cu_seqlens, block.cu_seqlens[1:]))
+        return cu, cu, longest, longest
+    return (torch.tensor([0, sq], dtype=torch.int32, device=device),
+            torch.tensor([0, sk], dtype=torch.int32, device=device), sq, sk)
+
+
+def _block_forward(q, k, v, block, scale, softcap, dense):
+    cu_q, cu_k, max_q, max_k = _block_layout(block, dense, q.device)
+    return torch.ops.docqa_fast.attention_forward(
+        _rows(q, block.q_lo, block.q_hi, dense), _rows(k, block.k_lo, block.k_hi, dense),
+        _rows(v, block.k_lo, block.k_hi, dense), cu_q, cu_k, max_q, max_k, scale, block.causal,
+        block.window_left, block.window_right, softcap, None, 0.0, None, False)
+
+
+def _block_backward(dout, q, k, v, out, lse, grad_lse, block, scale, softcap, dense, deterministic):
+    cu_q, cu_k, max_q, max_k = _block_layout(block, dense, q.device)
+    qs = (block.q_lo, block.q_hi, dense)
+    return torch.ops.docqa_fast.attention_backward(
+        _rows(dout, *qs), _rows(q, *qs), _rows(k, block.k_lo, block.k_hi, dense),
+        _rows(v, block.k_lo, block.k_hi, dense), _rows(out, *qs), _lse_rows(lse, block.q_lo, block.q_hi),
+        None if grad_lse is None else _lse_rows(grad_lse, block.q_lo, block.q_hi), cu_q, cu_k, max_q, max_k, scale,
+        block.causal, block.window_left, block.window_right, softcap, None, 0.0, None, deterministic)
+
+
+def _merge_into(acc_out, acc_lse, out, lse, block, dense):
+    """Merge a block's (out, lse) into the fp32 accumulators' rows of the block."""
+    rows = acc_out[:, block.q_lo:block.q_hi] if dense else acc_out[block.q_lo:block.q_hi]
+    lse_rows = acc_lse[..., block.q_lo:block.q_hi]
+    merged_out, merged_lse = merge_attention_states(rows, lse_rows.contiguous(), out.float(), lse)
+    rows.copy_(merged_out)
+    lse_rows.copy_(merged_lse)
+
+
+def _add_rows(acc, grad, lo, hi, dense):
+    (acc[:, lo:hi] if dense else acc[lo:hi]).add_(grad)
+
+
+def ring_forward(q, k, v, plan, rank, group, scale, softcap, dense):
+    """(out fp32, lse) of this rank's queries: the forward ring. Exposed for the single-process
+    simulation of the benchmark (``group`` None with a one-step plan)."""
+    acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if dense else (q.shape[1], q.shape[0])
+    acc_lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+    k_cur, v_cur = k, v
+    for step in range(plan.n_steps):
+        exchange = ring_exchange([k_cur, v_cur], group, tag=_KV_TAG) if step + 1 < plan.n_steps else None
+        for block in plan.steps[rank][step]:
+            out, lse = _block_forward(q, k_cur, v_cur, block, scale, softcap, dense)
+            _merge_into(acc_out, acc_lse, out, lse, block, dense)
+        if exchange is not None:
+            k_cur, v_cur = exchange.wait()
+    return acc_out, acc_lse
+
+
+def ring_backward(dout, grad_lse, q, k, v, out, lse, plan, rank, group, scale, softcap, dense, deterministic):
+    """(dq, dk, dv) in fp32: the backward ring, dK/dV travelling with their key/value shard."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    k_cur, v_cur = k, v
+    n_steps = plan.n_steps
+    for step in range(n_steps):
+        exchange = ring_exchange([k_cur, v_cur], group, tag=_KV_TAG) if step + 1 < n_steps else None
+        for block in plan.steps[rank][step]:
+            dq_b, dk_b, dv_b = _block_backward(dout, q, k_cur, v_cur, out, lse, grad_lse, block, scale, softcap,
+                                               dense, deterministic)
+            _add_rows(dq, dq_b, block.q_lo, block.q_hi, dense)
+            _add_rows(dk, dk_b, block.k_lo, block.k_hi, dense)
+            _add_rows(dv, dv_b, block.k_lo, block.k_hi, dense)
+        if exchange is not None:
+            # This shard's gradients go on with it: the next rank holds it at the next step.
+            grads = ring_exchange([dk, dv], group, tag=_GRAD_TAG)
+            k_cur, v_cur = exchange.wait()
+            dk, dv = grads.wait()
+        elif n_steps > 1:
+            # The shard held last belongs to the rank n_steps - 1 behind: send its gradients home.
+            dk, dv = ring_exchange([dk, dv], group, shift=-(n_steps - 1), tag=_GRAD_TAG).wait()
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, rank, group, scale, softcap, dense, deterministic):
+        out, lse = ring_forward(q, k, v, plan, rank, group, scale, softcap, dense)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (plan, rank, group, scale, softcap, dense, deterministic)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = ring_backward(dout.contiguous(), grad_lse, q, k, v, out, lse, *ctx.options)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(None,) * 7
+
+
+# ------------------------------------------------------------------------- public functions
+
+def _unsupported(dropout_p, alibi_slopes):
+    if dropout_p:
+        raise ValueError(f"expected dropout_p = 0 for context-parallel attention (the dropout pattern is drawn per "
+                         f"block), got {dropout_p}")
+    if alibi_slopes is not None:
+        raise ValueError("expected alibi_slopes=None for ring attention (the bias is relative to each block's "
+                         "corner, not the global positions); ulysses_flash_attn_func takes it")
+
+
+def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, causal, window_size, softcap,
+             alibi_slopes, layout, group):
+    """Validate locally, agree across ranks, and return the plan and the kernel options."""
+    world, rank = group_size_rank(group)
+    dense = cu_seqlens_q is None and cu_seqlens_k is None
+    error, plan, boundaries = None, None, None
+    scale = window = None
+    try:
+        check_heads(q, k, v, q_ndim=4 if dense else 3, kv_ndim=4 if dense else 3)
+        _unsupported(dropout_p, alibi_slopes)
+        window = check_window(window_size)
+        softcap = check_softcap(softcap)
+        scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+        seq_dim = 1 if dense else 0
+        if k.shape[seq_dim] != q.shape[seq_dim] or (dense and k.shape[0] != q.shape[0]):
+            raise ValueError(f"expected k with q's local sequence length and batch (self-attention over the same "
+                             f"tokens), got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        total = q.shape[seq_dim] * world
+        if not dense:
+            if cu_seqlens_q is None or cu_seqlens_k is None:
+                raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
+            check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total, q, "q")
+            if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+                raise ValueError("expected cu_seqlens_k equal to cu_seqlens_q (ring attention is self-attention "
+                                 "over the same packed tokens)")
+            boundaries = tuple(int(b) for b in cu_seqlens_q.tolist())
+        plan = ring_plan(world, layout, total, bool(causal), window, boundaries)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error = exc
+    signature = describe(q, k, v, causal=bool(causal), window=window, softcap=softcap, scale=scale, layout=layout,
+                         cu_seqlens=None if boundaries is None else hash(boundaries))
+    agree(group, signature, error, f"{layout} ring attention")
+    return plan, rank, scale, softcap, dense
+
+
+def _ring(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, causal, window_size, softcap,
+          alibi_slopes, deterministic, return_attn_probs, layout, group):
+    plan, rank, scale, softcap, dense = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
+                                                 causal, window_size, softcap, alibi_slopes, layout, group)
+    out, lse = _RingAttention.apply(q, k, v, plan, rank, group, scale, softcap, dense, bool(deterministic))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                group=None):
+    """``flash_attn_func`` over a sequence sharded in the zigzag layout (:func:`zigzag_split`):
+    q/k/v (B, S/P, H, D) local shards in, this rank's output shard out (and its LSE
+    (B, H, S/P) with ``return_attn_probs``). The global S must be divisible by 2P."""
+    return _ring(q, k, v, None, None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                 deterministic, return_attn_probs, "zigzag", group)
+
+
+def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """``flash_attn_func`` over contiguous sequence shards (rank r holds the r-th of P slices).
+    Under a causal mask the last rank does P times the first one's work (use the zigzag
+    layout); with a sliding window no wider than a shard only one ring step runs."""
+    return _ring(q, k, v, None, None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                 deterministic, return_attn_probs, "contiguous", group)
+
+
+def zigzag_ring_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                                       dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                       softcap=0.0, alibi_slopes=None, deterministic=False,
+                                       return_attn_probs=False, group=None):
+    """``flash_attn_varlen_func`` over packed documents sharded in the zigzag layout: q/k/v
+    (T/P, H, D) shards of the packed (T, H, D) batch (``zigzag_split(x, 0)``), and
+    ``cu_seqlens_q`` = ``cu_seqlens_k`` the *global* boundaries (the same on every rank;
+    documents may cross chunk and rank boundaries). ``max_seqlen_*`` are not needed (kept for
+    the signature). The LSE with ``return_attn_probs`` is (H, T/P). One host read of
+    cu_seqlens per call (the plan is cached per boundaries)."""
+    return _ring(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs, "zigzag", group)
+
+
+def ring_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                                dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """As :func:`zigzag_ring_flash_attn_varlen_func` over contiguous shards of the packed batch."""
+    return _ring(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs, "contiguous", group)
