@@ -231,10 +231,20 @@ def write_summary(path: Path, env: dict, ceilings: dict, records: list[dict], ho
     path.write_text("\n".join(lines) + "\n")
 
 
+# The x axis of a plot: a sweep's name said in words where it has a common one.
+SWEEP_LABELS = {"S": "sequence length S (tokens)"}
+OVERVIEW_COLUMNS = 3
+
+
 def write_plots(out_dir: Path, records: list[dict], ceilings: dict) -> list[Path]:
-    """One PNG per case group: each provider's rate (p50, p20-p80 band) across the swept size,
-    with the device ceiling and our target drawn when they are known (GPU runs). A group in which
-    no provider measured anything (all skipped or failed) gets no plot: its table says why."""
+    """PNG plots of each provider's rate (p50, p20-p80 band) across the swept size, with the
+    device ceiling and our target drawn when they are known (GPU runs); a provider keeps its
+    colour in every plot of the run. First, per family, an overview
+    (``<family>__overview.png``): one panel per case group that has a line to draw -- a
+    provider measured at two sizes or more -- where two groups or more have one, e.g. attention's TFLOP/s against the sequence
+    length per provider, every kind and mode side by side, the picture to look at first. Then
+    one plot per case group. A group in which no provider measured anything (all skipped or
+    failed) gets no plot and no panel, a family with no line no overview: their tables say why."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,39 +253,19 @@ def write_plots(out_dir: Path, records: list[dict], ceilings: dict) -> list[Path
     groups = defaultdict(list)
     for record in records:
         groups[(record["family"], record["group"])].append(record)
+    measured = {key: sorted(members, key=lambda r: r["params"][r["sweep"]]) for key, members in groups.items()
+                if any(row["status"] == "ok" for r in members for row in r["providers"])}
+    colors = _provider_colors(records, plt.get_cmap("tab20").colors)
     paths = []
-    for (family, group), members in groups.items():
-        if not any(row["status"] == "ok" for r in members for row in r["providers"]):
-            continue
-        members.sort(key=lambda r: r["params"][r["sweep"]])
+    families = dict.fromkeys(family for family, _ in measured)
+    for family in families:
+        panels = [(group, members) for (f, group), members in measured.items() if f == family and _has_line(members)]
+        if len(panels) >= 2:  # one group alone: its own plot is the family's
+            paths.append(_write_overview(plt, out_dir, family, panels, ceilings, colors))
+    for (family, group), members in measured.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        providers = dict.fromkeys(row["provider"] for r in members for row in r["providers"])
-        for provider in providers:
-            points = [(r["params"][r["sweep"]], row) for r in members for row in r["providers"]
-                      if row["provider"] == provider and row["status"] == "ok"]
-            if not points:
-                continue
-            xs = [x for x, _ in points]
-            ys = [row["rate"] for _, row in points]
-            # A slower time is a lower rate: the p80 time gives the band's bottom, p20 its top.
-            low = [row["rate"] * row["p50_ms"] / row["p80_ms"] for _, row in points]
-            high = [row["rate"] * row["p50_ms"] / row["p20_ms"] for _, row in points]
-            line, = ax.plot(xs, ys, marker="o", label=provider, linewidth=2.2 if "docqa_fast" in provider else 1.4)
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
-        ceiling = ceilings.get(CEILING_OF_METRIC[members[0]["metric"]])
-        if ceiling:
-            ax.axhline(ceiling, color="black", linestyle="--", linewidth=1, label="device ceiling")
-            targets = {r["target"] for r in members if r["target"]}
-            for target in targets:
-                ax.axhline(target * ceiling, color="gray", linestyle=":", linewidth=1, label=f"{target:.0%} target")
-        ax.set_ylim(bottom=0)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([r["params"][r["sweep"]] for r in members])
-        ax.set_xticklabels([str(r["params"][r["sweep"]]) for r in members])
-        ax.set_xlabel(members[0]["sweep"])
-        ax.set_ylabel(f"{members[0]['metric']} (median)")
+        _draw_group(ax, members, ceilings, colors)
         ax.set_title(f"{family}: {group}\n{members[0]['description']}", fontsize=9)
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{family}__{group}.png"
@@ -283,3 +273,83 @@ def write_plots(out_dir: Path, records: list[dict], ceilings: dict) -> list[Path
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _provider_colors(records: list[dict], palette) -> dict[str, tuple]:
+    """One colour per provider name for the whole run, in the order providers first appear."""
+    names = dict.fromkeys(row["provider"] for r in records for row in r["providers"])
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+def _points(members: list[dict], provider: str) -> list[tuple]:
+    return [(r["params"][r["sweep"]], row) for r in members for row in r["providers"]
+            if row["provider"] == provider and row["status"] == "ok"]
+
+
+def _has_line(members: list[dict]) -> bool:
+    """Whether some provider was measured at two sizes or more of the group."""
+    providers = {row["provider"] for r in members for row in r["providers"]}
+    return any(len(_points(members, provider)) >= 2 for provider in providers)
+
+
+def _draw_group(ax, members: list[dict], ceilings: dict, colors: dict) -> None:
+    """One group's rates on ``ax``: a line per provider measured, the ceiling and target if known."""
+    providers = dict.fromkeys(row["provider"] for r in members for row in r["providers"])
+    for provider in providers:
+        points = _points(members, provider)
+        if not points:
+            continue
+        xs = [x for x, _ in points]
+        ys = [row["rate"] for _, row in points]
+        # A slower time is a lower rate: the p80 time gives the band's bottom, p20 its top.
+        low = [row["rate"] * row["p50_ms"] / row["p80_ms"] for _, row in points]
+        high = [row["rate"] * row["p50_ms"] / row["p20_ms"] for _, row in points]
+        color = colors.get(provider)
+        ax.plot(xs, ys, marker="o", label=provider, color=color, linewidth=2.2 if "docqa_fast" in provider else 1.4)
+        ax.fill_between(xs, low, high, color=color, alpha=0.2)
+    ceiling = ceilings.get(CEILING_OF_METRIC[members[0]["metric"]])
+    if ceiling:
+        ax.axhline(ceiling, color="black", linestyle="--", linewidth=1, label="device ceiling")
+        for target in {r["target"] for r in members if r["target"]}:
+            ax.axhline(target * ceiling, color="gray", linestyle=":", linewidth=1, label=f"{target:.0%} target")
+    ax.set_ylim(bottom=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["params"][r["sweep"]] for r in members])
+    ax.set_xticklabels([_size_text(r["params"][r["sweep"]]) for r in members])
+    ax.set_xlabel(SWEEP_LABELS.get(members[0]["sweep"], members[0]["sweep"]))
+    ax.set_ylabel(f"{members[0]['metric']} (median)")
+    ax.grid(True, alpha=0.3)
+
+
+def _size_text(value) -> str:
+    """A tick label: 16384 -> "16K", 4800 -> "4800" (only exact multiples of 1024 shortened)."""
+    if isinstance(value, int) and value >= 1024 and value % 1024 == 0:
+        return f"{value // 1024}K"
+    return str(value)
+
+
+def _write_overview(plt, out_dir: Path, family: str, panels: list[tuple], ceilings: dict, colors: dict) -> Path:
+    """A grid of the family's groups (``OVERVIEW_COLUMNS`` across), one legend for all of them."""
+    columns = min(OVERVIEW_COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows + 0.9), squeeze=False)
+    for ax, (group, members) in zip(axes.flat, panels):
+        _draw_group(ax, members, ceilings, colors)
+        ax.set_title(group, fontsize=9)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes.flat[:len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    metric = panels[0][1][0]["metric"]
+    sweeps = {members[0]["sweep"] for _, members in panels}
+    against = SWEEP_LABELS.get(*sweeps, *sweeps) if len(sweeps) == 1 else "the swept size"
+    fig.suptitle(f"{family}: {metric} against {against}, per provider (median, band p20-p80)", fontsize=11)
+    legend_rows = -(-len(handles) // 5)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.035 * legend_rows / rows + 0.01, 1, 0.97))
+    path = out_dir / f"{family}__overview.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
