@@ -121,3 +121,47 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
         raise ValueError(f"expected {name} strictly increasing (every sequence needs a token), "
                          f"got lengths {lengths.tolist()[:16]}")
     return lengths
+
+
+# Sizes the kernels index with int32 arithmetic (grids, offsets): a larger one would wrap.
+INT32_LIMIT = 2 ** 31 - 1
+
+
+def check_int(name: str, value, *, minimum: int = 0, maximum: int = INT32_LIMIT) -> int:
+    """A Python (or NumPy) integer in [minimum, maximum]: ``TypeError`` for a float, a bool or
+    anything else, ``ValueError`` out of range. Symbolic ints (torch.compile) pass unchecked."""
+    import operator
+
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"expected {name} to be an int, got the bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"expected {name} to be an int, got {type(value).__name__} {value!r}") from None
+    if not minimum <= number <= maximum:
+        raise ValueError(f"expected {name} in [{minimum}, {maximum}], got {number}")
+    return number
+
+
+def check_real(name: str, value, *, minimum: float | None = None, positive: bool = False,
+               allow_inf: bool = False) -> float:
+    """A real Python number (not a bool, not a tensor), not NaN, finite unless ``allow_inf``,
+    >= ``minimum`` (> 0 with ``positive``): ``TypeError`` / ``ValueError`` naming ``name``.
+    Symbolic floats (torch.compile) pass unchecked."""
+    import math
+    import numbers
+
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected {name} to be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        raise ValueError(f"expected a finite {name}, got {number}")
+    if positive and not number > 0:
+        raise ValueError(f"expected {name} > 0, got {number}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"expected {name} >= {minimum}, got {number}")
+    return number

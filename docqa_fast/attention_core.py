@@ -21,6 +21,7 @@ from ._backend import dtype_rule
 from ._validation import (
     FLOAT_DTYPES,
     check_last_dim_contiguous,
+    check_real,
     check_same_device,
     check_same_dtype,
     check_shape,
@@ -52,7 +53,8 @@ def check_heads(q, k, v, *, q_ndim: int, kv_ndim: int, names=("q", "k", "v")) ->
         raise ValueError(f"expected {k_name} with head dim {head_dim} ({q_name}'s), got {k.shape[-1]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         # Any size: the kernels mask the head dim to the next power of two (no padded copy).
-        raise ValueError(f"expected a head dim from 1 to {MAX_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"expected a head dim from 1 to {MAX_HEAD_DIM} (the last dimension of {q_name}), "
+                         f"got {head_dim}")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"expected {q_name}'s number of heads ({heads}) to be a multiple of {k_name}'s ({kv_heads})")
 
@@ -90,13 +92,15 @@ def normalize_window(window, left_span: int, right_span: int) -> tuple[int, int]
 
 
 def check_softcap(softcap) -> float:
-    if softcap < 0:
-        raise ValueError(f"expected softcap >= 0 (0 = off), got {softcap}")
-    return float(softcap)
+    """A finite softcap >= 0 (0 = off); NaN would otherwise pass every comparison and be taken as off."""
+    return check_real("softcap", softcap, minimum=0.0)
 
 
 def softmax_scale_or_default(softmax_scale, head_dim: int) -> float:
-    return float(1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale)
+    """1 / sqrt(head_dim), or the given scale: any finite real (NaN or inf would make every output NaN)."""
+    if softmax_scale is None:
+        return float(1.0 / math.sqrt(head_dim))
+    return check_real("softmax_scale", softmax_scale)
 
 
 def check_alibi_slopes(alibi_slopes, batch: int, heads: int, q):

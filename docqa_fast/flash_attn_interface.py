@@ -18,7 +18,7 @@ import torch
 
 from .attention.ops import attention
 from .attention_core import check_dropout
-from ._validation import raises_like_flash_attn
+from ._validation import check_tensor, raises_like_flash_attn
 from .inference.ops import kvcache_attention, varlen_paged_attention
 
 
@@ -66,6 +66,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``block_table``).
     """
     _check_probs_request(dropout_p, return_attn_probs)
+    for name, cu_seqlens in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        # Required here (None would make the call dense, which it is not).
+        check_tensor(name, cu_seqlens, dtypes=(torch.int32,), ndims=(1,))
     if block_table is not None:
         # k/v are paged caches (num_blocks, page_size, Hk, D): chunked prefill, forward only (the inference family).
         if check_dropout(dropout_p) > 0:
@@ -82,9 +85,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def _unpack(packed, parts, name, dim):
-    if not isinstance(packed, torch.Tensor) or packed.dim() <= dim or packed.shape[dim] != parts:
-        shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
-        raise ValueError(f"expected {name} with {parts} stacked along dimension {dim}, got {shape}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() <= dim or packed.shape[dim] != parts:
+        raise ValueError(f"expected {name} with {parts} stacked along dimension {dim}, got {tuple(packed.shape)}")
     return packed.unbind(dim)
 
 

@@ -21,7 +21,15 @@ from typing import Optional
 import torch
 
 from .._backend import Decision, Implementation, Override, register_op
-from .._validation import check_cu_seqlens, check_shape, check_tensor
+from .._validation import (
+    check_cu_seqlens,
+    check_int,
+    check_last_dim_contiguous,
+    check_real,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 from ..attention_core import (
     KERNEL_DTYPES,
     MAX_SEQUENCES,
@@ -39,8 +47,7 @@ from ..reference.attention import attention_backward_ref, attention_ref
 
 def _check_boundaries(name: str, cu_seqlens, total: int, max_seqlen: int, max_name: str, q) -> None:
     """The shared cu_seqlens check, plus: every length fits in ``max_seqlen``."""
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"expected {max_name} to be a non-negative int, got {max_seqlen!r}")
+    check_int(max_name, max_seqlen)
     lengths = check_cu_seqlens(name, cu_seqlens, total, q, "q")
     if lengths is not None and lengths.numel() and int(lengths.max()) > max_seqlen:
         raise ValueError(f"expected {max_name} >= every sequence length, got {max_seqlen} < {int(lengths.max())}")
@@ -55,10 +62,59 @@ def dropout_seed(device) -> torch.Tensor:
     return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
 
 
+def _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     window_left, window_right, softcap) -> None:
+    """What a direct call of an op gets checked (:func:`attention` checks more: the values of
+    cu_seqlens, one host sync, are the raw op's precondition): the shapes, dtypes and devices
+    the kernels index by, and the scalars -- nothing that reads a tensor."""
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    check_heads(q, k, v, q_ndim=3 if varlen else 4, kv_ndim=3 if varlen else 4)
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            check_tensor(name, cu, dtypes=(torch.int32,), ndims=(1,))
+            check_same_device(("q", name), (q, cu))
+        if cu_seqlens_q.shape[0] == 0:
+            raise ValueError("expected cu_seqlens_q with at least one entry (0 ... the token count), got none")
+        check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
+    else:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"expected k with batch size {q.shape[0]} (q's), got {k.shape[0]}")
+        if (max_seqlen_q, max_seqlen_k) != (q.shape[1], k.shape[1]):
+            raise ValueError(f"expected max_seqlen_q, max_seqlen_k = {q.shape[1]}, {k.shape[1]} (q's and k's "
+                             f"sequence lengths) for dense input, got {max_seqlen_q}, {max_seqlen_k}")
+    check_real("softmax_scale", softmax_scale)
+    check_softcap(softcap)
+    check_int("window_left", window_left, minimum=-1)
+    check_int("window_right", window_right, minimum=-1)
+
+
+def _check_backward_inputs(dout, q, out, lse, grad_lse, varlen: bool) -> None:
+    """The backward's own tensors against q: dout and out like q, lse (and grad_lse) fp32 in the LSE layout."""
+    for name, t in (("dout", dout), ("out", out)):  # dout may have any strides (the kernels copy it)
+        check_tensor(name, t, dtypes=(q.dtype,))
+        check_shape(name, t, q.shape, "the shape of q")
+    check_last_dim_contiguous("out", out)
+    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
+        if t is None and name == "grad_lse":
+            continue
+        check_tensor(name, t, dtypes=(torch.float32,))
+        check_shape(name, t, _lse_shape(q, varlen), "flash-attn's LSE layout")
+    tensors = [("q", q), ("dout", dout), ("out", out), ("lse", lse)] + ([("grad_lse", grad_lse)] if grad_lse is not None
+                                                                          else [])
+    check_same_device(*zip(*tensors))
+
+
 def _check_op_extras(q, cu_seqlens_q, alibi_slopes, dropout_p, dropout_seed) -> None:
     """The ALiBi and dropout arguments as the ops receive them (a direct call of the op skips
     :func:`attention`'s checks; a bad probability would scale by 1 / (1 - p) silently)."""
     batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    if batch > MAX_SEQUENCES:
+        raise ValueError(f"expected at most {MAX_SEQUENCES} sequences per call (the kernels' grid axis for them, "
+                         f"as in flash-attn), got {batch}: split the batch")
     check_alibi_slopes(alibi_slopes, batch, q.shape[-2], q)
     if check_dropout(dropout_p) > 0:
         check_tensor("dropout_seed", dropout_seed, dtypes=(torch.int64,), ndims=(1,))
@@ -69,9 +125,10 @@ def _lse_shape(q, varlen):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
-# Every implementation takes the ops' arguments in order; ``deterministic`` last. Ours are always
-# deterministic (dK/dV sum a GQA group's query heads in a fixed order, no atomics), so only the
-# cuDNN route's eligibility reads it.
+# Every implementation takes the ops' arguments in order; ``deterministic`` last. Our backward reads
+# it: True keeps the two-pass kernels (dK/dV sum a GQA group's query heads in a fixed order, no
+# atomics: bitwise reproducible); False lets a tuned table choose the one-pass kernel, which adds
+# dQ by fp32 atomics (kernels/attention/launch.py, backward_passes). The cuDNN route refuses True.
 
 def _forward_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                     window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
@@ -99,7 +156,7 @@ def _backward_triton(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     kernels.backward(dout.contiguous(), q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, softmax_scale, causal, (window_left, window_right), softcap,
-                     alibi_slopes, dropout_p, dropout_seed)
+                     alibi_slopes, dropout_p, dropout_seed, deterministic)
     return dq, dk, dv
 
 
@@ -283,6 +340,8 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                           softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
                           alibi_slopes: Optional[torch.Tensor], dropout_p: float, dropout_seed: Optional[torch.Tensor],
                           deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                     window_right, softcap)
     _check_op_extras(q, cu_seqlens_q, alibi_slopes, dropout_p, dropout_seed)
     return ATTENTION_FORWARD(q.device, q.dtype, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
@@ -304,6 +363,9 @@ def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            alibi_slopes: Optional[torch.Tensor], dropout_p: float,
                            dropout_seed: Optional[torch.Tensor], deterministic: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                     window_right, softcap)
+    _check_backward_inputs(dout, q, out, lse, grad_lse, cu_seqlens_q is not None)
     _check_op_extras(q, cu_seqlens_q, alibi_slopes, dropout_p, dropout_seed)
     return ATTENTION_BACKWARD(q.device, q.dtype, dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k,
                               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,

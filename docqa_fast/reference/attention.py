@@ -153,6 +153,8 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     heads = q.shape[-2]
     extras = lambda b, sq, sk: _per_sequence(b, heads, sq, sk, alibi_slopes, dropout_p, dropout_seed,  # noqa: E731
                                              q.device)
+    if cu_seqlens_q is None and q.shape[0] == 0:  # an empty batch: nothing to stack
+        return torch.empty_like(q), torch.empty((0, heads, q.shape[1]), dtype=torch.float32, device=q.device)
     if cu_seqlens_q is None:
         outs, lses = zip(*(_attention_one(qb.to(acc), kb.to(acc), vb.to(acc), *args,
                                           *extras(b, qb.shape[0], kb.shape[0]))
@@ -210,6 +212,8 @@ def attention_backward_ref(dout, q, k, v, out, lse, *, grad_lse=None, softmax_sc
     heads = q.shape[-2]
     extras = lambda b, sq, sk: _per_sequence(b, heads, sq, sk, alibi_slopes, dropout_p, dropout_seed,  # noqa: E731
                                              q.device)
+    if cu_seqlens_q is None and q.shape[0] == 0:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if cu_seqlens_q is None:
         grad_lses = grad_lse if grad_lse is not None else [None] * len(q)
         grads = [_attention_backward_one(*cast(d, qb, kb, vb, ob), lb.to(acc), None if gl is None else gl.to(acc),

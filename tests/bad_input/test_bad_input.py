@@ -1,0 +1,20 @@
+"""Every case of every family (``cases_<family>.py``) on every backend present, each family's
+cases in one spawned worker: a crash or a hang fails its case (named in the report), the
+rest still run. See :mod:`.harness` for how a case is judged."""
+
+import importlib
+
+import pytest
+
+from .harness import report, run_family
+
+FAMILIES = ("attention",)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_input_is_refused_clearly(family, backend):
+    module = importlib.import_module(f"{__package__}.cases_{family}")
+    outcomes = run_family(f"cases_{family}", module.cases(), [backend])
+    assert outcomes, "no cases ran"
+    failures = report(outcomes)
+    assert not failures, f"{len(failures.splitlines())} of {len(outcomes)} cases failed:\n{failures}"
