@@ -46,6 +46,17 @@ _DQ_TMA_TILES = {**_DQ_TILES, 64: (64, 64, 8, 2), 128: (64, 64, 8, 2)}
 # The dK/dV kernel loads Q and dO by TMA up to D 128; at D 256 the descriptor path spills (8-16 B
 # in the Hopper check) where the pointer path does not.
 DKDV_TMA_MAX_HEAD_DIM = 128
+# The one-pass backward (dK/dV kernel adding dQ by fp32 atomics) holds a (BLOCK_M, D) fp32 dQ
+# share beside dK and dV: the dK/dV tiles, not measured yet (see docs/attention_kernels.md).
+_FUSED_TILES = dict(_DKDV_TILES)
+
+# Which backward runs when the call allows non-deterministic gradients (deterministic=False):
+# PASSES=2, the dK/dV kernel then the dQ kernel (each recomputes the probabilities; bitwise
+# reproducible), or PASSES=1, the dK/dV kernel adding dQ by atomics. Two until a GPU measures the
+# one-pass kernel faster (the tuning tool's attention_backward_passes entry); deterministic=True
+# always takes two.
+PASSES_PARAMS = ("PASSES",)
+DEFAULT_PASSES = {"PASSES": 2}
 
 # The tunable kernels: name -> (kernel, defaults without TMA, defaults with TMA, largest TMA head dim).
 _TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -53,9 +64,12 @@ TUNABLE = {
     "attention_forward": (attention_forward_kernel, _FORWARD_TILES, _FORWARD_TMA_TILES, HEAD_DIMS[-1]),
     "attention_backward_dkdv": (attention_backward_dkdv_kernel, _DKDV_TILES, _DKDV_TILES, DKDV_TMA_MAX_HEAD_DIM),
     "attention_backward_dq": (attention_backward_dq_kernel, _DQ_TILES, _DQ_TMA_TILES, HEAD_DIMS[-1]),
+    # The dK/dV kernel with ATOMIC_DQ (the one-pass backward): a variant of its own, own tiles.
+    "attention_backward_fused": (attention_backward_dkdv_kernel, _FUSED_TILES, _FUSED_TILES, DKDV_TMA_MAX_HEAD_DIM),
 }
 for _name in TUNABLE:
     tuning.declare(_name, _TILE_PARAMS)
+tuning.declare("attention_backward_passes", PASSES_PARAMS)
 
 # Short query ranges (decode-like calls, Sq <= 64) take 64-row forward tiles: a 128-row tile
 # would be half padding. One warpgroup up to D 64; beyond, two (on 64 rows the second splits
@@ -224,12 +238,29 @@ def _delta(dout, out, lse, grad_lse, varlen):
     return delta
 
 
+def backward_passes(head_dim: int, tma: bool, device, deterministic: bool) -> int:
+    """2: the dK/dV kernel then the dQ kernel; 1: the dK/dV kernel adding dQ by atomics. One only
+    when the call allows a non-deterministic result and the device's tuned table (or an override)
+    chose it for this head-dim bucket and load path."""
+    if deterministic:
+        return 2
+    key = tile_key(head_dim, tma)
+    passes = tuning.lookup("attention_backward_passes", key, DEFAULT_PASSES, device)["PASSES"]
+    if passes not in (1, 2):
+        raise ValueError(f"expected attention_backward_passes[{key}] PASSES to be 1 (dQ by atomics in the dK/dV "
+                         f"kernel) or 2 (a dQ kernel of its own), got {passes}")
+    return passes
+
+
 def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             softmax_scale, causal, window_size, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
-    """Fill dq, dk, dv (shaped like q, k, v). Deterministic: no atomics anywhere.
+             softmax_scale, causal, window_size, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+             deterministic=False):
+    """Fill dq, dk, dv (shaped like q, k, v).
 
     ``grad_lse`` (like lse, or None) is the LSE's own gradient: dL/ds_ij = p_ij (dP_ij - delta_i)
     + p_ij dlse_i, so it enters as delta_i - dlse_i and the kernels need nothing more.
+    ``deterministic``: the two-pass backward, no atomics anywhere (bitwise reproducible); else
+    the variant :func:`backward_passes` names (the two-pass one unless a table chose one pass).
     """
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
@@ -249,14 +280,19 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     lse_strides = _lse_strides(lse, varlen)
     dkdv_tma = _tma_eligible(q, dout, varlen, DKDV_TMA_MAX_HEAD_DIM)
     dq_tma = _tma_eligible(k, v, varlen)
+    # One pass: dQ summed in fp32 by the dK/dV kernel's atomics, then rounded into dq.
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) \
+        if backward_passes(head_dim, dkdv_tma, q.device, deterministic) == 1 else None
 
     def run_dkdv(block_m, block_n, warps, stages):
         q_arg, dout_arg = _descriptors(q, dout, varlen, block_m) if dkdv_tma else (q, dout)
+        dq_arg, dq_strides = (lse, (0, 0, 0)) if dq_sum is None else (dq_sum, _strides(dq_sum, varlen))
         attention_backward_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
-            q_arg, k, v, dout_arg, lse, delta, dk, dv, *common,
+            q_arg, k, v, dout_arg, lse, delta, dk, dv, dq_arg, *common,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
-            *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides, **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dkdv_tma, num_warps=warps, num_stages=stages,
+            *_strides(dk, varlen), *_strides(dv, varlen), *dq_strides, *lse_strides, **flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dkdv_tma, ATOMIC_DQ=dq_sum is not None, num_warps=warps,
+            num_stages=stages,
         )
 
     def run_dq(block_m, block_n, warps, stages):
@@ -268,16 +304,19 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
             BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dq_tma, num_warps=warps, num_stages=stages,
         )
 
+    if dq_sum is not None:
+        _launch_tiles("attention_backward_fused", head_dim, dkdv_tma, run_dkdv, q.device)
+        dq.copy_(dq_sum)
+        return
     _launch_tiles("attention_backward_dkdv", head_dim, dkdv_tma, run_dkdv, q.device)
     _launch_tiles("attention_backward_dq", head_dim, dq_tma, run_dq, q.device)
 
 
-def _tile_variants(kernel, head_dim):
-    """(name suffix, tiles, USE_TMA) for every way the launchers can launch ``kernel`` at
-    ``head_dim``: the built-in tiles and those of every sm90 tuned table, by load path (and for
-    the forward, narrowed for short query ranges)."""
-    name = kernel.__name__.removesuffix("_kernel")
-    max_tma_head_dim = TUNABLE[name][3]
+def _tile_variants(name, head_dim):
+    """(name suffix, tiles, USE_TMA) for every way the launchers can launch the tunable kernel
+    ``name`` at ``head_dim``: the built-in tiles and those of every sm90 tuned table, by load path
+    (and for the forward, narrowed for short query ranges)."""
+    kernel, _, _, max_tma_head_dim = TUNABLE[name]
     for tma in (False, True) if _tma_head_dim(head_dim, max_tma_head_dim) else (False,):
         key = tile_key(head_dim, tma)
         choices = [default_tiles(name, head_dim, tma)]
@@ -303,19 +342,24 @@ def _configs():
         "all_options": {"IS_VARLEN": True, "CAUSAL": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
                         "HAS_ALIBI": True, "HAS_DROPOUT": True},
     }
+    # (tunable, its tensors in the kernel's dtype, extra float arguments, stride groups, ATOMIC_DQ)
+    dkdv = (("q", "k", "v", "dout", "dk", "dv"), ("sm_scale",), ("q", "k", "v", "do", "dk", "dv", "dq"))
     kernels = (
-        (attention_forward_kernel, ("q", "k", "v", "out"), (), ("q", "k", "v", "o")),
-        (attention_backward_dkdv_kernel, ("q", "k", "v", "dout", "dk", "dv"), ("sm_scale",),
-         ("q", "k", "v", "do", "dk", "dv")),
-        (attention_backward_dq_kernel, ("q", "k", "v", "dout", "dq"), ("sm_scale",), ("q", "k", "v", "do", "dq")),
+        ("attention_forward", ("q", "k", "v", "out"), (), ("q", "k", "v", "o"), None),
+        ("attention_backward_dkdv", *dkdv, False),
+        ("attention_backward_dq", ("q", "k", "v", "dout", "dq"), ("sm_scale",), ("q", "k", "v", "do", "dq"), None),
+        ("attention_backward_fused", *dkdv, True),
     )
     for dtype in (torch.float16, torch.bfloat16):
         ptr = pointer_type(dtype)
-        for head_dim, (flags_name, flags), (kernel, tensors, extra_floats, stride_groups) in itertools.product(
-                HEAD_DIMS, flag_sets.items(), kernels):
+        for head_dim, (flags_name, flags), (tunable, tensors, extra_floats, stride_groups, atomic_dq) in \
+                itertools.product(HEAD_DIMS, flag_sets.items(), kernels):
             if flags_name == "all_options" and dtype == torch.float16:
                 continue  # same code as bf16's; one dtype suffices for the option-heavy variant
+            kernel = TUNABLE[tunable][0]
             signature = {f"{t}_ptr": ptr for t in tensors}
+            if atomic_dq is not None:  # the dK/dV kernel's dQ buffer: fp32 (a placeholder when unused)
+                signature["dq_ptr"] = "*fp32"
             signature["lse_ptr"] = "*fp32"
             if kernel is not attention_forward_kernel:
                 signature["delta_ptr"] = "*fp32"
@@ -328,12 +372,14 @@ def _configs():
             for group in stride_groups:
                 signature.update({f"{group}_{axis}": "i64" for axis in ("sb", "st", "sh")})
             signature.update({"lse_sb": "i64", "lse_sh": "i64"})
-            for suffix, (block_m, block_n, warps, stages), use_tma in _tile_variants(kernel, head_dim):
+            for suffix, (block_m, block_n, warps, stages), use_tma in _tile_variants(tunable, head_dim):
                 variant = dict(signature)
                 constexprs = {"HEAD_DIM": head_dim, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n,
                               "BLOCK_D": block_d(head_dim)}
                 constexprs["USE_TMA"] = use_tma
-                if use_tma and kernel is attention_backward_dkdv_kernel:  # Q and dO by TMA, query-block rows
+                if atomic_dq is not None:
+                    constexprs["ATOMIC_DQ"] = atomic_dq
+                if use_tma and atomic_dq is not None:  # dK/dV: Q and dO by TMA, query-block rows
                     variant.update({name: f"tensordesc<{ptr[1:]}[{block_m}, {head_dim}]>"
                                     for name in ("q_ptr", "dout_ptr")})
                 elif use_tma:  # K and V by TMA, key-block rows
@@ -341,7 +387,7 @@ def _configs():
                 variant.update({name: "constexpr" for name in constexprs})
                 order = kernel.arg_names  # the kernel's own argument order
                 yield KernelConfig(
-                    name=f"{kernel.__name__.removesuffix('_kernel')}[{ptr[1:]},D={head_dim},{flags_name}{suffix}]",
+                    name=f"{tunable}[{ptr[1:]},D={head_dim},{flags_name}{suffix}]",
                     fn=kernel, signature={name: variant[name] for name in order}, constexprs=constexprs,
                     num_warps=warps, num_stages=stages, uses_tensor_cores=True, uses_tma=bool(use_tma),
                     divisible_by_16=tuple(n for n in order if n.endswith(("_st", "_sh"))

@@ -19,7 +19,11 @@ sequence, head), so a packed batch holds at most 65,535 sequences (CUDA's y-axis
 in flash-attn; the front end checks it). The
 backward is the FlashAttention-2 split: a small kernel for delta = rowsum(dO * O), one kernel
 per KV block accumulating dK/dV over every query head of its group (no atomics, so the
-gradients are bitwise reproducible), one kernel per query block for dQ.
+gradients are bitwise reproducible), one kernel per query block for dQ. When the caller allows
+a non-deterministic result, the dK/dV kernel can take dQ along (FlashAttention-2/3's one-pass
+backward, ``ATOMIC_DQ``): each (query tile, key block) pair adds its dS K to an fp32 dQ
+buffer by atomic adds, so the scores and probabilities are recomputed once instead of twice;
+the sum's order then depends on scheduling, which is why it is opt-in per call.
 """
 
 import triton
@@ -357,12 +361,29 @@ def _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base, q_st, do_st, cols, dims, lo,
-                 inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r, slope, seed,
-                 stream, threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """dK, dV of one key block from one stage's query blocks of one query head."""
+def _add_dq(dq_base, ds, k, rows, dq_st, dims, len_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            CHECK_ROWS: tl.constexpr):
+    """Add one key block's share of a query tile's dQ, dS K, to the fp32 dQ buffer (the one-pass
+    backward): atomics, since every key block of the sequence adds to the same rows. Rows past
+    the sequence are left out (their dS is 0 anyway, but the rows belong to the next sequence)."""
+    part = tl.dot(ds, k)
+    ptrs = dq_base + _tile_offsets(rows, dq_st, dims)
+    if CHECK_ROWS:
+        tl.atomic_add(ptrs, part, mask=(rows < len_q)[:, None] & (dims < HEAD_DIM)[None, :], sem="relaxed")
+    elif HEAD_DIM == BLOCK_D:  # a tile inside the band: every row is the sequence's
+        tl.atomic_add(ptrs, part, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, part, mask=(dims < HEAD_DIM)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base, dq_base, q_st, do_st, dq_st, cols,
+                 dims, lo, inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale, softcap, window_l, window_r,
+                 slope, seed, stream, threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK, dV of one key block from one stage's query blocks of one query head; with ATOMIC_DQ,
+    also those query blocks' dQ shares (see _add_dq)."""
     count, leading = _stage_blocks(lo, inner_lo, inner_hi, hi, BLOCK_M, MASK)
     # The edges are a block or two: no software pipeline for them (the inside keeps the launch's).
     for j in tl.range(0, count, num_stages=1 if MASK else None):
@@ -384,24 +405,27 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base
             dp = tl.where(keep, dp * keep_scale, 0.0)
         else:
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        ds = _score_grad(p, dp, delta, s, sm_scale, softcap, HAS_SOFTCAP).to(q.dtype)
+        if ATOMIC_DQ:
+            _add_dq(dq_base, ds, k, rows, dq_st, dims, len_q, HEAD_DIM, BLOCK_D, MASK)
+        dk += tl.dot(tl.trans(ds), q)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def attention_backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
     alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, do_sb, do_st, do_sh,
-    dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh, lse_sb, lse_sh,
+    dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh, dq_sb, dq_st, dq_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """USE_TMA: q_ptr / dout_ptr are tensor descriptors over (tokens, H * D) (see _head_tile).
-    ALiBi and dropout as in the forward kernel."""
+    ALiBi and dropout as in the forward kernel. ATOMIC_DQ: dq_ptr is an fp32 buffer shaped like Q,
+    zeroed, that receives dQ by atomic adds (the one-pass backward); otherwise it is not read."""
     n_block, b, kv_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
@@ -430,12 +454,15 @@ def attention_backward_dkdv_kernel(
         stat = b.to(tl.int64) * lse_sb + h.to(tl.int64) * lse_sh + q_start
         slope, seed = _head_extras(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, b, h, HAS_ALIBI, HAS_DROPOUT)
         stream = b * (tl.num_programs(2) * heads_per_kv) + h
+        dq_base = dq_ptr
+        if ATOMIC_DQ:
+            dq_base = _head_start(dq_ptr, b, h, q_start, dq_sb, dq_sh, dq_st)
         for stage_masked in tl.static_range(2):  # inside the band first, then its edges
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_ptr + stat, delta_ptr + stat, q_st,
-                                  do_st, cols, dims, lo, inner_lo, inner_hi, hi, len_q, len_k, qk_scale, sm_scale,
-                                  softcap, window_l, window_r, slope, seed, stream, dropout_threshold, dropout_scale,
-                                  HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP, stage_masked == 1, BLOCK_M, USE_TMA,
-                                  HAS_ALIBI, HAS_DROPOUT)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_ptr + stat, delta_ptr + stat,
+                                  dq_base, q_st, do_st, dq_st, cols, dims, lo, inner_lo, inner_hi, hi, len_q, len_k,
+                                  qk_scale, sm_scale, softcap, window_l, window_r, slope, seed, stream,
+                                  dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_D, CAUSAL, HAS_SOFTCAP,
+                                  stage_masked == 1, BLOCK_M, USE_TMA, HAS_ALIBI, HAS_DROPOUT, ATOMIC_DQ)
 
     _store_tile(_head_start(dk_ptr, b, kv_h, k_start, dk_sb, dk_sh, dk_st), cols, dk_st, dims, len_k, dk, HEAD_DIM)
     _store_tile(_head_start(dv_ptr, b, kv_h, k_start, dv_sb, dv_sh, dv_st), cols, dv_st, dims, len_k, dv, HEAD_DIM)
