@@ -305,22 +305,38 @@ def padded_batch(samples: Sequence[dict], device, dtype) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pack_samples(samples: Sequence[dict], max_tokens: int, device, dtype) -> list:
-    """docqa_fast's collator: :func:`~docqa_fast.plan_packing` bins the samples into rows of
-    ``max_tokens``, :func:`~docqa_fast.pack_multimodal` makes each bin one padding-free row
-    (per-document M-RoPE positions, boundary-safe labels, cu_seqlens)."""
-    from docqa_fast.packing import pack_multimodal, plan_packing
+def plan_rows(samples: Sequence[dict], max_tokens: int) -> list[list[int]]:
+    """:func:`~docqa_fast.plan_packing`'s bins (sample indices per row) for rows of ``max_tokens``."""
+    from docqa_fast.packing import plan_packing
 
     check_budget(samples, max_tokens)
+    return plan_packing([s["input_ids"].numel() for s in samples], max_tokens, strategy="bfd")
+
+
+def pack_samples(samples: Sequence[dict], max_tokens: int, device, dtype, bins=None) -> list:
+    """docqa_fast's collator: :func:`plan_rows` bins the samples into rows of ``max_tokens`` (or
+    ``bins`` given), :func:`~docqa_fast.pack_multimodal` makes each bin one padding-free row
+    (per-document M-RoPE positions, boundary-safe labels, cu_seqlens)."""
+    from docqa_fast.packing import pack_multimodal
+
+    if bins is None:
+        bins = plan_rows(samples, max_tokens)
     keys = ("input_ids", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     rows = []
-    for bin_ in plan_packing([s["input_ids"].numel() for s in samples], max_tokens, strategy="bfd"):
+    for bin_ in bins:
         packed = pack_multimodal([{k: samples[i][k] for k in keys} for i in bin_], max_tokens,
                                  image_token_id=TOKENIZER.image_id, video_token_id=TOKENIZER.video_id,
                                  spatial_merge_size=MERGE, tokens_per_second=2)
         packed.pixel_values = packed.pixel_values.to(dtype)
         rows.append(packed.to(device))
     return rows
+
+
+def in_sample_order(per_row: Sequence[torch.Tensor], bins) -> torch.Tensor:
+    """Per-sequence values computed row by row (each row's documents in bin order) back in the
+    samples' order."""
+    order = torch.tensor([i for bin_ in bins for i in bin_])
+    return torch.cat(list(per_row))[order.argsort().to(per_row[0].device)]
 
 
 def packed_hidden(model, packed) -> torch.Tensor:
