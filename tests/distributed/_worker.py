@@ -1,0 +1,268 @@
+"""What each rank of a spawned gloo world runs for tests/distributed/test_context_parallel.py.
+
+One world per size (spawning costs seconds on a loaded 2-core machine): every case runs in
+turn on every rank and the rank records ``None`` (passed) or the failure's text per case;
+rank 0's and every other rank's records come back through files. Inputs are drawn from the
+same seed on every rank, sharded, and the gathered outputs and gradients are compared by the
+tolerance rule with the single-process computation: exact = the reference in fp64, plain =
+the reference in the inputs' dtype (fp32 here; bf16 in the error-growth case).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_S = 60  # the world's collective timeout: a hang fails the run instead of blocking it
+SHORT_TIMEOUT_S = 4  # the group of the "a rank raises" case
+
+
+def _exact_and_plain(q, k, v, grad, **options):
+    """(out, dq, dk, dv) of the single-process computation in fp64 and at the inputs' dtype."""
+    from docqa_fast.reference.attention import attention_ref
+
+    results = []
+    for dtype, upcast in ((torch.float64, True), (q.dtype, False)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, _ = attention_ref(*leaves, upcast=upcast, **options)
+        out.backward(grad.to(dtype))
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    return results
+
+
+def _check(actual, exact, plain):
+    from docqa_fast.testing import assert_close_by_rule
+
+    for name, a, e, p, factor in zip(("out", "dq", "dk", "dv"), actual, exact, plain, (2, 3, 3, 3)):
+        assert_close_by_rule(a, e, p, factor=factor, name=name)
+
+
+def _inputs(seed, shape_q, shape_kv, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=generator).to(dtype)
+    k = torch.randn(shape_kv, generator=generator).to(dtype)
+    v = torch.randn(shape_kv, generator=generator).to(dtype)
+    grad = torch.randn(shape_q, generator=generator).to(dtype)
+    return q, k, v, grad
+
+
+def _run_sharded(fn, q, k, v, grad, split, gather, **kwargs):
+    """Shard, run ``fn`` forward and backward, gather (out, dq, dk, dv)."""
+    leaves = [split(t).detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kwargs)
+    out.backward(split(grad))
+    return [gather(t) for t in (out.detach(), *(t.grad for t in leaves))]
+
+
+def _boundaries(total, seed):
+    generator = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(1, total, (4,), generator=generator).tolist())
+    cuts.insert(1, cuts[1])  # an empty document
+    return torch.tensor([0, *cuts, total], dtype=torch.int32)
+
+
+def _ring_case(layout, varlen, causal, window, heads=(4, 2), head_dim=16, softcap=0.0, chunk=5, batch=2, seed=0):
+    from docqa_fast import distributed as cp
+
+    def case(world):
+        per_rank = 2 if layout == "zigzag" else 1
+        total = chunk * per_rank * world
+        H, Hk = heads
+        options = dict(causal=causal, window_size=window, softcap=softcap)
+        split = lambda t: cp.split_sequence(t, 0 if varlen else 1, layout)  # noqa: E731
+        gather = lambda t: cp.gather_sequence(t, 0 if varlen else 1, layout)  # noqa: E731
+        if varlen:
+            cu = _boundaries(total, seed)
+            q, k, v, grad = _inputs(seed, (total, H, head_dim), (total, Hk, head_dim))
+            fn = cp.zigzag_ring_flash_attn_varlen_func if layout == "zigzag" else cp.ring_flash_attn_varlen_func
+            actual = _run_sharded(fn, q, k, v, grad, split, gather, cu_seqlens_q=cu, cu_seqlens_k=cu, **options)
+            options.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
+        else:
+            q, k, v, grad = _inputs(seed, (batch, total, H, head_dim), (batch, total, Hk, head_dim))
+            fn = cp.zigzag_ring_flash_attn_func if layout == "zigzag" else cp.ring_flash_attn_func
+            actual = _run_sharded(fn, q, k, v, grad, split, gather, **options)
+        _check(actual, *_exact_and_plain(q, k, v, grad, **options))
+
+    return case
+
+
+def _ulysses_case(varlen, causal, window, heads, alibi=False, seed=1):
+    from docqa_fast import distributed as cp
+
+    def case(world):
+        total, H, Hk, D = 6 * world, *heads, 16
+        split = lambda t: cp.split_sequence(t, 0 if varlen else 1, "contiguous")  # noqa: E731
+        gather = lambda t: cp.gather_sequence(t, 0 if varlen else 1, "contiguous")  # noqa: E731
+        options = dict(causal=causal, window_size=window)
+        if alibi:
+            options["alibi_slopes"] = torch.rand(H, generator=torch.Generator().manual_seed(seed))
+        if varlen:
+            cu = _boundaries(total, seed)
+            q, k, v, grad = _inputs(seed, (total, H, D), (total, Hk, D))
+            actual = _run_sharded(cp.ulysses_flash_attn_varlen_func, q, k, v, grad, split, gather, cu_seqlens_q=cu,
+                                  cu_seqlens_k=cu, max_seqlen_q=total, max_seqlen_k=total, **options)
+            options.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
+        else:
+            q, k, v, grad = _inputs(seed, (1, total, H, D), (1, total, Hk, D))
+            actual = _run_sharded(cp.ulysses_flash_attn_func, q, k, v, grad, split, gather, **options)
+        _check(actual, *_exact_and_plain(q, k, v, grad, **options))
+
+    return case
+
+
+def _hybrid_case(varlen, causal, window, seed=2):
+    from docqa_fast import distributed as cp
+
+    def case(world):
+        layout = cp.setup_context_parallel(2, world // 2, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        total, H, Hk, D = 4 * world, 4, 2, 16
+        options = dict(causal=causal, window_size=window)
+        dim = 0 if varlen else 1
+        if varlen:
+            cu = _boundaries(total, seed)
+            q, k, v, grad = _inputs(seed, (total, H, D), (total, Hk, D))
+            actual = _run_sharded(layout.attention, q, k, v, grad, lambda t: layout.split(t, dim),
+                                  lambda t: layout.gather(t, dim), cu_seqlens=cu, max_seqlen=total, **options)
+            options.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
+        else:
+            q, k, v, grad = _inputs(seed, (1, total, H, D), (1, total, Hk, D))
+            actual = _run_sharded(layout.attention, q, k, v, grad, lambda t: layout.split(t, dim),
+                                  lambda t: layout.gather(t, dim), **options)
+        _check(actual, *_exact_and_plain(q, k, v, grad, **options))
+
+    return case
+
+
+def _bf16_error(world):
+    """The bf16 output's max error against fp64 for zigzag causal attention (the figure the
+    parent compares across world sizes: an accumulator rounded to bf16 at every ring step would
+    grow with P)."""
+    from docqa_fast import distributed as cp
+    from docqa_fast import flash_attn_func
+    from docqa_fast.reference.attention import attention_ref
+
+    total = 64  # the same global problem for every world size
+    q, k, v, _ = _inputs(7, (1, total, 4, 32), (1, total, 4, 32), torch.bfloat16)
+    out = cp.zigzag_ring_flash_attn_func(*(cp.zigzag_split(t, 1) for t in (q, k, v)), causal=True)
+    exact, _ = attention_ref(q.double(), k.double(), v.double(), causal=True)
+    single = flash_attn_func(q, k, v, causal=True)  # one process, the same kernels
+    return [(cp.zigzag_gather(out, 1).double() - exact).abs().max().item(),
+            (single.double() - exact).abs().max().item()]
+
+
+def _expect_error(fn, *patterns):
+    from docqa_fast.distributed import ContextParallelError
+
+    try:
+        fn()
+    except ContextParallelError as exc:
+        for pattern in patterns:
+            assert pattern in str(exc), f"{pattern!r} not in the error: {exc}"
+        return
+    raise AssertionError("expected a ContextParallelError on every rank")
+
+
+def _fault_dtype(world):
+    from docqa_fast import distributed as cp
+
+    dtype = torch.float16 if dist.get_rank() == 1 else torch.float32
+    q = torch.randn(1, 4, 2, 8, dtype=dtype)
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_func(q, q, q, causal=True), "differ", "float16", "rank 1")
+
+
+def _fault_shape(world):
+    from docqa_fast import distributed as cp
+
+    q = torch.randn(1, 4 + 2 * (dist.get_rank() == world - 1), 2, 8)
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_func(q, q, q, causal=True), "differ", f"rank {world - 1}")
+
+
+def _fault_indivisible(world):
+    from docqa_fast import distributed as cp
+
+    q = torch.randn(1, 5, 2, 8)  # zigzag needs an even local length
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_func(q, q, q, causal=True), "divisible by", "rank 0")
+    cu = torch.tensor([0, 3, 4 * world], dtype=torch.int32)
+    qv = torch.randn(4, 2, 8)
+    bad_cu = cu if dist.get_rank() else torch.tensor([0, 3, 5], dtype=torch.int32)  # rank 0: wrong total
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_varlen_func(qv, qv, qv, bad_cu, bad_cu, causal=True),
+                  "rank 0", "cu_seqlens_q")
+    heads = torch.randn(1, 4, 3, 8)  # 3 heads over a Ulysses degree of 2 or 4
+    _expect_error(lambda: cp.ulysses_flash_attn_func(heads, heads, heads), "Ulysses degree")
+
+
+def _fault_rank_raises(world):
+    """Rank 1 fails before the call; the others must end with an error within the group's
+    timeout, not wait forever."""
+    from docqa_fast import distributed as cp
+
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
+    q = torch.randn(1, 4, 2, 8)
+    if dist.get_rank() == 1:
+        return  # this rank "raised" in its own code and never calls
+    started = time.monotonic()
+    try:
+        cp.zigzag_ring_flash_attn_func(q, q, q, causal=True, group=group)
+    except Exception:  # noqa: BLE001  (gloo's timeout error type varies by release)
+        waited = time.monotonic() - started
+        assert waited < 10 * SHORT_TIMEOUT_S, f"the error came after {waited:.0f} s"
+        return
+    raise AssertionError("expected an error when a rank never joins")
+
+
+def cases(world: int) -> dict:
+    """Every case of a world of ``world`` ranks, by name (the order they run in)."""
+    found = {
+        "zigzag-dense-causal-gqa": _ring_case("zigzag", False, True, (-1, -1)),
+        "zigzag-dense-full-mha": _ring_case("zigzag", False, False, (-1, -1), heads=(4, 4)),
+        "zigzag-dense-window-gqa41": _ring_case("zigzag", False, True, (4, -1), heads=(4, 1), head_dim=40),
+        "zigzag-dense-twosided-window-softcap": _ring_case("zigzag", False, False, (3, 6), softcap=5.0),
+        "zigzag-varlen-causal": _ring_case("zigzag", True, True, (-1, -1), chunk=7),
+        "zigzag-varlen-full": _ring_case("zigzag", True, False, (-1, -1), chunk=7),
+        "zigzag-varlen-window": _ring_case("zigzag", True, True, (5, -1), chunk=7),
+        "ring-dense-causal": _ring_case("contiguous", False, True, (-1, -1)),
+        "ring-dense-window": _ring_case("contiguous", False, True, (3, -1)),
+        "ring-varlen-twosided-window": _ring_case("contiguous", True, False, (2, 3), chunk=9),
+        "ulysses-dense-causal": _ulysses_case(False, True, (-1, -1), (4, 2)),
+        "ulysses-dense-alibi-repeat-kv": _ulysses_case(False, True, (-1, -1), (4, 1), alibi=True),
+        "ulysses-varlen-window": _ulysses_case(True, True, (4, -1), (8, 4)),
+    }
+    if world % 2 == 0 and world > 2:
+        found["hybrid-dense-causal"] = _hybrid_case(False, True, (-1, -1))
+        found["hybrid-varlen-window"] = _hybrid_case(True, True, (3, -1))
+    found.update({"fault-dtype": _fault_dtype, "fault-shape": _fault_shape, "fault-indivisible": _fault_indivisible})
+    return found
+
+
+def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["DOCQA_FAST_BACKEND"] = "reference"  # fp32 on CPU: the reference runs every block
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    records = {}
+    for name, case in cases(world).items():
+        try:
+            case(world)
+            records[name] = None
+        except Exception:  # noqa: BLE001  (recorded, the parent's test reports it)
+            records[name] = traceback.format_exc(limit=6)
+    try:
+        records["bf16-error"] = _bf16_error(world)
+    except Exception:  # noqa: BLE001
+        records["bf16-error"] = traceback.format_exc(limit=6)
+    dist.barrier()
+    try:
+        _fault_rank_raises(world)
+        records["fault-rank-raises"] = None
+    except Exception:  # noqa: BLE001
+        records["fault-rank-raises"] = traceback.format_exc(limit=6)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(records, f)
+    # The timed-out group cannot be torn down cleanly: leave without the teardown.
+    os._exit(0)
