@@ -239,12 +239,12 @@ OVERVIEW_COLUMNS = 3
 def write_plots(out_dir: Path, records: list[dict], ceilings: dict) -> list[Path]:
     """PNG plots of each provider's rate (p50, p20-p80 band) across the swept size, with the
     device ceiling and our target drawn when they are known (GPU runs); a provider keeps its
-    colour in every plot of the run. First, per family, an overview
-    (``<family>__overview.png``): one panel per case group that has a line to draw -- a
-    provider measured at two sizes or more -- where two groups or more have one, e.g. attention's TFLOP/s against the sequence
-    length per provider, every kind and mode side by side, the picture to look at first. Then
-    one plot per case group. A group in which no provider measured anything (all skipped or
-    failed) gets no plot and no panel, a family with no line no overview: their tables say why."""
+    colour in every plot of the run. First, per family where two case groups or more have a
+    line to draw (a provider measured at two sizes or more), an overview
+    (``<family>__overview.png``) with one panel per such group: e.g. attention's TFLOP/s
+    against the sequence length per provider, every kind and mode side by side, the picture
+    to look at first. Then one plot per case group. A group in which no provider measured
+    anything (all skipped or failed) gets no plot and no panel: its table says why."""
     import matplotlib
 
     matplotlib.use("Agg")
