@@ -114,6 +114,8 @@ MERGE_STACKED = register_op(
 @torch.library.custom_op("docqa_fast::merge_attention_states", mutates_args=())
 def _merge_pair_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The shapes the kernels index by (an lse of another shape was written past the output).
+    _check_pair(out_a, lse_a, out_b, lse_b)
     return MERGE_PAIR(out_a.device, out_a.dtype, out_a, lse_a, out_b, lse_b)
 
 
@@ -124,6 +126,7 @@ def _(out_a, lse_a, out_b, lse_b):
 
 @torch.library.custom_op("docqa_fast::merge_stacked_attention_states", mutates_args=())
 def _merge_stacked_op(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_stacked(outs, lses)
     return MERGE_STACKED(outs.device, outs.dtype, outs, lses)
 
 

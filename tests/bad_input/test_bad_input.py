@@ -8,7 +8,7 @@ import pytest
 
 from .harness import report, run_family
 
-FAMILIES = ("attention",)
+FAMILIES = ("attention", "merge_attention")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
