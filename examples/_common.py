@@ -266,7 +266,7 @@ def document_sample(doc: Document, processor, answer: str | None = None, pages: 
             "pixel_values": pixel_values, "image_grid_thw": grids, "answer_length": len(target)}
 
 
-def check_budget(samples: Sequence[dict], max_tokens: int, what: str = "documents") -> None:
+def check_budget(samples: Sequence[dict], max_tokens: int, what: str = "samples") -> None:
     """Every sample fits one packed row of ``max_tokens``; its answer alone must, or nothing can."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
         raise ValueError(f"expected max_tokens to be a positive int, got {max_tokens!r}")
@@ -305,22 +305,23 @@ def padded_batch(samples: Sequence[dict], device, dtype) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def plan_rows(samples: Sequence[dict], max_tokens: int) -> list[list[int]]:
-    """:func:`~docqa_fast.plan_packing`'s bins (sample indices per row) for rows of ``max_tokens``."""
+def plan_rows(samples: Sequence[dict], max_tokens: int, what: str = "samples") -> list[list[int]]:
+    """:func:`~docqa_fast.plan_packing`'s bins (sample indices per row) for rows of ``max_tokens``;
+    ``what`` names the samples in errors."""
     from docqa_fast.packing import plan_packing
 
-    check_budget(samples, max_tokens)
+    check_budget(samples, max_tokens, what)
     return plan_packing([s["input_ids"].numel() for s in samples], max_tokens, strategy="bfd")
 
 
-def pack_samples(samples: Sequence[dict], max_tokens: int, device, dtype, bins=None) -> list:
+def pack_samples(samples: Sequence[dict], max_tokens: int, device, dtype, bins=None, what: str = "samples") -> list:
     """docqa_fast's collator: :func:`plan_rows` bins the samples into rows of ``max_tokens`` (or
     ``bins`` given), :func:`~docqa_fast.pack_multimodal` makes each bin one padding-free row
     (per-document M-RoPE positions, boundary-safe labels, cu_seqlens)."""
     from docqa_fast.packing import pack_multimodal
 
     if bins is None:
-        bins = plan_rows(samples, max_tokens)
+        bins = plan_rows(samples, max_tokens, what)
     keys = ("input_ids", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     rows = []
     for bin_ in bins:

@@ -90,7 +90,7 @@ def check_isolation(model, samples, max_tokens: int, processor=None) -> int:
     same length and pages: the kept document's hidden states must not change at all. Returns
     the number of rows of more than one document checked."""
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    rows = pack_samples(samples, max_tokens, device, dtype)
+    rows = pack_samples(samples, max_tokens, device, dtype, what="documents")
     checked = 0
     with torch.no_grad():
         for row in rows:
@@ -133,7 +133,7 @@ def train(args) -> list[float]:
     losses = []
     for step in range(args.steps):
         samples = make_samples(synthetic_documents(rng, sizes.documents, sizes), processor)
-        rows = pack_samples(samples, sizes.max_tokens, args.device, args.dtype)
+        rows = pack_samples(samples, sizes.max_tokens, args.device, args.dtype, what="documents")
         counted = counted_tokens(samples)
         tokens = sum(sum(row.doc_lengths) for row in rows)
         if step == 0 and not args.no_check:

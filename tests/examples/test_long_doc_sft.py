@@ -59,8 +59,8 @@ def test_bad_documents_are_refused(processor):
     long_answer = Document(pages=good.pages, question=good.question, answer="1" * 50)
     samples = long_doc_sft.make_samples([long_answer], processor)
     with pytest.raises(ValueError, match=r"documents\[0\]\.answer .*max_tokens=40"):
-        pack_samples(samples, 40, "cpu", torch.float32)
+        pack_samples(samples, 40, "cpu", torch.float32, what="documents")
     with pytest.raises(ValueError, match=r"documents\[0\] holds .*max_tokens=60"):
-        pack_samples(samples, 60, "cpu", torch.float32)
+        pack_samples(samples, 60, "cpu", torch.float32, what="documents")
     with pytest.raises(ValueError, match="max_tokens"):
         pack_samples(samples, 0, "cpu", torch.float32)
