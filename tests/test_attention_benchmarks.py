@@ -22,7 +22,7 @@ OURS = ("docqa_fast (auto)", "docqa_fast[triton]")
 
 
 def _cases(quick):
-    return [case for case in attention.cases(quick)]
+    return list(attention.cases(quick))
 
 
 def _by_group(cases):
