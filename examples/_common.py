@@ -92,7 +92,8 @@ class WordTokenizer:
         return [self.ids.get(word, self.unk_id) for word in re.findall(r"\d|\w+|[^\w\s]", text.lower())]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self.vocabulary[i] if 0 <= i < len(self.vocabulary) else "<unk>" for i in ids)
+        """Words, and ``#id`` for an id past the vocabulary (the model's embedding has spare rows)."""
+        return " ".join(self.vocabulary[i] if 0 <= i < len(self.vocabulary) else f"#{i}" for i in ids)
 
 
 TOKENIZER = WordTokenizer()
@@ -100,16 +101,17 @@ TOKENIZER = WordTokenizer()
 
 # -------------------------------------------------------------------------------- model
 
-def model_config(sizes: Sizes = TINY):
+def model_config(sizes: Sizes = TINY, initializer_range: float = 0.02):
     """A Qwen2.5-VL config at ``sizes`` (the real model's layout: GQA, M-RoPE, windowed ViT with
-    full-attention blocks, 2x2 patch merger), with this vocabulary's special token ids."""
+    full-attention blocks, 2x2 patch merger), with this vocabulary's special token ids.
+    ``initializer_range``: the std of the random weights (transformers' default 0.02)."""
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(depth=sizes.vision_depth, hidden_size=sizes.vision_hidden, intermediate_size=2 * sizes.vision_hidden,
                   num_heads=2, out_hidden_size=sizes.hidden, patch_size=PATCH, spatial_merge_size=MERGE,
                   temporal_patch_size=TEMPORAL_PATCH, window_size=112, fullatt_block_indexes=[sizes.vision_depth - 1],
-                  tokens_per_second=2, in_channels=3)
-    text = dict(vocab_size=VOCAB_SIZE, hidden_size=sizes.hidden, intermediate_size=2 * sizes.hidden,
+                  tokens_per_second=2, in_channels=3, initializer_range=initializer_range)
+    text = dict(initializer_range=initializer_range, vocab_size=VOCAB_SIZE, hidden_size=sizes.hidden, intermediate_size=2 * sizes.hidden,
                 num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads,
                 max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=None,
                 eos_token_id=TOKENIZER.eos_id, pad_token_id=TOKENIZER.pad_id,
@@ -118,7 +120,8 @@ def model_config(sizes: Sizes = TINY):
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=TOKENIZER.image_id,
                             video_token_id=TOKENIZER.video_id, vision_start_token_id=TOKENIZER.vision_start_id,
                             vision_end_token_id=TOKENIZER.vision_end_id, eos_token_id=TOKENIZER.eos_id,
-                            pad_token_id=TOKENIZER.pad_id, tie_word_embeddings=False)
+                            pad_token_id=TOKENIZER.pad_id, tie_word_embeddings=False,
+                            initializer_range=initializer_range)
 
 
 def build_model(config, attn_implementation: str, dtype=torch.float32, device="cpu", state_dict=None,
