@@ -23,11 +23,11 @@ from .ring import (
     zigzag_ring_flash_attn_varlen_func,
     zigzag_split,
 )
-from .ulysses import ContextParallel, setup_context_parallel, ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
+from .ulysses import ContextParallel, ring_layout, setup_context_parallel, ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
 
 __all__ = [
     "ContextParallel", "ContextParallelError", "RingPlan", "gather_sequence", "ring_flash_attn_func",
-    "ring_flash_attn_varlen_func", "ring_plan", "setup_context_parallel", "split_sequence",
+    "ring_flash_attn_varlen_func", "ring_layout", "ring_plan", "setup_context_parallel", "split_sequence",
     "ulysses_flash_attn_func", "ulysses_flash_attn_varlen_func", "zigzag_gather", "zigzag_ring_flash_attn_func",
     "zigzag_ring_flash_attn_varlen_func", "zigzag_split",
 ]

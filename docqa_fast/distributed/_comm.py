@@ -151,3 +151,21 @@ class AllToAll(torch.autograd.Function):
 
 def all_to_all(x, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
     return AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """A sum over the group whose gradient is the sum of the ranks' upstream gradients (each
+    rank's input feeds every rank's output)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

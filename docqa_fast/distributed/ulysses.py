@@ -163,6 +163,13 @@ class ContextParallel:
                         "Ulysses x ring attention")
 
 
+def ring_layout(group=None) -> ContextParallel:
+    """A zigzag ring over ``group`` (the default group when None), no Ulysses: a layout for the
+    helpers that take one, from a group made elsewhere."""
+    world, rank = group_size_rank(group)
+    return ContextParallel(1, world, None, group, group, 0, rank)
+
+
 def setup_context_parallel(ulysses_degree: int, ring_degree: int, timeout: datetime.timedelta | None = None,
                            backend: str | None = None) -> ContextParallel:
     """Create the process groups of a Ulysses x ring layout; every rank must call it.
