@@ -20,6 +20,7 @@ import torch
 from ._backend import dtype_rule
 from ._validation import (
     FLOAT_DTYPES,
+    check_int,
     check_last_dim_contiguous,
     check_real,
     check_same_device,
@@ -125,9 +126,31 @@ def check_dropout(dropout_p) -> float:
 
 
 def check_num_splits(num_splits) -> int:
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
-        raise ValueError(f"expected num_splits to be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    return num_splits
+    """0 = the heuristic, n = n splits of the keys."""
+    return check_int("num_splits", num_splits)
+
+
+def check_op_scalars(softmax_scale, window_left, window_right, softcap) -> None:
+    """The scalars as an attention op receives them (the front ends have resolved the defaults)."""
+    check_real("softmax_scale", softmax_scale)
+    check_softcap(softcap)
+    check_int("window_left", window_left, minimum=-1)
+    check_int("window_right", window_right, minimum=-1)
+
+
+def check_paged_varlen_layout(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table) -> None:
+    """The checks of packed queries over a paged cache that read no tensor value: what the op
+    indexes by (the values -- boundaries, block entries in use -- are checked by the front end)."""
+    check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4, names=("q", "k_cache", "v_cache"))
+    check_int("max_seqlen_q", max_seqlen_q)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, dtypes=(torch.int32,), ndims=(1,))
+        check_same_device(("q", name), (q, cu))
+    if cu_seqlens_q.shape[0] == 0:
+        raise ValueError("expected cu_seqlens_q with at least one entry (0 ... the token count), got none")
+    check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
+    check_block_table(block_table, cu_seqlens_q.shape[0] - 1, k_cache.shape[1], q,
+                      "one per sequence of cu_seqlens_q", "k_cache")
 
 
 # Why the attention kernels cannot compute a call on q's dtype (an eligibility rule of the

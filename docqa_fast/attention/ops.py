@@ -25,7 +25,6 @@ from .._validation import (
     check_cu_seqlens,
     check_int,
     check_last_dim_contiguous,
-    check_real,
     check_same_device,
     check_shape,
     check_tensor,
@@ -36,6 +35,7 @@ from ..attention_core import (
     check_alibi_slopes,
     check_dropout,
     check_heads,
+    check_op_scalars,
     check_softcap,
     check_window,
     kernel_dtype_reason,
@@ -86,10 +86,7 @@ def _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         if (max_seqlen_q, max_seqlen_k) != (q.shape[1], k.shape[1]):
             raise ValueError(f"expected max_seqlen_q, max_seqlen_k = {q.shape[1]}, {k.shape[1]} (q's and k's "
                              f"sequence lengths) for dense input, got {max_seqlen_q}, {max_seqlen_k}")
-    check_real("softmax_scale", softmax_scale)
-    check_softcap(softcap)
-    check_int("window_left", window_left, minimum=-1)
-    check_int("window_right", window_right, minimum=-1)
+    check_op_scalars(softmax_scale, window_left, window_right, softcap)
 
 
 def _check_backward_inputs(dout, q, out, lse, grad_lse, varlen: bool) -> None:

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from .._backend import Implementation, register_op
-from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_last_dim_contiguous, check_same_device, check_same_dtype
+from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_int, check_last_dim_contiguous, check_same_device
+from .._validation import check_same_dtype
 from .._validation import check_shape, check_tensor
 from ..attention_core import (
     cache_capacity,
@@ -31,7 +32,9 @@ from ..attention_core import (
     check_block_table,
     check_heads,
     check_num_splits,
+    check_op_scalars,
     check_pages_in_use,
+    check_paged_varlen_layout,
     check_softcap,
     check_window,
     kernel_dtype_reason,
@@ -118,6 +121,14 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
                 cache_leftpad: Optional[torch.Tensor], block_table: Optional[torch.Tensor], softmax_scale: float,
                 causal: bool, window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
                 num_splits: int, alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # A direct call gets every check that reads no tensor value, before anything is written to the
+    # cache (the values -- lengths within the cache, rows and blocks in range -- are the raw op's
+    # preconditions, checked by kvcache_attention).
+    _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                          cache_leftpad, block_table)
+    check_op_scalars(softmax_scale, window_left, window_right, softcap)
+    check_num_splits(num_splits)
+    check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2], q)
     return KVCACHE(q.device, q.dtype, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                    cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
                    softcap, rotary_interleaved, num_splits, alibi_slopes)
@@ -286,6 +297,10 @@ def _varlen_paged_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, block_table: torch.Tensor, softmax_scale: float,
                      causal: bool, window_left: int, window_right: int, softcap: float,
                      num_splits: int, alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    check_paged_varlen_layout(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table)
+    check_op_scalars(softmax_scale, window_left, window_right, softcap)
+    check_num_splits(num_splits)
+    check_alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1, q.shape[1], q)
     return VARLEN_PAGED(q.device, q.dtype, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
                         softmax_scale, causal, window_left, window_right, softcap, num_splits, alibi_slopes)
 
@@ -301,8 +316,7 @@ def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seq
     """Every check, before any launch; value checks (one host sync) in eager mode only."""
     check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise TypeError(f"expected {name} to be a non-negative int, got {value!r}")
+        check_int(name, value)
     lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, "q")
     batch = cu_seqlens_q.shape[0] - 1
     check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndims=(1,))
