@@ -111,7 +111,8 @@ def model_config(sizes: Sizes = TINY, initializer_range: float = 0.02):
                   num_heads=2, out_hidden_size=sizes.hidden, patch_size=PATCH, spatial_merge_size=MERGE,
                   temporal_patch_size=TEMPORAL_PATCH, window_size=112, fullatt_block_indexes=[sizes.vision_depth - 1],
                   tokens_per_second=2, in_channels=3, initializer_range=initializer_range)
-    text = dict(initializer_range=initializer_range, vocab_size=VOCAB_SIZE, hidden_size=sizes.hidden, intermediate_size=2 * sizes.hidden,
+    text = dict(initializer_range=initializer_range, vocab_size=VOCAB_SIZE, hidden_size=sizes.hidden,
+                intermediate_size=2 * sizes.hidden,
                 num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads,
                 max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=None,
                 eos_token_id=TOKENIZER.eos_id, pad_token_id=TOKENIZER.pad_id,
@@ -365,7 +366,8 @@ def assert_step_matches(actual: tuple, exact: tuple, plain: tuple, *, factor: fl
                          factor=2.0, name="loss")
     if grads.keys() != grads64.keys():
         raise AssertionError(f"gradients differ in which parameters have one: only docqa_fast "
-                             f"{sorted(grads.keys() - grads64.keys())}, only plain {sorted(grads64.keys() - grads.keys())}")
+                             f"{sorted(grads.keys() - grads64.keys())}, "
+                             f"only plain {sorted(grads64.keys() - grads.keys())}")
     for name in grads:
         assert_close_by_rule(grads[name], grads64[name], grads_plain[name], factor=factor, name=f"grad {name}")
     return len(grads)

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from docqa_fast.losses import LinearCrossEntropyLoss
 
-from ._common import (FIRST_WORD_ID, IGNORE_INDEX, WORD_COUNT, TINY, Timer, assert_step_matches, document_sample, image_processor, model_config,
-                      build_model, pack_samples, packed_hidden, padded_batch, parameter_grads, parse_args,
-                      same_weights, shifted_labels, synthetic_documents)
+from ._common import (FIRST_WORD_ID, IGNORE_INDEX, WORD_COUNT, Timer, assert_step_matches, build_model,
+                      document_sample, image_processor, model_config, pack_samples, packed_hidden, padded_batch,
+                      parameter_grads, parse_args, same_weights, shifted_labels, synthetic_documents)
 
 
 def make_samples(documents, processor) -> list[dict]:
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["TINY", "check_against_plain", "check_isolation", "counted_tokens", "docqa_fast_loss", "make_samples",
+__all__ = ["check_against_plain", "check_isolation", "counted_tokens", "docqa_fast_loss", "make_samples",
            "plain_loss", "train"]
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from docqa_fast.losses import dpo_loss, longpo_loss, sequence_logprobs
 
 from ._common import (IGNORE_INDEX, Sizes, Timer, assert_step_matches, build_model, document_sample,
                       image_processor, in_sample_order, model_config, pack_samples, packed_hidden, padded_batch,
-                      parameter_grads, parse_args, plan_rows, same_weights, shifted_labels, synthetic_documents, wrong_answer)
+                      parameter_grads, parse_args, plan_rows, same_weights, shifted_labels, synthetic_documents,
+                      wrong_answer)
 
 # Pages per document, at least: enough that one page and the question are a quarter of it or less.
 LONGPO_MIN_PAGES = 12

@@ -177,7 +177,8 @@ def check_against_generate(model, sample: dict, tokens: list[int], logits: torch
         raise AssertionError(f"generated {tokens}, model.generate (eager) {expected}")
     exact_tokens, exact = reference_generate(model, sample, max_new_tokens, torch.float64, eos_token_id)
     # Compared while fp64 picks the same tokens (a near tie may go the other way at fp64).
-    same = next((i for i, (a, b) in enumerate(zip(tokens, exact_tokens)) if a != b), min(len(tokens), len(exact_tokens)))
+    same = next((i for i, (a, b) in enumerate(zip(tokens, exact_tokens)) if a != b),
+                min(len(tokens), len(exact_tokens)))
     same = max(same, 1)  # the first token's logits depend on the prompt alone
     assert_close_by_rule(logits[:same], exact[:same], plain[:same], name="logits")
 
