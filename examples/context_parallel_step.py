@@ -31,7 +31,7 @@ from docqa_fast.packing import get_rope_index
 from ._common import MERGE, PATCH_DIM, TINY, TOKENIZER, model_config
 
 GRID = (1, 4, 4)  # one page: 16 patches, 4 tokens after the 2x2 merge
-SINGLE = ContextParallel(1, 1, None, None, None, 0, 0)  # no parallelism: the same code on one process
+SINGLE = ContextParallel.single()  # no parallelism: the same code on one process
 
 
 def make_batch(seed: int, total: int = 64, documents: int = 3) -> dict:

@@ -116,6 +116,12 @@ class ContextParallel:
     ulysses_rank: int
     ring_rank: int
 
+    @classmethod
+    def single(cls) -> "ContextParallel":
+        """No parallelism: the whole sequence on this process, no process group needed (the
+        same code path for a single-process run or a reference)."""
+        return cls(1, 1, None, None, None, 0, 0)
+
     @property
     def size(self) -> int:
         return self.ulysses_degree * self.ring_degree

@@ -156,6 +156,49 @@ def _bf16_error(world):
             (single.double() - exact).abs().max().item()]
 
 
+def _model_step(world):
+    """examples.context_parallel_step over a zigzag ring of the world: the loss and every
+    parameter gradient (averaged over the ranks as DDP/FSDP do) equal the single-process ones;
+    then the same through FSDP2's fully_shard (gloo, CPU)."""
+    import copy
+
+    from docqa_fast.distributed import ring_layout
+    from examples.context_parallel_step import SINGLE, StepLoss, average_gradients, build_model, fsdp_wrap, make_batch
+
+    model, batch = build_model(0), make_batch(0)
+    reference = StepLoss(copy.deepcopy(model))
+    expected = reference(batch, SINGLE)
+    expected.backward()
+    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
+    assert all(g is not None for g in expected_grads.values())
+    layout = ring_layout()
+    for fsdp in (False, True):
+        step = fsdp_wrap(copy.deepcopy(model)) if fsdp else StepLoss(copy.deepcopy(model))
+        loss = step(batch, layout)
+        loss.backward()
+        if not fsdp:
+            average_gradients(step, None)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        for name, p in step.named_parameters():
+            grad = p.grad.full_tensor() if fsdp else p.grad
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _local_cu_seqlens(world):
+    from docqa_fast.distributed import ring_layout
+    from docqa_fast.distributed.transformers import local_cu_seqlens
+
+    total = 8 * world
+    cu = _boundaries(total, 3)
+    layout = ring_layout()
+    local = local_cu_seqlens(layout, cu, total).tolist()
+    document = torch.bucketize(torch.arange(total), cu[1:].long(), right=True)
+    mine = layout.split(document[None], 1)[0].tolist()
+    position = layout.split(torch.arange(total)[None], 1)[0].tolist()
+    expected = [0] + [i for i in range(1, len(mine)) if mine[i] != mine[i - 1] or position[i] != position[i - 1] + 1]
+    assert local == expected + [len(mine)], (local, expected)
+
+
 def _expect_error(fn, *patterns):
     from docqa_fast.distributed import ContextParallelError
 
@@ -236,6 +279,9 @@ def cases(world: int) -> dict:
     if world % 2 == 0 and world > 2:
         found["hybrid-dense-causal"] = _hybrid_case(False, True, (-1, -1))
         found["hybrid-varlen-window"] = _hybrid_case(True, True, (3, -1))
+    if world == 2:  # transformers in every rank costs seconds: the smallest world only
+        found["model-step-and-fsdp2"] = _model_step
+    found["local-cu-seqlens"] = _local_cu_seqlens
     found.update({"fault-dtype": _fault_dtype, "fault-shape": _fault_shape, "fault-indivisible": _fault_indivisible})
     return found
 
