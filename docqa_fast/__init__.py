@@ -65,3 +65,12 @@ __all__ = [
     "RewardEnsembleHead", "RewardOutput", "aggregate", "all_pairs_ranking_loss", "ensemble_rewards",
     "pairwise_loss", "plackett_luce_loss",
 ]
+
+
+def __getattr__(name):
+    # docqa_fast.distributed (context parallelism) loads on first use: most users never need it.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
