@@ -52,6 +52,11 @@ class Sizes:
     pages: tuple[int, int]  # pages per document, inclusive range
     documents: int  # documents per training step
     max_tokens: int  # the packed row's token budget
+    # Defaults: 2x the hidden size, two vision heads, the word vocabulary.
+    intermediate: int | None = None
+    vision_heads: int = 2
+    vision_intermediate: int | None = None
+    vocab: int | None = None
 
     @property
     def tokens_per_page(self) -> int:
@@ -107,14 +112,16 @@ def model_config(sizes: Sizes = TINY, initializer_range: float = 0.02):
     ``initializer_range``: the std of the random weights (transformers' default 0.02)."""
     from transformers import Qwen2_5_VLConfig
 
-    vision = dict(depth=sizes.vision_depth, hidden_size=sizes.vision_hidden, intermediate_size=2 * sizes.vision_hidden,
-                  num_heads=2, out_hidden_size=sizes.hidden, patch_size=PATCH, spatial_merge_size=MERGE,
-                  temporal_patch_size=TEMPORAL_PATCH, window_size=112, fullatt_block_indexes=[sizes.vision_depth - 1],
-                  tokens_per_second=2, in_channels=3, initializer_range=initializer_range)
-    text = dict(initializer_range=initializer_range, vocab_size=VOCAB_SIZE, hidden_size=sizes.hidden,
-                intermediate_size=2 * sizes.hidden,
-                num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads,
-                max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=None,
+    vision = dict(depth=sizes.vision_depth, hidden_size=sizes.vision_hidden,
+                  intermediate_size=sizes.vision_intermediate or 2 * sizes.vision_hidden,
+                  num_heads=sizes.vision_heads, out_hidden_size=sizes.hidden, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, window_size=112,
+                  fullatt_block_indexes=[sizes.vision_depth - 1], tokens_per_second=2, in_channels=3,
+                  initializer_range=initializer_range)
+    text = dict(initializer_range=initializer_range, vocab_size=sizes.vocab or VOCAB_SIZE, hidden_size=sizes.hidden,
+                intermediate_size=sizes.intermediate or 2 * sizes.hidden, num_hidden_layers=sizes.layers,
+                num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads,
+                max_position_embeddings=1 << 19, tie_word_embeddings=False, bos_token_id=None,
                 eos_token_id=TOKENIZER.eos_id, pad_token_id=TOKENIZER.pad_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": list(sizes.mrope_section)})
