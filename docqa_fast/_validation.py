@@ -156,7 +156,7 @@ def check_real(name: str, value, *, minimum: float | None = None, positive: bool
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"expected {name} to be a real number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"expected {name} to be a Python number (a real), got {type(value).__name__} {value!r}")
     number = float(value)
     if math.isnan(number) or (math.isinf(number) and not allow_inf):
         raise ValueError(f"expected a finite {name}, got {number}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_cu_seqlens, check_same_device, check_shape, check_tensor
+from .._validation import check_cu_seqlens, check_real, check_same_device, check_shape, check_tensor
 from .ops import check_head_inputs, check_label_values, check_positive, logit_stats
 
 __all__ = ["linear_logprobs", "linear_cross_entropy", "sequence_logprobs"]
@@ -22,6 +22,16 @@ def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"expected ignore_index to be an int, got {type(ignore_index).__name__}")
     return ignore_index
+
+
+def check_cross_entropy_settings(ignore_index, reduction, label_smoothing, z_loss) -> int:
+    """linear_cross_entropy's settings (also checked when LinearCrossEntropyLoss is built)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
+    if check_real("label_smoothing", label_smoothing) > 1.0 or label_smoothing < 0.0:
+        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing!r}")
+    check_real("z_loss", z_loss, minimum=0.0)
+    return _check_ignore_index(ignore_index)
 
 
 def _token_logprobs(hidden, weight, labels, bias, ignore_index, temperature, return_entropy, validate):
@@ -69,13 +79,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int
     0 and zero gradients (F.cross_entropy gives NaN). "none" returns a loss per token, shaped
     like labels, whose gradients are exact for any upstream gradient.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
-        raise ValueError(f"expected z_loss >= 0, got {z_loss!r}")
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_cross_entropy_settings(ignore_index, reduction, label_smoothing, z_loss)
     flat_hidden, flat_labels = check_head_inputs(hidden, weight, labels, bias)
     check_label_values(flat_labels, weight.shape[0], ignore_index, validate)
     losses = cross_entropy_losses(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing, z_loss)
@@ -110,6 +114,10 @@ def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, attention_mask
     """
     if cu_seqlens is not None and attention_mask is not None:
         raise ValueError("give cu_seqlens (packed) or attention_mask (padded), not both")
+    if cu_seqlens is not None:  # checked before anything is computed
+        check_head_inputs(hidden, weight, labels, bias)
+        check_cu_seqlens("cu_seqlens", cu_seqlens, labels.numel(), hidden, "hidden", dtypes=(torch.int32, torch.int64),
+                         min_entries=2)
     logprobs, _, counted = _token_logprobs(hidden, weight, labels, bias, ignore_index, temperature, False, validate)
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask)

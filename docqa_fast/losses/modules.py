@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import linear_cross_entropy, sequence_logprobs
-from .preference import _check_beta, dpo_loss, longpo_loss
+from .functional import _check_ignore_index, check_cross_entropy_settings, linear_cross_entropy, sequence_logprobs
+from .ops import check_head_inputs
+from .preference import _check_beta, _check_lam, dpo_loss, longpo_loss
 
 __all__ = ["LinearCrossEntropyLoss", "FusedLinearDPOLoss", "FusedLinearLongPOLoss"]
 
@@ -26,6 +27,8 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0):
         super().__init__()
+        # Checked here, not first at the forward of a training step.
+        check_cross_entropy_settings(ignore_index, reduction, label_smoothing, z_loss)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -60,9 +63,12 @@ class _PairLoss(nn.Module):
     def __init__(self, beta: float, ignore_index: int):
         super().__init__()
         self.beta = _check_beta(beta)
-        self.ignore_index = ignore_index
+        self.ignore_index = _check_ignore_index(ignore_index)
 
     def _pair(self, lm_head_weight, hidden_chosen, hidden_rejected, labels_chosen, labels_rejected):
+        # Both answers' inputs are checked before either is computed.
+        check_head_inputs(hidden_chosen, lm_head_weight, labels_chosen)
+        check_head_inputs(hidden_rejected, lm_head_weight, labels_rejected)
         chosen = _answer_logps(lm_head_weight, hidden_chosen, labels_chosen, self.ignore_index)
         rejected = _answer_logps(lm_head_weight, hidden_rejected, labels_rejected, self.ignore_index)
         return chosen, rejected
@@ -108,7 +114,7 @@ class FusedLinearLongPOLoss(_PairLoss):
 
     def __init__(self, beta: float = 0.01, lam: float = 0.01, ignore_index: int = -100):
         super().__init__(beta, ignore_index)
-        self.lam = lam
+        self.lam = _check_lam(lam)
 
     def forward(self, lm_head_weight, hidden_chosen, hidden_rejected, labels_chosen, labels_rejected,
                 ref_chosen_logps, ref_rejected_logps):

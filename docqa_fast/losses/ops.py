@@ -28,6 +28,7 @@ from .._backend import Implementation, dtype_rule, register_op
 from .._validation import (
     FLOAT_DTYPES,
     check_last_dim_contiguous,
+    check_real,
     check_same_device,
     check_same_dtype,
     check_shape,
@@ -88,11 +89,8 @@ def check_label_values(labels, vocab: int, ignore_index: int, validate: bool) ->
 
 
 def check_positive(name: str, value: float) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected {name} to be a Python number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"expected {name} > 0, got {value}")
-    return float(value)
+    """A finite Python number > 0 (inf would make every log-prob 0 or NaN; a bool is no number)."""
+    return check_real(name, value, positive=True)
 
 
 # ------------------------------------------------------------------------ the custom ops

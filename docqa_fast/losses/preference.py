@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validation import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from .._validation import FLOAT_DTYPES, check_real, check_same_device, check_shape, check_tensor
 
 __all__ = ["dpo_loss", "longpo_loss"]
 
@@ -27,11 +27,11 @@ def _check_logps(names, tensors):
 
 
 def _check_beta(beta) -> float:
-    if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)):
-        raise TypeError(f"expected beta to be a Python number, got {type(beta).__name__}")
-    if not beta > 0:
-        raise ValueError(f"expected beta > 0, got {beta}")
-    return float(beta)
+    return check_real("beta", beta, positive=True)
+
+
+def _check_lam(lam) -> float:
+    return check_real("lam", lam, minimum=0.0)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -53,7 +53,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     beta = _check_beta(beta)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"expected loss_type in {LOSS_TYPES}, got {loss_type!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 0.5:
+    if check_real("label_smoothing", label_smoothing) > 0.5 or label_smoothing < 0.0:
         raise ValueError(f"expected label_smoothing in [0, 0.5], got {label_smoothing!r}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
@@ -83,8 +83,7 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     """
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll)
     _check_logps(_NAMES + ("chosen_nll",), tensors)
-    if isinstance(lam, torch.Tensor) or not isinstance(lam, (int, float)) or not lam >= 0:
-        raise ValueError(f"expected lam >= 0 (a Python number), got {lam!r}")
+    lam = _check_lam(lam)
     dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                                      ref_rejected_logps, beta=beta)
     return chosen_nll + lam * dpo, chosen_rewards, rejected_rewards
