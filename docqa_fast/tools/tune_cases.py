@@ -124,6 +124,24 @@ def _attention_backward(state):
     return t["dq"], t["dk"], t["dv"]
 
 
+def _one_pass(run):
+    """``run`` with the one-pass backward forced (dQ by atomics in the dK/dV kernel), so its tiles
+    (attention_backward_fused) are timed whatever the table's attention_backward_passes says."""
+    def one_pass(state):
+        import contextlib
+
+        from ..kernels import attention as kernels
+        from ..kernels import tuning
+
+        with contextlib.ExitStack() as stack:
+            for tma in (False, True):
+                stack.enter_context(tuning.override("attention_backward_passes",
+                                                    kernels.tile_key(state.shape["head_dim"], tma), {"PASSES": 1}))
+            return run(state)
+
+    return one_pass
+
+
 def _backward_state(setup):
     """The backward's work is 2.5x the forward's (flash-attn's convention)."""
     def backward_setup(device, quick):
@@ -148,6 +166,12 @@ _FORWARD_80 = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4,
                (128, 32, 8, 2))
 _DKDV_80 = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2))
 _DQ_80 = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))
+# The one-pass backward (dK/dV kernel adding dQ by atomics): the two-pass dK/dV winner first, then
+# FlashAttention-2/3's backward shape on Hopper (64 query rows x 128 keys, two warpgroups) and its
+# neighbours. Then (PASSES,): the two-pass backward against the one-pass one, each on its tiles.
+_FUSED_128 = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 1))
+_FUSED_80 = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2))
+_PASSES = ((2,), (1,))
 
 
 _LLM_FULL = _attention_setup(128, 28, 4, False, ([16384], [4096], [70]), varlen=False)
@@ -160,18 +184,30 @@ def _attention_tunables():
         return Tunable("attention", kernel, kernels.tile_key(head_dim, tma),
                        kernels.default_tiles(kernel, head_dim, tma), "TFLOP/s", what, setup, run, candidates)
 
-    # dK/dV before dQ: the backward is timed whole, each kernel with the other's best tiles so far.
+    def passes(head_dim, tma, setup):
+        return Tunable("attention", "attention_backward_passes", kernels.tile_key(head_dim, tma),
+                       dict(kernels.DEFAULT_PASSES), "TFLOP/s", "the whole backward, two passes or one", setup,
+                       _attention_backward, _PASSES)
+
+    # dK/dV before dQ: the backward is timed whole, each kernel with the other's best tiles so far;
+    # then the one-pass kernel's tiles, then which backward deterministic=False calls take.
     return [
         tunable("attention_forward", 128, True, _LLM, _attention_forward, "the forward", _FORWARD_128),
         tunable("attention_backward_dkdv", 128, True, _backward_state(_LLM), _attention_backward,
                 "the whole backward (delta, dK/dV, dQ)", _DKDV_128),
         tunable("attention_backward_dq", 128, True, _backward_state(_LLM), _attention_backward,
                 "the whole backward (delta, dK/dV, dQ)", _DQ_128),
+        tunable("attention_backward_fused", 128, True, _backward_state(_LLM), _one_pass(_attention_backward),
+                "the whole one-pass backward (delta, dK/dV with dQ by atomics, the dQ cast)", _FUSED_128),
+        passes(128, True, _backward_state(_LLM)),
         tunable("attention_forward", 80, False, _VIT, _attention_forward, "the forward", _FORWARD_80),
         tunable("attention_backward_dkdv", 80, False, _backward_state(_VIT), _attention_backward,
                 "the whole backward (delta, dK/dV, dQ)", _DKDV_80),
         tunable("attention_backward_dq", 80, False, _backward_state(_VIT), _attention_backward,
                 "the whole backward (delta, dK/dV, dQ)", _DQ_80),
+        tunable("attention_backward_fused", 80, False, _backward_state(_VIT), _one_pass(_attention_backward),
+                "the whole one-pass backward (delta, dK/dV with dQ by atomics, the dQ cast)", _FUSED_80),
+        passes(80, False, _backward_state(_VIT)),
     ]
 
 

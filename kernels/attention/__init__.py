@@ -5,4 +5,12 @@ and its mask), :mod:`.training` the kernels (how they work is its docstring), :m
 their launchers, tiles (per-GPU tuned tables) and the configs of the Hopper compile check.
 """
 
-from .launch import TUNABLE, backward, default_tiles, forward, tile_key  # noqa: F401  (registers the configs)
+from .launch import (  # noqa: F401  (registers the configs)
+    DEFAULT_PASSES,
+    TUNABLE,
+    backward,
+    backward_passes,
+    default_tiles,
+    forward,
+    tile_key,
+)

@@ -354,8 +354,8 @@ def _configs():
         ptr = pointer_type(dtype)
         for head_dim, (flags_name, flags), (tunable, tensors, extra_floats, stride_groups, atomic_dq) in \
                 itertools.product(HEAD_DIMS, flag_sets.items(), kernels):
-            if flags_name == "all_options" and dtype == torch.float16:
-                continue  # same code as bf16's; one dtype suffices for the option-heavy variant
+            if (flags_name == "all_options" or atomic_dq) and dtype == torch.float16:
+                continue  # same code as bf16's: one dtype suffices for the option-heavy and one-pass variants
             kernel = TUNABLE[tunable][0]
             signature = {f"{t}_ptr": ptr for t in tensors}
             if atomic_dq is not None:  # the dK/dV kernel's dQ buffer: fp32 (a placeholder when unused)
