@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_same_device, check_tensor
+from ._validation import check_int, check_same_device, check_tensor, value_checks_enabled
 
 __all__ = ["index_first_axis", "pad_input", "unpad_input", "unpad_input_for_concatenated_sequences"]
 
@@ -26,7 +26,18 @@ def index_first_axis(input, indices):
         raise ValueError(f"expected input with at least 2 dimensions (rows, ...), got shape {tuple(input.shape)}")
     check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), ndims=(1,))
     check_same_device(("input", "indices"), (input, indices))
+    _check_index_range(indices, input.shape[0], "input's rows")
     return input[indices]
+
+
+def _check_index_range(indices, size: int, what: str) -> None:
+    """Value check (one host sync; eager only): indices in [0, size). A negative index would wrap
+    around silently, one past the end fails inside torch with a message that names nothing (on
+    CUDA, a device-side assert)."""
+    if value_checks_enabled() and indices.numel():
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < 0 or high >= size:
+            raise ValueError(f"expected indices in [0, {size}) ({what}), got values from {low} to {high}")
 
 
 def pad_input(hidden_states, indices, batch, seqlen):
@@ -38,11 +49,10 @@ def pad_input(hidden_states, indices, batch, seqlen):
     check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), ndims=(1,))
     check_same_device(("hidden_states", "indices"), (hidden_states, indices))
     if indices.shape[0] != hidden_states.shape[0]:
-        raise ValueError(f"expected one index per row of hidden_states ({hidden_states.shape[0]}), "
+        raise ValueError(f"expected indices with one entry per row of hidden_states ({hidden_states.shape[0]}), "
                          f"got {indices.shape[0]}")
-    for name, value in (("batch", batch), ("seqlen", seqlen)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TypeError(f"expected {name} to be a non-negative int, got {value!r}")
+    batch, seqlen = check_int("batch", batch), check_int("seqlen", seqlen)
+    _check_index_range(indices, batch * seqlen, "positions in the flattened (batch, seqlen)")
     out = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
     out = out.index_put((indices.long(),), hidden_states)  # differentiable, no in-place write on a leaf
     return out.view(batch, seqlen, *hidden_states.shape[1:])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import FLOAT_DTYPES, check_last_dim_contiguous, check_same_device, check_tensor
-from .._validation import value_checks_enabled
+from .._validation import check_cu_seqlens, value_checks_enabled
 from .ops import rotary_op
 
 __all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_"]
@@ -72,8 +72,8 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     check_last_dim_contiguous("x", x)
     _check_tables(x, cos, sin)
     if varlen:
-        check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndims=(1,))
-        check_same_device(("x", "cu_seqlens"), (x, cu_seqlens))
+        # Boundaries: int32 on x's device, 0 ... total, non-decreasing (the values: eager only).
+        check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x, "x")
         batch, total = cu_seqlens.shape[0] - 1, x.shape[0]
         offsets = _offsets(seqlen_offsets, batch, x)
         tokens = torch.arange(total, device=x.device)
