@@ -11,7 +11,12 @@ and the tile product is a tensor-core ``tl.dot`` even at Sq = 1 (G rows, padded 
 Contiguous and paged caches share the code: a key slot j lives in block
 ``block_table[b, j // page_size]`` at slot ``j % page_size``; a contiguous cache is the case
 of one page of size S_cache per row (block = the row's cache row), selected by PAGED only
-where the block index comes from. Keys are slots ``[leftpad, L)`` with
+where the block index comes from. With pages of a multiple of BLOCK_N tokens (PAGE_TILES) a
+key tile lies in one page: one table entry per tile. The entries of a tile are read one tile
+ahead, so that Triton's pipeliner keeps num_stages - 1 K/V tiles in flight for a paged cache as
+for a contiguous one (see _cache_tiles). Each split's keys run in three loops of whole tiles --
+a masked head (left windows only), the unmasked interior (every row sees every key: no load or
+score masks), a masked tail. Keys are slots ``[leftpad, L)`` with
 ``L = cache_seqlens[b] + seqlen_new``; masks align bottom-right to L exactly as in
 :mod:`.attention`, whose score function is reused.
 
@@ -77,6 +82,92 @@ def _softmax_step(s, v, m_i, l_i, acc):
 
 
 @triton.jit
+def _tile_pages(block_table_ptr, b, bt_sb, n_start, limit, page_size, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The block-table entries (int64) of the tile at n_start, for keys below ``limit``: with
+    PAGE_TILES the one entry of its page (clamped to the last key below ``limit``, so that a
+    prefetch past the end reads an entry in use), else one per key (0 past ``limit``); 0 for a
+    contiguous cache."""
+    pages = b.to(tl.int64) * 0
+    if PAGE_TILES:
+        slot = tl.maximum(tl.minimum(n_start, limit - 1), 0)
+        pages = tl.load(block_table_ptr + b.to(tl.int64) * bt_sb + slot // page_size).to(tl.int64)
+    elif PAGED:
+        cols = n_start + tl.arange(0, BLOCK_N)
+        pages = tl.load(block_table_ptr + b.to(tl.int64) * bt_sb + cols // page_size, mask=cols < limit,
+                        other=0).to(tl.int64)
+    return pages
+
+
+@triton.jit
+def _cache_tile(q, m_i, l_i, acc, n_start, limit, pages, k_head, v_head, cache_row, page_size, k_sp, k_st, v_sp, v_st,
+                dims, dim_ok, slope, qi, len_q, len_k, qk_scale, softcap, window_l, window_r,
+                PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """One BLOCK_N tile of cached keys from slot n_start through the online softmax. MASK: the tile
+    may hold keys at or past ``limit`` or keys the causal / window masks hide; without it every
+    key of the tile is visible to every row and nothing is masked (with EVEN_D not even the
+    head dim). ``pages``: the tile's block-table entries (:func:`_tile_pages`); with PAGE_TILES
+    (page_size a multiple of BLOCK_N, tiles aligned to BLOCK_N) the one page that holds the whole
+    tile, whose rows are then consecutive slots of it."""
+    cols = n_start + tl.arange(0, BLOCK_N)
+    col_ok = cols < limit
+    if PAGE_TILES:
+        slot = (n_start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
+        k_slot, v_slot = pages * k_sp + slot * k_st, pages * v_sp + slot * v_st
+    elif PAGED:
+        slot = (cols % page_size).to(tl.int64)
+        k_slot, v_slot = pages * k_sp + slot * k_st, pages * v_sp + slot * v_st
+    else:
+        slot = cols.to(tl.int64)
+        k_slot, v_slot = cache_row * k_sp + slot * k_st, cache_row * v_sp + slot * v_st
+    k_ptrs = k_head + k_slot[:, None] + dims[None, :]
+    v_ptrs = v_head + v_slot[:, None] + dims[None, :]
+    # Rows of D contiguous elements (strides are multiples of 16 elements wherever the launcher's
+    # specialisation sees them so): 16-byte vector loads; num_stages keeps tiles in flight.
+    if MASK:
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=dim_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=dim_ok[None, :], other=0.0)
+    s = scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r, CAUSAL, HAS_SOFTCAP, MASK)
+    if HAS_ALIBI:
+        s += alibi_bias(slope, qi, cols, len_q, len_k)
+    if MASK:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    return _softmax_step(s, v, m_i, l_i, acc)
+
+
+@triton.jit
+def _cache_tiles(q, m_i, l_i, acc, first, last, limit, k_head, v_head, b, cache_row, block_table_ptr, bt_sb,
+                 page_size, k_sp, k_st, v_sp, v_st, dims, dim_ok, slope, qi, len_q, len_k, qk_scale, softcap,
+                 window_l, window_r, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_D: tl.constexpr):
+    """The tiles at first, first + BLOCK_N, ... below ``last`` (keys below ``limit``) through
+    :func:`_cache_tile`. A tile's block-table entries are read one tile ahead, so its K/V loads
+    depend on no load of the same iteration: Triton's pipeliner then keeps num_stages - 1 tiles
+    in flight, as for a contiguous cache. (Read in the iteration, they make the K/V loads
+    indirect, and the pipeliner gives them a single buffer: one tile in flight, compute and
+    loads in turn.)"""
+    pages = _tile_pages(block_table_ptr, b, bt_sb, first, limit, page_size, PAGED, PAGE_TILES, BLOCK_N)
+    for n_start in range(first, last, BLOCK_N):
+        next_pages = _tile_pages(block_table_ptr, b, bt_sb, n_start + BLOCK_N, limit, page_size, PAGED, PAGE_TILES,
+                                 BLOCK_N)
+        m_i, l_i, acc = _cache_tile(
+            q, m_i, l_i, acc, n_start, limit, pages, k_head, v_head, cache_row, page_size, k_sp, k_st, v_sp, v_st,
+            dims, dim_ok, slope, qi, len_q, len_k, qk_scale, softcap, window_l, window_r, PAGED, PAGE_TILES, CAUSAL,
+            HAS_SOFTCAP, HAS_ALIBI, MASK, BLOCK_N, EVEN_D)
+        pages = next_pages
+    return m_i, l_i, acc
+
+
+@triton.jit
 def decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, out_ptr, lse_ptr,
     cache_seqlens_ptr, leftpad_ptr, block_table_ptr, cache_rows_ptr, cu_seqlens_q_ptr,
@@ -86,7 +177,7 @@ def decode_attention_kernel(
     o_ss, o_sb, o_st, o_sh, lse_ss, lse_sb, lse_sh, bt_sb,
     HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr,
     VARLEN_Q: tl.constexpr, APPEND: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
-    ROTATE_Q: tl.constexpr,
+    ROTATE_Q: tl.constexpr, PAGE_TILES: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_NEW: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -127,6 +218,11 @@ def decode_attention_kernel(
         # The last query block writes the new tokens: it must visit all of them (hi is L for it).
         writer = q_block == tl.num_programs(0) // num_splits - 1
         lo = tl.where(writer, tl.minimum(lo, old_len), lo)
+    if PAGE_TILES:
+        # Tiles aligned to BLOCK_N, so that each lies in one page. Only a left window (or the
+        # writer's extension, which only a left window needs) moves lo off 0 here (no leftpad
+        # with a block table), and the keys this adds are hidden by that window's mask.
+        lo = lo // BLOCK_N * BLOCK_N
     hi = tl.maximum(hi, lo)
     # This split's share, in whole BLOCK_N tiles.
     chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
@@ -154,21 +250,35 @@ def decode_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n_start in range(start, cache_stop, BLOCK_N):
-        cols = n_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < cache_stop
-        k_slot, v_slot = _slots(cols, col_ok, b, cache_row, block_table_ptr, bt_sb, page_size, k_sp, k_st,
-                                v_sp, v_st, PAGED)
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        # Rows of D contiguous elements: 16-byte vector loads; num_stages keeps tiles in flight.
-        k = tl.load(k_head + k_slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = scores(q, k, qi, cols, len_q, len_k, qk_scale, softcap, window_l, window_r,
-                    CAUSAL, HAS_SOFTCAP, True)
-        if HAS_ALIBI:
-            s += alibi_bias(slope, qi, cols, len_q, len_k)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        v = tl.load(v_head + v_slot[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+    # The cached keys [start, cache_stop) in three runs of whole BLOCK_N tiles: a masked head (only
+    # under a left window: tiles that some row of the block cannot see on the left), the interior --
+    # tiles every row of the block sees whole, loaded and scored with no mask at all, so the loads
+    # stay plain 16-byte vectors and the tile needs no compare-and-select -- and a masked tail (the
+    # partial last tile, and the tiles the causal / right-window edge cuts). Decode at Sq = 1 has
+    # no head and at most one tail tile.
+    full_hi = cache_stop  # keys below this every row of the block sees (on the right)
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, q0 + offset + 1)
+    elif window_r >= 0:
+        full_hi = tl.minimum(full_hi, q0 + offset + window_r + 1)
+    interior = start
+    if HAS_WINDOW:
+        if window_l >= 0:  # keys from here on every row of the block sees (on the left)
+            interior = start + tl.cdiv(tl.maximum(q_last + offset - window_l - start, 0), BLOCK_N) * BLOCK_N
+        m_i, l_i, acc = _cache_tiles(
+            q, m_i, l_i, acc, start, tl.minimum(interior, cache_stop), cache_stop, k_head, v_head, b, cache_row,
+            block_table_ptr, bt_sb, page_size, k_sp, k_st, v_sp, v_st, dims, dim_ok, slope, qi, len_q, len_k,
+            qk_scale, softcap, window_l, window_r, PAGED, PAGE_TILES, CAUSAL, HAS_SOFTCAP, HAS_ALIBI, True, BLOCK_N,
+            HEAD_DIM == BLOCK_D)
+    interior_stop = interior + tl.maximum(full_hi - interior, 0) // BLOCK_N * BLOCK_N
+    m_i, l_i, acc = _cache_tiles(
+        q, m_i, l_i, acc, interior, interior_stop, cache_stop, k_head, v_head, b, cache_row, block_table_ptr, bt_sb,
+        page_size, k_sp, k_st, v_sp, v_st, dims, dim_ok, slope, qi, len_q, len_k, qk_scale, softcap, window_l,
+        window_r, PAGED, PAGE_TILES, CAUSAL, HAS_SOFTCAP, HAS_ALIBI, False, BLOCK_N, HEAD_DIM == BLOCK_D)
+    m_i, l_i, acc = _cache_tiles(
+        q, m_i, l_i, acc, interior_stop, cache_stop, cache_stop, k_head, v_head, b, cache_row, block_table_ptr, bt_sb,
+        page_size, k_sp, k_st, v_sp, v_st, dims, dim_ok, slope, qi, len_q, len_k, qk_scale, softcap, window_l,
+        window_r, PAGED, PAGE_TILES, CAUSAL, HAS_SOFTCAP, HAS_ALIBI, True, BLOCK_N, HEAD_DIM == BLOCK_D)
 
     if APPEND:
         # The new keys, from the inputs (never from their cache slots, which this launch writes).
@@ -212,8 +322,13 @@ def decode_attention_kernel(
 
 BLOCK_MS = (16, 64)  # 16: decode (G <= 16 rows); 64: several queries per block (chunked prefill)
 MAX_GROUP = BLOCK_MS[-1]
-MIN_KEYS_PER_SPLIT = 512  # below this a split's fixed cost (q load, partial write, combine) dominates
-TARGET_WAVES = 2  # programs per SM the heuristic aims for
+# The split heuristic's constants (num_splits_heuristic): programs per SM it aims for, and the
+# fewest keys a split keeps. Tunable: the tuning tool times candidates and writes the winner into
+# the device's table under "decode_splits" (kernels/tuning.py); these are the built-in ones.
+SPLIT_DEFAULTS = {"waves": 2, "min_keys": 512}
+SPLIT_KEY = "H28x4,D=128"  # measured at the decode headline shape, applied to every shape
+MAX_SPLITS = 128  # bounds the fp32 partials (splits x B x Sq x H x D) and the combine's work
+tuning.declare("decode_splits", tuple(SPLIT_DEFAULTS))
 
 
 # New tokens come in tiles of 16: a rotated k tile holds four fp32 (tile, D) arrays (x, partner,
@@ -257,6 +372,12 @@ def default_tiles(head_dim: int, block_m: int) -> dict:
     return {"BLOCK_N": block_n(head_dim), **dict(zip(("num_warps", "num_stages"), _warps_stages(head_dim, block_m)))}
 
 
+def page_tiles(paged: bool, page_size: int, block_n: int) -> bool:
+    """Whether every key tile lies inside one page (one block-table read per tile, consecutive
+    slots): pages of a multiple of BLOCK_N tokens. Smaller pages (16) keep one entry per key."""
+    return paged and page_size % block_n == 0
+
+
 def rotate_queries(q, cos, sin, cache_seqlens, per_token: bool, interleaved: bool):
     """q (B, Sq, H, D) rotated at cache_seqlens (+ i per token) into a new contiguous tensor
     (kernels/rotary.py, the kernel of docqa_fast.rotary.apply_rotary_emb)."""
@@ -277,17 +398,26 @@ def launch_shape(batch: int, seqlen_q: int, heads: int, kv_heads: int) -> tuple[
     return block_m, max(1, block_m // group)
 
 
-def num_splits_heuristic(batch: int, seqlen_q: int, heads: int, kv_heads: int, capacity: int,
-                         num_sms: int) -> int:
-    """Splits that fill the GPU: about TARGET_WAVES programs per SM, each with >= MIN_KEYS_PER_SPLIT keys.
+def split_constants(device) -> dict:
+    """The split heuristic's constants on ``device``: the tuned table's ``decode_splits`` entry
+    (measured by the tuning tool at the decode headline shape), else the built-in ones."""
+    return tuning.lookup("decode_splits", SPLIT_KEY, SPLIT_DEFAULTS, device)
 
-    Depends on shapes only (the cache capacity, not the lengths), so it never syncs and a
-    CUDA graph captured once stays valid.
+
+def num_splits_heuristic(batch: int, seqlen_q: int, heads: int, kv_heads: int, capacity: int, num_sms: int,
+                         waves: int = SPLIT_DEFAULTS["waves"], min_keys: int = SPLIT_DEFAULTS["min_keys"]) -> int:
+    """Splits of each row's keys so that the launch has about ``waves`` programs per SM (enough
+    loads in flight to stream the cache at any batch size), each split keeping >= ``min_keys``
+    keys (below that its fixed cost -- q load, partial write, its share of the combine --
+    outweighs its bytes), at most MAX_SPLITS.
+
+    A function of shapes only (the cache capacity, not the lengths): it never syncs, and a CUDA
+    graph captured once stays valid for any lengths.
     """
     _, per_block = launch_shape(batch, seqlen_q, heads, kv_heads)
     programs = max(1, batch * kv_heads * triton.cdiv(seqlen_q, per_block))  # >= 1: empty batches too
-    wanted = triton.cdiv(TARGET_WAVES * num_sms, programs)
-    return max(1, min(wanted, triton.cdiv(capacity, MIN_KEYS_PER_SPLIT), 128))
+    wanted = triton.cdiv(waves * num_sms, programs)
+    return max(1, min(wanted, triton.cdiv(capacity, min_keys), MAX_SPLITS))
 
 
 def _layout_strides(q, out, lse, varlen):
@@ -353,7 +483,8 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
             block_table.stride(0) if paged else 0,
             HEAD_DIM=head_dim, PAGED=paged, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_CACHE_ROWS=cache_batch_idx is not None, VARLEN_Q=varlen, APPEND=append, HAS_ROTARY=rotary,
-            INTERLEAVED=bool(rotary_interleaved) and rotary, ROTATE_Q=rotate_q, CAUSAL=causal,
+            INTERLEAVED=bool(rotary_interleaved) and rotary, ROTATE_Q=rotate_q,
+            PAGE_TILES=page_tiles(paged, k_cache.shape[1], tiles["BLOCK_N"]), CAUSAL=causal,
             HAS_WINDOW=left >= 0 or (right >= 0 and not causal), HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None,
             BLOCK_M=block_m, BLOCK_N=tiles["BLOCK_N"], BLOCK_N_NEW=BLOCK_N_NEW, BLOCK_D=block_d(head_dim),
@@ -365,27 +496,30 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
 
 # ------------------------------------------------------------------------ registered configs
 
-_NO_FLAGS = {"PAGED": False, "HAS_LEFTPAD": False, "HAS_CACHE_ROWS": False, "VARLEN_Q": False, "APPEND": False,
+_NO_FLAGS = {"PAGED": False, "PAGE_TILES": False, "HAS_LEFTPAD": False, "HAS_CACHE_ROWS": False, "VARLEN_Q": False, "APPEND": False,
              "HAS_ROTARY": False, "INTERLEAVED": False, "CAUSAL": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
              "HAS_ALIBI": False}
 # The flag sets that matter, each compiled for every head dim and BLOCK_M: the plain decode
-# (with and without new tokens), a paged one with every mask option, ALiBi and interleaved rotary,
-# a paged causal one with GPT-NeoX rotary, a contiguous one with leftpad and
-# cache_batch_idx, and the packed (varlen) chunked prefill of flash_attn_varlen_func.
+# (with and without new tokens), a paged one with every mask option, ALiBi and interleaved rotary
+# (pages of whole tiles), a paged causal one with GPT-NeoX rotary (one table entry per key, as for
+# pages of 16), the paged decode with pages of whole tiles, a contiguous one with leftpad and
+# cache_batch_idx, and the packed (varlen) chunked prefill of flash_attn_varlen_func (both page kinds).
 FLAG_SETS = {
     "contiguous_append": {"APPEND": True},
     "contiguous": {},
-    "paged_append_rotary_interleaved_all_masks": {"PAGED": True, "APPEND": True, "HAS_ROTARY": True,
+    "paged_append_rotary_interleaved_all_masks": {"PAGED": True, "PAGE_TILES": True, "APPEND": True, "HAS_ROTARY": True,
                                                   "INTERLEAVED": True, "CAUSAL": True, "HAS_WINDOW": True,
                                                   "HAS_SOFTCAP": True, "HAS_ALIBI": True},
     "paged_append_rotary_halves_causal": {"PAGED": True, "APPEND": True, "HAS_ROTARY": True, "CAUSAL": True},
+    "paged_tiles_append": {"PAGED": True, "PAGE_TILES": True, "APPEND": True},
     "contiguous_rows_leftpad_causal_append": {"HAS_LEFTPAD": True, "HAS_CACHE_ROWS": True, "CAUSAL": True,
                                               "APPEND": True},
     "paged_varlen_causal": {"PAGED": True, "VARLEN_Q": True, "CAUSAL": True},
+    "paged_tiles_varlen_causal": {"PAGED": True, "PAGE_TILES": True, "VARLEN_Q": True, "CAUSAL": True},
 }
 # Variants also registered with the direct (num_splits = 1, q-dtype) output, and in fp16; the
 # others differ from these only in code both paths share, so bf16 with fp32 partials suffices.
-DIRECT_OUTPUT = ("contiguous_append", "paged_varlen_causal")
+DIRECT_OUTPUT = ("contiguous_append", "paged_varlen_causal", "paged_tiles_varlen_causal")
 FP16 = ("contiguous_append",)
 _INT_ARGS = ("seqlen_q", "seqlen_new", "page_size", "heads_per_kv", "queries_per_block", "num_splits",
              "window_left", "window_right", "rotary_half", "rotary_q_step")

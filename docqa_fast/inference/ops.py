@@ -66,7 +66,7 @@ def _run_kernel(q, k_cache, v_cache, lse_shape, seqlens, options, num_splits, ca
     seqlen_q = options["max_seqlen_q"] if varlen else q.shape[1]
     if num_splits == 0:
         num_splits = kernels.num_splits_heuristic(batch, seqlen_q, q.shape[-2], k_cache.shape[2], capacity,
-                                                  num_sms(q.device))
+                                                  num_sms(q.device), **kernels.split_constants(q.device))
     if num_splits == 1:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -96,6 +96,14 @@ def _kvcache_triton(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
                    causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes)
     return _run_kernel(q, k_cache, v_cache, _kvcache_lse_shape(q), cache_seqlens, options, num_splits,
                        cache_capacity(k_cache, block_table))
+
+
+def kvcache_attention_unchecked(q, k_cache, v_cache, cache_seqlens, block_table=None, causal=False, num_splits=0):
+    """The Triton path of :func:`kvcache_attention` with nothing appended, the default scale and no
+    validation, dispatch or host sync: the launches a captured CUDA graph replays. For the tuning
+    tool, which times kernels rather than per-call checks; the inputs must be valid."""
+    return _kvcache_triton(q, k_cache, v_cache, None, None, None, None, cache_seqlens, None, None, block_table,
+                           softmax_scale_or_default(None, q.shape[-1]), causal, -1, -1, 0.0, True, num_splits, None)
 
 
 def _kvcache_reference(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -200,36 +208,54 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
 
 def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
                           rotary_cos, causal, local):
-    """Checks that read tensor values (one host sync); all before anything is written."""
+    """Checks that read tensor values; all before anything is written. Every figure they need is
+    reduced on the device and read back at once: one host sync per call, not one per figure (a
+    sync leaves the GPU idle while the host prepares the launch, which at decode sizes costs
+    more than the attention itself)."""
     capacity = cache_capacity(k_cache, block_table)
     lengths = cache_seqlens.long()
-    if int(lengths.min()) < 0:
-        raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
     ends = lengths + seqlen_new
-    if int(ends.max()) > capacity:
-        where = "max_blocks * page_size of block_table" if block_table is not None else "S_cache of k_cache"
-        raise ValueError(f"expected cache_seqlens + {seqlen_new} new tokens <= the cache capacity {capacity} "
-                         f"({where}), got up to {int(ends.max())}")
+    figures = {"min_len": lengths.min(), "max_end": ends.max()}
     if cache_batch_idx is not None:
         rows = cache_batch_idx.long()
-        if int(rows.min()) < 0 or int(rows.max()) >= k_cache.shape[0]:
+        figures.update(min_row=rows.min(), max_row=rows.max())
+        if seqlen_new > 0:  # a repeated row: two equal neighbours once sorted (no torch.unique: it syncs)
+            figures["repeated_row"] = (rows.sort().values.diff() == 0).any()
+    if cache_leftpad is not None:
+        pad = cache_leftpad.long()
+        figures.update(min_pad=pad.min(), pad_past_len=(pad > lengths).any())
+    if block_table is not None:
+        # The entries of the pages in use (check_pages_in_use's rule), with no boolean indexing.
+        used = (torch.arange(block_table.shape[1], device=block_table.device)[None, :] * k_cache.shape[1]
+                < ends[:, None])
+        entries = block_table.long()
+        figures.update(any_page=used.any(), min_page=torch.where(used, entries, entries.new_tensor(2 ** 62)).min(),
+                       max_page=torch.where(used, entries, entries.new_tensor(-(2 ** 62))).max())
+    read = dict(zip(figures, torch.stack([f.long() for f in figures.values()]).tolist()))
+    if read["min_len"] < 0:
+        raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
+    if read["max_end"] > capacity:
+        where = "max_blocks * page_size of block_table" if block_table is not None else "S_cache of k_cache"
+        raise ValueError(f"expected cache_seqlens + {seqlen_new} new tokens <= the cache capacity {capacity} "
+                         f"({where}), got up to {read['max_end']}")
+    if cache_batch_idx is not None:
+        if read["min_row"] < 0 or read["max_row"] >= k_cache.shape[0]:
             raise ValueError(f"expected cache_batch_idx values in [0, {k_cache.shape[0]}) (rows of k_cache), "
                              f"got {cache_batch_idx.tolist()[:16]}")
         # The append is fused into the attention launch: two batch rows on one cache row would
         # read slots the other writes in the same launch.
-        if seqlen_new > 0 and torch.unique(rows).numel() != rows.numel():
+        if read.get("repeated_row"):
             raise ValueError("expected distinct cache_batch_idx values when appending new k/v (two rows writing "
                              f"one cache row race), got {cache_batch_idx.tolist()[:16]}")
-    if cache_leftpad is not None:
-        pad = cache_leftpad.long()
-        if int(pad.min()) < 0 or bool((pad > lengths).any()):
-            raise ValueError("expected 0 <= cache_leftpad <= cache_seqlens in every row, got "
-                             f"{cache_leftpad.tolist()[:16]} and {cache_seqlens.tolist()[:16]}")
-    if block_table is not None:
-        check_pages_in_use(block_table, ends, k_cache.shape[1], k_cache.shape[0], "k_cache")
+    if cache_leftpad is not None and (read["min_pad"] < 0 or read["pad_past_len"]):
+        raise ValueError("expected 0 <= cache_leftpad <= cache_seqlens in every row, got "
+                         f"{cache_leftpad.tolist()[:16]} and {cache_seqlens.tolist()[:16]}")
+    if block_table is not None and read["any_page"] and (read["min_page"] < 0 or read["max_page"] >= k_cache.shape[0]):
+        raise ValueError(f"expected block_table entries of the pages in use in [0, {k_cache.shape[0]}) (blocks of "
+                         f"k_cache), got values from {read['min_page']} to {read['max_page']}")
     if rotary_cos is not None:
         seqlen_q = q.shape[1]
-        needed = int(lengths.max()) + max(seqlen_new, seqlen_q if (causal or local) else 1)
+        needed = read["max_end"] - seqlen_new + max(seqlen_new, seqlen_q if (causal or local) else 1)
         if needed > rotary_cos.shape[0]:
             raise ValueError(f"expected rotary_cos/rotary_sin with at least {needed} positions "
                              f"(cache_seqlens + new tokens), got {rotary_cos.shape[0]}")
