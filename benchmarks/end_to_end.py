@@ -101,17 +101,28 @@ def _sft_inputs(params, device, sizes, dtype):
                    {"counted": long_doc_sft.counted_tokens(samples)}),)
 
 
-def _sft(attn):
-    def step(inputs):
-        model, _ = _model(*inputs.extra["key"])
-        model.set_attn_implementation(attn)
-        model.zero_grad(set_to_none=True)
-        loss = (long_doc_sft.docqa_fast_loss(model, inputs.rows, inputs.extra["counted"]) if attn == "docqa_fast"
-                else long_doc_sft.plain_loss(model, inputs.padded))
-        loss.backward()
-        return loss.detach().float()
+def _training_step(loss_and_output):
+    """Providers of a training case: ``loss_and_output(model, reward_model, inputs, ours)`` -> (loss,
+    what the cross-check compares) with the model's attention set to ``attn``, then the backward."""
 
-    return step
+    def provider(attn):
+        def step(inputs):
+            model, reward_model = _model(*inputs.extra["key"])
+            model.set_attn_implementation(attn)
+            reward_model.zero_grad(set_to_none=True)  # the backbone (the whole model) and the heads
+            loss, output = loss_and_output(model, reward_model, inputs, attn == "docqa_fast")
+            loss.backward()
+            return output.detach().float()
+
+        return step
+
+    return provider
+
+
+def _sft_loss(model, reward_model, inputs, ours):
+    loss = (long_doc_sft.docqa_fast_loss(model, inputs.rows, inputs.extra["counted"]) if ours
+            else long_doc_sft.plain_loss(model, inputs.padded))
+    return loss, loss
 
 
 def _longpo_inputs(params, device, sizes, dtype):
@@ -129,21 +140,14 @@ def _longpo_inputs(params, device, sizes, dtype):
     return (Inputs(long, extra={"short": short}),)
 
 
-def _longpo(attn):
-    def step(inputs):
-        model, _ = _model(*inputs.extra["key"])
-        model.set_attn_implementation(attn)
-        model.zero_grad(set_to_none=True)
-        short = inputs.extra["short"]
-        if attn == "docqa_fast":
-            budget = max(s["input_ids"].numel() for s in inputs.samples + short)
-            loss, _ = longpo_step.longpo_step_loss(model, model, inputs.samples, short, budget, 0.01, 0.01)
-        else:
-            loss = longpo_step.plain_step_loss(model, model, inputs.samples, short, 0.01, 0.01)
-        loss.backward()
-        return loss.detach().float()
-
-    return step
+def _longpo_loss(model, reward_model, inputs, ours):
+    short = inputs.extra["short"]  # the policy is its own reference here: the same work as a frozen copy
+    if ours:
+        budget = max(s["input_ids"].numel() for s in inputs.samples + short)
+        loss, _ = longpo_step.longpo_step_loss(model, model, inputs.samples, short, budget, 0.01, 0.01)
+    else:
+        loss = longpo_step.plain_step_loss(model, model, inputs.samples, short, 0.01, 0.01)
+    return loss, loss
 
 
 def _reward_inputs(params, device, sizes, dtype):
@@ -158,26 +162,16 @@ def _reward_inputs(params, device, sizes, dtype):
     return (Inputs(samples, extra={"ranks": ranks}),)
 
 
-def _reward(attn):
-    def step(inputs):
-        model, reward_model = _model(*inputs.extra["key"])
-        model.set_attn_implementation(attn)
-        reward_model.zero_grad(set_to_none=True)
-        ranks = inputs.extra["ranks"]
-        if attn == "docqa_fast":
-            budget = sum(s["input_ids"].numel() for s in inputs.samples)
-            rewards = reward_best_of_n.docqa_fast_rewards(reward_model, inputs.samples, budget)
-            loss = reward_best_of_n.ranking_loss(rewards, ranks)
-        else:
-            if "heads" not in inputs.extra:
-                inputs.extra["heads"] = reward_model.head.to_linear_heads()
-            heads = inputs.extra["heads"]
-            rewards = reward_best_of_n.plain_rewards(model, heads, inputs.samples)
-            loss = reward_best_of_n.plain_ranking_loss(rewards, ranks)
-        loss.backward()
-        return rewards.detach().float()
-
-    return step
+def _reward_loss(model, reward_model, inputs, ours):
+    ranks = inputs.extra["ranks"]
+    if ours:
+        budget = sum(s["input_ids"].numel() for s in inputs.samples)
+        rewards = reward_best_of_n.docqa_fast_rewards(reward_model, inputs.samples, budget)
+        return reward_best_of_n.ranking_loss(rewards, ranks), rewards
+    if "heads" not in inputs.extra:
+        inputs.extra["heads"] = reward_model.head.to_linear_heads()
+    rewards = reward_best_of_n.plain_rewards(model, inputs.extra["heads"], inputs.samples)
+    return reward_best_of_n.plain_ranking_loss(rewards, ranks), rewards
 
 
 def _serve_inputs(params, device, sizes, dtype):
@@ -209,9 +203,9 @@ def _serve(attn):
 
 
 EXAMPLES = {  # case name: (example module, make inputs, provider step, training?)
-    "sft": ("long_doc_sft", _sft_inputs, _sft, True),
-    "longpo": ("longpo_step", _longpo_inputs, _longpo, True),
-    "reward": ("reward_best_of_n", _reward_inputs, _reward, True),
+    "sft": ("long_doc_sft", _sft_inputs, _training_step(_sft_loss), True),
+    "longpo": ("longpo_step", _longpo_inputs, _training_step(_longpo_loss), True),
+    "reward": ("reward_best_of_n", _reward_inputs, _training_step(_reward_loss), True),
     "serve": ("serve_long_doc", _serve_inputs, _serve, False),
 }
 

@@ -158,8 +158,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["check_against_plain", "check_isolation", "counted_tokens", "docqa_fast_loss", "make_samples",
-           "plain_loss", "train"]
-
 if __name__ == "__main__":
     sys.exit(main())
