@@ -28,8 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: benchmarks/results/local/<device-slug>/, which git "
                              "ignores; results to commit go to --out benchmarks/results/<device-slug>)")
-    parser.add_argument("--no-hopper-report", action="store_true",
-                        help="skip the static sm_90 compile report of the Triton kernels")
+    report_choice = parser.add_mutually_exclusive_group()
+    report_choice.add_argument("--hopper-report", action="store_true",
+                               help="add the static sm_90 compile report of the Triton kernels to a --quick run "
+                                    "(on a CPU: minutes for the configs whose source changed since the last one)")
+    report_choice.add_argument("--no-hopper-report", action="store_true",
+                               help="leave the static sm_90 compile report out of a run with the full sizes")
     parser.add_argument("--list", action="store_true",
                         help="list the selected cases and their providers (those that would be skipped here "
                              "marked, with the reason), then exit")
@@ -93,15 +97,19 @@ def main(argv=None) -> int:
     with tqdm(total=sum(len(c.providers) for c in cases), unit="provider", disable=None) as progress:
         for case in cases:
             progress.set_description(case.id)
+            case_started = time.perf_counter()
             record = harness.run_case(case, device, args.quick, on_provider_done=lambda _: progress.update())
+            record["wall_s"] = round(time.perf_counter() - case_started, 2)  # set-up and checks included
             harness.add_ceiling_fractions(record, ceilings)
             records.append(record)
             progress.write(f"\n{report.case_heading(record)}\n{report.case_table(record)}")
     print(f"timed {len(cases)} cases in {time.perf_counter() - started:.0f} s")
 
     # After the timings, so its compiler processes never share the CPU with a timed call.
-    if args.no_hopper_report:
-        hopper = {"skipped": "--no-hopper-report"}
+    # The report compiles every Triton config for sm_90 (cached by source): a quick run leaves it
+    # to make hopper-report and the tests unless asked.
+    if args.no_hopper_report or (args.quick and not args.hopper_report):
+        hopper = {"skipped": "--no-hopper-report" if args.no_hopper_report else "--quick (add --hopper-report)"}
     else:
         print("static Hopper (sm_90) compile report of the Triton kernels ...")
         hopper = report.hopper_report()

@@ -2,6 +2,7 @@
 says which providers this machine would skip and why, and a case group in which nothing was
 measured gets no (empty) plot."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -90,3 +91,18 @@ def test_a_run_writes_to_the_ignored_folder_unless_told(tmp_path, monkeypatch):
                                                                                "test__group.png"]
     assert cli.main(["--quick", "--no-hopper-report", "--out", str(tmp_path / "kept")]) == 0
     assert (tmp_path / "kept" / "results.json").exists()
+
+
+def test_a_quick_run_leaves_the_hopper_report_out_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "default_device", lambda: CPU)
+    monkeypatch.setattr(harness, "collect_cases", lambda quick, filter=None: [
+        _case("a", harness.Provider("eager", fn=_double))])
+    asked = []
+    monkeypatch.setattr(report, "hopper_report", lambda: asked.append(True) or {"skipped": "stub"})
+    assert cli.main(["--quick", "--out", str(tmp_path / "quick")]) == 0
+    assert not asked
+    assert "--hopper-report" in json.loads((tmp_path / "quick" / "results.json").read_text())["hopper"]["skipped"]
+    assert cli.main(["--quick", "--hopper-report", "--out", str(tmp_path / "asked")]) == 0
+    assert asked == [True]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--hopper-report", "--no-hopper-report"])
