@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_int
 from .losses import check_aggregation, combine, ensemble_statistics
 from .ops import reward_heads
 
@@ -43,6 +44,8 @@ class RewardEnsembleHead(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, bias: bool = False, aggregation: str = "mean",
                  uwo_lambda: float = 0.5, dtype=None, device=None):
         super().__init__()
+        check_int("hidden_size", hidden_size, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)  # 0 heads were built, failing later on the weight
         check_aggregation(aggregation, uwo_lambda)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.aggregation, self.uwo_lambda = aggregation, uwo_lambda

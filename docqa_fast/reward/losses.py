@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validation import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, value_checks_enabled
+from .._validation import FLOAT_DTYPES, check_real, check_same_device, check_shape, check_tensor, value_checks_enabled
 
 AGGREGATIONS = ("mean", "min", "uwo")
 REDUCTIONS = ("mean", "sum", "none")
@@ -19,8 +19,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def check_aggregation(method: str, uwo_lambda: float) -> None:
     if method not in AGGREGATIONS:
         raise ValueError(f"expected aggregation (method) to be one of {AGGREGATIONS}, got {method!r}")
-    if uwo_lambda < 0:
-        raise ValueError(f"expected uwo_lambda >= 0, got {uwo_lambda}")
+    check_real("uwo_lambda", uwo_lambda, minimum=0.0)  # NaN / inf would make every "uwo" score NaN
 
 
 def ensemble_statistics(rewards: torch.Tensor):
@@ -47,6 +46,8 @@ def aggregate(rewards: torch.Tensor, method: str = "mean", uwo_lambda: float = 0
     no spread: its variance is defined as 0 (not NaN), so "uwo" equals "mean" for K = 1.
     """
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if rewards.dim() == 0 or rewards.shape[-1] == 0:
+        raise ValueError(f"expected rewards of shape (..., K) with K >= 1 heads, got {tuple(rewards.shape)}")
     check_aggregation(method, uwo_lambda)
     return combine(method, uwo_lambda, *ensemble_statistics(rewards))
 
@@ -71,6 +72,9 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin=None, red
     check_same_device(("chosen", "rejected"), (chosen, rejected))
     if reduction not in REDUCTIONS:
         raise ValueError(f"expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "mean" and chosen.numel() == 0:  # the mean of no pairs is NaN
+        raise ValueError(f"expected chosen with at least one pair for reduction='mean', "
+                         f"got shape {tuple(chosen.shape)}")
     diff = chosen - rejected
     if margin is not None:
         diff = diff - margin

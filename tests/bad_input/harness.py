@@ -39,7 +39,7 @@ class Case:
 
     name: str
     call: Callable[[], Any]
-    error: type | None = None
+    error: type | tuple[type, ...] | None = None
     names: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
     backends: tuple[str, ...] | None = None
@@ -69,10 +69,12 @@ def judge(case: Case, result: Any = None, exc: BaseException | None = None) -> s
             except AssertionError as failure:
                 return f"wrong result: {failure}"
         return ""
+    errors = case.error if isinstance(case.error, tuple) else (case.error,)
+    expected = " or ".join(e.__name__ for e in errors)
     if exc is None:
-        return f"expected {case.error.__name__}, but the call returned"
-    if not isinstance(exc, case.error):
-        return f"expected {case.error.__name__}, got {type(exc).__name__}: {exc}"
+        return f"expected {expected}, but the call returned"
+    if not isinstance(exc, errors):
+        return f"expected {expected}, got {type(exc).__name__}: {exc}"
     message = str(exc)
     if case.names and not any(_arg_pattern(n).search(message) for n in case.names):
         return f"{type(exc).__name__} does not name {' or '.join(case.names)}: {message}"

@@ -8,7 +8,7 @@ import pytest
 
 from .harness import report, run_family
 
-FAMILIES = ("attention", "kvcache", "losses", "merge_attention", "rotary_padding")
+FAMILIES = ("attention", "kvcache", "losses", "merge_attention", "reward", "rotary_padding")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
