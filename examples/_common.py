@@ -65,8 +65,8 @@ class Sizes:
 
 TINY = Sizes(hidden=64, layers=2, heads=4, kv_heads=2, mrope_section=(2, 3, 3), vision_hidden=32, vision_depth=2,
              page_width=56, page_height=84, pages=(1, 6), documents=4, max_tokens=192)
-SMALL = Sizes(hidden=256, layers=4, heads=8, kv_heads=2, mrope_section=(4, 6, 6), vision_hidden=64, vision_depth=4,
-              page_width=224, page_height=308, pages=(3, 30), documents=8, max_tokens=8192)
+SMALL = Sizes(hidden=128, layers=2, heads=4, kv_heads=2, mrope_section=(4, 6, 6), vision_hidden=64, vision_depth=2,
+              page_width=168, page_height=224, pages=(3, 30), documents=4, max_tokens=4096)
 
 
 # ---------------------------------------------------------------------------- tokenizer
