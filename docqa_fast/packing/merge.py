@@ -12,10 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_same_device, check_tensor
-from .ops import merge_visual_tokens_op
-
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+from .ops import check_merge_inputs, merge_visual_tokens_op
 
 
 def _token_id_tensor(token_id, device) -> torch.Tensor:
@@ -69,20 +66,8 @@ def merge_visual_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, vi
         A new tensor shaped like ``inputs_embeds``. Gradients flow to ``inputs_embeds`` (its
         placeholder rows zeroed) and ``visual_embeds`` (the placeholder rows gathered).
     """
-    check_tensor("inputs_embeds", inputs_embeds, dtypes=FLOAT_DTYPES, ndims=(2, 3))
-    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
-    if tuple(input_ids.shape) != tuple(inputs_embeds.shape[:-1]):
-        raise ValueError(f"expected input_ids of shape {tuple(inputs_embeds.shape[:-1])} (inputs_embeds without "
-                         f"its hidden dimension), got {tuple(input_ids.shape)}")
-    check_tensor("visual_embeds", visual_embeds, dtypes=FLOAT_DTYPES)
+    check_merge_inputs(inputs_embeds, input_ids, visual_embeds)
     hidden = inputs_embeds.shape[-1]
-    if visual_embeds.dim() == 0 or visual_embeds.shape[-1] != hidden:
-        raise ValueError(f"expected visual_embeds with a last dimension of {hidden} (the hidden size of "
-                         f"inputs_embeds), got shape {tuple(visual_embeds.shape)}")
-    if visual_embeds.dtype != inputs_embeds.dtype:
-        raise TypeError(f"expected visual_embeds of dtype {inputs_embeds.dtype} (the dtype of inputs_embeds), "
-                        f"got {visual_embeds.dtype}")
-    check_same_device(("inputs_embeds", "input_ids", "visual_embeds"), (inputs_embeds, input_ids, visual_embeds))
     token_ids = _token_id_tensor(token_id, input_ids.device)
     if check and not torch.compiler.is_compiling():
         n_tokens = int(torch.isin(input_ids, token_ids).sum())

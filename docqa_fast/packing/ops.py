@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import Implementation, extension, register_op
+from .._validation import FLOAT_DTYPES, check_int, check_same_device, check_tensor
 from .rope_extension import rope_index_extension
 from .rope_tensor import rope_index_tensor
 
@@ -137,9 +138,35 @@ MERGE_VISUAL_TOKENS_BACKWARD = register_op(
 )
 
 
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_merge_inputs(inputs_embeds, input_ids, visual_embeds, token_ids=None) -> None:
+    """merge_visual_tokens' checks that read no tensor value (the public function's and the ops')."""
+    check_tensor("inputs_embeds", inputs_embeds, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
+    if tuple(input_ids.shape) != tuple(inputs_embeds.shape[:-1]):
+        raise ValueError(f"expected input_ids of shape {tuple(inputs_embeds.shape[:-1])} (inputs_embeds without "
+                         f"its hidden dimension), got {tuple(input_ids.shape)}")
+    check_tensor("visual_embeds", visual_embeds, dtypes=FLOAT_DTYPES)
+    hidden = inputs_embeds.shape[-1]
+    if visual_embeds.dim() == 0 or visual_embeds.shape[-1] != hidden:
+        raise ValueError(f"expected visual_embeds with a last dimension of {hidden} (the hidden size of "
+                         f"inputs_embeds), got shape {tuple(visual_embeds.shape)}")
+    if visual_embeds.dtype != inputs_embeds.dtype:
+        raise TypeError(f"expected visual_embeds of dtype {inputs_embeds.dtype} (the dtype of inputs_embeds), "
+                        f"got {visual_embeds.dtype}")
+    tensors = [("inputs_embeds", inputs_embeds), ("input_ids", input_ids), ("visual_embeds", visual_embeds)]
+    if token_ids is not None:
+        check_tensor("token_ids", token_ids, dtypes=(torch.int64,), ndims=(1,))
+        tensors.append(("token_ids", token_ids))
+    check_same_device(*zip(*tensors))
+
+
 @torch.library.custom_op("docqa_fast::merge_visual_tokens", mutates_args=())
 def merge_visual_tokens_op(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, visual_embeds: torch.Tensor,
                            token_ids: torch.Tensor) -> torch.Tensor:
+    check_merge_inputs(inputs_embeds, input_ids, visual_embeds, token_ids)
     return MERGE_VISUAL_TOKENS(inputs_embeds.device, inputs_embeds.dtype, inputs_embeds, input_ids, visual_embeds,
                                token_ids)
 
@@ -152,6 +179,14 @@ def _(inputs_embeds, input_ids, visual_embeds, token_ids):
 @torch.library.custom_op("docqa_fast::merge_visual_tokens_backward", mutates_args=())
 def merge_visual_tokens_backward_op(grad: torch.Tensor, input_ids: torch.Tensor, token_ids: torch.Tensor,
                                     n_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
+    if tuple(input_ids.shape) != tuple(grad.shape[:-1]):
+        raise ValueError(f"expected input_ids of shape {tuple(grad.shape[:-1])} (grad without its hidden dimension), "
+                         f"got {tuple(input_ids.shape)}")
+    check_tensor("token_ids", token_ids, dtypes=(torch.int64,), ndims=(1,))
+    check_same_device(("grad", "input_ids", "token_ids"), (grad, input_ids, token_ids))
+    check_int("n_visual", n_visual)
     return MERGE_VISUAL_TOKENS_BACKWARD(grad.device, grad.dtype, grad, input_ids, token_ids, n_visual)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._validation import check_int, check_tensor
 from .ops import PACK_TOKENS
 from .rope import get_rope_index
 
@@ -92,6 +93,20 @@ def _one_dim(name: str, value, doc: int, device: torch.device) -> torch.Tensor:
     return value
 
 
+def _check_grid_matches(doc: int, name: str, grid, doc_types, kind: int, pixel_name: str, pixels) -> None:
+    """One grid row per vision run of the sample (get_rope_index, like transformers, leaves extra
+    rows unused; in a packed sample they would be pixels no token stands for), and one pixel
+    row per patch of the grid."""
+    runs = int(((doc_types == kind) & (torch.nn.functional.pad(doc_types, (1, 0))[:-1] != kind)).sum())
+    rows = 0 if grid is None else grid.shape[0]
+    if rows != runs:
+        raise ValueError(f"expected samples[{doc}][{name!r}] with one row per {('image', 'video')[kind - 1]} run of "
+                         f"its tokens ({runs}), got {rows}")
+    if grid is not None and isinstance(pixels, torch.Tensor) and pixels.shape[0] != int(grid.prod(-1).sum()):
+        raise ValueError(f"expected samples[{doc}][{pixel_name!r}] with {int(grid.prod(-1).sum())} rows (one per "
+                         f"patch of {name}), got {tuple(pixels.shape)}")
+
+
 def _cat(parts):
     parts = [p for p in parts if p is not None]
     return torch.cat(parts) if parts else None
@@ -110,13 +125,20 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
     document's visual tokens do not match its grids.
     """
     if not samples:
-        raise ValueError("expected at least one sample to pack, got none")
+        raise ValueError("expected samples to hold at least one sample to pack, got none")
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, minimum=1)
+    check_int("image_token_id", image_token_id, maximum=2 ** 63 - 1)
+    check_int("video_token_id", video_token_id, maximum=2 ** 63 - 1)
+    check_int("spatial_merge_size", spatial_merge_size, minimum=1)
     first = samples[0].get("input_ids") if isinstance(samples[0], Mapping) else None
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
     ids, labels, types, mrope, lengths = [], [], [], [], []
     grids, pixels, vgrids, vpixels, seconds, image_order, video_order = [], [], [], [], [], [], []
     for d, sample in enumerate(samples):
-        if not isinstance(sample, Mapping) or "input_ids" not in sample:
+        if not isinstance(sample, Mapping):
+            raise TypeError(f"expected samples[{d}] to be a mapping with 'input_ids', got {type(sample).__name__}")
+        if "input_ids" not in sample:
             raise ValueError(f"expected samples[{d}] to be a mapping with 'input_ids'")
         doc_ids = _one_dim("input_ids", sample["input_ids"], d, device).to(torch.long)
         L = doc_ids.shape[0]
@@ -143,10 +165,12 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
                                     model_type=model_type)
         except ValueError as exc:
             raise ValueError(f"samples[{d}]: {exc}") from exc
-        for name, g in (("image_grid_thw", grid), ("video_grid_thw", vgrid)):
+        for name, g, kind, pixel_name in (("image_grid_thw", grid, 1, "pixel_values"),
+                                          ("video_grid_thw", vgrid, 2, "pixel_values_videos")):
             if g is not None and bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
                 raise ValueError(f"samples[{d}][{name!r}]: expected h and w divisible by spatial_merge_size="
                                  f"{spatial_merge_size}, got {g.tolist()}")
+            _check_grid_matches(d, name, g, doc_types, kind, pixel_name, sample.get(pixel_name))
         ids.append(doc_ids.contiguous())
         labels.append(doc_labels.contiguous())
         types.append(doc_types.contiguous())
@@ -193,6 +217,12 @@ def unpack(packed: PackedBatch, tensor: torch.Tensor, dim: int | None = None) ->
     ``dim`` is the token dimension; by default dimension 1 when ``tensor`` is (1, T, ...)
     (logits, hidden states), else dimension 0 ((T, ...)); position ids (4, 1, T) take ``dim=-1``.
     """
+    if not isinstance(packed, PackedBatch):
+        raise TypeError(f"expected packed to be a PackedBatch (what pack_multimodal returns), got "
+                        f"{type(packed).__name__}")
+    check_tensor("tensor", tensor)
+    if dim is not None:
+        check_int("dim", dim, minimum=-max(tensor.dim(), 1), maximum=max(tensor.dim(), 1) - 1)
     T = sum(packed.doc_lengths)
     if dim is None:
         if tensor.dim() >= 2 and tensor.shape[0] == 1 and tensor.shape[1] == T:

@@ -9,6 +9,9 @@ import torch
 from .ops import PLAN_PACKING, STRATEGY_CODES
 
 STRATEGIES = tuple(STRATEGY_CODES)
+# split_long returns a Python list of spans: a sample of 10^12 tokens in rows of 1 would ask for
+# 10^12 of them (the reference ran without bound, the C++ planner's allocation was killed).
+MAX_PIECES = 1 << 24
 
 
 def _lengths_tensor(lengths) -> torch.Tensor:
@@ -21,12 +24,14 @@ def _lengths_tensor(lengths) -> torch.Tensor:
     if not isinstance(lengths, Sequence) and not hasattr(lengths, "__array__"):
         raise TypeError(f"expected lengths to be a sequence of ints or a 1-D tensor, got {type(lengths).__name__}")
     try:
-        out = torch.as_tensor(lengths, dtype=torch.int64)
+        out = torch.as_tensor(lengths)  # its own dtype first: floats are refused, not truncated
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"expected lengths to be a sequence of ints, got {lengths!r:.80}") from exc
     if out.dim() != 1:
         raise ValueError(f"expected 1-D lengths, got shape {tuple(out.shape)}")
-    return out
+    if out.numel() and (out.dtype.is_floating_point or out.dtype.is_complex or out.dtype == torch.bool):
+        raise TypeError(f"expected lengths of integers, got {out.dtype} values {out.tolist()[:8]}")
+    return out.to(torch.int64)
 
 
 def plan_packing(lengths, max_tokens: int, *, strategy: str = "bfd", split_long: bool = False):
@@ -56,7 +61,14 @@ def plan_packing(lengths, max_tokens: int, *, strategy: str = "bfd", split_long:
         raise ValueError(f"expected max_tokens > 0, got {max_tokens}")
     if strategy not in STRATEGY_CODES:
         raise ValueError(f"expected strategy in {STRATEGIES}, got {strategy!r}")
+    if not isinstance(split_long, bool):
+        raise TypeError(f"expected split_long to be a bool, got {type(split_long).__name__}")
     lengths_t = _lengths_tensor(lengths)
+    if split_long and lengths_t.numel():
+        pieces = int(((lengths_t.clamp_min(0) + max_tokens - 1) // max_tokens).sum())
+        if pieces > MAX_PIECES:
+            raise ValueError(f"expected lengths that split into at most {MAX_PIECES} pieces of max_tokens = "
+                             f"{max_tokens}, got {pieces}")
     # The planner runs on the CPU whatever device the lengths came from; its C++ code is the
     # CPU fast path, and DOCQA_FAST_BACKEND still forces either implementation.
     return PLAN_PACKING(torch.device("cpu"), None, lengths_t, max_tokens, strategy, split_long)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_tensor
-from .ops import GET_ROPE_INDEX
+from .._validation import check_int, check_same_device, check_tensor, value_checks_enabled
+from .ops import GET_ROPE_INDEX, INT_DTYPES
 from .rope_tensor import IMAGE, TEXT, VIDEO  # noqa: F401  (the type ids, for callers)
 
 _MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -84,13 +84,18 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
         raise ValueError(f"expected model_type in {_MODEL_TYPES}, got {model_type!r}")
     if video_time_rounding not in VIDEO_TIME_ROUNDINGS:
         raise ValueError(f"expected video_time_rounding in {VIDEO_TIME_ROUNDINGS}, got {video_time_rounding!r}")
-    check_tensor("input_ids", input_ids, ndims=(2,))
-    check_tensor("mm_token_type_ids", mm_token_type_ids, ndims=(2,))
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES, ndims=(2,))
+    check_tensor("mm_token_type_ids", mm_token_type_ids, dtypes=INT_DTYPES, ndims=(2,))
+    check_same_device(("input_ids", "mm_token_type_ids"), (input_ids, mm_token_type_ids))
     if mm_token_type_ids.shape != input_ids.shape:
         raise ValueError(f"expected mm_token_type_ids of shape {tuple(input_ids.shape)} (the shape of input_ids), "
                          f"got {tuple(mm_token_type_ids.shape)}")
-    if spatial_merge_size < 1:
-        raise ValueError(f"expected spatial_merge_size >= 1, got {spatial_merge_size}")
+    check_int("spatial_merge_size", spatial_merge_size, minimum=1)
+    if check and value_checks_enabled() and mm_token_type_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(mm_token_type_ids))
+        if low < TEXT or high > VIDEO:  # another type would be read as text: wrong positions, silently
+            raise ValueError(f"expected mm_token_type_ids in {{{TEXT}, {IMAGE}, {VIDEO}}} (text, image, video), "
+                             f"got values from {low} to {high}")
     device = input_ids.device
     B, T = input_ids.shape
     image_grid = _check_grid("image_grid_thw", image_grid_thw, device)

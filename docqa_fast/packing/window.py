@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_tensor
+from .._validation import check_int, check_tensor
 
 
 def _ceil_div(a, b):
@@ -40,8 +40,11 @@ def vision_window_index(grid_thw: torch.Tensor, window_size: int = 112, patch_si
     if grid_thw.shape[-1] != 3 or grid_thw.dtype.is_floating_point or grid_thw.dtype == torch.bool:
         raise ValueError(f"expected grid_thw of an integer dtype and shape (n, 3), got {grid_thw.dtype} "
                          f"{tuple(grid_thw.shape)}")
+    for name, value in (("window_size", window_size), ("patch_size", patch_size),
+                        ("spatial_merge_size", spatial_merge_size)):
+        check_int(name, value, minimum=1)  # before dividing by them
     side = window_size // spatial_merge_size // patch_size
-    if spatial_merge_size < 1 or side < 1:
+    if side < 1:
         raise ValueError(f"expected window_size // spatial_merge_size // patch_size >= 1, got window_size="
                          f"{window_size}, patch_size={patch_size}, spatial_merge_size={spatial_merge_size}")
     device = grid_thw.device
