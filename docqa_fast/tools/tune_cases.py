@@ -142,11 +142,16 @@ def _one_pass(run):
     return one_pass
 
 
-def _backward_state(setup):
-    """The backward's work is 2.5x the forward's (flash-attn's convention)."""
+def _attention_step(state):
+    """Forward then backward: what a launch order changes (each kernel's program order)."""
+    return (*_attention_forward(state), *_attention_backward(state))
+
+
+def _backward_state(setup, factor=2.5):
+    """The backward's work is 2.5x the forward's (flash-attn's convention); forward + backward 3.5x."""
     def backward_setup(device, quick):
         state = setup(device, quick)
-        state.work *= 2.5
+        state.work *= factor
         return state
 
     return backward_setup
@@ -168,10 +173,13 @@ _DKDV_80 = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (12
 _DQ_80 = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))
 # The one-pass backward (dK/dV kernel adding dQ by atomics): the two-pass dK/dV winner first, then
 # FlashAttention-2/3's backward shape on Hopper (64 query rows x 128 keys, two warpgroups) and its
-# neighbours. Then (PASSES,): the two-pass backward against the one-pass one, each on its tiles.
-_FUSED_128 = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 1))
+# neighbours (128 x 128 needs 258 KiB of shared memory at D 128). Then (PASSES,): the two-pass
+# backward against the one-pass one, each on its tiles.
+_FUSED_128 = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 1))
 _FUSED_80 = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2))
 _PASSES = ((2,), (1,))
+# (ORDER,): causal blocks launched head after head (1) or the longest of every head first (2).
+_ORDER = ((1,), (2,))
 
 
 _LLM_FULL = _attention_setup(128, 28, 4, False, ([16384], [4096], [70]), varlen=False)
@@ -200,6 +208,9 @@ def _attention_tunables():
         tunable("attention_backward_fused", 128, True, _backward_state(_LLM), _one_pass(_attention_backward),
                 "the whole one-pass backward (delta, dK/dV with dQ by atomics, the dQ cast)", _FUSED_128),
         passes(128, True, _backward_state(_LLM)),
+        Tunable("attention", "attention_causal_order", "D=128", dict(kernels.DEFAULT_ORDER), "TFLOP/s",
+                "forward + backward, causal blocks head after head or longest first across heads",
+                _backward_state(_LLM, 3.5), _attention_step, _ORDER),
         tunable("attention_forward", 80, False, _VIT, _attention_forward, "the forward", _FORWARD_80),
         tunable("attention_backward_dkdv", 80, False, _backward_state(_VIT), _attention_backward,
                 "the whole backward (delta, dK/dV, dQ)", _DKDV_80),

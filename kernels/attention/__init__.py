@@ -6,10 +6,12 @@ their launchers, tiles (per-GPU tuned tables) and the configs of the Hopper comp
 """
 
 from .launch import (  # noqa: F401  (registers the configs)
+    DEFAULT_ORDER,
     DEFAULT_PASSES,
     TUNABLE,
     backward,
     backward_passes,
+    causal_order,
     default_tiles,
     forward,
     tile_key,

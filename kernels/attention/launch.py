@@ -58,6 +58,14 @@ _FUSED_TILES = dict(_DKDV_TILES)
 PASSES_PARAMS = ("PASSES",)
 DEFAULT_PASSES = {"PASSES": 2}
 
+# The order causal calls launch their blocks in (every training kernel; see training._grid_position):
+# ORDER=1, each head's blocks longest first, head after head (the grid (block, sequence, head));
+# ORDER=2, the longest blocks of every head first (the grid (head, sequence, block)). One until a
+# GPU measures two faster (the tuning tool's attention_causal_order entry, keyed by head dim).
+ORDER_PARAMS = ("ORDER",)
+DEFAULT_ORDER = {"ORDER": 1}
+_MAX_GRID_Z = 65_535  # CUDA's limit on the grid's y and z sizes
+
 # The tunable kernels: name -> (kernel, defaults without TMA, defaults with TMA, largest TMA head dim).
 _TILE_PARAMS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 TUNABLE = {
@@ -70,6 +78,7 @@ TUNABLE = {
 for _name in TUNABLE:
     tuning.declare(_name, _TILE_PARAMS)
 tuning.declare("attention_backward_passes", PASSES_PARAMS)
+tuning.declare("attention_causal_order", ORDER_PARAMS)
 
 # Short query ranges (decode-like calls, Sq <= 64) take 64-row forward tiles: a 128-row tile
 # would be half padding. One warpgroup up to D 64; beyond, two (on 64 rows the second splits
@@ -92,6 +101,27 @@ def _launch_tiles(kernel: str, head_dim: int, tma: bool, run, device):
     (or the built-in ones): see kernels/tuning.py."""
     return tuning.launch(kernel, tile_key(head_dim, tma), default_tiles(kernel, head_dim, tma), device,
                          lambda tiles: run(*tuning.as_tuple(kernel, tiles)))
+
+
+def causal_order(head_dim: int, causal: bool, device) -> int:
+    """The ORDER causal calls of this head-dim bucket launch their blocks in (see ORDER_PARAMS);
+    1 for calls without a causal mask (their blocks are equally long)."""
+    if not causal:
+        return 1
+    key = f"D={head_dim_bucket(head_dim)}"
+    order = tuning.lookup("attention_causal_order", key, DEFAULT_ORDER, device)["ORDER"]
+    if order not in (1, 2):
+        raise ValueError(f"expected attention_causal_order[{key}] ORDER to be 1 (each head's blocks in turn) or 2 "
+                         f"(the longest blocks of every head first), got {order}")
+    return order
+
+
+def _grid(blocks: int, batch: int, heads: int, order: int):
+    """(grid, blocks_last) of a training kernel launch in the given ORDER; blocks stay on x when
+    they are more than the z axis holds."""
+    if order == 2 and blocks <= _MAX_GRID_Z:
+        return (heads, batch, blocks), 1
+    return (blocks, batch, heads), 0
 
 
 def _short_query_tiles(tiles, head_dim: int, max_seqlen_q: int):
@@ -148,15 +178,17 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if max_seqlen_q == 0 or batch == 0:
         return
     tma = _tma_eligible(k, v, varlen)
+    order = causal_order(head_dim, causal, q.device)
 
     def run(block_m, block_n, warps, stages):
         block_m, block_n, warps, stages = _short_query_tiles((block_m, block_n, warps, stages), head_dim,
                                                              max_seqlen_q)
         k_arg, v_arg = _descriptors(k, v, varlen, block_n) if tma else (k, v)
-        grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
+        grid, blocks_last = _grid(triton.cdiv(max_seqlen_q, block_m), batch, heads, order)
         attention_forward_kernel[grid](
             q, k_arg, v_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, heads // k.shape[-2], score_scale(softmax_scale, softcap), softcap,
+            max_seqlen_q, max_seqlen_k, heads // k.shape[-2], blocks_last, score_scale(softmax_scale, softcap),
+            softcap,
             window_size[0], window_size[1], *_extras(alibi_slopes, dropout_p, dropout_seed, lse),
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *_lse_strides(lse, varlen),
@@ -272,9 +304,10 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
         return
     lse = lse.contiguous()  # the kernels address delta (allocated like it) with the LSE's strides
     delta = _delta(dout, out, lse, grad_lse, varlen)
-    common = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads,
-              score_scale(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1],
+    sizes = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads // kv_heads)
+    common = (score_scale(softmax_scale, softcap), softmax_scale, softcap, window_size[0], window_size[1],
               *_extras(alibi_slopes, dropout_p, dropout_seed, lse))
+    order = causal_order(head_dim, causal, q.device)
     flags = dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p),
                  BLOCK_D=block_d(head_dim))
     lse_strides = _lse_strides(lse, varlen)
@@ -287,8 +320,9 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     def run_dkdv(block_m, block_n, warps, stages):
         q_arg, dout_arg = _descriptors(q, dout, varlen, block_m) if dkdv_tma else (q, dout)
         dq_arg, dq_strides = (lse, (0, 0, 0)) if dq_sum is None else (dq_sum, _strides(dq_sum, varlen))
-        attention_backward_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
-            q_arg, k, v, dout_arg, lse, delta, dk, dv, dq_arg, *common,
+        grid, blocks_last = _grid(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads, order)
+        attention_backward_dkdv_kernel[grid](
+            q_arg, k, v, dout_arg, lse, delta, dk, dv, dq_arg, *sizes, blocks_last, *common,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *dq_strides, *lse_strides, **flags,
             BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dkdv_tma, ATOMIC_DQ=dq_sum is not None, num_warps=warps,
@@ -297,8 +331,9 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
 
     def run_dq(block_m, block_n, warps, stages):
         k_arg, v_arg = _descriptors(k, v, varlen, block_n) if dq_tma else (k, v)
-        attention_backward_dq_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
-            q, k_arg, v_arg, dout, lse, delta, dq, *common,
+        grid, blocks_last = _grid(triton.cdiv(max_seqlen_q, block_m), batch, heads, order)
+        attention_backward_dq_kernel[grid](
+            q, k_arg, v_arg, dout, lse, delta, dq, *sizes, blocks_last, *common,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
             *_strides(dq, varlen), *lse_strides, **flags,
             BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dq_tma, num_warps=warps, num_stages=stages,
@@ -364,7 +399,7 @@ def _configs():
             if kernel is not attention_forward_kernel:
                 signature["delta_ptr"] = "*fp32"
             signature.update({"cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32", "seqlen_q": "i32",
-                              "seqlen_k": "i32", "heads_per_kv": "i32", "qk_scale": "fp32"})
+                              "seqlen_k": "i32", "heads_per_kv": "i32", "blocks_last": "i32", "qk_scale": "fp32"})
             signature.update({name: "fp32" for name in extra_floats})
             signature.update({"softcap": "fp32", "window_left": "i32", "window_right": "i32",
                               "alibi_ptr": "*fp32", "alibi_sb": "i64", "alibi_sh": "i64", "seed_ptr": "*i64",

@@ -20,7 +20,7 @@ import docqa_fast
 from docqa_fast.kernels import attention as kernels
 from docqa_fast.kernels import tuning
 from docqa_fast.kernels.attention import launch
-from docqa_fast.kernels.attention.common import HEAD_DIMS
+from docqa_fast.kernels.attention.common import HEAD_DIMS, head_dim_bucket
 from docqa_fast.kernels.registry import registered_configs
 from docqa_fast.reference.attention import attention_ref
 from docqa_fast.testing import assert_close_by_rule
@@ -36,6 +36,11 @@ def _passes(head_dim, passes):
         stack.enter_context(tuning.override("attention_backward_passes", kernels.tile_key(head_dim, tma),
                                             {"PASSES": passes}))
     return stack
+
+
+def _order(head_dim, order):
+    """Force the causal launch order of this head dim's bucket."""
+    return tuning.override("attention_causal_order", f"D={head_dim_bucket(head_dim)}", {"ORDER": order})
 
 
 def _forward(q, k, v, cu, options):
@@ -236,6 +241,48 @@ def test_an_unknown_variant_is_a_clear_error(passes, device):
     out, lse, call = _forward(q, k, v, None, {})
     with pytest.raises(ValueError, match="PASSES"):
         _backward(torch.randn_like(q), q, k, v, out, lse, call, passes)
+
+
+# ------------------------------------------------------------------ the causal launch order
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_longest_first_across_heads_changes_no_bit(layout, device):
+    """ORDER=2 (grid (head, sequence, block)) runs each program's work unchanged, only launched in
+    another order: forward and both backward variants give the same bits as ORDER=1, dropout's
+    per-(sequence, head) pattern and ALiBi's per-head slope included."""
+    head_dim = 64 if layout == "dense" else 59
+    if layout == "dense":
+        cu = None
+        q, k, v = _qkv(2, 45, 45, 4, 2, head_dim, torch.float16, device)
+    else:
+        lengths = [0, 45, 1, 0, 30]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        q = torch.randn(sum(lengths), 4, head_dim, device=device).half()
+        k, v = (torch.randn(sum(lengths), 2, head_dim, device=device).half() for _ in range(2))
+    batch = 2 if cu is None else 5
+    options = _concrete(dict(causal=True, alibi_slopes="per-batch", dropout_p=0.2), batch, 4, device)
+    dout = torch.randn_like(q)
+    results = {}
+    for order in (1, 2):
+        with _order(head_dim, order):
+            out, lse, call = _forward(q, k, v, cu, options)
+            results[order] = (out, lse, *_backward(dout, q, k, v, out, lse, call, 2),
+                              *_backward(dout, q, k, v, out, lse, call, 1))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dq 1-pass", "dk 1-pass", "dv 1-pass"), *results.values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_causal_order_default_and_its_bounds(device, monkeypatch):
+    monkeypatch.setenv(tuning.TABLE_ENV, "off")
+    assert kernels.causal_order(128, True, device) == 1  # today's order until a GPU measures the other
+    with _order(128, 2):
+        assert kernels.causal_order(128, True, device) == 2
+        assert kernels.causal_order(128, False, device) == 1  # equal blocks: the order is moot
+    with _order(80, 3), pytest.raises(ValueError, match="ORDER"):
+        kernels.causal_order(80, True, device)
+    assert launch._grid(10, 2, 28, 2) == ((28, 2, 10), 1)
+    assert launch._grid(70_000, 2, 28, 2) == ((70_000, 2, 28), 0)  # past the z axis: blocks stay on x
+    assert launch._grid(10, 2, 28, 1) == ((10, 2, 28), 0)
 
 
 def test_the_one_pass_kernel_is_registered_for_the_hopper_check():
