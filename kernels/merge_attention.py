@@ -72,6 +72,13 @@ def _load_part(ptr, b, s, h, stride_b, stride_s, stride_h, cols, tile_ok, weight
 
 
 @triton.jit
+def _contribution(part, weight):
+    """part * weight, 0 where the weight is not > 0: a NaN LSE gives a NaN weight, and 0 * NaN
+    would make the row NaN where the reference and the C++ kernels leave the part out."""
+    return tl.where((weight > 0.0)[:, None], part * weight[:, None], 0.0)
+
+
+@triton.jit
 def merge_pair_kernel(
     out_a_ptr, lse_a_ptr, out_b_ptr, lse_b_ptr, out_ptr, lse_out_ptr,
     S, H, D, n_rows,
@@ -99,7 +106,7 @@ def merge_pair_kernel(
     tile_ok = row_ok[:, None] & (cols < D)[None, :]
     part_a = _load_part(out_a_ptr, b, s, h, oa_sb, oa_ss, oa_sh, cols, tile_ok, w_a)
     part_b = _load_part(out_b_ptr, b, s, h, ob_sb, ob_ss, ob_sh, cols, tile_ok, w_b)
-    merged = part_a * w_a[:, None] + part_b * w_b[:, None]
+    merged = _contribution(part_a, w_a) + _contribution(part_b, w_b)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], merged.to(out_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(lse_out_ptr + (b * H + h) * S + s, lse, mask=row_ok)
 
@@ -135,7 +142,7 @@ def merge_stacked_kernel(
         lse_i = _load_lse(lses_ptr + i * l_sp, b, s, h, l_sb, l_sh, l_ss, row_ok)
         weight = tl.exp(lse_i - shift) * inv_total
         part = _load_part(outs_ptr + i * o_sp, b, s, h, o_sb, o_ss, o_sh, cols, tile_ok, weight)
-        acc += part * weight[:, None]
+        acc += _contribution(part, weight)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(lse_out_ptr + (b * H + h) * S + s, lse, mask=row_ok)
 
