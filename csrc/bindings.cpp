@@ -38,11 +38,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lengths"), py::arg("max_tokens"), py::arg("strategy"), py::arg("split_long"),
         py::call_guard<py::gil_scoped_release>());
   m.def("mrope_position_ids", &docqa_fast::mrope_position_ids,
-        "Qwen2-VL / Qwen2.5-VL M-RoPE position ids (CPU twin or CUDA kernels), no host sync.\n"
+        "Qwen2-VL / Qwen2.5-VL M-RoPE position ids (CPU: one pass per row, or chunked: the CUDA kernels'\n"
+        "scan; CUDA kernels on CUDA tensors), no host sync.\n"
         "Returns [position_ids (3, B, T), deltas (B,), status (B, 6)] (int64).",
         py::arg("mm_token_type_ids"), py::arg("attention_mask"), py::arg("image_grid_thw"),
         py::arg("video_grid_thw"), py::arg("video_steps"), py::arg("steps_are_f32"), py::arg("spatial_merge_size"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("chunked") = false, py::call_guard<py::gil_scoped_release>());
   m.def("merge_visual_forward", &docqa_fast::merge_visual_forward,
         "Visual-token merge forward, one launch: out[i] = visual[slot(i)] for placeholder ids, else embeds[i].",
         py::arg("embeds"), py::arg("ids"), py::arg("token_ids"), py::arg("visual"), py::arg("out"),

@@ -122,6 +122,13 @@ struct RopeArgs {
   bool steps_are_f32;  // transformers multiplies in float32 when the seconds are float32
 };
 
+// A grid's position advance max(h, w) / merge, floored as at::floor_divide floors (a negative
+// grid is bad input: wrong positions, never a crash).
+DOCQA_PACK_HD inline int64_t grid_advance(const int64_t* thw, int64_t merge) {
+  const int64_t m = thw[1] > thw[2] ? thw[1] : thw[2];
+  return m >= 0 ? m / merge : -((-m + merge - 1) / merge);
+}
+
 // LLM grid of one run: ViT patches divided by the merge size.
 struct RunGrid {
   int64_t t, h, w;
@@ -235,17 +242,21 @@ struct ChunkResult {
   int64_t bad_col, bad_length, bad_expected;
 };
 
-// Writes the positions of tokens [begin, end) of a row, given the prefix c before `begin`.
+// Writes the positions of tokens [begin, end) of a row, given the prefix c before `begin`
+// (on return c is the prefix after `end`: one call over a whole row is the one-pass walk).
 // out_t/out_h/out_w point at the row in each of the three planes. Text tokens read their
-// position from c; a vision run is entered once per chunk (enter_run) and then followed token
-// by token, so its grid, start position and coordinate are not recomputed for every token.
+// position from c (the runs' advances looked up again only after a run); a vision run is
+// entered once per chunk (enter_run) and then followed token by token, so its grid, start
+// position and coordinate are not recomputed for every token.
 template <typename TypeT, typename MaskT>
-DOCQA_PACK_HD inline ChunkResult walk(const RopeArgs& a, const int64_t row_runs[2], Span c, const TypeT* types,
+DOCQA_PACK_HD inline ChunkResult walk(const RopeArgs& a, const int64_t row_runs[2], Span& c, const TypeT* types,
                                       const MaskT* keep, int64_t begin, int64_t end, int64_t* out_t,
                                       int64_t* out_h, int64_t* out_w) {
   ChunkResult res{-1, 0, -1, 0, 0};
   RunState run{};
   bool in_run = false;  // `run` is the run of the last real token walked in this chunk
+  // Advances of the runs before the current text stretch, for the run counts they were read at.
+  int64_t advance_runs[2] = {-1, -1}, advance = 0;
   for (int64_t j = begin; j < end; ++j) {
     const int kind = token_kind(static_cast<int64_t>(types[j]), keep[j] != 0);
     if (kind == kPad) {  // padding keeps position 0
@@ -261,7 +272,12 @@ DOCQA_PACK_HD inline ChunkResult walk(const RopeArgs& a, const int64_t row_runs[
     int64_t pos[3];
     if (!is_vision(kind)) {
       in_run = false;
-      pos[0] = pos[1] = pos[2] = running_position(a, row_runs, c.n_text, c.starts[0], c.starts[1]);
+      if (c.starts[0] != advance_runs[0] || c.starts[1] != advance_runs[1]) {
+        advance_runs[0] = c.starts[0];
+        advance_runs[1] = c.starts[1];
+        advance = running_position(a, row_runs, 0, c.starts[0], c.starts[1]);
+      }
+      pos[0] = pos[1] = pos[2] = advance + c.n_text;
     } else {
       if (!in_run || starts_run(c, kind)) {
         run = enter_run(a, row_runs, c, kind);

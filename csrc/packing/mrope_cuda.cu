@@ -1,7 +1,8 @@
 // CUDA kernels of the M-RoPE position ids: one block per row, one thread per chunk of the row
-// (mrope.h). Two launches, no host synchronisation:
+// (mrope.h). Two launches, no host synchronisation, nothing else launched:
 //   1. each thread summarises its chunk; the block scans the summaries (Hillis-Steele over
-//      kChunks entries in shared memory) and stores the inclusive prefixes;
+//      kChunks entries in shared memory) and stores the inclusive prefixes; one extra block
+//      writes the prefix sums of the grids' position advances;
 //   2. each block counts the vision runs of the rows before it (which grid its first run
 //      takes), then each thread walks its chunk from its exact prefix, writing positions.
 // The per-token work is the functions of mrope.h, shared with the CPU twin.
@@ -21,14 +22,53 @@ namespace {
 namespace mr = mrope;
 using mr::Span;
 constexpr int K = mr::kChunks;
+static_assert(sizeof(Span) % 8 == 0, "the advance prefix sums follow the spans in one scratch buffer");
 
+// cum[0..n] = prefix sums of the n grids' advances, by one block: each thread sums a stretch
+// of grids, thread 0 scans the K partial sums, each thread then writes its stretch.
+__device__ void prefix_advances(const int64_t* __restrict__ thw, int64_t n, int64_t merge, int64_t* __restrict__ cum,
+                                int64_t* partial) {
+  const int i = threadIdx.x;
+  const int64_t per = (n + K - 1) / K;
+  const int64_t begin = i * per < n ? i * per : n, end = begin + per < n ? begin + per : n;
+  int64_t sum = 0;
+  for (int64_t g = begin; g < end; ++g) sum += mr::grid_advance(thw + 3 * g, merge);
+  partial[i] = sum;
+  __syncthreads();
+  if (i == 0) {
+    int64_t running = 0;
+    for (int j = 0; j < K; ++j) {
+      const int64_t part = partial[j];
+      partial[j] = running;
+      running += part;
+    }
+    cum[0] = 0;
+  }
+  __syncthreads();
+  int64_t running = partial[i];
+  for (int64_t g = begin; g < end; ++g) {
+    running += mr::grid_advance(thw + 3 * g, merge);
+    cum[g + 1] = running;
+  }
+  __syncthreads();
+}
+
+// Blocks 0 .. B-1 scan their row; block B writes both modalities' advance prefix sums (read
+// by the second kernel), so the whole call is two launches.
 template <typename TypeT, typename MaskT>
 __global__ void __launch_bounds__(K) mrope_scan_kernel(const TypeT* __restrict__ types,
-                                                       const MaskT* __restrict__ keep, int64_t T,
-                                                       Span* __restrict__ incl) {
+                                                       const MaskT* __restrict__ keep, int64_t B, int64_t T,
+                                                       mr::RopeArgs a, int64_t* __restrict__ image_cum,
+                                                       int64_t* __restrict__ video_cum, Span* __restrict__ incl) {
   __shared__ Span s[K];
   const int64_t b = blockIdx.x;
   const int i = threadIdx.x;
+  if (b == B) {
+    __shared__ int64_t partial[K];
+    prefix_advances(a.grids[0].thw, a.grids[0].n, a.merge, image_cum, partial);
+    prefix_advances(a.grids[1].thw, a.grids[1].n, a.merge, video_cum, partial);
+    return;
+  }
   int64_t begin, end;
   mr::chunk_range(T, i, &begin, &end);
   s[i] = mr::summarize(types + b * T, keep + b * T, begin, end);
@@ -77,7 +117,7 @@ __global__ void __launch_bounds__(K) mrope_walk_kernel(const TypeT* __restrict__
 
   int64_t begin, end;
   mr::chunk_range(T, i, &begin, &end);
-  const Span prefix = i == 0 ? mr::empty_span(true) : incl[b * K + i - 1];
+  Span prefix = i == 0 ? mr::empty_span(true) : incl[b * K + i - 1];
   const mr::ChunkResult r = mr::walk(a, row_runs, prefix, types + b * T, keep + b * T, begin, end, pos + b * T,
                                      pos + (B + b) * T, pos + (2 * B + b) * T);
   atomicMax(&max_sh, static_cast<long long>(r.max_pos));
@@ -113,15 +153,22 @@ __global__ void __launch_bounds__(K) mrope_walk_kernel(const TypeT* __restrict__
 }
 
 template <typename TypeT, typename MaskT>
-void launch(const at::Tensor& types, const at::Tensor& keep, const mr::RopeArgs& args, const at::Tensor& positions,
+void launch(const at::Tensor& types, const at::Tensor& keep, mr::RopeArgs args, const at::Tensor& positions,
             const at::Tensor& deltas, const at::Tensor& status, cudaStream_t stream) {
   const int64_t B = types.size(0), T = types.size(1);
-  // Scratch for the scanned chunk summaries, from PyTorch's caching allocator (stream ordered).
-  at::Tensor scratch = at::empty({B * K * static_cast<int64_t>(sizeof(Span))}, types.options().dtype(at::kByte));
+  const int64_t n_img = args.grids[0].n, n_vid = args.grids[1].n;
+  // One scratch buffer from PyTorch's caching allocator (stream ordered): the scanned chunk
+  // summaries, then both modalities' advance prefix sums (Span is a multiple of 8 bytes).
+  const int64_t span_bytes = B * K * static_cast<int64_t>(sizeof(Span));
+  at::Tensor scratch = at::empty({span_bytes + (n_img + n_vid + 2) * 8}, types.options().dtype(at::kByte));
   Span* incl = reinterpret_cast<Span*>(scratch.data_ptr());
+  int64_t* image_cum = reinterpret_cast<int64_t*>(static_cast<char*>(scratch.data_ptr()) + span_bytes);
+  int64_t* video_cum = image_cum + n_img + 1;
+  args.grids[0].cum_advance = image_cum;
+  args.grids[1].cum_advance = video_cum;
   const TypeT* ty = types.data_ptr<TypeT>();
   const MaskT* kp = keep.data_ptr<MaskT>();
-  mrope_scan_kernel<TypeT, MaskT><<<B, K, 0, stream>>>(ty, kp, T, incl);
+  mrope_scan_kernel<TypeT, MaskT><<<B + 1, K, 0, stream>>>(ty, kp, B, T, args, image_cum, video_cum, incl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   mrope_walk_kernel<TypeT, MaskT><<<B, K, 0, stream>>>(ty, kp, B, T, args, incl, positions.data_ptr<int64_t>(),
                                                         deltas.data_ptr<int64_t>(), status.data_ptr<int64_t>());

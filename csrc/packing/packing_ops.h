@@ -19,10 +19,11 @@ std::vector<at::Tensor> plan_packing(const at::Tensor& lengths, int64_t max_toke
 // Returns [position_ids (3, B, T) int64, deltas (B,) int64, status (B, 6) int64 per row:
 // image runs, video runs, runs whose length differs from their grid, then the column where
 // the first such run ended (T: at the row's end; -1: none), its length and expected length].
+// CPU tensors: one pass per row, or with `chunked` the CUDA kernels' chunked scan (for tests).
 std::vector<at::Tensor> mrope_position_ids(const at::Tensor& mm_token_type_ids, const at::Tensor& attention_mask,
                                            const at::Tensor& image_grid_thw, const at::Tensor& video_grid_thw,
                                            const at::Tensor& video_steps, bool steps_are_f32,
-                                           int64_t spatial_merge_size);
+                                           int64_t spatial_merge_size, bool chunked = false);
 
 // Visual-token merge (merge_visual.h), one launch with the placeholder prefix sum inside.
 // embeds/out (N, H), visual (V, H): contiguous, one dtype; ids (N,) int32/int64 token ids;

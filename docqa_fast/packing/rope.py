@@ -34,6 +34,7 @@ _MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 VIDEO_TIME_ROUNDINGS = ("floor_product", "truncate_seconds")
 
 
+
 def _check_grid(name, grid, device):
     if grid is None:
         return None
@@ -105,14 +106,11 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"expected attention_mask of shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        keep = attention_mask.to(device)
-        keep = keep if keep.dtype == torch.bool else keep != 0
-    else:
-        keep = torch.ones(B, T, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.to(device)
 
     steps = _video_steps(video_grid, second_per_grid_ts, tokens_per_second, model_type, video_time_rounding,
                          device)
-    return GET_ROPE_INDEX(device, None, input_ids, mm_token_type_ids, image_grid, video_grid, steps, keep,
+    return GET_ROPE_INDEX(device, None, input_ids, mm_token_type_ids, image_grid, video_grid, steps,
                           attention_mask, spatial_merge_size, model_type, second_per_grid_ts, check)
 
 

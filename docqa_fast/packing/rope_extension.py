@@ -1,10 +1,12 @@
 """``get_rope_index`` through the extension (``csrc/packing/mrope*``, ``extension`` backend).
 
-The row is cut into 256 chunks, each chunk summarised (tokens, text tokens, runs started,
-where the last run started), the summaries scanned, each chunk then walked from its exact
-prefix; a run's start position comes from prefix sums of the grids' advances. On CUDA
-tensors two kernels (one block per row, a thread per chunk), no host sync unless ``check``;
-on CPU tensors (the data loader) the C++ twin runs the same functions (``csrc/packing/mrope.h``).
+On CUDA tensors the row is cut into 256 chunks, each chunk summarised (tokens, text tokens,
+runs started, where the last run started), the summaries scanned, each chunk then walked from
+its exact prefix; a run's start position comes from prefix sums of the grids' advances: two
+kernels (one block per row, a thread per chunk; the first also sums the advances), nothing
+else launched, no host sync unless ``check``. On CPU tensors (the data loader) each row is
+walked once, in order, by the same functions (``csrc/packing/mrope.h``); the chunked scan's
+C++ twin stays callable (``chunked=True``) for the tests that pin the kernels' logic.
 """
 
 from __future__ import annotations
@@ -13,19 +15,20 @@ import torch
 
 from .._backend import extension
 from .._validation import value_checks_enabled
+from .rope_tensor import real_tokens
 
 _IN_PLACE_MASKS = (torch.bool, torch.int32, torch.int64)
 
 
-def rope_index_extension(input_ids, mm_token_type_ids, image_grid, video_grid, steps, keep, attention_mask,
+def rope_index_extension(input_ids, mm_token_type_ids, image_grid, video_grid, steps, attention_mask,
                          spatial_merge_size, model_type, second_per_grid_ts, check):
     """(position_ids (3, B, T), mrope_position_deltas (B, 1)) of validated inputs (see rope.py)."""
     device = input_ids.device
     # The extension reads int32/int64 type ids and bool/int32/int64 masks in place.
     types = mm_token_type_ids.to(device) if mm_token_type_ids.dtype in (torch.int32, torch.int64) \
         else mm_token_type_ids.to(device=device, dtype=torch.long)
-    mask = attention_mask.to(device) if attention_mask is not None and attention_mask.dtype in _IN_PLACE_MASKS \
-        else keep
+    mask = attention_mask if attention_mask is not None and attention_mask.dtype in _IN_PLACE_MASKS \
+        else real_tokens(attention_mask, input_ids)
     empty = torch.zeros(0, 3, dtype=torch.long, device=device)
     n = 0 if video_grid is None else video_grid.shape[0]
     if steps.shape[0] < n:

@@ -24,11 +24,19 @@ def _grid_rows(grid: torch.Tensor | None, run_number: torch.Tensor) -> torch.Ten
     return grid[run_number.clamp(0, grid.shape[0] - 1)]
 
 
-def rope_index_tensor(input_ids, mm_token_type_ids, image_grid, video_grid, steps, keep, attention_mask,
+def real_tokens(attention_mask, input_ids):
+    """(B, T) bool: the non-padding tokens (every token without a mask)."""
+    if attention_mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
+def rope_index_tensor(input_ids, mm_token_type_ids, image_grid, video_grid, steps, attention_mask,
                       spatial_merge_size, model_type, second_per_grid_ts, check):
     """(position_ids (3, B, T), mrope_position_deltas (B, 1)) of validated inputs (see rope.py)."""
     device = input_ids.device
     B, T = input_ids.shape
+    keep = real_tokens(attention_mask, input_ids)
     # 1. Compact: real token j of row b moves to column slot[b, j]; the tail is padding (-1).
     types_in = mm_token_type_ids.to(device=device, dtype=torch.long)
     lengths = keep.sum(1)  # (B,)

@@ -433,6 +433,30 @@ def test_chunk_scan_on_arbitrary_runs(backend, B, T, device, request):
             _assert_same((ours[0].cpu(), ours[1].cpu()), _theirs("qwen2_5_vl", inputs))
 
 
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 7), (4, 257), (2, 1500)])
+def test_one_pass_walk_equals_the_chunked_twin(B, T, request):
+    """The CPU path walks each row once; the chunked twin runs the CUDA kernels' scan. Both give
+    the same positions, deltas and per-row status (run counts, first bad run), bad grids included."""
+    from docqa_fast._backend import extension
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("docqa_fast._C is not built")
+    rng = _rng(request)
+    empty = torch.zeros(0, 3, dtype=torch.long)
+    for pad_prob in (0.0, 0.2):
+        inputs = _random_runs(rng, B, T, pad_prob)
+        seconds = inputs["second_per_grid_ts"]
+        steps = (2 * seconds).double() if seconds is not None else torch.zeros(0, dtype=torch.float64)
+        images = inputs["image_grid_thw"] if inputs["image_grid_thw"] is not None else empty
+        videos = inputs["video_grid_thw"] if inputs["video_grid_thw"] is not None else empty
+        for grids in (images, images * torch.tensor([1, 1, 2])):  # the second: every image run too short
+            args = (inputs["mm_token_type_ids"], inputs["attention_mask"], grids, videos, steps, True, 2)
+            one_pass, chunked = ext.mrope_position_ids(*args), ext.mrope_position_ids(*args, chunked=True)
+            for name, a, b in zip(("positions", "deltas", "status"), one_pass, chunked):
+                assert torch.equal(a, b), name
+
+
 def test_empty_rows_and_no_tokens(backend, device):
     ids = torch.zeros(3, 0, dtype=torch.long, device=device)
     pos, delta = get_rope_index(ids, ids.int())
