@@ -165,7 +165,12 @@ def _sdpa_cases() -> list[Case]:
              "rank": lambda kw: kw.update(query=kw["query"][0, 0]),
              "head-dim": lambda kw: kw.update(key=kw["key"][..., :7]),
              "heads": lambda kw: kw.update(key=kw["key"][:, :3], value=kw["value"][:, :3]),
-             "list": lambda kw: kw.update(value=kw["value"].tolist())}
+             "list": lambda kw: kw.update(value=kw["value"].tolist()),
+             "none": lambda kw: kw.update(query=None),
+             "int-for-float": lambda kw: kw.update(query=kw["query"].int()),
+             "batch": lambda kw: kw.update(key=kw["key"][:1], value=kw["value"][:1]),
+             "value-length": lambda kw: kw.update(value=kw["value"][:, :, :3]),
+             "mask-shape": lambda kw: kw.update(attn_mask=torch.zeros(3, 3, dtype=torch.bool))}
     return [Case(f"scaled_dot_product_attention/{kind}/like-torch", like_torch(edit), kind=kind)
             for kind, edit in edits.items()]
 

@@ -120,7 +120,12 @@ def _module_cases() -> list[Case]:
         ("unknown", "reduction", lambda kw: "avg", ValueError),
         ("above-one", "label_smoothing", lambda kw: 1.5, ValueError),
         ("nan", "z_loss", lambda kw: math.nan, ValueError),
-        ("float-for-int", "ignore_index", lambda kw: -100.5, TypeError)])
+        ("float-for-int", "ignore_index", lambda kw: -100.5, TypeError),
+        ("bool-for-int", "ignore_index", lambda kw: True, TypeError),
+        ("str-for-float", "label_smoothing", lambda kw: "0.1", TypeError),
+        ("negative", "z_loss", lambda kw: -1.0, ValueError),
+        ("inf", "z_loss", lambda kw: float("inf"), ValueError),
+        ("none-for-str", "reduction", lambda kw: None, ValueError)])
     for cls in (dq.FusedLinearDPOLoss, dq.FusedLinearLongPOLoss):
         out += cases_for(f"{cls.__name__}()", build(cls), dict, [
             *positive_float_kinds("beta"), ("float-for-int", "ignore_index", lambda kw: -100.5, TypeError)])

@@ -156,6 +156,8 @@ def _window_kinds() -> list[tuple]:
         ("negative", "window_size", lambda kw: -112, ValueError),
         ("float-for-int", "patch_size", lambda kw: 14.0, TypeError),
         ("bool-for-int", "window_size", lambda kw: True, TypeError),
+        ("negative", "patch_size", lambda kw: -14, ValueError),
+        ("str-for-int", "spatial_merge_size", lambda kw: "2", TypeError),
     ]
 
 
@@ -170,6 +172,11 @@ def _unpack_cases() -> list[Case]:
         ("wrong-length", "tensor", lambda kw: kw["tensor"][:, :-1], ValueError),
         ("dim-out-of-range", "dim", lambda kw: 5, ValueError),
         ("float-for-int", "dim", lambda kw: 1.0, TypeError),
+        ("bool-for-int", "dim", lambda kw: True, TypeError),
+        ("str-for-int", "dim", lambda kw: "1", TypeError),
+        ("none", "tensor", lambda kw: None, TypeError),
+        ("none", "packed", lambda kw: None, TypeError),
+        ("zero-dim", "tensor", lambda kw: kw["tensor"][0, 0, 0], ValueError),
     ])
 
 

@@ -96,6 +96,8 @@ def _pairwise_kinds() -> list[tuple]:
         ("shape", "rejected", lambda kw: kw["rejected"][:2], ValueError),
         ("unknown", "reduction", lambda kw: "avg", ValueError),
         ("empty-batch", "chosen", lambda kw: kw.update(rejected=kw["rejected"][:0]) or kw["chosen"][:0], ValueError),
+        ("none-for-str", "reduction", lambda kw: None, ValueError),
+        ("rank-mismatch", "rejected", lambda kw: kw["rejected"][None], ValueError),
     ]
 
 
@@ -111,6 +113,7 @@ def _ranking_kinds(arg) -> list[tuple]:
         ("none", arg, lambda kw: None, TypeError),
         ("shape", arg, lambda kw: kw[arg][:, :3], ValueError),
         ("device-mix", arg, lambda kw: kw[arg].to("meta"), ValueError),
+        ("list-for-tensor", arg, lambda kw: kw[arg].tolist(), TypeError),
     ]
 
 

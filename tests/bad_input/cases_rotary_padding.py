@@ -89,6 +89,9 @@ def _unpad_kinds() -> list[tuple]:
         ("device-mix", "attention_mask", lambda kw: kw["attention_mask"].to("meta"), ValueError),
         ("shape", "unused_mask", lambda kw: kw["attention_mask"][:1], ValueError),
         ("float-mask", "unused_mask", lambda kw: kw["attention_mask"].float(), TypeError),
+        ("device-mix", "unused_mask", lambda kw: kw["attention_mask"].to("meta"), ValueError),
+        ("rank", "unused_mask", lambda kw: kw["attention_mask"][0], ValueError),
+        ("list-for-tensor", "attention_mask", lambda kw: kw["attention_mask"].tolist(), TypeError),
         ("empty-batch", None, lambda kw: kw.update(hidden_states=kw["hidden_states"][:0],
                                                   attention_mask=kw["attention_mask"][:0]), None),
     ]
@@ -120,6 +123,8 @@ def _index_kinds() -> list[tuple]:
         *[k for k in int_tensor_kinds("indices", torch.int64) if k[0] != "int-width"],
         ("out-of-range", "indices", lambda kw: kw["indices"] + 4, ValueError),
         ("negative", "indices", lambda kw: kw["indices"] - 3, ValueError),
+        ("list-for-tensor", "indices", lambda kw: kw["indices"].tolist(), TypeError),
+        ("none", "input", lambda kw: None, TypeError),
     ]
 
 
@@ -136,6 +141,10 @@ def _concatenated_kinds() -> list[tuple]:
         ("negative", "attention_mask_in_length", lambda kw: -kw["attention_mask_in_length"], ValueError),
         ("shape", "attention_mask_in_length", lambda kw: kw["attention_mask_in_length"][:1], ValueError),
         ("rank", "hidden_states", lambda kw: kw["hidden_states"][0, 0], ValueError),
+        ("list-for-tensor", "hidden_states", lambda kw: kw["hidden_states"].tolist(), TypeError),
+        ("none", "attention_mask_in_length", lambda kw: None, TypeError),
+        ("device-mix", "attention_mask_in_length", lambda kw: kw["attention_mask_in_length"].to("meta"), ValueError),
+        ("rank", "attention_mask_in_length", lambda kw: kw["attention_mask_in_length"][None], ValueError),
     ]
 
 

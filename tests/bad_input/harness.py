@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
-WORKER_TIMEOUT_S = float(os.environ.get("DOCQA_FAST_BAD_INPUT_TIMEOUT", "120"))
+# A case that runs longer than this is a hang (the worker's own watchdog ends it, per case);
+# the parent's limit for a whole worker is a backstop.
+CASE_TIMEOUT_S = float(os.environ.get("DOCQA_FAST_BAD_INPUT_TIMEOUT", "60"))
+WORKER_TIMEOUT_S = 900.0
+_WATCHDOG = "Timeout ("  # what faulthandler writes when it ends a hung case
 
 
 @dataclass
@@ -87,7 +91,8 @@ def keys_for(cases: list[Case], backends: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------------- worker
 
-def _worker(module_name: str, keys: list[str], progress_path: str) -> None:
+def _worker(module_name: str, keys: list[str], progress_path: str, case_timeout_s: float) -> None:
+    import faulthandler
     import importlib
 
     module = importlib.import_module(f"bad_input.{module_name}")
@@ -99,10 +104,12 @@ def _worker(module_name: str, keys: list[str], progress_path: str) -> None:
             progress.write(json.dumps({"start": key}) + "\n")
             progress.flush()
             case = cases[name]
+            faulthandler.dump_traceback_later(case_timeout_s, exit=True)  # a hang ends the worker, blamed on this case
             try:
                 result, exc = case.call(), None
             except Exception as caught:  # the verdict is judge's
                 result, exc = None, caught
+            faulthandler.cancel_dump_traceback_later()
             verdict = judge(case, result, exc)
             progress.write(json.dumps({"end": key, "status": "fail" if verdict else "ok", "detail": verdict}) + "\n")
             progress.flush()
@@ -123,7 +130,7 @@ def _read(path: str) -> tuple[dict[str, Outcome], str | None]:
 
 
 def run_family(module_name: str, cases: list[Case], backends: list[str], *,
-               timeout_s: float = WORKER_TIMEOUT_S) -> dict[str, Outcome]:
+               timeout_s: float = CASE_TIMEOUT_S) -> dict[str, Outcome]:
     """Every case on every backend in ``backends``: {key: outcome}, key ``backend:case``."""
     pending = keys_for(cases, backends)
     outcomes: dict[str, Outcome] = {}
@@ -133,10 +140,10 @@ def run_family(module_name: str, cases: list[Case], backends: list[str], *,
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
             progress = handle.name
         try:
-            proc = subprocess.run([sys.executable, "-m", "bad_input.harness", module_name, progress],
+            proc = subprocess.run([sys.executable, "-m", "bad_input.harness", module_name, progress, str(timeout_s)],
                                   input=json.dumps(pending), text=True, capture_output=True, env=env,
-                                  timeout=timeout_s)
-            hung, returncode, stderr = False, proc.returncode, proc.stderr
+                                  timeout=WORKER_TIMEOUT_S)
+            hung, returncode, stderr = _WATCHDOG in proc.stderr, proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as expired:
             hung, returncode, stderr = True, None, str(expired.stderr or "")
         done, started = _read(progress)
@@ -170,4 +177,4 @@ def present_backends() -> list[str]:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], json.loads(sys.stdin.read()), sys.argv[2])
+    _worker(sys.argv[1], json.loads(sys.stdin.read()), sys.argv[2], float(sys.argv[3]))
