@@ -6,8 +6,8 @@ LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pa
 * ``rope_index``: ``get_rope_index`` vs transformers' own (``Qwen2_5_VLModel.get_rope_index``,
   the installed version, called on a stand-in holding a config). Target: >= 50x on a
   100-page document.
-* ``merge``: ``merge_visual_tokens`` vs ``inputs_embeds.masked_scatter`` (hidden 3584, bf16),
-  bytes moved = embeddings read + written + features read.
+* ``merge``: ``merge_visual_tokens`` vs ``inputs_embeds.masked_scatter`` (hidden 3584, bf16)
+  and ``torch.compile`` of it, bytes moved = embeddings read + written + features read.
 * ``planner``: ``plan_packing`` (C++) vs the pure-Python reference BFD, 100K samples of a
   long-document mix (2K-128K tokens into 128K rows). Target: >= 1M samples/s on one core.
   (TRL's ``pack_dataset`` is added when trl is importable.) Bytes moved = the lengths read.
@@ -43,7 +43,7 @@ import torch
 from docqa_fast.packing import get_rope_index, merge_visual_tokens, plan_packing
 from docqa_fast.reference.packing import merge_visual_tokens_ref, plan_packing_ref
 
-from .harness import Case, Provider, ours_per_backend, register_family
+from .harness import Case, Provider, compiled_provider, ours_per_backend, register_family
 
 FAMILY = "packing"
 IMAGE_ID, VISION_START, VISION_END = 151655, 151652, 151653
@@ -96,11 +96,10 @@ def _count_host_syncs(device: torch.device):
             setattr(torch.Tensor, name, original)
 
 
-def _counted(provider: Provider, store: dict) -> Provider:
+def counting_host_syncs(provider: Provider, store: dict) -> Provider:
     """``provider`` whose first call (the untimed one) records its host syncs in store[name]."""
-    fn = provider.fn
-
     def build():
+        fn = provider.make()  # a fresh torch.compile for build-made providers
         calls = []
 
         def call(*inputs):
@@ -187,6 +186,11 @@ def _merge_inputs(params, device):
     return embeds, ids, visual
 
 
+def _merge_theirs(embeds, ids, visual):
+    """What transformers does: ``inputs_embeds.masked_scatter`` of the placeholder mask."""
+    return merge_visual_tokens_ref(embeds, ids, visual, IMAGE_ID)
+
+
 # ---------------------------------------------------------------------------- planner
 
 def _planner_inputs(params, device):
@@ -259,7 +263,7 @@ def cases(quick: bool) -> list[Case]:
             description=f"M-RoPE positions, {B} document(s) of ~{pages} pages (grid {PAGE_GRID}), right padding; "
                         "host syncs per provider in params.host_syncs",
             params={"B": B, "pages": pages, "host_syncs": syncs}, sweep="pages", make_inputs=_rope_inputs,
-            providers=tuple(_counted(p, syncs) for p in rope_providers),
+            providers=tuple(counting_host_syncs(p, syncs) for p in rope_providers),
             reference="transformers", bytes_moved=tokens * (8 + 4 + 8 + 3 * 8)))
     def merge_checked(e, i, v):
         return merge_visual_tokens(e, i, v, IMAGE_ID)
@@ -271,7 +275,8 @@ def cases(quick: bool) -> list[Case]:
                        *_renamed(ours_per_backend(merge_unchecked, backends=("extension",)), "[check=False]"),
                        Provider("docqa_fast[reference]", fn=merge_checked, ours=True,
                                 env={"DOCQA_FAST_BACKEND": "reference"}),
-                       Provider("eager", fn=lambda e, i, v: merge_visual_tokens_ref(e, i, v, IMAGE_ID)))
+                       Provider("eager", fn=_merge_theirs),
+                       compiled_provider(_merge_theirs, name="torch.compile"))
     for T in sizes["merge_T"]:
         n_visual = T * 9 // 10
         syncs = {}
@@ -280,7 +285,7 @@ def cases(quick: bool) -> list[Case]:
             description=f"visual-token merge, (1, T, {HIDDEN}) bf16, 90% visual tokens (eager = masked_scatter); "
                         "host syncs per provider in params.host_syncs",
             params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T", make_inputs=_merge_inputs,
-            providers=tuple(_counted(p, syncs) for p in merge_providers),
+            providers=tuple(counting_host_syncs(p, syncs) for p in merge_providers),
             bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
     # The C++ planner, forced: unforced, a missing extension meant timing the Python reference twice.
     planner_providers = (*ours_per_backend(plan_packing, backends=("extension",)),

@@ -39,14 +39,19 @@ class RewardEnsembleHead(nn.Module):
     gathered at the last non-padding one (what TRL / OpenRLHF / transformers do), computed
     by one fused kernel that reads only the B scoring rows. ``aggregation`` picks
     ``RewardOutput.score``: "mean", "min" (worst case) or "uwo" (mean - uwo_lambda * var).
+    ``sparse_grad=True``: the gradient of the hidden states is a sparse COO tensor of the B
+    scoring rows instead of a dense one (see :func:`ensemble_rewards`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, bias: bool = False, aggregation: str = "mean",
-                 uwo_lambda: float = 0.5, dtype=None, device=None):
+                 uwo_lambda: float = 0.5, dtype=None, device=None, sparse_grad: bool = False):
         super().__init__()
         check_int("hidden_size", hidden_size, minimum=1)
         check_int("num_heads", num_heads, minimum=1)  # 0 heads were built, failing later on the weight
         check_aggregation(aggregation, uwo_lambda)
+        if not isinstance(sparse_grad, bool):
+            raise TypeError(f"expected sparse_grad to be a bool, got {type(sparse_grad).__name__}")
+        self.sparse_grad = sparse_grad
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.aggregation, self.uwo_lambda = aggregation, uwo_lambda
         self.weight = nn.Parameter(torch.empty(num_heads, hidden_size, dtype=dtype, device=device))
@@ -65,16 +70,19 @@ class RewardEnsembleHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, bias={self.bias is not None}, "
-                f"aggregation={self.aggregation!r}, uwo_lambda={self.uwo_lambda}")
+                f"aggregation={self.aggregation!r}, uwo_lambda={self.uwo_lambda}"
+                + (", sparse_grad=True" if self.sparse_grad else ""))
 
     def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, last_index=None,
-                positions: str = "last") -> RewardOutput:
+                positions: str = "last", check: bool = True) -> RewardOutput:
         """Score padded (B, T, H) or packed (total, H) hidden states.
 
         ``positions="last"``: one reward per sequence and head, from the last non-padding
         token (``attention_mask``), the end of each packed sequence (``cu_seqlens``), or
         ``last_index``. ``positions="all"``: dense per-token rewards (..., T, K) for
         token-level reward shaping (a plain matrix product; nothing to gather).
+        ``check=False``: no host sync validating the scoring positions (see
+        :func:`ensemble_rewards`).
         """
         if positions == "all":
             rewards = F.linear(hidden_states, self.weight.to(hidden_states.dtype),
@@ -83,7 +91,8 @@ class RewardEnsembleHead(nn.Module):
         elif positions == "last":
             rewards, mean, var, minimum = reward_heads(hidden_states, self.weight, self.bias,
                                                        attention_mask=attention_mask, cu_seqlens=cu_seqlens,
-                                                       last_index=last_index)
+                                                       last_index=last_index, check=check,
+                                                       sparse_grad=self.sparse_grad)
         else:
             raise ValueError(f"expected positions to be one of {POSITIONS}, got {positions!r}")
         score = combine(self.aggregation, self.uwo_lambda, mean, var, minimum)

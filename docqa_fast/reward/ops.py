@@ -3,8 +3,9 @@
 ``ensemble_rewards`` finds each sequence's scoring token (from ``attention_mask``,
 ``cu_seqlens`` or ``last_index``), then one custom op gathers those B rows, applies the K
 heads and returns rewards (B, K) with their mean, unbiased variance and min (B,) -- all
-fp32. The backward is a second custom op: d rows = G @ W and d W = G^T @ rows in one
-launch; the rows' gradient is scattered into a zero gradient of the input's shape.
+fp32. The backward is a second custom op, one launch on the GPU: the statistics' gradients
+folded into G = dL/d rewards, d W = G^T @ rows, d bias, and the input gradient -- dense (zeros
+and the scoring rows written together) or, with ``sparse_grad``, only the B rows.
 """
 
 from __future__ import annotations
@@ -50,50 +51,56 @@ def _check_heads(hidden_states, weight, bias):
     check_same_device(names, tensors)
 
 
-def _check_index(name, index, expected_shape, upper, hidden_states):
+def _check_index(name, index, expected_shape, upper, hidden_states, check):
     check_tensor(name, index, dtypes=INDEX_DTYPES)
     check_shape(name, index, expected_shape)
     check_same_device(("hidden_states", name), (hidden_states, index))
-    if value_checks_enabled() and index.numel() and not bool(((index >= 0) & (index < upper)).all()):
+    if check and value_checks_enabled() and index.numel() and not bool(((index >= 0) & (index < upper)).all()):
         raise ValueError(f"expected every {name} value in [0, {upper}), got min {int(index.min())}, "
                          f"max {int(index.max())}")
 
 
 def _last_real_token(attention_mask):
-    """The last non-padding position per row (left or right padding, -1 for a row of padding
-    only): where the mask is set, the largest column -- the sum of the mask would miss holes."""
+    """The last non-padding position per row (left or right padding; 0 for a row of padding
+    only, as transformers' argmax finds it): where the mask is set, the largest column -- the
+    sum of the mask would miss holes."""
     columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask != 0).long().mul(columns + 1).amax(-1) - 1
+    return ((attention_mask != 0) * columns).amax(-1)
 
 
-def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_index=None):
-    """(batch index, token index) of each sequence's scoring token, validated.
+def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_index=None, check=True):
+    """Each sequence's scoring token (B,) int64, validated: padded (B, T, H) input scores
+    ``hidden_states[b, token[b]]``, packed (total, H) input ``hidden_states[token[b]]``.
 
-    Padded (B, T, H): ``last_index`` (B,), else the last non-padding token of
-    ``attention_mask`` (left or right padding), else the last position. Packed (total, H):
-    ``last_index`` (B,) rows, else ``cu_seqlens[1:] - 1``. In eager mode one host sync checks
-    the indices (all-padding rows, cu_seqlens consistency, ranges); compiled code skips it.
+    Padded: ``last_index`` (B,), else the last non-padding token of ``attention_mask`` (left
+    or right padding), else the last position. Packed: ``last_index`` (B,) rows, else
+    ``cu_seqlens[1:] - 1``. With ``check`` (and not under torch.compile) one host sync checks
+    the values (all-padding rows, cu_seqlens consistency, ranges); without it nothing syncs,
+    and an index out of range is clamped to the rows by every backend (a wrong row, never an
+    out-of-bounds access).
     """
-    device = hidden_states.device
+    checking = check and value_checks_enabled()
     if hidden_states.dim() == 3:
         batch, seqlen = hidden_states.shape[:2]
         if cu_seqlens is not None:
             raise ValueError("cu_seqlens is for packed hidden_states (total, hidden); got padded hidden_states "
                              f"of shape {tuple(hidden_states.shape)} (use attention_mask)")
+        if seqlen == 0 and batch:
+            raise ValueError("expected hidden_states with at least one token per sequence, got seqlen 0")
         if last_index is not None:
-            _check_index("last_index", last_index, (batch,), seqlen, hidden_states)
-            token = last_index.long()
-        elif attention_mask is not None:
+            _check_index("last_index", last_index, (batch,), seqlen, hidden_states, check)
+            return last_index.long()
+        if attention_mask is not None:
             check_tensor("attention_mask", attention_mask, ndims=(2,))
             check_shape("attention_mask", attention_mask, (batch, seqlen), "hidden_states' (batch, seqlen)")
             check_same_device(("hidden_states", "attention_mask"), (hidden_states, attention_mask))
-            token = _last_real_token(attention_mask)
-            if value_checks_enabled() and batch and bool((token < 0).any()):
-                rows = (token < 0).nonzero().flatten().tolist()
-                raise ValueError(f"attention_mask has all-padding rows {rows[:8]}: they have no token to score")
-        else:
-            token = torch.full((batch,), seqlen - 1, dtype=torch.long, device=device)
-        return torch.arange(batch, device=device), token
+            if checking and batch:
+                padding_only = ~(attention_mask != 0).any(-1)
+                if bool(padding_only.any()):
+                    rows = padding_only.nonzero().flatten().tolist()
+                    raise ValueError(f"attention_mask has all-padding rows {rows[:8]}: they have no token to score")
+            return _last_real_token(attention_mask)
+        return torch.full((batch,), seqlen - 1, dtype=torch.long, device=hidden_states.device)
 
     total = hidden_states.shape[0]
     if attention_mask is not None:
@@ -101,15 +108,20 @@ def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_
                          "cu_seqlens or last_index")
     if last_index is not None:
         check_tensor("last_index", last_index, ndims=(1,))
-        _check_index("last_index", last_index, tuple(last_index.shape), total, hidden_states)
-        token = last_index.long()
-    elif cu_seqlens is not None:
+        _check_index("last_index", last_index, tuple(last_index.shape), total, hidden_states, check)
+        return last_index.long()
+    if cu_seqlens is None:
+        raise ValueError("packed hidden_states (total, hidden) need cu_seqlens or last_index to find each sequence")
+    if checking:
         check_cu_seqlens("cu_seqlens", cu_seqlens, total, hidden_states, "hidden_states", dtypes=INDEX_DTYPES,
                          min_entries=2, empty_sequences=False)
-        token = cu_seqlens[1:].long() - 1
-    else:
-        raise ValueError("packed hidden_states (total, hidden) need cu_seqlens or last_index to find each sequence")
-    return torch.zeros_like(token), token
+    else:  # the same checks without reading values
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, ndims=(1,))
+        check_same_device(("hidden_states", "cu_seqlens"), (hidden_states, cu_seqlens))
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"expected cu_seqlens with at least 2 entries (0 ... the token count), "
+                             f"got {cu_seqlens.numel()}")
+    return cu_seqlens[1:].long() - 1
 
 
 # ------------------------------------------------------------------------ the custom ops
@@ -119,52 +131,79 @@ def _reward_dtype(hidden):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _gather_rows(hidden, seq_index, token_index):
-    return hidden[seq_index, token_index] if hidden.dim() == 3 else hidden[token_index]
-
-
-def _row_offsets(hidden, seq_index, token_index):
-    """Element offset of each scoring row in ``hidden``'s storage view (int64)."""
+def _row_index(hidden, token_index):
+    """Index of the scoring rows into ``hidden``, tokens clamped to the rows as the kernels do."""
+    num_tokens = hidden.shape[-2]
+    token = token_index.clamp(0, max(num_tokens - 1, 0))
     if hidden.dim() == 3:
-        return seq_index * hidden.stride(0) + token_index * hidden.stride(1)
-    return token_index * hidden.stride(0)
+        return torch.arange(token.shape[0], device=token.device), token
+    return (token,)
 
 
-def _heads_reference(hidden, seq_index, token_index, weight, bias):
+def _heads_reference(hidden, token_index, weight, bias):
     acc = _reward_dtype(hidden)
-    rows = _gather_rows(hidden, seq_index, token_index).to(acc)
+    rows = hidden[_row_index(hidden, token_index)].to(acc)
     rewards = rows @ weight.to(acc).t()
     if bias is not None:
         rewards = rewards + bias.to(acc)
     return (rewards, *ensemble_statistics(rewards))
 
 
-def _heads_triton(hidden, seq_index, token_index, weight, bias):
+def _heads_triton(hidden, token_index, weight, bias):
     from ..kernels import reward as kernels
 
     batch, num_heads = token_index.shape[0], weight.shape[0]
     rewards = hidden.new_empty((batch, num_heads), dtype=torch.float32)
     mean, var, minimum = (hidden.new_empty((batch,), dtype=torch.float32) for _ in range(3))
-    kernels.forward(hidden, _row_offsets(hidden, seq_index, token_index), weight.contiguous(), bias,
-                    rewards, mean, var, minimum)
+    kernels.forward(hidden, token_index, weight.contiguous(), bias, rewards, mean, var, minimum)
     return rewards, mean, var, minimum
 
 
-def _heads_backward_reference(hidden, seq_index, token_index, weight, grad_rewards):
+def fold_statistics_grad(rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min):
+    """G = dL/d rewards (B, K) from the gradients of the rewards and of their statistics (any
+    of them None), in the order the kernel folds them."""
+    num_heads = rewards.shape[-1]
+    grad = torch.zeros_like(rewards) if grad_rewards is None else grad_rewards.to(rewards.dtype)
+    if grad_mean is not None:
+        grad = grad + grad_mean[:, None] / num_heads
+    if grad_var is not None and num_heads > 1:
+        grad = grad + grad_var[:, None] * 2 * (rewards - mean[:, None]) / (num_heads - 1)
+    if grad_min is not None:
+        # Ties share the gradient equally, as torch.amin's does.
+        at_min = (rewards == minimum[:, None]).to(rewards.dtype)
+        grad = grad + grad_min[:, None] * at_min / at_min.sum(-1, keepdim=True)
+    return grad
+
+
+def _heads_backward_reference(hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var,
+                              grad_min, has_bias, sparse):
     acc = _reward_dtype(hidden)
-    rows = _gather_rows(hidden, seq_index, token_index)
-    grad_rows = (grad_rewards.to(hidden.dtype).to(acc) @ weight.to(acc)).to(hidden.dtype)
-    return grad_rows, grad_rewards.to(acc).t() @ rows.to(acc)
+    grad = fold_statistics_grad(rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min)
+    index = _row_index(hidden, token_index)
+    rows = hidden[index]
+    # Like autograd of a linear layer: the gradient in the input dtype, products in fp32.
+    grad_in = grad.to(hidden.dtype).to(acc)
+    grad_rows = (grad_in @ weight.to(acc)).to(hidden.dtype)
+    grad_weight = (grad_in.t() @ rows.to(acc)).to(weight.dtype)
+    grad_bias = grad.sum(0).to(weight.dtype) if has_bias else weight.new_empty((0,))
+    if sparse:
+        return grad_rows, grad_weight, grad_bias
+    # index_put accumulates where a row is scored twice.
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    return grad_hidden.index_put_(index, grad_rows, accumulate=True), grad_weight, grad_bias
 
 
-def _heads_backward_triton(hidden, seq_index, token_index, weight, grad_rewards):
+def _heads_backward_triton(hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var,
+                           grad_min, has_bias, sparse):
     from ..kernels import reward as kernels
 
-    grad_rows = hidden.new_empty((token_index.shape[0], hidden.shape[-1]))
-    grad_weight = hidden.new_empty(weight.shape, dtype=torch.float32)
-    kernels.backward(hidden, _row_offsets(hidden, seq_index, token_index), weight.contiguous(),
-                     grad_rewards.contiguous(), grad_rows, grad_weight)
-    return grad_rows, grad_weight
+    grad_x = hidden.new_empty((token_index.shape[0], hidden.shape[-1]) if sparse else hidden.shape)
+    grad_weight = hidden.new_empty(weight.shape, dtype=weight.dtype)
+    grad_bias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    grads = tuple(None if g is None else g.contiguous() for g in (grad_rewards, grad_mean, grad_var, grad_min))
+    kernels.backward(hidden, token_index, weight.contiguous(), rewards, mean, minimum, grads, grad_x, grad_weight,
+                     grad_bias if has_bias else None, sparse)
+    return grad_x, grad_weight, grad_bias
 
 
 # fp64 reaches the ops themselves (gradcheck): the reference computes it.
@@ -183,86 +222,133 @@ REWARD_HEADS_BACKWARD = register_op(
 )
 
 
+def _check_op_inputs(op, hidden, token_index, weight):
+    """What the registered ops need beyond the public checks (they can be called directly)."""
+    if hidden.dim() not in (2, 3) or hidden.stride(-1) != 1:
+        raise ValueError(f"{op}: expected hidden of 2 or 3 dimensions with a contiguous last one, got shape "
+                         f"{tuple(hidden.shape)}")
+    if token_index.dtype != torch.int64 or token_index.dim() != 1:
+        raise TypeError(f"{op}: expected token_index as a 1-D int64 tensor, got {token_index.dtype} of shape "
+                        f"{tuple(token_index.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype:
+        raise ValueError(f"{op}: expected weight (num_heads, {hidden.shape[-1]}) of {hidden.dtype}, got "
+                         f"{tuple(weight.shape)} of {weight.dtype}")
+    if hidden.dim() == 3 and token_index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{op}: expected one token_index per sequence ({hidden.shape[0]}), got "
+                         f"{token_index.shape[0]}")
+
+
 @torch.library.custom_op("docqa_fast::reward_heads", mutates_args=())
-def _reward_heads_op(hidden: torch.Tensor, seq_index: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return REWARD_HEADS(hidden.device, hidden.dtype, hidden, seq_index, token_index, weight, bias)
+def _reward_heads_op(hidden: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], sparse_grad: bool = False, rows_ordered: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rewards (B, K), mean, var, min (B,)) of the scoring rows.
+
+    ``sparse_grad`` and ``rows_ordered`` only shape the backward: a sparse input gradient,
+    marked coalesced when the caller knows the rows are strictly increasing (padded input, or
+    checked cu_seqlens) -- a false mark would break the sparse tensor's invariants.
+    """
+    _check_op_inputs("reward_heads", hidden, token_index, weight)
+    return REWARD_HEADS(hidden.device, hidden.dtype, hidden, token_index, weight, bias)
 
 
 @_reward_heads_op.register_fake
-def _(hidden, seq_index, token_index, weight, bias):
+def _(hidden, token_index, weight, bias, sparse_grad=False, rows_ordered=False):
     batch, num_heads = token_index.shape[0], weight.shape[0]
     acc = _reward_dtype(hidden)
     return (hidden.new_empty((batch, num_heads), dtype=acc), *(hidden.new_empty((batch,), dtype=acc) for _ in range(3)))
 
 
 @torch.library.custom_op("docqa_fast::reward_heads_backward", mutates_args=())
-def _reward_heads_backward_op(hidden: torch.Tensor, seq_index: torch.Tensor, token_index: torch.Tensor,
-                              weight: torch.Tensor, grad_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d rows (B, H) in hidden's dtype, d weight (K, H) fp32) from G = dL/d rewards (B, K) fp32."""
-    return REWARD_HEADS_BACKWARD(hidden.device, hidden.dtype, hidden, seq_index, token_index, weight, grad_rewards)
+def _reward_heads_backward_op(hidden: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor,
+                              rewards: torch.Tensor, mean: torch.Tensor, minimum: torch.Tensor,
+                              grad_rewards: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor],
+                              grad_var: Optional[torch.Tensor], grad_min: Optional[torch.Tensor], has_bias: bool,
+                              sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias) from the gradients of the forward's outputs (None: unused).
+
+    d hidden is the dense gradient of hidden's shape, or with ``sparse`` the scoring rows'
+    gradient (B, H); d bias is empty without ``has_bias``.
+    """
+    _check_op_inputs("reward_heads_backward", hidden, token_index, weight)
+    return REWARD_HEADS_BACKWARD(hidden.device, hidden.dtype, hidden, token_index, weight, rewards, mean, minimum,
+                                 grad_rewards, grad_mean, grad_var, grad_min, has_bias, sparse)
 
 
 @_reward_heads_backward_op.register_fake
-def _(hidden, seq_index, token_index, weight, grad_rewards):
-    return (hidden.new_empty((token_index.shape[0], hidden.shape[-1])),
-            hidden.new_empty(weight.shape, dtype=_reward_dtype(hidden)))
+def _(hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min, has_bias,
+      sparse):
+    grad_x = hidden.new_empty((token_index.shape[0], hidden.shape[-1]) if sparse else hidden.shape)
+    return grad_x, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, seq_index, token_index, weight, bias = inputs
+    hidden, token_index, weight, bias = inputs[:4]
+    ctx.sparse_grad, ctx.rows_ordered = (bool(flag) for flag in (*inputs[4:6], False, False)[:2])
     rewards, mean, _, minimum = output
-    ctx.hidden_shape = hidden.shape
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, seq_index, token_index, weight, rewards, mean, minimum)
+    ctx.save_for_backward(hidden, token_index, weight, rewards, mean, minimum)
 
 
 def _reward_heads_backward(ctx, grad_rewards, grad_mean, grad_var, grad_min):
-    hidden, seq_index, token_index, weight, rewards, mean, minimum = ctx.saved_tensors
-    num_heads = rewards.shape[-1]
-    # Fold the statistics' gradients into one G = dL/d rewards (B, K), on the tiny (B, K) tensors.
-    grad = torch.zeros_like(rewards) if grad_rewards is None else grad_rewards.to(rewards.dtype)
-    if grad_mean is not None:
-        grad = grad + grad_mean[:, None] / num_heads
-    if grad_var is not None and num_heads > 1:
-        grad = grad + grad_var[:, None] * 2 * (rewards - mean[:, None]) / (num_heads - 1)
-    if grad_min is not None:
-        # Ties share the gradient equally, as torch.amin's does.
-        at_min = (rewards == minimum[:, None]).to(rewards.dtype)
-        grad = grad + grad_min[:, None] * at_min / at_min.sum(-1, keepdim=True)
-
-    grad_rows, grad_weight = _reward_heads_backward_op(hidden, seq_index, token_index, weight, grad.contiguous())
-    # Only the B scoring rows get a gradient; index_put accumulates if a row is scored twice.
-    grad_hidden = torch.zeros(ctx.hidden_shape, dtype=hidden.dtype, device=hidden.device)
-    index = (seq_index, token_index) if len(ctx.hidden_shape) == 3 else (token_index,)
-    grad_hidden.index_put_(index, grad_rows, accumulate=True)
-    grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias else None
-    return grad_hidden, None, None, grad_weight.to(weight.dtype), grad_bias
+    hidden, token_index, weight, rewards, mean, minimum = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _reward_heads_backward_op(
+        hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min,
+        ctx.has_bias, ctx.sparse_grad)
+    if ctx.sparse_grad:
+        # nn.Embedding(sparse=True)'s form: a sparse COO gradient of hidden's shape holding only
+        # the scoring rows; coalesced when they are known to be strictly increasing, else a row
+        # scored twice appears twice (and sums).
+        index = torch.stack(_row_index(hidden, token_index))
+        grad_x = torch.sparse_coo_tensor(index, grad_x, hidden.shape, check_invariants=False,
+                                         is_coalesced=ctx.rows_ordered)
+    return grad_x, None, grad_weight, grad_bias if ctx.has_bias else None, None, None
 
 
 _reward_heads_op.register_autograd(_reward_heads_backward, setup_context=_setup_context)
 
 
-def reward_heads(hidden_states, weight, bias=None, *, attention_mask=None, cu_seqlens=None, last_index=None):
+def reward_heads(hidden_states, weight, bias=None, *, attention_mask=None, cu_seqlens=None, last_index=None,
+                 check=True, sparse_grad=False):
     """Validated call of the fused op -> (rewards (B, K), mean, var, min), all fp32.
 
     A weight (or bias) of another dtype than ``hidden_states`` is cast to it first, as
-    autocast would do for a linear layer.
+    autocast would do for a linear layer. ``check``: one host sync validates the scoring
+    positions (see :func:`scoring_positions`); ``sparse_grad``: see :func:`ensemble_rewards`.
     """
     _check_heads(hidden_states, weight, bias)
-    seq_index, token_index = scoring_positions(hidden_states, attention_mask, cu_seqlens, last_index)
+    if not isinstance(sparse_grad, bool):
+        raise TypeError(f"expected sparse_grad to be a bool, got {type(sparse_grad).__name__}")
+    token_index = scoring_positions(hidden_states, attention_mask, cu_seqlens, last_index, check)
     weight = weight.to(hidden_states.dtype)
     bias = bias.to(hidden_states.dtype) if bias is not None else None
-    return _reward_heads_op(hidden_states, seq_index, token_index, weight, bias)
+    # Rows known strictly increasing: padded input (one per batch row), or cu_seqlens checked.
+    rows_ordered = hidden_states.dim() == 3 or (last_index is None and check and value_checks_enabled())
+    return _reward_heads_op(hidden_states, token_index, weight, bias, sparse_grad, rows_ordered)
 
 
-def ensemble_rewards(hidden_states, weight, bias=None, *, attention_mask=None, cu_seqlens=None, last_index=None):
+def ensemble_rewards(hidden_states, weight, bias=None, *, attention_mask=None, cu_seqlens=None, last_index=None,
+                     check=True, sparse_grad=False):
     """Rewards (B, K) fp32 of K linear heads ``weight`` (K, H) (+ ``bias`` (K,)) on each sequence's last token.
 
     Same result as applying ``nn.Linear(H, K)`` to every token and gathering the last one,
     without touching the other tokens. ``hidden_states`` is padded (B, T, H) with an
     optional ``attention_mask`` (left or right padding) or packed (total, H) with
     ``cu_seqlens``; ``last_index`` (B,) overrides both.
+
+    ``check=False`` skips the one host sync that validates the positions (an all-padding row
+    then scores its first token, an index out of range the nearest row). ``sparse_grad=True``
+    (as ``torch.gather``'s and ``nn.Embedding``'s option) makes the gradient of
+    ``hidden_states`` a sparse COO tensor holding only the B scoring rows -- ``grad.indices()``
+    (their (batch, token) or row indices), ``grad.values()`` (B, H) -- instead of a dense
+    tensor that is zero everywhere else: for callers that scatter it themselves. It is
+    coalesced for padded input and checked ``cu_seqlens``; with ``last_index`` or
+    ``check=False`` packed input it is not (a row may be scored twice), nor once autograd has
+    accumulated it into a leaf's ``.grad``: ``grad._indices()`` / ``grad._values()`` read it in
+    every case. Upstream
+    autograd functions must accept a sparse gradient (a leaf, or ops with sparse support);
+    eager autograd only. Default: one kernel writes the dense gradient, zeros and rows
+    together.
     """
     return reward_heads(hidden_states, weight, bias, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
-                        last_index=last_index)[0]
+                        last_index=last_index, check=check, sparse_grad=sparse_grad)[0]

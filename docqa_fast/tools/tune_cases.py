@@ -464,15 +464,15 @@ def _losses_tunables():
 def _reward_setup(device, quick) -> State:
     batch, hidden_size, heads = _size(device, quick, (128, 3584, 8), (128, 3584, 8), (20, 100, 8))
     dtype = _dtype(device)
-    rows = torch.randn(batch, hidden_size, device=device).to(dtype)  # the gathered scoring rows
+    rows = torch.randn(batch, hidden_size, device=device).to(dtype)  # packed: each sequence's scoring row
     weight = (torch.randn(heads, hidden_size, device=device) / hidden_size ** 0.5).to(dtype)
-    offsets = torch.arange(batch, device=device, dtype=torch.int64) * hidden_size
+    token_index = torch.arange(batch, device=device, dtype=torch.int64)
     outputs = dict(rewards=torch.empty(batch, heads, device=device), mean=torch.empty(batch, device=device),
                    var=torch.empty(batch, device=device), minimum=torch.empty(batch, device=device),
                    grad=torch.randn(batch, heads, device=device), grad_rows=torch.empty_like(rows),
-                   grad_weight=torch.empty(heads, hidden_size, device=device))
+                   grad_weight=torch.empty_like(weight))
     shape = dict(sequences=batch, hidden=hidden_size, heads=heads, dtype=str(dtype)[6:])
-    return State(dict(rows=rows, weight=weight, offsets=offsets, **outputs), shape,
+    return State(dict(rows=rows, weight=weight, token_index=token_index, **outputs), shape,
                  (batch + heads) * hidden_size * dtype.itemsize)
 
 
@@ -480,15 +480,17 @@ def _reward_forward(state):
     from ..kernels import reward as kernels
 
     t = state.tensors
-    kernels.forward(t["rows"], t["offsets"], t["weight"], None, t["rewards"], t["mean"], t["var"], t["minimum"])
+    kernels.forward(t["rows"], t["token_index"], t["weight"], None, t["rewards"], t["mean"], t["var"], t["minimum"])
     return t["rewards"], t["mean"], t["var"], t["minimum"]
 
 
 def _reward_backward(state):
+    """The column programs (d rows, d W); the sparse form leaves the dense fill's write out."""
     from ..kernels import reward as kernels
 
     t = state.tensors
-    kernels.backward(t["rows"], t["offsets"], t["weight"], t["grad"], t["grad_rows"], t["grad_weight"])
+    kernels.backward(t["rows"], t["token_index"], t["weight"], t["rewards"], t["mean"], t["minimum"],
+                     (t["grad"], None, None, None), t["grad_rows"], t["grad_weight"], None, sparse=True)
     return t["grad_rows"], t["grad_weight"]
 
 

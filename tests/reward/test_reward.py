@@ -14,7 +14,7 @@ from docqa_fast.reference.reward import (
     pairwise_loss_ref,
     plackett_luce_loss_ref,
 )
-from docqa_fast.reward.ops import _reward_heads_op
+from docqa_fast.reward.ops import _reward_heads_backward_op, _reward_heads_op
 from docqa_fast.testing import assert_close_by_rule
 
 pytestmark = pytest.mark.backends("reference", "triton")  # no CUDA C++ kernel: Triton is the fast path
@@ -220,17 +220,21 @@ def test_custom_op_gradcheck_fp64():
     x = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    seq, tok = torch.arange(3), torch.tensor([3, 0, 2])
+    tok = torch.tensor([3, 0, 2])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DOCQA_FAST_BACKEND", "reference")
-        assert torch.autograd.gradcheck(lambda *a: _reward_heads_op(*a), (x, seq, tok, weight, bias))
+        assert torch.autograd.gradcheck(lambda *a: _reward_heads_op(*a), (x, tok, weight, bias))
 
 
 def test_opcheck_and_compile(backend, device):
     x = torch.randn(3, 9, 32, device=device)
     weight = torch.randn(4, 32, device=device)
-    seq, tok = torch.arange(3, device=device), torch.tensor([8, 2, 5], device=device)
-    torch.library.opcheck(_reward_heads_op, (x, seq, tok, weight, None))
+    tok = torch.tensor([8, 2, 5], device=device)
+    torch.library.opcheck(_reward_heads_op, (x, tok, weight, None))
+    rewards, mean, _, minimum = _reward_heads_op(x, tok, weight, None)
+    grads = (torch.randn_like(rewards), None, torch.randn_like(mean), None)
+    for sparse in (False, True):
+        torch.library.opcheck(_reward_heads_backward_op, (x, tok, weight, rewards, mean, minimum, *grads, False, sparse))
 
     head = docqa_fast.RewardEnsembleHead(32, 4, aggregation="uwo", device=device)
     mask = torch.ones(3, 9, dtype=torch.long, device=device)
@@ -242,6 +246,87 @@ def test_opcheck_and_compile(backend, device):
 
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(x), step(x))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + ["repeated_rows"])
+def test_sparse_gradient_equals_the_dense_one(backend, dtype, layout, device):
+    """sparse_grad=True: a sparse COO gradient of the B scoring rows whose dense form is the
+    dense gradient (a packed row scored twice appears twice and sums)."""
+    if layout == "repeated_rows":
+        x = torch.randn(40, 24, device=device).to(dtype)
+        where = {"last_index": torch.tensor([7, 39, 7, 0, 16], device=device)}
+    else:
+        x, where = scored_inputs(layout, dtype, device, hidden=24)
+    weight = (torch.randn(5, 24, device=device) / 5).to(dtype)
+    grads = {}
+    for sparse in (False, True):
+        x_leaf, w_leaf = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        rewards, mean, var, minimum = docqa_fast.reward.ops.reward_heads(x_leaf, w_leaf, sparse_grad=sparse,
+                                                                        **where)
+        loss = rewards.sum() + mean.sum() - var.sum() + 2 * minimum.sum()
+        grads[sparse] = torch.autograd.grad(loss, (x_leaf, w_leaf))
+    sparse = grads[True][0]
+    assert sparse.is_sparse and sparse.shape == x.shape
+    # Coalesced (values() readable) where the rows are known strictly increasing.
+    assert sparse.is_coalesced() == (layout != "repeated_rows")  # packed with last_index: unknown order
+    assert sparse._values().shape == (len(next(iter(where.values()))) - (layout == "packed"), 24)
+    assert not grads[False][0].is_sparse
+    torch.testing.assert_close(grads[True][0].to_dense(), grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+
+
+@pytest.mark.parametrize("used", ["rewards", "mean", "var", "min"])
+def test_gradient_of_one_output(backend, used, device):
+    """Autograd passes no gradient for unused outputs: each statistic alone, on a hidden size of 203
+    over 113 tokens (odd tiles), matches the reference in fp64."""
+    x = torch.randn(3, 113, 203, device=device)
+    mask = torch.ones(3, 113, dtype=torch.long, device=device)
+    mask[1, 1:] = 0  # a sequence of length 1
+    mask[2, :50] = 0
+    head = make_heads(203, 7, bias=True, device=device)
+    fast = docqa_fast.RewardEnsembleHead(203, 7, bias=True, device=device)
+    fast.load_state_dict(head.state_dict())
+    x_fast = x.detach().requires_grad_()
+    out = fast(x_fast, attention_mask=mask)
+    getattr(out, used).sum().backward()
+
+    x_ref = x.double().requires_grad_()
+    ref = _cast(head, torch.float64)
+    rewards = ref(x_ref, attention_mask=mask)
+    value = {"rewards": rewards, "mean": rewards.mean(-1), "var": rewards.var(-1), "min": rewards.amin(-1)}[used]
+    value.sum().backward()
+    for got, expected in ((x_fast.grad, x_ref.grad), (fast.weight.grad, torch.cat([h.weight.grad for h in ref.heads])),
+                          (fast.bias.grad, torch.cat([h.bias.grad for h in ref.heads]))):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_unchecked_calls_read_no_values_and_agree_across_backends(device, monkeypatch):
+    """check=False: no tensor value is read on the host (no sync on a GPU); an all-padding row
+    scores its first token and an out-of-range last_index the nearest row, on every backend."""
+    x = torch.randn(3, 6, 16, device=device)
+    weight = torch.randn(2, 16, device=device)
+    mask = torch.ones(3, 6, dtype=torch.long, device=device)
+    mask[1] = 0
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n),
+                                                                                              _o(self, *a, **k))[1])
+    results = {}
+    for backend in ("reference", "triton"):
+        if not docqa_fast.backends()[backend].available:
+            continue
+        monkeypatch.setenv("DOCQA_FAST_BACKEND", backend)
+        padded = docqa_fast.ensemble_rewards(x, weight, attention_mask=mask, check=False)
+        out_of_range = docqa_fast.ensemble_rewards(x.view(18, 16), weight, last_index=torch.tensor([-3, 40],
+                                                   device=device), check=False)
+        results[backend] = padded, out_of_range
+    monkeypatch.undo()
+    assert reads == []
+    expected_rows = torch.stack([x[0, 5], x[1, 0], x[2, 5]]), torch.stack([x.view(18, 16)[0], x.view(18, 16)[17]])
+    for padded, out_of_range in results.values():
+        torch.testing.assert_close(padded, expected_rows[0] @ weight.t())
+        torch.testing.assert_close(out_of_range, expected_rows[1] @ weight.t())
 
 
 # ---------------------------------------------------------------------------- losses
@@ -335,6 +420,10 @@ def _bad_call(case):
         weight = torch.randn(65, 8)
     elif case == "bias_shape":
         kwargs["bias"] = torch.randn(4)
+    elif case == "sparse_grad_type":
+        kwargs["sparse_grad"] = "yes"
+    elif case == "no_tokens":
+        x = torch.randn(2, 0, 8)
     return lambda: docqa_fast.ensemble_rewards(x, weight, **kwargs)
 
 
@@ -349,6 +438,8 @@ def _bad_call(case):
     ("last_index_float", TypeError, "last_index of dtype"),
     ("too_many_heads", ValueError, "1 to 64 heads"),
     ("bias_shape", ValueError, "bias of shape (3,)"),
+    ("sparse_grad_type", TypeError, "expected sparse_grad to be a bool"),
+    ("no_tokens", ValueError, "at least one token per sequence"),
 ])
 def test_bad_input_names_the_argument(case, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -366,6 +457,18 @@ def test_bad_options_name_the_argument():
         docqa_fast.plackett_luce_loss(torch.randn(2, 3), torch.tensor([[0, 1, 1], [2, 1, 0]]))
     with pytest.raises(ValueError, match="ranks of shape"):
         docqa_fast.all_pairs_ranking_loss(torch.randn(2, 3), torch.tensor([[0, 1], [1, 0]]))
+
+
+def test_registered_ops_check_their_inputs():
+    """The custom ops can be called directly (torch.ops.docqa_fast.*): they name what is wrong."""
+    x, weight = torch.randn(2, 5, 8), torch.randn(3, 8)
+    with pytest.raises(TypeError, match="token_index as a 1-D int64"):
+        _reward_heads_op(x, torch.tensor([1, 2], dtype=torch.int32), weight, None)
+    with pytest.raises(ValueError, match="one token_index per sequence"):
+        _reward_heads_op(x, torch.tensor([1, 2, 3]), weight, None)
+    with pytest.raises(ValueError, match=re.escape("expected weight (num_heads, 8)")):
+        _reward_heads_backward_op(x, torch.tensor([1, 2]), weight.half(), torch.zeros(2, 3), torch.zeros(2),
+                                  torch.zeros(2), None, None, None, None, False, False)
 
 
 def test_one_head_compiles_for_the_gpu():
