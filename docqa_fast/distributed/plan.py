@@ -74,8 +74,10 @@ class Block:
                               self.window_right)
 
 
+@functools.lru_cache(maxsize=4096)
 def _visible_count(sq: int, sk: int, causal: bool, left: int, right: int) -> int:
-    """Score elements a flash-attn mask (bottom-right aligned) keeps in an sq x sk block."""
+    """Score elements a flash-attn mask (bottom-right aligned) keeps in an sq x sk block (a
+    row loop, cached: a ring repeats a few block shapes)."""
     if causal:
         right = 0
     total = 0

@@ -121,43 +121,57 @@ def _add_rows(acc, grad, lo, hi, dense):
     (acc[:, lo:hi] if dense else acc[lo:hi]).add_(grad)
 
 
-def ring_forward(q, k, v, plan, rank, group, scale, softcap, dense):
-    """(out fp32, lse) of this rank's queries: the forward ring. Exposed for the single-process
-    simulation of the benchmark (``group`` None with a one-step plan)."""
+def ring_kv(k, v, n_steps, group):
+    """The key/value shard held at each step of the ring: yields ``n_steps`` (k, v) pairs; the
+    next pair is in flight while the caller computes on the current one."""
+    for step in range(n_steps):
+        exchange = ring_exchange([k, v], group, tag=_KV_TAG) if step + 1 < n_steps else None
+        yield k, v
+        if exchange is not None:
+            k, v = exchange.wait()
+
+
+def ring_forward(q, kv_steps, blocks, scale, softcap, dense):
+    """(out fp32, lse) of this rank's queries: the blocks of each step over that step's key/value
+    shard (``kv_steps``: :func:`ring_kv`, or the shards themselves in a single-process simulation;
+    ``blocks``: the plan's steps of this rank) merged into fp32 accumulators."""
     acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if dense else (q.shape[1], q.shape[0])
     acc_lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
-    k_cur, v_cur = k, v
-    for step in range(plan.n_steps):
-        exchange = ring_exchange([k_cur, v_cur], group, tag=_KV_TAG) if step + 1 < plan.n_steps else None
-        for block in plan.steps[rank][step]:
+    for (k_cur, v_cur), step_blocks in zip(kv_steps, blocks):
+        for block in step_blocks:
             out, lse = _block_forward(q, k_cur, v_cur, block, scale, softcap, dense)
             _merge_into(acc_out, acc_lse, out, lse, block, dense)
-        if exchange is not None:
-            k_cur, v_cur = exchange.wait()
     return acc_out, acc_lse
 
 
 def ring_backward(dout, grad_lse, q, k, v, out, lse, plan, rank, group, scale, softcap, dense, deterministic):
-    """(dq, dk, dv) in fp32: the backward ring, dK/dV travelling with their key/value shard."""
+    """(dq, dk, dv) in fp32: the backward ring. The dK/dV of a key/value shard travel with it:
+    at each step a rank computes its blocks' contributions for the shard it holds, then adds
+    the sum the previous holders sent (which arrived while it computed) and passes it on; after
+    the last step the sum goes home."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     k_cur, v_cur = k, v
     n_steps = plan.n_steps
+    grads_in = None
     for step in range(n_steps):
         exchange = ring_exchange([k_cur, v_cur], group, tag=_KV_TAG) if step + 1 < n_steps else None
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for block in plan.steps[rank][step]:
             dq_b, dk_b, dv_b = _block_backward(dout, q, k_cur, v_cur, out, lse, grad_lse, block, scale, softcap,
                                                dense, deterministic)
             _add_rows(dq, dq_b, block.q_lo, block.q_hi, dense)
             _add_rows(dk, dk_b, block.k_lo, block.k_hi, dense)
             _add_rows(dv, dv_b, block.k_lo, block.k_hi, dense)
+        if grads_in is not None:  # what the shard's earlier holders computed
+            dk_in, dv_in = grads_in.wait()
+            dk += dk_in
+            dv += dv_in
         if exchange is not None:
-            # This shard's gradients go on with it: the next rank holds it at the next step.
-            grads = ring_exchange([dk, dv], group, tag=_GRAD_TAG)
+            # The next rank holds this shard at the next step: its sum travels there meanwhile.
+            grads_in = ring_exchange([dk, dv], group, tag=_GRAD_TAG)
             k_cur, v_cur = exchange.wait()
-            dk, dv = grads.wait()
         elif n_steps > 1:
             # The shard held last belongs to the rank n_steps - 1 behind: send its gradients home.
             dk, dv = ring_exchange([dk, dv], group, shift=-(n_steps - 1), tag=_GRAD_TAG).wait()
@@ -167,7 +181,8 @@ def ring_backward(dout, grad_lse, q, k, v, out, lse, plan, rank, group, scale, s
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, rank, group, scale, softcap, dense, deterministic):
-        out, lse = ring_forward(q, k, v, plan, rank, group, scale, softcap, dense)
+        blocks = plan.steps[rank][: plan.n_steps]
+        out, lse = ring_forward(q, ring_kv(k, v, plan.n_steps, group), blocks, scale, softcap, dense)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (plan, rank, group, scale, softcap, dense, deterministic)
