@@ -11,7 +11,7 @@ import torch
 import docqa_fast as dq
 
 from .harness import Case
-from .kinds import cases_for, float_tensor_kinds, implemented, int_tensor_kinds, narrowed, positive_float_kinds
+from .kinds import cases_for, float_tensor_kinds, forced, implemented, int_tensor_kinds, narrowed, positive_float_kinds
 
 N, HID, V = 6, 8, 20
 DT = torch.float32
@@ -166,7 +166,23 @@ def _op_cases() -> list[Case]:
         return dict(hidden=kw["hidden"], weight=kw["weight"], bias=None, labels=kw["labels"], ignore_index=-100,
                     temperature=1.0)
 
-    return cases_for("op:linear_logit_stats", stats, valid, [
+    def backward_valid():
+        kw = valid()
+        with forced("reference"):
+            bound = stats(**kw)[4]
+        del kw["temperature"], kw["ignore_index"]
+        return dict(kw, lse=torch.zeros(N), coefs=torch.zeros(4, N), bound=bound, ignore_index=-100, temperature=1.0,
+                    need_hidden=True, need_weight=True, need_bias=False)
+
+    backward = cases_for("op:linear_logit_stats_backward", torch.ops.docqa_fast.linear_logit_stats_backward,
+                         backward_valid, [
+                             ("shape", "coefs", lambda kw: kw["coefs"][:3], ValueError),
+                             ("dtype", "lse", lambda kw: kw["lse"].half(), TypeError),
+                             ("shape", "lse", lambda kw: kw["lse"][:2], ValueError),
+                             ("shape", "bound", lambda kw: kw["bound"][:0], ValueError),
+                             ("dtype", "bound", lambda kw: kw["bound"].double(), TypeError),
+                             ("rank", "hidden", lambda kw: kw["hidden"][None], ValueError)])
+    return backward + cases_for("op:linear_logit_stats", stats, valid, [
         ("rank", "hidden", lambda kw: kw["hidden"][None], ValueError),
         ("dtype", "weight", lambda kw: kw["weight"].half(), TypeError),
         ("int-width", "labels", lambda kw: kw["labels"].int(), TypeError),

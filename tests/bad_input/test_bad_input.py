@@ -31,3 +31,27 @@ def test_the_harness_attributes_a_crash_and_a_hang_to_their_case():
     status = {key.split(":", 1)[1]: outcome.status for key, outcome in outcomes.items()}
     assert status == {"before": "ok", "segfault": "crash", "after-crash": "ok", "hang": "hang", "after-hang": "ok",
                       "wrong-type": "fail", "unnamed": "fail"}, status
+
+
+# Ops whose direct-call checks are tested with their family's own tests instead.
+# (cases_reward.py calls reward_heads directly when the op has its token_index layout.)
+_OP_CHECKS_ELSEWHERE = {"reward_heads": "tests/reward/test_reward.py",
+                        "reward_heads_backward": "tests/reward/test_reward.py"}
+
+
+def test_every_registered_op_has_bad_input_cases():
+    """A new torch.library op joins the suite: each one has cases calling it directly."""
+    import torch
+
+    import docqa_fast  # noqa: F401  (registers the ops)
+
+    covered = set()
+    for family in FAMILIES:  # importing them registers every family's ops (docqa_fast.rotary's too)
+        module = importlib.import_module(f"{__package__}.cases_{family}")
+        covered |= {case.name.split("/")[0].removeprefix("op:").split("-")[0] for case in module.cases()
+                    if case.name.startswith("op:")}
+    namespace = torch.ops.docqa_fast
+    registered = {name for name in dir(namespace)
+                  if isinstance(getattr(namespace, name, None), torch._ops.OpOverloadPacket)}
+    missing = registered - covered - set(_OP_CHECKS_ELSEWHERE)
+    assert registered and not missing, f"ops without bad-input cases: {sorted(missing)}"
