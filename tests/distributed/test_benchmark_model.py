@@ -14,6 +14,7 @@ def fp32_reference(monkeypatch):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("P", [3])
 def test_simulated_rank_computes_the_unsharded_rows(fp32_reference, P):
     torch.manual_seed(P)
