@@ -7,16 +7,21 @@ import importlib
 
 import pytest
 
+import docqa_fast
+
 from .harness import present_backends, report, run_family
 
-FAMILIES = ("attention", "kvcache", "losses", "merge_attention", "packing", "reward", "rotary_padding")
+FAMILIES = ("attention", "extension", "kvcache", "losses", "merge_attention", "packing", "reward", "rotary_padding")
 
 
 @pytest.mark.slow  # a worker per family: 5-15 s each on 2 cores
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bad_input_is_refused_clearly(family):
     module = importlib.import_module(f"{__package__}.cases_{family}")
-    outcomes = run_family(f"cases_{family}", module.cases(), present_backends())
+    cases = module.cases()
+    if not cases:
+        pytest.skip(f"no {family} cases here (docqa_fast.backends(): {docqa_fast.backends()})")
+    outcomes = run_family(f"cases_{family}", cases, present_backends())
     assert outcomes, "no cases ran"
     failures = report(outcomes)
     assert not failures, f"{len(failures.splitlines())} of {len(outcomes)} calls failed:\n{failures}"
@@ -42,8 +47,6 @@ _OP_CHECKS_ELSEWHERE = {"reward_heads": "tests/reward/test_reward.py",
 def test_every_registered_op_has_bad_input_cases():
     """A new torch.library op joins the suite: each one has cases calling it directly."""
     import torch
-
-    import docqa_fast  # noqa: F401  (registers the ops)
 
     covered = set()
     for family in FAMILIES:  # importing them registers every family's ops (docqa_fast.rotary's too)
