@@ -54,21 +54,6 @@ from .rotary import load_rotated, rotate
 
 
 @triton.jit
-def _slots(cols, col_ok, b, cache_row, block_table_ptr, bt_sb, page_size, k_sp, k_st, v_sp, v_st,
-           PAGED: tl.constexpr):
-    """K and V offsets of logical key slots ``cols`` of batch row b (one block-table entry per
-    key, so any page size works, whether BLOCK_N divides it or not)."""
-    if PAGED:
-        block = tl.load(block_table_ptr + b.to(tl.int64) * bt_sb + cols // page_size, mask=col_ok, other=0)
-        block = block.to(tl.int64)
-        slot = (cols % page_size).to(tl.int64)
-    else:
-        block = cache_row
-        slot = cols.to(tl.int64)
-    return block * k_sp + slot * k_st, block * v_sp + slot * v_st
-
-
-@triton.jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One key tile of the online softmax: base-2 scores s (-inf where hidden) and the tile's values v."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -100,6 +85,24 @@ def _tile_pages(block_table_ptr, b, bt_sb, n_start, limit, page_size, PAGED: tl.
 
 
 @triton.jit
+def _kv_offsets(pages, n_start, cache_row, page_size, k_sp, k_st, v_sp, v_st, PAGED: tl.constexpr,
+                PAGE_TILES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V offsets of the key slots n_start + [0, BLOCK_N) from their block-table entries
+    ``pages`` (:func:`_tile_pages`): slot j is slot ``j % page_size`` of its page -- consecutive
+    slots of one page with PAGE_TILES -- or slot j of the row's cache row when contiguous."""
+    if PAGE_TILES:
+        block = pages
+        slot = (n_start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
+    elif PAGED:
+        block = pages
+        slot = ((n_start + tl.arange(0, BLOCK_N)) % page_size).to(tl.int64)
+    else:
+        block = cache_row
+        slot = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return block * k_sp + slot * k_st, block * v_sp + slot * v_st
+
+
+@triton.jit
 def _cache_tile(q, m_i, l_i, acc, n_start, limit, pages, k_head, v_head, cache_row, page_size, k_sp, k_st, v_sp, v_st,
                 dims, dim_ok, slope, qi, len_q, len_k, qk_scale, softcap, window_l, window_r,
                 PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -112,15 +115,8 @@ def _cache_tile(q, m_i, l_i, acc, n_start, limit, pages, k_head, v_head, cache_r
     tile, whose rows are then consecutive slots of it."""
     cols = n_start + tl.arange(0, BLOCK_N)
     col_ok = cols < limit
-    if PAGE_TILES:
-        slot = (n_start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
-        k_slot, v_slot = pages * k_sp + slot * k_st, pages * v_sp + slot * v_st
-    elif PAGED:
-        slot = (cols % page_size).to(tl.int64)
-        k_slot, v_slot = pages * k_sp + slot * k_st, pages * v_sp + slot * v_st
-    else:
-        slot = cols.to(tl.int64)
-        k_slot, v_slot = cache_row * k_sp + slot * k_st, cache_row * v_sp + slot * v_st
+    k_slot, v_slot = _kv_offsets(pages, n_start, cache_row, page_size, k_sp, k_st, v_sp, v_st, PAGED, PAGE_TILES,
+                                 BLOCK_N)
     k_ptrs = k_head + k_slot[:, None] + dims[None, :]
     v_ptrs = v_head + v_slot[:, None] + dims[None, :]
     # Rows of D contiguous elements (strides are multiples of 16 elements wherever the launcher's
@@ -300,8 +296,9 @@ def decode_attention_kernel(
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
             # Each new slot is in exactly one split of the last query block: written once.
             write = col_ok & writer
-            k_slot, v_slot = _slots(cols, write, b, cache_row, block_table_ptr, bt_sb, page_size, k_sp, k_st,
-                                    v_sp, v_st, PAGED)
+            pages = _tile_pages(block_table_ptr, b, bt_sb, n_start, stop, page_size, PAGED, False, BLOCK_N_NEW)
+            k_slot, v_slot = _kv_offsets(pages, n_start, cache_row, page_size, k_sp, k_st, v_sp, v_st, PAGED, False,
+                                         BLOCK_N_NEW)
             write_mask = write[:, None] & dim_ok[None, :]
             tl.store(k_head + k_slot[:, None] + dims[None, :], k, mask=write_mask)
             tl.store(v_head + v_slot[:, None] + dims[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=write_mask)
