@@ -37,7 +37,8 @@ def _stacked(**changes):
 
 
 def _plan(lengths=(1, 2), max_tokens=4, strategy=0, split_long=False):
-    return lambda: extension().plan_packing(torch.tensor(lengths), max_tokens, strategy, split_long)
+    # The planner takes host tensors (its wrapper moves the lengths there).
+    return lambda: extension().plan_packing(torch.tensor(lengths, device="cpu"), max_tokens, strategy, split_long)
 
 
 def cases() -> list[Case]:
@@ -61,8 +62,8 @@ def cases() -> list[Case]:
         ("max-tokens", _plan(max_tokens=0), ValueError, "max_tokens"),
         ("negative-length", _plan(lengths=(1, -2)), ValueError, "lengths"),
         ("too-long", _plan(lengths=(1, 9)), ValueError, "lengths"),
-        ("float-lengths", lambda: extension().plan_packing(torch.tensor([1.0, 2.0]), 4, 0, False), TypeError,
-         "lengths"),
+        ("float-lengths", lambda: extension().plan_packing(torch.tensor([1.0, 2.0], device="cpu"), 4, 0, False),
+         TypeError, "lengths"),
     ]
     only = ("extension",)  # the backend setting does not matter to a direct call: run each once
     return ([Case(f"_C.merge_attention_states/{kind}", call, error, (name,), kind=kind, backends=only)

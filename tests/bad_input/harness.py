@@ -95,6 +95,10 @@ def _worker(module_name: str, keys: list[str], progress_path: str, case_timeout_
     import faulthandler
     import importlib
 
+    import torch
+
+    if torch.cuda.is_available():  # the cases' tensors on the GPU, where the kernels run (conftest's rule)
+        torch.set_default_device("cuda")
     module = importlib.import_module(f"bad_input.{module_name}")
     cases = {c.name: c for c in module.cases()}
     with open(progress_path, "a", buffering=1) as progress:
@@ -135,7 +139,6 @@ def run_family(module_name: str, cases: list[Case], backends: list[str], *,
     pending = keys_for(cases, backends)
     outcomes: dict[str, Outcome] = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-    env.setdefault("TRITON_INTERPRET", "1")
     while pending:
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
             progress = handle.name

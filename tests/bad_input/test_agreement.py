@@ -27,6 +27,13 @@ DT = torch.float16
 TRIALS = (0, 1, 2)
 
 
+@pytest.fixture(autouse=True)
+def _tensors_on_the_test_device(device):
+    """CUDA tensors on a GPU machine (Triton runs there), CPU tensors under the interpreter."""
+    with device:
+        yield
+
+
 def _on(backend: str, monkeypatch, fn, *args, **kwargs):
     monkeypatch.setenv("DOCQA_FAST_BACKEND", backend)
     try:
