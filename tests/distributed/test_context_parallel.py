@@ -49,10 +49,15 @@ def test_case_on_every_rank(records, world, name):
 def test_bf16_error_does_not_grow_with_world_size(records):
     found = {world: records[world][0]["bf16-error"] for world in WORLDS}
     assert all(isinstance(e, list) for e in found.values()), found
-    errors = {world: e[0] for world, e in found.items()}
-    single = found[2][1]  # the single-process bf16 call's error (world 4 computes the same)
-    # One bf16 rounding of each block's output and one of the final merge, whatever P: an
-    # accumulator kept in bf16 would add a rounding per ring step.
+    ring_max = {world: e[0] for world, e in found.items()}
+    ring_mean = {world: e[2] for world, e in found.items()}
+    single_max, single_mean = found[2][1], found[2][3]  # the single-process bf16 call (world 4 computes the same)
+    # The tolerance rule on the max: each block's bf16 output and the final rounding.
     for world in WORLDS:
-        assert errors[world] <= 2 * single + 2 ** -8, (errors, single)
-    assert errors[4] <= 1.5 * errors[2] + 2 ** -9, errors
+        assert ring_max[world] <= 2 * single_max, (ring_max, single_max)
+    # The mean shows the accumulator: kept in bf16 it rounds once per merged block, and at 4
+    # ranks its mean error was measured at 1.70x the single call's (1.22x its 2-rank value),
+    # against 1.40x (1.08x) with the fp32 accumulator.
+    for world in WORLDS:
+        assert ring_mean[world] <= 1.5 * single_mean, (ring_mean, single_mean)
+    assert ring_mean[4] <= 1.15 * ring_mean[2], ring_mean
