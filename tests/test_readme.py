@@ -52,13 +52,21 @@ AFTERWARDS = {"losses-longpo-step": _longpo_step_reached_every_parameter,
               "packing": _packed_rows_give_back_every_document}
 
 
+def _uses_transformers(code):
+    return re.search(r"^\s*(from|import) transformers\b", code, re.M) is not None
+
+
 def _param(document, name, backend, code):
     # Not called ``backend``: conftest would parametrize that over every backend of the machine.
-    marks = ()
+    marks = []
     if backend is not None:
         status = docqa_fast.backends()[backend]
         if not status.available:
-            marks = pytest.mark.skip(reason=f"{backend} backend {status}")
+            marks.append(pytest.mark.skip(reason=f"{backend} backend {status}"))
+    # make check leaves to the families' own tests what builds a model, and the docs' longer
+    # examples under the Triton interpreter (the README's run there too).
+    if _uses_transformers(code) or (backend == "triton" and document != "README.md"):
+        marks.append(pytest.mark.slow)
     return pytest.param(document, name, backend, code, marks=marks,
                         id=f"{document}:{name}" + (f"[{backend}]" if backend else ""))
 
@@ -77,7 +85,7 @@ def test_every_marked_block_is_found():
 
 @pytest.mark.parametrize(("document", "name", "forced_backend", "code"), [_param(*e) for e in EXAMPLES])
 def test_example_runs_as_printed(document, name, forced_backend, code, monkeypatch, device):
-    if "transformers" in code:
+    if _uses_transformers(code):
         pytest.importorskip("transformers")
     namespace = {"__name__": f"example_{name.replace('-', '_')}"}
     source = compile(code, f"{document}:{name}", "exec")
