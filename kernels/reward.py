@@ -192,25 +192,56 @@ def _backward_columns(
 
 
 @triton.jit
+def _first_at_or_after(token_ptr, B, num_tokens, row):
+    """The first sequence whose (clamped) scoring row is >= row, over rows sorted by sequence."""
+    lo = tl.zeros((), tl.int32)
+    hi = tl.zeros((), tl.int32) + B
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tok = tl.minimum(tl.maximum(tl.load(token_ptr + mid).to(tl.int64), 0), num_tokens - 1)
+        if tok < row:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
 def _backward_fill(
     token_ptr, num_tokens, w_ptr, rewards_ptr, mean_ptr, min_ptr, g_rewards_ptr, g_mean_ptr, g_var_ptr, g_min_ptr,
-    grad_x_ptr, B, H, K, GRADS, rows_per_seq, num_rows, block,
+    grad_x_ptr, B, H, K, GRADS, rows_per_seq, num_rows, ROWS_SORTED, block,
     IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     FILL_ROWS: tl.constexpr, FILL_BLOCK_H: tl.constexpr,
 ):
     """Rows [block * FILL_ROWS, +FILL_ROWS) of the dense input gradient (num_rows, H): zeros,
     except the scoring rows among them (sequence b's is b * rows_per_seq + its token:
-    rows_per_seq = T padded, 0 packed), which get G @ W."""
+    rows_per_seq = T padded, 0 packed), which get G @ W.
+
+    Only the sequences that can score a row of the block are visited: padded, those whose
+    batch rows the block spans; packed with rows sorted by sequence (cu_seqlens), the range two
+    binary searches find; otherwise (last_index) all of them."""
     heads = tl.arange(0, BLOCK_K)
     head_ok = heads < K
-    r = block.to(tl.int64) * FILL_ROWS + tl.arange(0, FILL_ROWS)
+    r0 = block.to(tl.int64) * FILL_ROWS
+    r = r0 + tl.arange(0, FILL_ROWS)
     row_ok = r < num_rows
-    # G of this block's scoring rows, gathered by a one-hot product (a row scored twice sums).
+    if rows_per_seq > 0:
+        b_start = r0 // rows_per_seq
+        b_end = tl.minimum((r0 + FILL_ROWS - 1) // rows_per_seq + 1, B)
+    elif ROWS_SORTED != 0:
+        b_start = _first_at_or_after(token_ptr, B, num_tokens, r0).to(tl.int64)
+        b_end = _first_at_or_after(token_ptr, B, num_tokens, r0 + FILL_ROWS).to(tl.int64)
+    else:
+        b_start = r0 * 0
+        b_end = r0 * 0 + B
+    # G of this block's scoring rows, gathered by a one-hot product (a row scored twice sums;
+    # dot_accumulate: fp32 products start from zero, as everywhere in these kernels).
     g_rows = tl.zeros((FILL_ROWS, BLOCK_K), tl.float32)
+    g_err = tl.zeros((FILL_ROWS, BLOCK_K), tl.float32)
     hits = tl.full((), 0, tl.int32)
-    for b0 in range(0, B, BLOCK_B):
-        seqs = b0 + tl.arange(0, BLOCK_B)
-        seq_ok = seqs < B
+    for b0 in range(b_start, b_end, BLOCK_B):
+        seqs = (b0 + tl.arange(0, BLOCK_B)).to(tl.int32)
+        seq_ok = seqs < b_end
         flat = seqs.to(tl.int64) * rows_per_seq + _scoring_tokens(token_ptr, seqs, seq_ok, num_tokens)
         hit = (r[:, None] == flat[None, :]) & seq_ok[None, :]
         n_hit = tl.sum(hit.to(tl.int32))
@@ -218,8 +249,9 @@ def _backward_fill(
             g = _folded_grad(seqs, seq_ok, heads, head_ok, K, rewards_ptr, mean_ptr, min_ptr, g_rewards_ptr,
                              g_mean_ptr, g_var_ptr, g_min_ptr, GRADS, IEEE, BLOCK_B, BLOCK_K)
             g_in = g.to(grad_x_ptr.dtype.element_ty)
-            g_rows += _dot(hit.to(g_in.dtype), g_in, IEEE)
+            g_rows, g_err = dot_accumulate(hit.to(g_in.dtype), g_in, g_rows, g_err)
             hits += n_hit
+    g_rows = dot_result(g_rows, g_err, IEEE)
     cols = tl.arange(0, FILL_BLOCK_H)
     for h0 in range(0, H, FILL_BLOCK_H):
         col_ok = (h0 + cols) < H
@@ -233,12 +265,12 @@ def _backward_fill(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=("K", "GRADS"))
+@triton.jit(do_not_specialize=("K", "GRADS", "ROWS_SORTED"))
 def reward_heads_backward_kernel(
     x_ptr, token_ptr, seq_stride, token_stride, num_tokens, w_ptr,
     rewards_ptr, mean_ptr, min_ptr, g_rewards_ptr, g_mean_ptr, g_var_ptr, g_min_ptr,
     grad_x_ptr, grad_w_ptr, grad_b_ptr,
-    B, H, K, GRADS, rows_per_seq, num_rows,
+    B, H, K, GRADS, rows_per_seq, num_rows, ROWS_SORTED,
     HAS_BIAS: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FILL_ROWS: tl.constexpr, FILL_BLOCK_H: tl.constexpr,
@@ -256,7 +288,7 @@ def reward_heads_backward_kernel(
     else:
         if not SPARSE:
             _backward_fill(token_ptr, num_tokens, w_ptr, rewards_ptr, mean_ptr, min_ptr, g_rewards_ptr, g_mean_ptr,
-                           g_var_ptr, g_min_ptr, grad_x_ptr, B, H, K, GRADS, rows_per_seq, num_rows,
+                           g_var_ptr, g_min_ptr, grad_x_ptr, B, H, K, GRADS, rows_per_seq, num_rows, ROWS_SORTED,
                            pid - n_col_programs, IEEE, BLOCK_B, BLOCK_K, FILL_ROWS, FILL_BLOCK_H)
 
 
@@ -317,14 +349,16 @@ def forward(x, token_index, weight, bias, rewards, mean, var, minimum) -> None:
 
 
 def backward(x, token_index, weight, rewards, mean, minimum, grads, grad_x, grad_weight, grad_bias,
-             sparse: bool) -> None:
+             sparse: bool, rows_sorted: bool = False) -> None:
     """The backward of :func:`forward` in one launch.
 
     ``grads`` = (d rewards (B, K), d mean, d var, d min (B,)), fp32, any of them None (no
     gradient); they are folded into G = dL/d rewards in the kernel. Writes grad_weight (K, H)
     = G^T @ rows, grad_bias (K,) = sum of G (if not None) and either (``sparse``) the scoring
     rows' gradient G @ W into grad_x (B, H), or the dense input gradient into grad_x
-    (x's shape, contiguous): zeros except at the scoring rows.
+    (x's shape, contiguous): zeros except at the scoring rows. ``rows_sorted``: packed x's
+    scoring rows increase with the sequence (cu_seqlens), so the fill searches instead of
+    scanning every sequence (an unsorted index then misses rows, never reads out of bounds).
     """
     B = token_index.numel()
     K, H = weight.shape
@@ -340,7 +374,7 @@ def backward(x, token_index, weight, rewards, mean, minimum, grads, grad_x, grad
         reward_heads_backward_kernel[(grid,)](
             x, token_index, seq_stride, token_stride, num_tokens, weight, rewards, mean, minimum,
             g_rewards, g_mean, g_var, g_min, grad_x, grad_weight, grad_bias if grad_bias is not None else grad_weight,
-            B, H, K, flags, rows_per_seq, num_rows,
+            B, H, K, flags, rows_per_seq, num_rows, int(rows_sorted),
             HAS_BIAS=grad_bias is not None, SPARSE=sparse, IEEE=x.dtype == torch.float32, BLOCK_K=_head_tile(K),
             FILL_ROWS=FILL_ROWS, FILL_BLOCK_H=FILL_BLOCK_H, num_stages=NUM_STAGES, **t,
         )
@@ -389,7 +423,7 @@ def _configs():
                                "g_rewards_ptr": "*fp32", "g_mean_ptr": "*fp32", "g_var_ptr": "*fp32",
                                "g_min_ptr": "*fp32", "grad_x_ptr": ptr, "grad_w_ptr": ptr, "grad_b_ptr": ptr,
                                "B": "i32", "H": "i32", "K": "i32", "GRADS": "i32", "rows_per_seq": "i64",
-                               "num_rows": "i64", "HAS_BIAS": "constexpr", "SPARSE": "constexpr",
+                               "num_rows": "i64", "ROWS_SORTED": "i32", "HAS_BIAS": "constexpr", "SPARSE": "constexpr",
                                "IEEE": "constexpr", "BLOCK_B": "constexpr", "BLOCK_H": "constexpr",
                                "BLOCK_K": "constexpr", "FILL_ROWS": "constexpr", "FILL_BLOCK_H": "constexpr"},
                     constexprs={"HAS_BIAS": has_bias, "SPARSE": sparse, "IEEE": not tensor_cores,

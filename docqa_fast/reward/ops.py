@@ -176,7 +176,7 @@ def fold_statistics_grad(rewards, mean, minimum, grad_rewards, grad_mean, grad_v
 
 
 def _heads_backward_reference(hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var,
-                              grad_min, has_bias, sparse):
+                              grad_min, has_bias, sparse, rows_sorted=False):
     acc = _reward_dtype(hidden)
     grad = fold_statistics_grad(rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min)
     index = _row_index(hidden, token_index)
@@ -194,7 +194,7 @@ def _heads_backward_reference(hidden, token_index, weight, rewards, mean, minimu
 
 
 def _heads_backward_triton(hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var,
-                           grad_min, has_bias, sparse):
+                           grad_min, has_bias, sparse, rows_sorted=False):
     from ..kernels import reward as kernels
 
     grad_x = hidden.new_empty((token_index.shape[0], hidden.shape[-1]) if sparse else hidden.shape)
@@ -202,7 +202,7 @@ def _heads_backward_triton(hidden, token_index, weight, rewards, mean, minimum, 
     grad_bias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
     grads = tuple(None if g is None else g.contiguous() for g in (grad_rewards, grad_mean, grad_var, grad_min))
     kernels.backward(hidden, token_index, weight.contiguous(), rewards, mean, minimum, grads, grad_x, grad_weight,
-                     grad_bias if has_bias else None, sparse)
+                     grad_bias if has_bias else None, sparse, rows_sorted)
     return grad_x, grad_weight, grad_bias
 
 
@@ -240,20 +240,22 @@ def _check_op_inputs(op, hidden, token_index, weight):
 
 @torch.library.custom_op("docqa_fast::reward_heads", mutates_args=())
 def _reward_heads_op(hidden: torch.Tensor, token_index: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor], sparse_grad: bool = False, rows_ordered: bool = False
+                     bias: Optional[torch.Tensor], sparse_grad: bool = False, rows_ordered: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rewards (B, K), mean, var, min (B,)) of the scoring rows.
 
-    ``sparse_grad`` and ``rows_ordered`` only shape the backward: a sparse input gradient,
-    marked coalesced when the caller knows the rows are strictly increasing (padded input, or
-    checked cu_seqlens) -- a false mark would break the sparse tensor's invariants.
+    ``sparse_grad`` and ``rows_ordered`` only shape the backward. ``rows_ordered``: 0 the
+    scoring rows may come in any order (last_index), 1 they increase with the sequence as
+    cu_seqlens gives them (unchecked: the dense gradient's fill searches them), 2 they
+    certainly do (padded input, or cu_seqlens checked): a sparse input gradient is then marked
+    coalesced -- a false mark would break the sparse tensor's invariants, hence the two levels.
     """
     _check_op_inputs("reward_heads", hidden, token_index, weight)
     return REWARD_HEADS(hidden.device, hidden.dtype, hidden, token_index, weight, bias)
 
 
 @_reward_heads_op.register_fake
-def _(hidden, token_index, weight, bias, sparse_grad=False, rows_ordered=False):
+def _(hidden, token_index, weight, bias, sparse_grad=False, rows_ordered=0):
     batch, num_heads = token_index.shape[0], weight.shape[0]
     acc = _reward_dtype(hidden)
     return (hidden.new_empty((batch, num_heads), dtype=acc), *(hidden.new_empty((batch,), dtype=acc) for _ in range(3)))
@@ -264,27 +266,30 @@ def _reward_heads_backward_op(hidden: torch.Tensor, token_index: torch.Tensor, w
                               rewards: torch.Tensor, mean: torch.Tensor, minimum: torch.Tensor,
                               grad_rewards: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor],
                               grad_var: Optional[torch.Tensor], grad_min: Optional[torch.Tensor], has_bias: bool,
-                              sparse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              sparse: bool, rows_sorted: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias) from the gradients of the forward's outputs (None: unused).
 
     d hidden is the dense gradient of hidden's shape, or with ``sparse`` the scoring rows'
-    gradient (B, H); d bias is empty without ``has_bias``.
+    gradient (B, H); d bias is empty without ``has_bias``. ``rows_sorted``: the scoring rows
+    increase with the sequence (the dense fill then searches them instead of scanning).
     """
     _check_op_inputs("reward_heads_backward", hidden, token_index, weight)
     return REWARD_HEADS_BACKWARD(hidden.device, hidden.dtype, hidden, token_index, weight, rewards, mean, minimum,
-                                 grad_rewards, grad_mean, grad_var, grad_min, has_bias, sparse)
+                                 grad_rewards, grad_mean, grad_var, grad_min, has_bias, sparse, rows_sorted)
 
 
 @_reward_heads_backward_op.register_fake
 def _(hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min, has_bias,
-      sparse):
+      sparse, rows_sorted=False):
     grad_x = hidden.new_empty((token_index.shape[0], hidden.shape[-1]) if sparse else hidden.shape)
     return grad_x, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, token_index, weight, bias = inputs[:4]
-    ctx.sparse_grad, ctx.rows_ordered = (bool(flag) for flag in (*inputs[4:6], False, False)[:2])
+    flags = (*inputs[4:], *(False, 0)[len(inputs) - 4:])  # the defaults of a direct call
+    ctx.sparse_grad, ctx.rows_ordered = bool(flags[0]), int(flags[1])
     rewards, mean, _, minimum = output
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, token_index, weight, rewards, mean, minimum)
@@ -294,14 +299,14 @@ def _reward_heads_backward(ctx, grad_rewards, grad_mean, grad_var, grad_min):
     hidden, token_index, weight, rewards, mean, minimum = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _reward_heads_backward_op(
         hidden, token_index, weight, rewards, mean, minimum, grad_rewards, grad_mean, grad_var, grad_min,
-        ctx.has_bias, ctx.sparse_grad)
+        ctx.has_bias, ctx.sparse_grad, ctx.rows_ordered > 0)
     if ctx.sparse_grad:
         # nn.Embedding(sparse=True)'s form: a sparse COO gradient of hidden's shape holding only
         # the scoring rows; coalesced when they are known to be strictly increasing, else a row
         # scored twice appears twice (and sums).
         index = torch.stack(_row_index(hidden, token_index))
         grad_x = torch.sparse_coo_tensor(index, grad_x, hidden.shape, check_invariants=False,
-                                         is_coalesced=ctx.rows_ordered)
+                                         is_coalesced=ctx.rows_ordered == 2)
     return grad_x, None, grad_weight, grad_bias if ctx.has_bias else None, None, None
 
 
@@ -322,8 +327,12 @@ def reward_heads(hidden_states, weight, bias=None, *, attention_mask=None, cu_se
     token_index = scoring_positions(hidden_states, attention_mask, cu_seqlens, last_index, check)
     weight = weight.to(hidden_states.dtype)
     bias = bias.to(hidden_states.dtype) if bias is not None else None
-    # Rows known strictly increasing: padded input (one per batch row), or cu_seqlens checked.
-    rows_ordered = hidden_states.dim() == 3 or (last_index is None and check and value_checks_enabled())
+    # Scoring rows increasing with the sequence: certainly for padded input (one per batch row)
+    # and checked cu_seqlens, as given for unchecked ones; in any order with last_index.
+    if hidden_states.dim() == 3 or (last_index is None and check and value_checks_enabled()):
+        rows_ordered = 2
+    else:
+        rows_ordered = 1 if last_index is None else 0
     return _reward_heads_op(hidden_states, token_index, weight, bias, sparse_grad, rows_ordered)
 
 

@@ -176,7 +176,8 @@ def test_fp32_long_sequence_reduction_of_weight_gradient_is_compensated(triton_b
     terms = long_sum_terms(8192, device)
     x = terms[:, None, None].expand(8192, 1, 32).contiguous()  # every hidden column of sequence b is terms[b]
     weight = torch.ones(2, 32, device=device, requires_grad=True)
-    docqa_fast.ensemble_rewards(x, weight).sum().backward()  # d W[k, h] = sum_b x[b, h]
+    # sparse_grad: the 8192-row dense input gradient (tested elsewhere) would cost the interpreter a minute
+    docqa_fast.ensemble_rewards(x, weight, sparse_grad=True).sum().backward()  # d W[k, h] = sum_b x[b, h]
     exact = terms.double().sum().expand(2, 32)
     assert_close_by_rule(weight.grad, exact, terms.sum().expand(2, 32), name="d weight")
 
@@ -234,7 +235,8 @@ def test_opcheck_and_compile(backend, device):
     rewards, mean, _, minimum = _reward_heads_op(x, tok, weight, None)
     grads = (torch.randn_like(rewards), None, torch.randn_like(mean), None)
     for sparse in (False, True):
-        torch.library.opcheck(_reward_heads_backward_op, (x, tok, weight, rewards, mean, minimum, *grads, False, sparse))
+        torch.library.opcheck(_reward_heads_backward_op,
+                              (x, tok, weight, rewards, mean, minimum, *grads, False, sparse))
 
     head = docqa_fast.RewardEnsembleHead(32, 4, aggregation="uwo", device=device)
     mask = torch.ones(3, 9, dtype=torch.long, device=device)
@@ -273,6 +275,20 @@ def test_sparse_gradient_equals_the_dense_one(backend, dtype, layout, device):
     assert not grads[False][0].is_sparse
     torch.testing.assert_close(grads[True][0].to_dense(), grads[False][0])
     torch.testing.assert_close(grads[True][1], grads[False][1])
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_dense_gradient_of_many_short_packed_sequences(backend, check, device):
+    """80 packed sequences of 1-4 tokens: the backward's fill finds each block's scoring rows
+    by binary search over cu_seqlens (checked or not), not by scanning every sequence."""
+    lengths = torch.randint(1, 5, (80,)).tolist()
+    x, cu_seqlens = packed_batch(lengths, 16, torch.float32, device)
+    weight = torch.randn(3, 16, device=device)
+    x_fast = x.detach().requires_grad_()
+    docqa_fast.ensemble_rewards(x_fast, weight, cu_seqlens=cu_seqlens, check=check).sum().backward()
+    x_ref = x.detach().requires_grad_()
+    (x_ref[cu_seqlens[1:].long() - 1] @ weight.t()).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
 
 
 @pytest.mark.parametrize("used", ["rewards", "mean", "var", "min"])
