@@ -53,7 +53,8 @@ AFTERWARDS = {"losses-longpo-step": _longpo_step_reached_every_parameter,
 
 
 def _uses_transformers(code):
-    return re.search(r"^\s*(from|import) transformers\b", code, re.M) is not None
+    # examples/ (the end-to-end examples) builds transformers models too.
+    return re.search(r"^\s*(from|import) (transformers|examples)\b", code, re.M) is not None
 
 
 def _param(document, name, backend, code):
