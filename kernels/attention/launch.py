@@ -120,8 +120,8 @@ def _grid(blocks: int, batch: int, heads: int, order: int):
     """(grid, blocks_last) of a training kernel launch in the given ORDER; blocks stay on x when
     they are more than the z axis holds."""
     if order == 2 and blocks <= _MAX_GRID_Z:
-        return (heads, batch, blocks), 1
-    return (blocks, batch, heads), 0
+        return (heads, batch, blocks), True
+    return (blocks, batch, heads), False
 
 
 def _short_query_tiles(tiles, head_dim: int, max_seqlen_q: int):
@@ -187,13 +187,12 @@ def forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         grid, blocks_last = _grid(triton.cdiv(max_seqlen_q, block_m), batch, heads, order)
         attention_forward_kernel[grid](
             q, k_arg, v_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, heads // k.shape[-2], blocks_last, score_scale(softmax_scale, softcap),
-            softcap,
+            max_seqlen_q, max_seqlen_k, heads // k.shape[-2], score_scale(softmax_scale, softcap), softcap,
             window_size[0], window_size[1], *_extras(alibi_slopes, dropout_p, dropout_seed, lse),
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *_lse_strides(lse, varlen),
             HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(head_dim), USE_TMA=tma,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(head_dim), USE_TMA=tma, BLOCKS_LAST=blocks_last,
             num_warps=warps, num_stages=stages,
         )
 
@@ -322,21 +321,22 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
         dq_arg, dq_strides = (lse, (0, 0, 0)) if dq_sum is None else (dq_sum, _strides(dq_sum, varlen))
         grid, blocks_last = _grid(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads, order)
         attention_backward_dkdv_kernel[grid](
-            q_arg, k, v, dout_arg, lse, delta, dk, dv, dq_arg, *sizes, blocks_last, *common,
+            q_arg, k, v, dout_arg, lse, delta, dk, dv, dq_arg, *sizes, *common,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *dq_strides, *lse_strides, **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dkdv_tma, ATOMIC_DQ=dq_sum is not None, num_warps=warps,
-            num_stages=stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dkdv_tma, ATOMIC_DQ=dq_sum is not None,
+            BLOCKS_LAST=blocks_last, num_warps=warps, num_stages=stages,
         )
 
     def run_dq(block_m, block_n, warps, stages):
         k_arg, v_arg = _descriptors(k, v, varlen, block_n) if dq_tma else (k, v)
         grid, blocks_last = _grid(triton.cdiv(max_seqlen_q, block_m), batch, heads, order)
         attention_backward_dq_kernel[grid](
-            q, k_arg, v_arg, dout, lse, delta, dq, *sizes, blocks_last, *common,
+            q, k_arg, v_arg, dout, lse, delta, dq, *sizes, *common,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
             *_strides(dq, varlen), *lse_strides, **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dq_tma, num_warps=warps, num_stages=stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=dq_tma, BLOCKS_LAST=blocks_last, num_warps=warps,
+            num_stages=stages,
         )
 
     if dq_sum is not None:
@@ -399,7 +399,7 @@ def _configs():
             if kernel is not attention_forward_kernel:
                 signature["delta_ptr"] = "*fp32"
             signature.update({"cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32", "seqlen_q": "i32",
-                              "seqlen_k": "i32", "heads_per_kv": "i32", "blocks_last": "i32", "qk_scale": "fp32"})
+                              "seqlen_k": "i32", "heads_per_kv": "i32", "qk_scale": "fp32"})
             signature.update({name: "fp32" for name in extra_floats})
             signature.update({"softcap": "fp32", "window_left": "i32", "window_right": "i32",
                               "alibi_ptr": "*fp32", "alibi_sb": "i64", "alibi_sh": "i64", "seed_ptr": "*i64",
@@ -412,6 +412,7 @@ def _configs():
                 constexprs = {"HEAD_DIM": head_dim, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n,
                               "BLOCK_D": block_d(head_dim)}
                 constexprs["USE_TMA"] = use_tma
+                constexprs["BLOCKS_LAST"] = False  # the built-in order (no table chooses the other yet)
                 if atomic_dq is not None:
                     constexprs["ATOMIC_DQ"] = atomic_dq
                 if use_tma and atomic_dq is not None:  # dK/dV: Q and dO by TMA, query-block rows

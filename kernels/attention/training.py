@@ -14,8 +14,8 @@ multiplier (exp2 is one instruction); key blocks outside a query block's causal 
 band are never visited (the loop bounds are computed per block), and the visited ones run in
 two stages: its inside (blocks every row of the tile sees in full) with no mask and unmasked
 loads, then its edges with the mask; head dims that are not powers of two (80, 96, 192) are
-masked, not padded by a copy. Causal blocks run longest first: per head, or (``blocks_last``,
-see _grid_position) across all heads. The grid is (block, sequence, head) or (head, sequence,
+masked, not padded by a copy. Causal blocks run longest first: per head, or (BLOCKS_LAST, see
+_grid_position) across all heads. The grid is (block, sequence, head) or (head, sequence,
 block), so a packed batch holds at most 65,535 sequences (CUDA's y-axis limit, as in
 flash-attn; the front end checks it). The
 backward is the FlashAttention-2 split: a small kernel for delta = rowsum(dO * O), one kernel
@@ -35,7 +35,7 @@ from .common import alibi_bias, dropout_keep, scores, sequence
 # Lengths and window sides Triton would otherwise compile as constants when they equal 1: Triton
 # 3.6's ptxas crashes (signal 11) on the dQ kernel compiled for seqlen_k == 1 with TMA loads,
 # and a variant per length-1 call would buy nothing.
-UNSPECIALIZED = ("seqlen_q", "seqlen_k", "window_left", "window_right", "blocks_last")
+UNSPECIALIZED = ("seqlen_q", "seqlen_k", "window_left", "window_right")
 
 
 @triton.jit
@@ -234,22 +234,22 @@ def _head_extras(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, b, h, HAS_ALIBI: tl.co
 
 
 @triton.jit
-def _grid_position(blocks_last, LONGEST_LAST: tl.constexpr):
+def _grid_position(BLOCKS_LAST: tl.constexpr, LONGEST_LAST: tl.constexpr):
     """(block, sequence, head, heads) of this program. The grid is (block, sequence, head), or with
-    ``blocks_last`` (head, sequence, block). The GPU starts programs in grid order, x fastest:
+    BLOCKS_LAST (head, sequence, block). The GPU starts programs in grid order, x fastest:
     blocks on x launch each head's blocks longest first but the heads one after another, so the
     last head's longest block can start near the end and run alone (a tail of up to one block's
     length: ~15% of a causal 4K forward on 132 SMs, by a list-scheduling model); blocks on z
     launch the longest blocks of every head first (FlashAttention-3's longest-first order).
-    Runtime, not constexpr: one compiled kernel serves both orders. LONGEST_LAST: the longest
-    blocks have the highest index (causal query blocks) and are counted backwards."""
-    x, z = tl.program_id(0), tl.program_id(2)
-    last = blocks_last != 0
-    block = tl.where(last, z, x)
-    head = tl.where(last, x, z)
-    heads = tl.where(last, tl.num_programs(0), tl.num_programs(2))
+    A compile-time choice: a runtime one cost the default order registers (the D 128 dK/dV
+    kernel's spill 240 -> 600 B on sm_90). LONGEST_LAST: the longest blocks have the highest
+    index (causal query blocks) and are counted backwards."""
+    if BLOCKS_LAST:
+        block, head, heads, blocks = tl.program_id(2), tl.program_id(0), tl.num_programs(0), tl.num_programs(2)
+    else:
+        block, head, heads, blocks = tl.program_id(0), tl.program_id(2), tl.num_programs(2), tl.num_programs(0)
     if LONGEST_LAST:
-        block = tl.where(last, tl.num_programs(2), tl.num_programs(0)) - 1 - block
+        block = blocks - 1 - block
     return block, tl.program_id(1), head, heads
 
 
@@ -291,18 +291,18 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
-    seqlen_q, seqlen_k, heads_per_kv, blocks_last, qk_scale, softcap, window_left, window_right,
+    seqlen_q, seqlen_k, heads_per_kv, qk_scale, softcap, window_left, window_right,
     alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCKS_LAST: tl.constexpr,
 ):
     """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile).
     HAS_ALIBI: alibi_ptr holds fp32 slopes at b * alibi_sb + h * alibi_sh. HAS_DROPOUT: seed_ptr
     holds the Philox seed; keys drop where their random word is below dropout_threshold, the
     kept ones scaled by dropout_scale = 1 / (1 - p)."""
-    m_block, b, h, heads = _grid_position(blocks_last, CAUSAL)
+    m_block, b, h, heads = _grid_position(BLOCKS_LAST, CAUSAL)
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
     m_start = m_block * BLOCK_M
@@ -425,18 +425,19 @@ def _dkdv_blocks(dk, dv, k, v, q_src, do_src, q_row, q_col, lse_base, delta_base
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def attention_backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
-    seqlen_q, seqlen_k, heads_per_kv, blocks_last, qk_scale, sm_scale, softcap, window_left, window_right,
+    seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
     alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, do_sb, do_st, do_sh,
     dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh, dq_sb, dq_st, dq_sh, lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCKS_LAST: tl.constexpr,
 ):
     """USE_TMA: q_ptr / dout_ptr are tensor descriptors over (tokens, H * D) (see _head_tile).
     ALiBi and dropout as in the forward kernel. ATOMIC_DQ: dq_ptr is an fp32 buffer shaped like Q,
     zeroed, that receives dQ by atomic adds (the one-pass backward); otherwise it is not read."""
-    n_block, b, kv_h, kv_heads = _grid_position(blocks_last, False)  # causal: key block 0 is the longest
+    n_block, b, kv_h, kv_heads = _grid_position(BLOCKS_LAST, False)  # causal: key block 0 is the longest
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
     n_start = n_block * BLOCK_N
@@ -507,17 +508,17 @@ def _dq_blocks(dq, q, do, lse, delta, k_src, v_src, kv_row, kv_col, k_st, v_st, 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def attention_backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
-    seqlen_q, seqlen_k, heads_per_kv, blocks_last, qk_scale, sm_scale, softcap, window_left, window_right,
+    seqlen_q, seqlen_k, heads_per_kv, qk_scale, sm_scale, softcap, window_left, window_right,
     alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale,
     q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, do_sb, do_st, do_sh, dq_sb, dq_st, dq_sh,
     lse_sb, lse_sh,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCKS_LAST: tl.constexpr,
 ):
     """USE_TMA: k_ptr / v_ptr are tensor descriptors over (tokens, Hk * D) (see _head_tile).
     ALiBi and dropout as in the forward kernel."""
-    m_block, b, h, heads = _grid_position(blocks_last, CAUSAL)
+    m_block, b, h, heads = _grid_position(BLOCKS_LAST, CAUSAL)
     q_start, len_q = sequence(cu_seqlens_q_ptr, b, seqlen_q, IS_VARLEN)
     k_start, len_k = sequence(cu_seqlens_k_ptr, b, seqlen_k, IS_VARLEN)
     m_start = m_block * BLOCK_M
