@@ -92,6 +92,28 @@ def _ring_case(layout, varlen, causal, window, heads=(4, 2), head_dim=16, softca
     return case
 
 
+def _lse_gradient(world):
+    """The LSE that return_attn_probs gives is differentiable: a loss on out and lse together
+    (what a ring-of-rings or a split-KV merge would do) has the single-process gradients."""
+    from docqa_fast import distributed as cp
+    from docqa_fast.reference.attention import attention_ref
+
+    total, H, Hk, D = 4 * world, 4, 2, 16
+    q, k, v, grad = _inputs(5, (1, total, H, D), (1, total, Hk, D))
+    grad_lse = torch.randn(1, H, total, generator=torch.Generator().manual_seed(6))
+    leaves = [cp.zigzag_split(t, 1).detach().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = cp.zigzag_ring_flash_attn_func(*leaves, causal=True, window_size=(5, -1), return_attn_probs=True)
+    ((out * cp.zigzag_split(grad, 1)).sum() + (lse * cp.zigzag_split(grad_lse, 2)).sum()).backward()
+    actual = [cp.zigzag_gather(t, 1) for t in (out.detach(), *(t.grad for t in leaves))]
+    results = []
+    for dtype, upcast in ((torch.float64, True), (torch.float32, False)):
+        full = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, l = attention_ref(*full, causal=True, window_size=(5, -1), upcast=upcast)
+        ((o * grad.to(dtype)).sum() + (l * grad_lse.to(dtype)).sum()).backward()
+        results.append((o.detach(), *(t.grad for t in full)))
+    _check(actual, *results)
+
+
 def _ulysses_case(varlen, causal, window, heads, alibi=False, seed=1):
     from docqa_fast import distributed as cp
 
@@ -270,6 +292,7 @@ def cases(world: int) -> dict:
         "zigzag-varlen-causal": _ring_case("zigzag", True, True, (-1, -1), chunk=7),
         "zigzag-varlen-full": _ring_case("zigzag", True, False, (-1, -1), chunk=7),
         "zigzag-varlen-window": _ring_case("zigzag", True, True, (5, -1), chunk=7),
+        "zigzag-lse-gradient": _lse_gradient,
         "ring-dense-causal": _ring_case("contiguous", False, True, (-1, -1)),
         "ring-dense-window": _ring_case("contiguous", False, True, (3, -1)),
         "ring-varlen-twosided-window": _ring_case("contiguous", True, False, (2, 3), chunk=9),
