@@ -8,6 +8,8 @@ LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pa
   100-page document.
 * ``merge``: ``merge_visual_tokens`` vs ``inputs_embeds.masked_scatter`` (hidden 3584, bf16)
   and ``torch.compile`` of it, bytes moved = embeddings read + written + features read.
+* ``pack``: ``pack_multimodal`` of 2-8 documents (token fields through ``pack_tokens``) vs its
+  ``torch.cat``-per-field reference; bytes moved = every field read and written once.
 * ``planner``: ``plan_packing`` (C++) vs the pure-Python reference BFD, 100K samples of a
   long-document mix (2K-128K tokens into 128K rows). Target: >= 1M samples/s on one core.
   (TRL's ``pack_dataset`` is added when trl is importable.) Bytes moved = the lengths read.
@@ -40,7 +42,7 @@ import warnings
 import numpy as np
 import torch
 
-from docqa_fast.packing import get_rope_index, merge_visual_tokens, plan_packing
+from docqa_fast.packing import get_rope_index, merge_visual_tokens, pack_multimodal, plan_packing
 from docqa_fast.reference.packing import merge_visual_tokens_ref, plan_packing_ref
 
 from .harness import Case, Provider, compiled_provider, ours_per_backend, register_family
@@ -51,8 +53,8 @@ PAGE_GRID = (1, 60, 80)  # ViT patches of one ~100 dpi page; / 4 after the 2x2 m
 HIDDEN, DTYPE = 3584, torch.bfloat16
 SIZES = {
     "full": {"rope": ((1, 12), (1, 50), (1, 100), (8, 12)), "merge_T": (16384, 65536, 131072),
-             "planner_n": (10_000, 100_000)},
-    "quick": {"rope": ((1, 12), (2, 12)), "merge_T": (4096,), "planner_n": (10_000,)},
+             "pack": ((2, 12), (8, 12)), "planner_n": (10_000, 100_000)},
+    "quick": {"rope": ((1, 12), (2, 12)), "merge_T": (4096,), "pack": ((2, 1),), "planner_n": (10_000,)},
 }
 
 
@@ -191,6 +193,32 @@ def _merge_theirs(embeds, ids, visual):
     return merge_visual_tokens_ref(embeds, ids, visual, IMAGE_ID)
 
 
+# ---------------------------------------------------------------------------- packing copy
+
+PIXEL_DIM = 3 * 2 * 14 * 14  # a ViT patch of Qwen2.5-VL: channels x temporal patch x 14 x 14
+
+
+def _pack_inputs(params, device):
+    """Samples of ``docs`` documents of ``pages`` pages each, as a Qwen2.5-VL processor gives them."""
+    rng = random.Random(torch.randint(0, 2**31, ()).item())
+    patches = PAGE_GRID[0] * PAGE_GRID[1] * PAGE_GRID[2]
+    samples = []
+    for _ in range(params["docs"]):
+        ids, _ = _document(rng, params["pages"])
+        samples.append({"input_ids": torch.tensor(ids, device=device),
+                        "image_grid_thw": torch.tensor([PAGE_GRID] * params["pages"], device=device),
+                        "pixel_values": torch.randn(params["pages"] * patches, PIXEL_DIM, device=device,
+                                                    dtype=DTYPE)})
+    return (samples,)
+
+
+def _pack(samples):
+    """The packed row's tensors (a tuple: the harness cross-checks tensors, not dataclasses)."""
+    row = pack_multimodal(samples)
+    return (row.input_ids, row.labels, row.position_ids, row.mm_token_type_ids, row.cu_seqlens, row.image_grid_thw,
+            row.pixel_values)
+
+
 # ---------------------------------------------------------------------------- planner
 
 def _planner_inputs(params, device):
@@ -287,6 +315,21 @@ def cases(quick: bool) -> list[Case]:
             params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T", make_inputs=_merge_inputs,
             providers=tuple(counting_host_syncs(p, syncs) for p in merge_providers),
             bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
+    # pack_multimodal: token fields in one pack_tokens call (extension) or torch.cat per field
+    # (reference); pixel values and grids by torch.cat in both (one launch with the token fields
+    # is open work). Bytes: every field read and written once.
+    pack_providers = (*ours_per_backend(_pack, backends=("extension",)),
+                      Provider("torch.cat (reference)", fn=_pack, env={"DOCQA_FAST_BACKEND": "reference"}))
+    for docs, pages in sizes["pack"]:
+        tokens = docs * pages * 1310
+        pixels = docs * pages * PAGE_GRID[0] * PAGE_GRID[1] * PAGE_GRID[2] * PIXEL_DIM * DTYPE.itemsize
+        found.append(Case(
+            family=FAMILY, name=f"pack-docs{docs}-pages{pages}", group=f"pack_pages{pages}",
+            description=f"pack_multimodal of documents of {pages} pages (grid {PAGE_GRID}, bf16 pixels) into one "
+                        "row: ids, labels, type ids, 4 position rows, pixel values, grids",
+            params={"docs": docs, "pages": pages}, sweep="docs", make_inputs=_pack_inputs,
+            providers=pack_providers, reference="torch.cat (reference)",
+            bytes_moved=2 * (tokens * (8 + 8 + 4 + 4 * 8) + pixels)))
     # The C++ planner, forced: unforced, a missing extension meant timing the Python reference twice.
     planner_providers = (*ours_per_backend(plan_packing, backends=("extension",)),
                          Provider("eager", fn=lambda lengths, m: plan_packing_ref(lengths.tolist(), m)),
