@@ -144,6 +144,37 @@ def _block(q_range, k_range, q_offset, k_offset, causal, left, right, boundaries
                  -1 if block_causal else kernel_right)
 
 
+def _unmasked(block: Block) -> bool:
+    return not block.causal and block.window_left == -1 and block.window_right == -1 and block.cu_seqlens is None
+
+
+def _fuse(blocks: list[Block]) -> list[Block]:
+    """Join unmasked blocks that share their keys and have adjacent query rows, or share their
+    queries and have adjacent key rows: one larger kernel call instead of two (zigzag causal's
+    off-diagonal steps become one call each, as in ring-flash-attn). Blocks sharing a nonempty
+    key or query range lie in the same document, so the join never mixes documents."""
+    blocks = list(blocks)
+    joined = True
+    while joined:
+        joined = False
+        for i, a in enumerate(blocks):
+            for j, b in enumerate(blocks):
+                if i == j or not (_unmasked(a) and _unmasked(b)):
+                    continue
+                if (a.k_lo, a.k_hi) == (b.k_lo, b.k_hi) and a.q_hi == b.q_lo:
+                    fused = Block(a.q_lo, b.q_hi, a.k_lo, a.k_hi, False, -1, -1)
+                elif (a.q_lo, a.q_hi) == (b.q_lo, b.q_hi) and a.k_hi == b.k_lo:
+                    fused = Block(a.q_lo, a.q_hi, a.k_lo, b.k_hi, False, -1, -1)
+                else:
+                    continue
+                blocks = [x for n, x in enumerate(blocks) if n not in (i, j)] + [fused]
+                joined = True
+                break
+            if joined:
+                break
+    return blocks
+
+
 @dataclass(frozen=True)
 class RingPlan:
     """steps[r][s]: the blocks rank r computes at step s; ``n_steps``: how many ring steps any
@@ -195,6 +226,6 @@ def ring_plan(world: int, layout: str, total: int, causal: bool, window: tuple[i
                         blocks.append(block)
             if blocks:
                 last_needed = max(last_needed, step)
-            rank_steps.append(tuple(blocks))
+            rank_steps.append(tuple(_fuse(blocks)))
         steps.append(tuple(rank_steps))
     return RingPlan(world, layout, chunk, tuple(steps), last_needed + 1)

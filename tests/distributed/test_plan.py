@@ -95,3 +95,10 @@ def test_window_skips_blocks_and_steps():
 def test_indivisible_length_is_an_error():
     with pytest.raises(ValueError, match="divisible by 8"):
         ring_plan(4, "zigzag", 30, True, (-1, -1))
+
+
+def test_zigzag_causal_steps_are_one_call_each():
+    # Off-diagonal steps: the rank's two query chunks over one key chunk, or one query chunk
+    # over both key chunks -- one kernel call, as in ring-flash-attn.
+    plan = ring_plan(4, "zigzag", 4 * 2 * 16, True, (-1, -1))
+    assert all(len(step) == 1 for rank in plan.steps for step in rank[1:])

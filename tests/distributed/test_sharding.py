@@ -1,8 +1,9 @@
 """The batch helpers of docqa_fast.distributed.transformers that need no process group."""
 
+import pytest
 import torch
 
-from docqa_fast.distributed import ContextParallel
+from docqa_fast.distributed import ContextParallel, zigzag_ring_flash_attn_func
 from docqa_fast.distributed.transformers import IGNORE_INDEX, sequence_loss, shard_batch, shifted_labels
 
 SINGLE = ContextParallel.single()
@@ -25,3 +26,9 @@ def test_shard_batch_and_loss_on_one_rank_match_the_model_loss():
     assert local["attention_kwargs"]["max_length_q"] == 6
     expected = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(sequence_loss(logits, local["labels"], SINGLE), expected)
+
+
+def test_ring_without_a_process_group_says_so():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        zigzag_ring_flash_attn_func(q, q, q, causal=True)
