@@ -7,7 +7,8 @@ LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pa
   the installed version, called on a stand-in holding a config). Target: >= 50x on a
   100-page document.
 * ``merge``: ``merge_visual_tokens`` vs ``inputs_embeds.masked_scatter`` (hidden 3584, bf16)
-  and ``torch.compile`` of it, bytes moved = embeddings read + written + features read.
+  and ``torch.compile`` of it, bytes moved = embeddings read + written + features read;
+  ``merge_fwd_bwd`` adds the backward (d out read, d embeddings and d features written).
 * ``pack``: ``pack_multimodal`` of 2-8 documents (token fields through ``pack_tokens``) vs its
   ``torch.cat``-per-field reference; bytes moved = every field read and written once.
 * ``planner``: ``plan_packing`` (C++) vs the pure-Python reference BFD, 100K samples of a
@@ -178,14 +179,25 @@ def _rope_ours_unchecked(input_ids, mm_types, grids, mask):
 
 # ------------------------------------------------------------------------------ merge
 
-def _merge_inputs(params, device):
+def _merge_inputs(params, device, requires_grad=False):
     T = params["T"]
     ids = torch.randint(0, 150000, (1, T), device=device)
     n_visual = T * 9 // 10  # documents are ~90% visual tokens
     ids[0, torch.randperm(T, device=device)[:n_visual]] = IMAGE_ID
-    embeds = torch.randn(1, T, HIDDEN, device=device, dtype=DTYPE)
-    visual = torch.randn(n_visual, HIDDEN, device=device, dtype=DTYPE)
+    embeds = torch.randn(1, T, HIDDEN, device=device, dtype=DTYPE, requires_grad=requires_grad)
+    visual = torch.randn(n_visual, HIDDEN, device=device, dtype=DTYPE, requires_grad=requires_grad)
     return embeds, ids, visual
+
+
+def _with_backward(merge):
+    """merge, then the gradients of the embeddings and the visual features for a fixed d out."""
+
+    def step(embeds, ids, visual):
+        out = merge(embeds, ids, visual)
+        grad = torch.ones_like(out)
+        return torch.autograd.grad(out, (embeds, visual), grad)
+
+    return step
 
 
 def _merge_theirs(embeds, ids, visual):
@@ -315,6 +327,26 @@ def cases(quick: bool) -> list[Case]:
             params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T", make_inputs=_merge_inputs,
             providers=tuple(counting_host_syncs(p, syncs) for p in merge_providers),
             bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
+    # Forward + backward: the merge's backward is a gather (d visual) and a masked copy (d embeds).
+    merge_bwd_providers = (
+        *_renamed(ours_per_backend(_with_backward(merge_unchecked), backends=("extension",)), "[check=False]"),
+        Provider("docqa_fast[reference]", fn=_with_backward(merge_checked), ours=True,
+                 env={"DOCQA_FAST_BACKEND": "reference"}),
+        Provider("eager", fn=_with_backward(_merge_theirs)),
+        compiled_provider(_with_backward(_merge_theirs), name="torch.compile"))
+    for T in sizes["merge_T"]:
+        n_visual = T * 9 // 10
+        syncs = {}
+        found.append(Case(
+            family=FAMILY, name=f"merge_fwd_bwd-T{T}", group="merge_fwd_bwd",
+            description=f"visual-token merge forward + backward, (1, T, {HIDDEN}) bf16, 90% visual tokens, ours "
+                        "with check=False (eager = masked_scatter); host syncs per provider in params.host_syncs",
+            params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T",
+            make_inputs=lambda p, d: _merge_inputs(p, d, requires_grad=True),
+            providers=tuple(counting_host_syncs(p, syncs) for p in merge_bwd_providers),
+            # forward as above; backward: d out read, d embeds written, d visual written
+            bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8
+            + (2 * T + n_visual) * HIDDEN * DTYPE.itemsize))
     # pack_multimodal: token fields in one pack_tokens call (extension) or torch.cat per field
     # (reference); pixel values and grids by torch.cat in both (one launch with the token fields
     # is open work). Bytes: every field read and written once.
