@@ -1,0 +1,84 @@
+"""CUDA graph capture of the sync-free calls (``check=False``): captured once, replayed on new
+input values, equal to eager calls. Skipped without a GPU (the next GPU run checks them)."""
+
+import pytest
+import torch
+
+import docqa_fast
+from docqa_fast.packing import get_rope_index, merge_visual_tokens
+
+from .documents import IMAGE_ID
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _captured(fn, *inputs):
+    """fn(*inputs) captured in a CUDA graph (after a warm-up on a side stream, as PyTorch asks)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*inputs)
+    return graph, outputs
+
+
+def test_rope_index_is_captured_and_replayed():
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2]], device="cuda")
+    types = torch.zeros(2, 20, dtype=torch.int32, device="cuda")
+    mask = torch.ones(2, 20, dtype=torch.long, device="cuda")
+
+    def fill(first, second):  # an image of grid[0] (6 tokens) at `first` in row 0, of grid[1] (1) in row 1
+        types.zero_()
+        types[0, first:first + 6] = 1
+        types[1, second] = 1
+
+    fill(2, 5)
+    graph, (positions, deltas) = _captured(
+        lambda: get_rope_index(types.long(), types, grid, attention_mask=mask, check=False))
+    for first, second in ((7, 0), (0, 19), (14, 9)):
+        fill(first, second)
+        graph.replay()
+        expected = get_rope_index(types.long(), types, grid, attention_mask=mask)
+        assert torch.equal(positions, expected[0]) and torch.equal(deltas, expected[1])
+
+
+def test_merge_is_captured_and_replayed():
+    ids = torch.randint(0, 1000, (1, 64), device="cuda")
+    ids[0, ::3] = IMAGE_ID
+    embeds = torch.randn(1, 64, 40, device="cuda")
+    visual = torch.randn(int((ids == IMAGE_ID).sum()), 40, device="cuda")
+    graph, merged = _captured(lambda: merge_visual_tokens(embeds, ids, visual, IMAGE_ID, check=False))
+    for _ in range(2):
+        embeds.normal_()
+        visual.normal_()
+        graph.replay()
+        torch.testing.assert_close(merged, merge_visual_tokens(embeds, ids, visual, IMAGE_ID), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_reward_forward_backward_is_captured_and_replayed(sparse_grad):
+    """The one-launch backward included: the dense gradient (or the sparse rows) of a replay equal
+    to an eager step's."""
+    x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
+    mask = torch.ones(4, 33, dtype=torch.long, device="cuda")
+    mask[1, 20:] = 0
+    weight = torch.randn(5, 64, device="cuda", requires_grad=True)
+
+    def step():
+        rewards = docqa_fast.ensemble_rewards(x, weight, attention_mask=mask, check=False, sparse_grad=sparse_grad)
+        loss = docqa_fast.pairwise_loss(rewards[:2].mean(-1), rewards[2:].mean(-1))
+        return torch.autograd.grad(loss, (x, weight))
+
+    graph, grads = _captured(step)
+    for _ in range(2):
+        with torch.no_grad():
+            x.normal_()
+            weight.normal_()
+        graph.replay()
+        expected = step()
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got.to_dense() if got.is_sparse else got,
+                                       want.to_dense() if want.is_sparse else want)
