@@ -154,6 +154,16 @@ def _fuse(blocks: list[Block]) -> list[Block]:
     off-diagonal steps become one call each, as in ring-flash-attn). Blocks sharing a nonempty
     key or query range lie in the same document, so the join never mixes documents."""
     blocks = list(blocks)
+    causal = [b for b in blocks if b.causal and b.window_left == -1 and b.cu_seqlens is None
+              and (b.q_lo, b.q_hi) == (b.k_lo, b.k_hi)]
+    if len(causal) == 2 and len(blocks) == 3:
+        # A rank's own zigzag shard, dense causal: [chunk r; chunk 2P-1-r] with the second chunk
+        # seeing all of the first is exactly the causal mask over the concatenation.
+        first, second = sorted(causal, key=lambda b: b.q_lo)
+        (rest,) = [b for b in blocks if b not in causal]
+        if first.q_hi == second.q_lo and _unmasked(rest) and (rest.q_lo, rest.q_hi, rest.k_lo, rest.k_hi) == (
+                second.q_lo, second.q_hi, first.k_lo, first.k_hi):
+            return [Block(first.q_lo, second.q_hi, first.k_lo, second.k_hi, True, -1, -1)]
     joined = True
     while joined:
         joined = False
