@@ -19,7 +19,10 @@ LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a minute or two on CPU)")
+    sizes.add_argument("--quick", action="store_true",
+                       help="small sizes and few repetitions: on a quiet 2-core CPU without a GPU about 5-10 "
+                            "minutes for every case, half of it the end_to_end family's model steps (--filter "
+                            "picks cases); many times that on a busy machine")
     sizes.add_argument("--full", action="store_true",
                        help="the full workload sizes even without a GPU (the default there is --quick: full "
                             "sizes need tens of GB and hours on a CPU)")
