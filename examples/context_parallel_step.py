@@ -167,7 +167,8 @@ def _spawned(rank, world, port, ulysses, fsdp):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m examples.context_parallel_step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.context_parallel_step",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn when not under torchrun (CPU, gloo)")
     parser.add_argument("--ulysses", type=int, default=1, help="Ulysses degree (the rest of the ranks form the ring)")
     parser.add_argument("--fsdp", action="store_true", help="wrap the model with FSDP2's fully_shard")

@@ -23,7 +23,13 @@ from .ring import (
     zigzag_ring_flash_attn_varlen_func,
     zigzag_split,
 )
-from .ulysses import ContextParallel, ring_layout, setup_context_parallel, ulysses_flash_attn_func, ulysses_flash_attn_varlen_func
+from .ulysses import (
+    ContextParallel,
+    ring_layout,
+    setup_context_parallel,
+    ulysses_flash_attn_func,
+    ulysses_flash_attn_varlen_func,
+)
 
 __all__ = [
     "ContextParallel", "ContextParallelError", "RingPlan", "gather_sequence", "ring_flash_attn_func",
