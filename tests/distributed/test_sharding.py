@@ -32,3 +32,31 @@ def test_ring_without_a_process_group_says_so():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         zigzag_ring_flash_attn_func(q, q, q, causal=True)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def test_cp_backend_on_one_process_is_flash_attention(monkeypatch):
+    from docqa_fast import flash_attn_func
+    from docqa_fast.distributed.transformers import context_parallel, context_parallel_attention_forward
+
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
+    torch.manual_seed(1)
+    query, key, value = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)  # (B, H, S, D)
+    with context_parallel(SINGLE):
+        out, weights = context_parallel_attention_forward(_Attention(), query, key, value, None, sliding_window=3)
+    expected = flash_attn_func(*(t.transpose(1, 2) for t in (query, key, value)), causal=True, window_size=(2, 2))
+    assert weights is None
+    torch.testing.assert_close(out, expected)
+
+
+def test_cp_backend_refuses_what_it_cannot_run():
+    from docqa_fast.distributed.transformers import context_parallel, context_parallel_attention_forward
+
+    t = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="context_parallel"):
+        context_parallel_attention_forward(_Attention(), t, t, t, None)
+    with context_parallel(SINGLE), pytest.raises(ValueError, match="padding mask"):
+        context_parallel_attention_forward(_Attention(), t, t, t, torch.ones(1, 4))
