@@ -15,6 +15,8 @@ dK/dV of a key/value shard travel with it (fp32) and reach its owner after the l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._validation import check_cu_seqlens
@@ -77,17 +79,23 @@ def _lse_rows(lse, lo, hi):
     return lse[..., lo:hi].contiguous()  # (B, H, S) and (H, T) both keep the sequence last
 
 
+@functools.lru_cache(maxsize=256)
+def _boundaries_on(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Kept per device: a ring makes the same few block boundaries every step and every call, and
+    # each fresh one would be a host-to-device copy.
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
 def _block_layout(block, dense, device):
     """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a block's kernel call."""
     sq, sk = block.q_hi - block.q_lo, block.k_hi - block.k_lo
     if dense:
         return None, None, sq, sk
     if block.cu_seqlens is not None:
-        cu = torch.tensor(block.cu_seqlens, dtype=torch.int32, device=device)
+        cu = _boundaries_on(block.cu_seqlens, device)
         longest = max(b - a for a, b in zip(block.cu_seqlens, block.cu_seqlens[1:]))
         return cu, cu, longest, longest
-    return (torch.tensor([0, sq], dtype=torch.int32, device=device),
-            torch.tensor([0, sk], dtype=torch.int32, device=device), sq, sk)
+    return _boundaries_on((0, sq), device), _boundaries_on((0, sk), device), sq, sk
 
 
 def _block_forward(q, k, v, block, scale, softcap, dense):
