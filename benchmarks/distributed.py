@@ -89,9 +89,13 @@ def _plan(q0, steps):
     return ring_plan(P, "zigzag", q0.shape[1] * P, True, (-1, -1))
 
 
+def _numbered(steps):
+    return ((step, k, v) for step, (k, v) in enumerate(steps))
+
+
 def _ring_rank_fwd(q0, steps, dout, packed_k, packed_v, cu_q, cu_k):
     plan = _plan(q0, steps)
-    out, _ = ring_forward(q0, steps, plan.steps[0], 1 / math.sqrt(HEAD_DIM), 0.0, True)
+    out, _ = ring_forward(q0, _numbered(steps), plan.steps[0], 1 / math.sqrt(HEAD_DIM), 0.0, True)
     return out.to(q0.dtype)[0]
 
 
@@ -106,7 +110,7 @@ def _ring_rank_fwd_bwd(q0, steps, dout, packed_k, packed_v, cu_q, cu_k):
     contributions a rank would pass on are computed and added to its per-shard sums)."""
     plan = _plan(q0, steps)
     scale = 1 / math.sqrt(HEAD_DIM)
-    out, lse = ring_forward(q0, steps, plan.steps[0], scale, 0.0, True)
+    out, lse = ring_forward(q0, _numbered(steps), plan.steps[0], scale, 0.0, True)
     out = out.to(q0.dtype)
     dq = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
     for (k, v), blocks in zip(steps, plan.steps[0]):
@@ -168,10 +172,10 @@ def _ring_times(P, S, heads, kv_heads, bandwidth, layout, backward):
         slowest = 0.0
         for rank in range(P):
             elapsed = 0.0
-            for step in range(plan.n_steps):
+            for i, step in enumerate(plan.offsets):
                 work = sum(b.visible_pairs() for b in plan.steps[rank][step])
                 compute = work * factor * per_pair / (tflops * 1e12) + merge_seconds
-                comm = comm_bytes / bandwidth if step + 1 < plan.n_steps else 0.0
+                comm = comm_bytes / bandwidth if i + 1 < plan.n_steps else 0.0
                 elapsed += max(compute, comm)  # the transfer overlaps the step's compute
             slowest = max(slowest, elapsed)
         ring += slowest

@@ -187,18 +187,52 @@ def _fuse(blocks: list[Block]) -> list[Block]:
 
 @dataclass(frozen=True)
 class RingPlan:
-    """steps[r][s]: the blocks rank r computes at step s; ``n_steps``: how many ring steps any
-    rank needs (a window can end the ring early: later steps would bring only masked keys)."""
+    """steps[r][s]: the blocks rank r computes with the keys/values of rank r - s (mod P).
+
+    The shards travel both ways round the ring, only as far as some rank needs them: forward
+    ``forward_hops`` steps (rank r receives from r-1, r-2, ...) and backward ``backward_hops``
+    steps (from r+1, r+2, ...). A full causal ring goes forward only (P - 1 hops); a window can
+    cut both (zigzag with a window within a chunk: one hop each way, since a rank's two chunks
+    neighbour those of r - 1 and r + 1), so shards no rank needs are neither sent nor computed."""
 
     world: int
     layout: str
     chunk: int
     steps: tuple[tuple[tuple[Block, ...], ...], ...]
-    n_steps: int
+    forward_hops: int
+    backward_hops: int
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """The steps s a rank goes through, in order: its own shard, then forward and backward
+        hops interleaved (what :func:`docqa_fast.distributed.ring.ring_kv` yields)."""
+        found = [0]
+        for hop in range(1, max(self.forward_hops, self.backward_hops) + 1):
+            if hop <= self.forward_hops:
+                found.append(hop)
+            if hop <= self.backward_hops:
+                found.append(self.world - hop)
+        return tuple(found)
+
+    @property
+    def n_steps(self) -> int:
+        return 1 + self.forward_hops + self.backward_hops
 
     def work(self, rank: int) -> int:
         """Visible score elements rank ``rank`` computes (the balance test's measure)."""
-        return sum(block.visible_pairs() for step in self.steps[rank][: self.n_steps] for block in step)
+        return sum(block.visible_pairs() for step in self.steps[rank] for block in step)
+
+
+def _hops(needed: set[int], world: int) -> tuple[int, int]:
+    """(forward, backward) hops reaching every needed step with the fewest transfers; ties go
+    to forward only (a one-way ring)."""
+    best = None
+    for split in range(world - 1, -1, -1):  # steps <= split go forward, the rest backward
+        forward = max((s for s in needed if s <= split), default=0)
+        backward = max((world - s for s in needed if s > split), default=0)
+        if best is None or forward + backward < sum(best):
+            best = (forward, backward)
+    return best
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,7 +255,7 @@ def ring_plan(world: int, layout: str, total: int, causal: bool, window: tuple[i
     chunk = total // n_chunks
     left, right = window
     steps = []
-    last_needed = 0
+    needed = set()
     for rank in range(world):
         mine = rank_chunks(layout, rank, world)
         rank_steps = []
@@ -234,8 +268,8 @@ def ring_plan(world: int, layout: str, total: int, causal: bool, window: tuple[i
                                    a * chunk, b * chunk, causal, left, right, boundaries)
                     if block is not None and block.q_hi > block.q_lo and block.k_hi > block.k_lo:
                         blocks.append(block)
-            if blocks:
-                last_needed = max(last_needed, step)
+            if blocks and step:
+                needed.add(step)
             rank_steps.append(tuple(_fuse(blocks)))
         steps.append(tuple(rank_steps))
-    return RingPlan(world, layout, chunk, tuple(steps), last_needed + 1)
+    return RingPlan(world, layout, chunk, tuple(steps), *_hops(needed, world))

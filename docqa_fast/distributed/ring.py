@@ -129,41 +129,51 @@ def _add_rows(acc, grad, lo, hi, dense):
     (acc[:, lo:hi] if dense else acc[lo:hi]).add_(grad)
 
 
-def ring_kv(k, v, n_steps, group):
-    """The key/value shard held at each step of the ring: yields ``n_steps`` (k, v) pairs; the
-    next pair is in flight while the caller computes on the current one."""
-    for step in range(n_steps):
-        exchange = ring_exchange([k, v], group, tag=_KV_TAG) if step + 1 < n_steps else None
-        yield k, v
-        if exchange is not None:
-            k, v = exchange.wait()
+def ring_kv(k, v, plan, group):
+    """The key/value shards a rank computes with, as (step, k, v) in ``plan.offsets`` order:
+    its own, then those passed forward (from rank r-1, r-2, ...) and backward (from r+1, ...)
+    interleaved; each next shard is in flight while the caller computes on the current one."""
+    forward = ring_exchange([k, v], group, shift=1, tag=_KV_TAG) if plan.forward_hops else None
+    backward = ring_exchange([k, v], group, shift=-1, tag=_KV_TAG + 2) if plan.backward_hops else None
+    yield 0, k, v
+    for hop in range(1, max(plan.forward_hops, plan.backward_hops) + 1):
+        if hop <= plan.forward_hops:
+            k_f, v_f = forward.wait()
+            if hop < plan.forward_hops:
+                forward = ring_exchange([k_f, v_f], group, shift=1, tag=_KV_TAG)
+            yield hop, k_f, v_f
+        if hop <= plan.backward_hops:
+            k_b, v_b = backward.wait()
+            if hop < plan.backward_hops:
+                backward = ring_exchange([k_b, v_b], group, shift=-1, tag=_KV_TAG + 2)
+            yield plan.world - hop, k_b, v_b
 
 
 def ring_forward(q, kv_steps, blocks, scale, softcap, dense):
     """(out fp32, lse) of this rank's queries: the blocks of each step over that step's key/value
-    shard (``kv_steps``: :func:`ring_kv`, or the shards themselves in a single-process simulation;
-    ``blocks``: the plan's steps of this rank) merged into fp32 accumulators."""
+    shard (``kv_steps``: (step, k, v) from :func:`ring_kv`, or the shards themselves in a
+    single-process simulation; ``blocks[step]``: the plan's blocks of this rank) merged into fp32
+    accumulators."""
     acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if dense else (q.shape[1], q.shape[0])
     acc_lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
-    for (k_cur, v_cur), step_blocks in zip(kv_steps, blocks):
-        for block in step_blocks:
+    for step, k_cur, v_cur in kv_steps:
+        for block in blocks[step]:
             out, lse = _block_forward(q, k_cur, v_cur, block, scale, softcap, dense)
             _merge_into(acc_out, acc_lse, out, lse, block, dense)
     return acc_out, acc_lse
 
 
 def ring_backward(dout, grad_lse, q, k, v, out, lse, plan, rank, group, scale, softcap, dense, deterministic):
-    """(dq, dk, dv) in fp32: the backward ring. The dK/dV of a key/value shard travel with it:
-    at each step a rank computes its blocks' contributions for the shard it holds, then adds
-    the sum the previous holders sent (which arrived while it computed) and passes it on; after
-    the last step the sum goes home."""
+    """(dq, dk, dv) in fp32: the backward ring. The dK/dV of a key/value shard travel with it,
+    in both directions: at each step a rank computes its blocks' contributions for the shard it
+    holds, adds the sum the previous holder in that direction sent (it arrived during the
+    compute) and passes it on; after the last hop each direction's sum goes home."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    k_cur, v_cur = k, v
-    n_steps = plan.n_steps
-    grads_in = None
-    for step in range(n_steps):
-        exchange = ring_exchange([k_cur, v_cur], group, tag=_KV_TAG) if step + 1 < n_steps else None
+    forward_hops, backward_hops = plan.forward_hops, plan.backward_hops
+    chain = {}  # direction -> the in-flight sum of the shard held next in that direction
+    home = []  # exchanges bringing this rank's own shard's sums back, and its own part
+    for step, k_cur, v_cur in ring_kv(k, v, plan, group):
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for block in plan.steps[rank][step]:
@@ -172,25 +182,35 @@ def ring_backward(dout, grad_lse, q, k, v, out, lse, plan, rank, group, scale, s
             _add_rows(dq, dq_b, block.q_lo, block.q_hi, dense)
             _add_rows(dk, dk_b, block.k_lo, block.k_hi, dense)
             _add_rows(dv, dv_b, block.k_lo, block.k_hi, dense)
-        if grads_in is not None:  # what the shard's earlier holders computed
-            dk_in, dv_in = grads_in.wait()
+        if step == 0:  # the own shard's part starts the forward chain
+            direction, hop, last, shift = 1, 0, forward_hops, 1
+        elif step <= forward_hops:
+            direction, hop, last, shift = 1, step, forward_hops, 1
+        else:
+            direction, hop, last, shift = -1, plan.world - step, backward_hops, -1
+        if direction in chain and hop > (0 if direction == 1 else 1):
+            dk_in, dv_in = chain.pop(direction).wait()
             dk += dk_in
             dv += dv_in
-        if exchange is not None:
-            # The next rank holds this shard at the next step: its sum travels there meanwhile.
-            grads_in = ring_exchange([dk, dv], group, tag=_GRAD_TAG)
-            k_cur, v_cur = exchange.wait()
-        elif n_steps > 1:
-            # The shard held last belongs to the rank n_steps - 1 behind: send its gradients home.
-            dk, dv = ring_exchange([dk, dv], group, shift=-(n_steps - 1), tag=_GRAD_TAG).wait()
+        tag = _GRAD_TAG + (0 if direction == 1 else 2)
+        if hop < last:
+            chain[direction] = ring_exchange([dk, dv], group, shift=shift, tag=tag)
+        elif hop == 0:
+            home.append((dk, dv))  # no forward hops: the own part stays
+        else:  # the shard of the rank `hop` steps back (forward) or ahead (backward) goes home
+            home.append(ring_exchange([dk, dv], group, shift=-shift * hop, tag=tag + 4))
+    dk = dv = None
+    for part in home:
+        dk_part, dv_part = part if isinstance(part, tuple) else part.wait()
+        dk = dk_part if dk is None else dk + dk_part
+        dv = dv_part if dv is None else dv + dv_part
     return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, rank, group, scale, softcap, dense, deterministic):
-        blocks = plan.steps[rank][: plan.n_steps]
-        out, lse = ring_forward(q, ring_kv(k, v, plan.n_steps, group), blocks, scale, softcap, dense)
+        out, lse = ring_forward(q, ring_kv(k, v, plan, group), plan.steps[rank], scale, softcap, dense)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (plan, rank, group, scale, softcap, dense, deterministic)

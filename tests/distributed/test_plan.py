@@ -29,7 +29,7 @@ def _covered(plan, total, boundaries):
     world = plan.world
     for rank in range(world):
         q_pos = _local_positions(plan.layout, rank, world, plan.chunk)
-        for step in range(plan.n_steps):
+        for step in plan.offsets:
             k_pos = _local_positions(plan.layout, (rank - step) % world, world, plan.chunk)
             for block in plan.steps[rank][step]:
                 qs, ks = q_pos[block.q_lo:block.q_hi], k_pos[block.k_lo:block.k_hi]
@@ -83,10 +83,15 @@ def test_contiguous_causal_work_is_not_balanced():
 
 def test_window_skips_blocks_and_steps():
     # A window no wider than a contiguous shard needs the previous shard only: one extra step.
-    assert ring_plan(8, "contiguous", 8 * 32, True, (31, -1)).n_steps == 2
-    assert ring_plan(8, "contiguous", 8 * 32, True, (-1, -1)).n_steps == 8
+    assert ring_plan(8, "contiguous", 8 * 32, True, (31, -1)).offsets == (0, 1)
+    assert ring_plan(8, "contiguous", 8 * 32, True, (-1, -1)).offsets == tuple(range(8))
+    # Zigzag: a rank's chunks neighbour rank r-1's first and rank r+1's second chunk: one hop
+    # each way, the shards of the ranks between are not sent.
+    assert ring_plan(8, "zigzag", 8 * 2 * 32, True, (16, -1)).offsets == (0, 1, 7)
+    # Two-sided windows reach both neighbours of a contiguous shard.
+    assert ring_plan(8, "contiguous", 8 * 32, False, (4, 4)).offsets == (0, 1, 7)
     plan = ring_plan(4, "zigzag", 4 * 2 * 32, True, (16, -1))
-    blocks = sum(len(step) for rank in plan.steps for step in rank[: plan.n_steps])
+    blocks = sum(len(step) for rank in plan.steps for step in rank)
     # Each rank: its 2 diagonal blocks and one neighbour block per chunk (the chunk that touches
     # it), versus 2P+1 blocks per rank unwindowed: masked blocks are not computed.
     assert blocks == 4 * 4 - 1
