@@ -21,8 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true",
                        help="small sizes and few repetitions: on a quiet 2-core CPU without a GPU about 5-10 "
-                            "minutes for every case, half of it the end_to_end family's model steps (--filter "
-                            "picks cases); many times that on a busy machine")
+                            "minutes for every case, nine tenths of it the losses family (full vocabularies) and "
+                            "the end_to_end model steps (--filter picks cases); many times that on a busy machine")
     sizes.add_argument("--full", action="store_true",
                        help="the full workload sizes even without a GPU (the default there is --quick: full "
                             "sizes need tens of GB and hours on a CPU)")
