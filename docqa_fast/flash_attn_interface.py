@@ -40,9 +40,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Attention over (B, S, H, D) tensors with flash-attn 2's semantics (GQA when H % Hk == 0).
 
-    ``deterministic``: our kernels' backward is always deterministic (no atomics), with dropout
-    too; ``deterministic=True`` also keeps the call off torch's cuDNN attention (whose backward
-    is not guaranteed to be), which the dispatch may otherwise pick. ``return_attn_probs=True`` returns
+    ``deterministic=True``: a bitwise reproducible backward, dropout included -- our two-pass
+    kernels (no atomics), never torch's cuDNN attention. With ``False`` (the default) the dispatch
+    may pick cuDNN, or our one-pass backward (dQ summed by fp32 atomics), where the GPU's tuned
+    table measured them faster; see docs/attention_dispatch.md. ``return_attn_probs=True`` returns
     ``(out, softmax_lse (B, H, Sq) fp32, None)``. ``alibi_slopes`` (H,) or (B, H) fp32;
     ``dropout_p`` drops attention weights (pass 0.0 in evaluation, as with flash-attn).
     """
