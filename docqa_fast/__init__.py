@@ -8,6 +8,7 @@ torch's cuDNN attention where a GPU's tuned table measured it faster (see
 """
 
 from ._backend import BACKENDS, backends, dispatch_log, dispatch_table
+from ._validation import value_checks
 from .attention import scaled_dot_product_attention
 from .attention.ops import explain_attention
 from .flash_attn_interface import (
@@ -53,7 +54,7 @@ from .reward import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "backends", "dispatch_log", "dispatch_table", "__version__",
+    "BACKENDS", "backends", "dispatch_log", "dispatch_table", "value_checks", "__version__",
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "scaled_dot_product_attention",
     "flash_attn_with_kvcache", "explain_attention",

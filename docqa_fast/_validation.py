@@ -86,13 +86,45 @@ def check_last_dim_contiguous(name: str, value: torch.Tensor) -> None:
                          f"got strides {tuple(value.stride())}")
 
 
+# Process-wide, a plain module global (torch.compile guards on it; a ContextVar would break graphs).
+_VALUE_CHECKS = True
+
+
 def value_checks_enabled() -> bool:
-    """Checks that read tensor values (one host sync each) run in eager mode only.
+    """Checks that read tensor values (one host sync each) run in eager mode only, and not
+    inside :func:`value_checks` ``(False)``.
 
     Under ``torch.compile`` a value check would break the graph (or fail with
     ``fullgraph=True``), so compiled code skips them: validate inputs eagerly once.
     """
-    return not torch.compiler.is_compiling()
+    return _VALUE_CHECKS and not torch.compiler.is_compiling()
+
+
+class value_checks:
+    """Turns the checks that read tensor values (cu_seqlens, cache lengths, block tables,
+    positions, labels: the ones that cost a host sync) off or on, process-wide; as a context
+    manager it restores the previous setting on exit.
+
+    A serving or training loop whose inputs are built by trusted code calls
+    ``with docqa_fast.value_checks(False):`` so that no call waits for the GPU. Shape, dtype and
+    device checks still run. What a value check would refuse becomes the caller's precondition,
+    exactly as under torch.compile (docs/errors.md lists them): input that breaks one may give a
+    wrong answer or read out of bounds.
+    """
+
+    def __init__(self, enabled: bool):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"expected enabled to be a bool, got {enabled!r}")
+        global _VALUE_CHECKS
+        self._previous, _VALUE_CHECKS = _VALUE_CHECKS, enabled
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _VALUE_CHECKS
+        _VALUE_CHECKS = self._previous
+        return False
 
 
 def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like_name: str, *,
