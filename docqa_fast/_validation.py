@@ -181,11 +181,13 @@ def check_real(name: str, value, *, minimum: float | None = None, positive: bool
                allow_inf: bool = False) -> float:
     """A real Python number (not a bool, not a tensor), not NaN, finite unless ``allow_inf``,
     >= ``minimum`` (> 0 with ``positive``): ``TypeError`` / ``ValueError`` naming ``name``.
-    Symbolic floats (torch.compile) pass unchecked."""
+    Symbolic floats, and anything while torch.compile traces, pass unchecked: with dynamic
+    shapes Dynamo may trace a Python float as a symbolic one, and math.isnan on it breaks the
+    graph; eager calls (and a compiled function's first, eager-checked use) do the checking."""
     import math
     import numbers
 
-    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+    if isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"expected {name} to be a Python number (a real), got {type(value).__name__} {value!r}")
