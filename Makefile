@@ -16,7 +16,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # Distribution names (pip's): pytest-xdist runs the suite in TEST_JOBS processes.
-DEPS := pytest pytest-benchmark pytest-xdist ninja numpy matplotlib tqdm transformers setuptools wheel
+DEPS := pytest pytest-benchmark pytest-xdist ninja numpy matplotlib pillow tqdm transformers setuptools wheel
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 TEST_JOBS ?= $(MAX_JOBS)
