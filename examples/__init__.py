@@ -1,4 +1,4 @@
-"""Runnable end-to-end examples: docqa_fast under a real transformers Qwen2.5-VL (issue 19).
+"""Runnable end-to-end examples: docqa_fast under a real transformers Qwen2.5-VL .
 
 Each runs as ``python -m examples.<name> [--tiny] [--steps N]`` from the repository root and
 checks itself against the plain stack (transformers' eager attention, logits, PyTorch losses):
@@ -7,7 +7,10 @@ checks itself against the plain stack (transformers' eager attention, logits, Py
 * :mod:`examples.longpo_step` -- LongPO: the policy on the whole document, the frozen reference
   on a short chunk of it;
 * :mod:`examples.reward_best_of_n` -- a reward-model ensemble: K heads, best-of-n, ranking losses;
-* :mod:`examples.serve_long_doc` -- chunked prefill into a paged KV cache and greedy decoding.
+* :mod:`examples.serve_long_doc` -- chunked prefill into a paged KV cache and greedy decoding;
+* :mod:`examples.context_parallel_step` -- one training step with the text model's attention
+  context-parallel over 2-4 processes (``--nproc``, ``--ulysses``, ``--fsdp``; or torchrun).
 
-``docs/examples.md`` walks through them; ``tests/examples/`` runs their checks.
+``docs/examples.md`` walks through them (``docs/distributed.md`` the last); ``tests/examples/``
+and ``tests/distributed/`` run their checks.
 """
