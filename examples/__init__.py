@@ -1,4 +1,4 @@
-"""Runnable end-to-end examples: docqa_fast under a real transformers Qwen2.5-VL .
+"""Runnable end-to-end examples: docqa_fast under a real transformers Qwen2.5-VL.
 
 Each runs as ``python -m examples.<name> [--tiny] [--steps N]`` from the repository root and
 checks itself against the plain stack (transformers' eager attention, logits, PyTorch losses):
