@@ -91,13 +91,18 @@ _VALUE_CHECKS = True
 
 
 def value_checks_enabled() -> bool:
-    """Checks that read tensor values (one host sync each) run in eager mode only, and not
-    inside :func:`value_checks` ``(False)``.
+    """Checks that read tensor values (one host sync each) run in eager mode only: not inside
+    :func:`value_checks` ``(False)``, and not while a CUDA graph is being captured.
 
     Under ``torch.compile`` a value check would break the graph (or fail with
     ``fullgraph=True``), so compiled code skips them: validate inputs eagerly once.
     """
-    return _VALUE_CHECKS and not torch.compiler.is_compiling()
+    return _VALUE_CHECKS and not torch.compiler.is_compiling() and not _capturing_cuda_graph()
+
+
+def _capturing_cuda_graph() -> bool:
+    # A host sync during capture is an error: validate once eagerly, then capture.
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class value_checks:

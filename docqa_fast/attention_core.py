@@ -184,6 +184,9 @@ def check_block_table(block_table, rows: int, page_size: int, q, rows_what: str,
     check_same_device(("q", "block_table"), (q, block_table))
     if block_table.shape[0] != rows:
         raise ValueError(f"expected block_table with {rows} rows ({rows_what}), got {tuple(block_table.shape)}")
+    if block_table.shape[1] == 0 and rows:
+        # The kernels read each row's first entry ahead of their loop (the page-table prefetch).
+        raise ValueError(f"expected block_table with at least one page per row, got {tuple(block_table.shape)}")
     if page_size % PAGE_MULTIPLE or page_size == 0:
         raise ValueError(f"expected a page size ({cache_name}.shape[1] with block_table) that is a multiple of "
                          f"{PAGE_MULTIPLE}, got {page_size}")

@@ -50,3 +50,28 @@ def test_process_wide_call_and_bad_argument():
     with pytest.raises(TypeError, match="enabled"):
         docqa_fast.value_checks(0)
     assert value_checks_enabled()
+
+
+def test_merge_visual_tokens_honours_the_switch():
+    embeds, features = torch.zeros(1, 4, 3), torch.ones(3, 3)  # 3 features for 2 placeholders
+    ids = torch.tensor([[5, 9, 9, 5]])
+    with pytest.raises(ValueError, match="do not match"):
+        docqa_fast.merge_visual_tokens(embeds, ids, features, 9)
+    with docqa_fast.value_checks(False):
+        out = docqa_fast.merge_visual_tokens(embeds, ids, features, 9)  # surplus features ignored
+    assert torch.equal(out[0, 1:3], features[:2]) and not out[0, [0, 3]].any()
+
+
+def test_one_pass_backward_never_under_torch_deterministic_mode(monkeypatch):
+    from docqa_fast.kernels import tuning
+    from docqa_fast.kernels.attention import launch
+
+    monkeypatch.setattr(tuning, "lookup", lambda name, key, default, device: {"PASSES": 1})
+    assert launch.backward_passes(128, True, torch.device("cpu"), False) == 1
+    assert launch.backward_passes(128, True, torch.device("cpu"), True) == 2
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert launch.backward_passes(128, True, torch.device("cpu"), False) == 2
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._validation import value_checks_enabled
 from .ops import check_merge_inputs, merge_visual_tokens_op
 
 
@@ -69,7 +70,7 @@ def merge_visual_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, vi
     check_merge_inputs(inputs_embeds, input_ids, visual_embeds)
     hidden = inputs_embeds.shape[-1]
     token_ids = _token_id_tensor(token_id, input_ids.device)
-    if check and not torch.compiler.is_compiling():
+    if check and value_checks_enabled():
         n_tokens = int(torch.isin(input_ids, token_ids).sum())
         n_features = visual_embeds.numel() // hidden
         if n_tokens != n_features:

@@ -236,6 +236,10 @@ def _check_op_inputs(op, hidden, token_index, weight):
     if hidden.dim() == 3 and token_index.shape[0] != hidden.shape[0]:
         raise ValueError(f"{op}: expected one token_index per sequence ({hidden.shape[0]}), got "
                          f"{token_index.shape[0]}")
+    if hidden.shape[-2] == 0 and token_index.numel():
+        # Clamping an unchecked position into no rows would still leave row -1: refuse it here.
+        raise ValueError(f"{op}: expected hidden with tokens to score {token_index.shape[0]} sequences, got shape "
+                         f"{tuple(hidden.shape)}")
 
 
 @torch.library.custom_op("docqa_fast::reward_heads", mutates_args=())

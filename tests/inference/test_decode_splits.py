@@ -10,6 +10,8 @@ head dims up to 128 (32 above), so contexts of 113 and 203 have interior tiles a
 import pytest
 import torch
 import triton
+
+import docqa_fast
 from test_kvcache import check_kvcache, make_cache  # tests/inference is on sys.path (pytest's rootdir insertion)
 
 from docqa_fast.kernels import inference as kernels
@@ -119,3 +121,15 @@ def test_split_constants_come_from_the_tuned_table(device):
         assert kernels.split_constants(device) == {"waves": 4, "min_keys": 256}
     with pytest.raises(ValueError, match="decode_splits"):
         tuning.check_tiles("decode_splits", {"waves": 2})
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_block_table_without_pages_is_refused(backend, device, checked):
+    # The kernels read each row's first table entry ahead of their loop: a (B, 0) table is refused
+    # by the shape checks, which value_checks(False) keeps.
+    q = torch.randn(1, 1, 4, 64, device=device, dtype=torch.float16)
+    cache = torch.zeros(2, 64, 2, 64, device=device, dtype=torch.float16)
+    with docqa_fast.value_checks(checked), pytest.raises(ValueError, match="at least one page per row"):
+        docqa_fast.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.zeros(1, dtype=torch.int32,
+                                                                                              device=device),
+                                           block_table=torch.zeros(1, 0, dtype=torch.int32, device=device))

@@ -501,3 +501,14 @@ def test_one_head_compiles_for_the_gpu():
     env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_packed_input_without_tokens_is_refused_unchecked_too(backend, device):
+    # check=False clamps positions into the rows; with no rows at all that would be row -1.
+    weight = torch.randn(4, 8, device=device)
+    empty = torch.empty(0, 8, device=device)
+    with pytest.raises(ValueError, match="hidden with tokens"):
+        docqa_fast.ensemble_rewards(empty, weight, cu_seqlens=torch.tensor([0, 0], dtype=torch.int32, device=device),
+                                    check=False)
+    with pytest.raises(ValueError, match="hidden with tokens"):
+        docqa_fast.ensemble_rewards(empty, weight, last_index=torch.tensor([0], device=device), check=False)
