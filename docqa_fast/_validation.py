@@ -134,9 +134,11 @@ class value_checks:
 
 def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like_name: str, *,
                      dtypes: Sequence[torch.dtype] = (torch.int32,), min_entries: int = 1,
-                     empty_sequences: bool = True) -> torch.Tensor | None:
+                     empty_sequences: bool = True, max_seqlen: int | None = None,
+                     max_name: str = "max_seqlen") -> torch.Tensor | None:
     """Packed-batch boundaries: 1-D, on ``like``'s device, starting at 0, ending at ``total``,
-    non-decreasing (strictly increasing when ``empty_sequences`` is False).
+    non-decreasing (strictly increasing when ``empty_sequences`` is False); with ``max_seqlen``,
+    no sequence longer than it (``max_name`` in the message).
 
     Returns the sequence lengths, or None when the value checks are skipped (under
     ``torch.compile``; they cost one host sync in eager mode).
@@ -148,15 +150,19 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
                          f"got {cu_seqlens.numel()}")
     if not value_checks_enabled():
         return None
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # Every figure in one read (one host sync): the ends, the shortest and the longest sequence.
+    ends = (cu_seqlens[0], cu_seqlens[-1])
+    first, last, *extremes = torch.stack(ends + ((lengths.min(), lengths.max()) if lengths.numel() else ())).tolist()
     if first != 0 or last != total:
         raise ValueError(f"expected {name} to start at 0 and end at the token count {total}, got {first} ... {last}")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if empty_sequences and bool((lengths < 0).any()):
+    if extremes and empty_sequences and extremes[0] < 0:
         raise ValueError(f"expected {name} to be non-decreasing, got {cu_seqlens.tolist()[:16]}")
-    if not empty_sequences and bool((lengths <= 0).any()):
+    if extremes and not empty_sequences and extremes[0] <= 0:
         raise ValueError(f"expected {name} strictly increasing (every sequence needs a token), "
                          f"got lengths {lengths.tolist()[:16]}")
+    if extremes and max_seqlen is not None and extremes[1] > max_seqlen:
+        raise ValueError(f"expected {max_name} >= every sequence length, got {max_seqlen} < {extremes[1]}")
     return lengths
 
 

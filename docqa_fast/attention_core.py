@@ -27,7 +27,6 @@ from ._validation import (
     check_same_dtype,
     check_shape,
     check_tensor,
-    value_checks_enabled,
 )
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernels take; fp32 runs the reference
@@ -138,17 +137,23 @@ def check_op_scalars(softmax_scale, window_left, window_right, softcap) -> None:
     check_int("window_right", window_right, minimum=-1)
 
 
-def check_paged_varlen_layout(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table) -> None:
-    """The checks of packed queries over a paged cache that read no tensor value: what the op
-    indexes by (the values -- boundaries, block entries in use -- are checked by the front end)."""
-    check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4, names=("q", "k_cache", "v_cache"))
-    check_int("max_seqlen_q", max_seqlen_q)
+def check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k) -> None:
+    """Packed boundaries as the ops index them (no value read): int32 1-D on q's device, at least
+    one entry, one per sequence in both."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, cu, dtypes=(torch.int32,), ndims=(1,))
         check_same_device(("q", name), (q, cu))
     if cu_seqlens_q.shape[0] == 0:
         raise ValueError("expected cu_seqlens_q with at least one entry (0 ... the token count), got none")
     check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
+
+
+def check_paged_varlen_layout(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table) -> None:
+    """The checks of packed queries over a paged cache that read no tensor value: what the op
+    indexes by (the values -- boundaries, block entries in use -- are checked by the front end)."""
+    check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4, names=("q", "k_cache", "v_cache"))
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k)
     check_block_table(block_table, cu_seqlens_q.shape[0] - 1, k_cache.shape[1], q,
                       "one per sequence of cu_seqlens_q", "k_cache")
 
@@ -156,12 +161,6 @@ def check_paged_varlen_layout(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, m
 # Why the attention kernels cannot compute a call on q's dtype (an eligibility rule of the
 # dispatch table, for training and inference alike), or None.
 kernel_dtype_reason = dtype_rule("the attention kernels", KERNEL_DTYPES, " (fp32 runs on the reference path)")
-
-
-def value_checks_allowed(t: torch.Tensor) -> bool:
-    """Whether checks that read tensor values (one host sync) may run: not under torch.compile,
-    and not while a CUDA graph is being captured (validate once eagerly before capturing)."""
-    return value_checks_enabled() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def num_sms(device) -> int:

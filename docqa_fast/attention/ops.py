@@ -34,6 +34,7 @@ from ..attention_core import (
     MAX_SEQUENCES,
     check_alibi_slopes,
     check_dropout,
+    check_cu_seqlens_pair,
     check_heads,
     check_op_scalars,
     check_softcap,
@@ -48,9 +49,7 @@ from ..reference.attention import attention_backward_ref, attention_ref
 def _check_boundaries(name: str, cu_seqlens, total: int, max_seqlen: int, max_name: str, q) -> None:
     """The shared cu_seqlens check, plus: every length fits in ``max_seqlen``."""
     check_int(max_name, max_seqlen)
-    lengths = check_cu_seqlens(name, cu_seqlens, total, q, "q")
-    if lengths is not None and lengths.numel() and int(lengths.max()) > max_seqlen:
-        raise ValueError(f"expected {max_name} >= every sequence length, got {max_seqlen} < {int(lengths.max())}")
+    check_cu_seqlens(name, cu_seqlens, total, q, "q", max_seqlen=max_seqlen, max_name=max_name)
 
 
 # ------------------------------------------------------------------------ the custom ops
@@ -74,12 +73,7 @@ def _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
-        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-            check_tensor(name, cu, dtypes=(torch.int32,), ndims=(1,))
-            check_same_device(("q", name), (q, cu))
-        if cu_seqlens_q.shape[0] == 0:
-            raise ValueError("expected cu_seqlens_q with at least one entry (0 ... the token count), got none")
-        check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
+        check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k)
     else:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"expected k with batch size {q.shape[0]} (q's), got {k.shape[0]}")
@@ -418,9 +412,8 @@ def _op_arguments(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
+        check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k)
         _check_boundaries("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q)
-        check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndims=(1,))
-        check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
         _check_boundaries("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q)
         # The kernels read cu_seqlens with unit stride.
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()

@@ -13,7 +13,7 @@ several splits, ``merge_stacked_attention_states`` -- and the reference (fp32, C
 Nothing on the ops' path syncs with the host or allocates a size that depends on tensor values
 (split count and partial buffers follow from shapes), so they trace under
 ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph; the value checks here
-(one host sync) run in eager mode only (:func:`docqa_fast.attention_core.value_checks_allowed`).
+(one host sync) run in eager mode only (:func:`docqa_fast._validation.value_checks_enabled`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import torch
 from .._backend import Implementation, register_op
 from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_int, check_last_dim_contiguous, check_same_device
 from .._validation import check_same_dtype
-from .._validation import check_shape, check_tensor
+from .._validation import check_shape, check_tensor, value_checks_enabled
 from ..attention_core import (
     cache_capacity,
     check_alibi_slopes,
     check_block_table,
+    check_cu_seqlens_pair,
     check_heads,
     check_num_splits,
     check_op_scalars,
@@ -41,7 +42,6 @@ from ..attention_core import (
     normalize_window,
     num_sms,
     softmax_scale_or_default,
-    value_checks_allowed,
 )
 from ..merge_attention import merge_stacked_attention_states
 from ..reference.kvcache import flash_attn_varlen_paged_ref, flash_attn_with_kvcache_ref
@@ -279,7 +279,7 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     seqlen_new = 0 if k is None else k.shape[1]
-    if batch and value_checks_allowed(q):
+    if batch and value_checks_enabled():
         _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
                               rotary_cos, causal, (left, right) != (-1, -1))
     # The kernels read these with unit stride.
@@ -343,23 +343,19 @@ def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seq
     check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         check_int(name, value)
-    lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, "q")
+    check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k)
     batch = cu_seqlens_q.shape[0] - 1
-    check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndims=(1,))
-    check_shape("cu_seqlens_k", cu_seqlens_k, cu_seqlens_q.shape, "one entry per sequence, like cu_seqlens_q")
     page_size = k_cache.shape[1]
     check_block_table(block_table, batch, page_size, q, "one per sequence of cu_seqlens_q", "k")
-    check_same_device(("q", "cu_seqlens_k"), (q, cu_seqlens_k))
-    if batch == 0 or not value_checks_allowed(q):
+    if batch == 0 or not value_checks_enabled():
         return
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, "q", max_seqlen=max_seqlen_q, max_name="max_seqlen_q")
     # cu_seqlens_k's end is the total key count, which a paged cache does not fix: check the rest.
-    lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), q, "q")
-    if int(lengths_q.max()) > max_seqlen_q:
-        raise ValueError(f"expected max_seqlen_q >= every query length, got {max_seqlen_q} < {int(lengths_q.max())}")
-    if int(lengths_k.max()) > max_seqlen_k:
-        raise ValueError(f"expected max_seqlen_k >= every key length, got {max_seqlen_k} < {int(lengths_k.max())}")
+    lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), q, "q", max_seqlen=max_seqlen_k,
+                                 max_name="max_seqlen_k")
     capacity = block_table.shape[1] * page_size
-    if int(lengths_k.max()) > capacity:
+    # Every key length is <= max_seqlen_k now: only a max_seqlen_k past the capacity needs a look.
+    if max_seqlen_k > capacity and int(lengths_k.max()) > capacity:
         raise ValueError(f"expected every key length (cu_seqlens_k) <= the block_table capacity {capacity} "
                          f"(max_blocks * page_size), got {int(lengths_k.max())}")
     check_pages_in_use(block_table, lengths_k, page_size, k_cache.shape[0], "k")

@@ -53,12 +53,6 @@ def skip_mode() -> str:
     return value
 
 
-def _may_sync(t: torch.Tensor) -> bool:
-    """Host syncs only outside torch.compile tracing and CUDA graph capture (the rule of
-    attention_core.value_checks_allowed; the losses do not import the attention family)."""
-    return value_checks_enabled() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def products(device: torch.device, dtype: torch.dtype, tiles: dict) -> str:
     """``"cublas"`` or ``"triton"``: who multiplies this call (see the module docstring)."""
     value = os.environ.get(PRODUCTS_ENV, "").strip().lower() or "auto"
@@ -93,7 +87,7 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
     vocab = weight.shape[0]
     skip = skip_mode()
     counted = labels != ignore_index
-    rows = _counted_rows(counted) if skip != "off" and n_rows and _may_sync(hidden) else None
+    rows = _counted_rows(counted) if skip != "off" and n_rows and value_checks_enabled() else None
     if rows is not None:
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     # Recorded when tiles may be skipped; 0 (p <= 1: nothing negligible) otherwise.
@@ -149,7 +143,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, bound, ignore
     vocab = weight.shape[0]
     skip = skip_mode()
     rows, runs = None, [(0, vocab)]
-    if skip != "off" and n_rows and _may_sync(hidden):
+    if skip != "off" and n_rows and value_checks_enabled():
         active = (coefs != 0).any(0)
         rows = _counted_rows(active)
         if rows is not None:
