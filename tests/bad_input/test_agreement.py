@@ -43,10 +43,11 @@ def _on(backend: str, monkeypatch, fn, *args, **kwargs):
 
 
 def _implemented_by(*ops: str):
-    """Runs a test on the backends every one of ``ops`` has (conftest's ``backends`` marker), so no
-    case is generated for a backend an op lacks (torch's cuDNN route is not a backend of ours)."""
-    return pytest.mark.backends(*(backend for backend in dq.BACKENDS
-                                  if all(backend in dq.dispatch_table()[op] for op in ops)))
+    """Runs a test on the fast backends every one of ``ops`` has (conftest's ``backends`` marker):
+    no case for a backend an op lacks (torch's cuDNN route is not a backend of ours), nor for the
+    reference, which each case runs as the oracle."""
+    return pytest.mark.backends(*(backend for backend in dq.BACKENDS if backend != "reference"
+                                  and all(backend in dq.dispatch_table()[op] for op in ops)))
 
 
 def _as(value, dtype):

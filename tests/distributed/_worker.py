@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 import traceback
 
 import torch
@@ -272,12 +271,11 @@ def _fault_rank_raises(world):
     q = torch.randn(1, 4, 2, 8)
     if dist.get_rank() == 1:
         return  # this rank "raised" in its own code and never calls
-    started = time.monotonic()
     try:
         cp.zigzag_ring_flash_attn_func(q, q, q, causal=True, group=group)
+    except (TypeError, ValueError):
+        raise  # an argument error is not the group's timeout (a hang is the parent's timeout to catch)
     except Exception:  # noqa: BLE001  (gloo's timeout error type varies by release)
-        waited = time.monotonic() - started
-        assert waited < 10 * SHORT_TIMEOUT_S, f"the error came after {waited:.0f} s"
         return
     raise AssertionError("expected an error when a rank never joins")
 
