@@ -63,15 +63,20 @@ def test_merge_visual_tokens_honours_the_switch():
 
 
 def test_one_pass_backward_never_under_torch_deterministic_mode(monkeypatch):
-    from docqa_fast.kernels import tuning
-    from docqa_fast.kernels.attention import launch
+    # The training op turns torch's deterministic mode into deterministic=True for our backward
+    # (and keeps the cuDNN route out): the launcher then never picks the atomic one-pass kernel.
+    from docqa_fast.attention import ops
+    from docqa_fast.kernels import attention as kernels
 
-    monkeypatch.setattr(tuning, "lookup", lambda name, key, default, device: {"PASSES": 1})
-    assert launch.backward_passes(128, True, torch.device("cpu"), False) == 1
-    assert launch.backward_passes(128, True, torch.device("cpu"), True) == 2
+    seen = []
+    monkeypatch.setattr(kernels, "backward", lambda *args: seen.append(args[-1]))
+    q = torch.zeros(1, 2, 1, 8, dtype=torch.float16)
+    call = (q, q, q, q, q, torch.zeros(1, 1, 2), None, None, None, 2, 2, 1.0, False, -1, -1, 0.0, None, 0.0, None)
+    ops._backward_triton(*call, deterministic=False)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert launch.backward_passes(128, True, torch.device("cpu"), False) == 2
+        ops._backward_triton(*call, deterministic=False)
     finally:
         torch.use_deterministic_algorithms(previous)
+    assert seen == [False, True]

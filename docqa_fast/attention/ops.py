@@ -120,6 +120,11 @@ def _lse_shape(q, varlen):
 # it: True keeps the two-pass kernels (dK/dV sum a GQA group's query heads in a fixed order, no
 # atomics: bitwise reproducible); False lets a tuned table choose the one-pass kernel, which adds
 # dQ by fp32 atomics (kernels/attention/launch.py, backward_passes). The cuDNN route refuses True.
+# torch.use_deterministic_algorithms(True) (not warn-only) counts as True for both routes.
+
+
+def _torch_requires_determinism() -> bool:
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
 
 def _forward_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                     window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
@@ -147,7 +152,7 @@ def _backward_triton(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     kernels.backward(dout.contiguous(), q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, softmax_scale, causal, (window_left, window_right), softcap,
-                     alibi_slopes, dropout_p, dropout_seed, deterministic)
+                     alibi_slopes, dropout_p, dropout_seed, deterministic or _torch_requires_determinism())
     return dq, dk, dv
 
 
@@ -288,7 +293,7 @@ def cudnn_unavailable_reason(device) -> str | None:
         return "torch.backends.cudnn.enabled is False"
     if not torch.backends.cuda.cudnn_sdp_enabled():
         return "torch.backends.cuda.enable_cudnn_sdp(False) is in force"
-    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+    if _torch_requires_determinism():
         return "torch.use_deterministic_algorithms(True) is in force (cuDNN attention is not deterministic)"
     return None
 

@@ -272,9 +272,8 @@ def _delta(dout, out, lse, grad_lse, varlen):
 def backward_passes(head_dim: int, tma: bool, device, deterministic: bool) -> int:
     """2: the dK/dV kernel then the dQ kernel; 1: the dK/dV kernel adding dQ by atomics. One only
     when the call allows a non-deterministic result and the device's tuned table (or an override)
-    chose it for this head-dim bucket and load path (torch.use_deterministic_algorithms(True)
-    asks for reproducible results too, as it keeps the cuDNN route out)."""
-    if deterministic or torch.are_deterministic_algorithms_enabled():
+    chose it for this head-dim bucket and load path."""
+    if deterministic:
         return 2
     key = tile_key(head_dim, tma)
     passes = tuning.lookup("attention_backward_passes", key, DEFAULT_PASSES, device)["PASSES"]
