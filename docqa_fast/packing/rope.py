@@ -93,7 +93,7 @@ def get_rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, ima
                          f"got {tuple(mm_token_type_ids.shape)}")
     check_int("spatial_merge_size", spatial_merge_size, minimum=1)
     if check and value_checks_enabled() and mm_token_type_ids.numel():
-        low, high = (int(v) for v in torch.aminmax(mm_token_type_ids))
+        low, high = torch.stack(torch.aminmax(mm_token_type_ids)).tolist()  # one host sync
         if low < TEXT or high > VIDEO:  # another type would be read as text: wrong positions, silently
             raise ValueError(f"expected mm_token_type_ids in {{{TEXT}, {IMAGE}, {VIDEO}}} (text, image, video), "
                              f"got values from {low} to {high}")

@@ -41,7 +41,7 @@ def rope_index_extension(input_ids, mm_token_type_ids, image_grid, video_grid, s
         empty if video_grid is None else video_grid, steps.to(torch.float64), steps.dtype == torch.float32,
         spatial_merge_size)
     if check and value_checks_enabled():
-        _check_status(status.tolist(), image_grid, video_grid, input_ids.shape[1])  # the one host sync
+        _check_status(status.tolist(), image_grid, video_grid, input_ids.shape[1])  # the kernels' status: one host sync
     return (positions if input_ids.dtype == torch.long else positions.to(input_ids.dtype)), deltas.unsqueeze(1)
 
 
