@@ -1,4 +1,4 @@
-"""Test helpers shared by every op family: flash-attn's tolerance rule.
+"""Test helpers shared by every op family: flash-attn's tolerance rule, and CUDA-graph capture.
 
 The rule (README.md, "Numerics and testing rule"): a kernel's max error against an exact (fp64) computation is
 at most ``factor`` times the max error of the same computation done in plain PyTorch at the
@@ -7,6 +7,8 @@ infinities must sit in the same places with the same sign.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 
@@ -54,3 +56,51 @@ def assert_close_by_rule(actual: torch.Tensor, exact: torch.Tensor, plain: torch
     if not error <= allowed:
         raise AssertionError(f"{name}: max error {error:.3g} > {factor} x plain-PyTorch error {plain_error:.3g} "
                              f"(+ rounding floor; allowed {allowed:.3g})")
+
+
+class CapturedGraph:
+    """A CUDA graph captured from a function, and the outputs every replay writes into.
+
+    ``fn`` stays referenced: the graph reads the tensors it closes over at fixed addresses, so they
+    must live as long as the graph does.
+    """
+
+    def __init__(self, graph: Any, outputs: Any, fn: Callable[[], Any]):
+        self.graph, self.outputs, self.fn = graph, outputs, fn
+
+    def replay(self) -> Any:
+        """Run the captured work again on the inputs' current values; the outputs (the same tensors
+        each time, overwritten) are returned."""
+        self.graph.replay()
+        return self.outputs
+
+
+def capture_cuda_graph(fn: Callable[[], Any], *, warmup: int = 1) -> CapturedGraph:
+    """``fn()`` captured in a CUDA graph, after ``warmup`` calls on the stream the capture runs on.
+
+    The warm-up is what a capture needs first: the calls compile the kernels and make the
+    first-call allocations and host syncs (a checked call's value checks, the tuned-table
+    lookups), none of which a capture may contain. It runs on the capture's own side stream
+    because some lazy state is kept per stream (library handles and their workspaces) and must
+    exist before the capture starts. ``fn`` takes no arguments (close over the inputs); to replay
+    on new values, write them into those same tensors.
+    """
+    if not callable(fn):
+        raise TypeError(f"expected fn to be callable, got {type(fn).__name__}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int):
+        raise TypeError(f"expected warmup to be an int, got {type(warmup).__name__}")
+    if warmup < 1:
+        raise ValueError(f"expected warmup >= 1 (the first call compiles and syncs, which a capture cannot "
+                         f"hold), got {warmup}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("capture_cuda_graph needs a CUDA device: none is available")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        outputs = fn()
+    return CapturedGraph(graph, outputs, fn)
