@@ -6,23 +6,11 @@ import torch
 
 import docqa_fast
 from docqa_fast.packing import get_rope_index, merge_visual_tokens
+from docqa_fast.testing import capture_cuda_graph
 
 from .documents import IMAGE_ID
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-
-
-def _captured(fn, *inputs):
-    """fn(*inputs) captured in a CUDA graph (after a warm-up on a side stream, as PyTorch asks)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(*inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn(*inputs)
-    return graph, outputs
 
 
 def test_rope_index_is_captured_and_replayed():
@@ -36,11 +24,10 @@ def test_rope_index_is_captured_and_replayed():
         types[1, second] = 1
 
     fill(2, 5)
-    graph, (positions, deltas) = _captured(
-        lambda: get_rope_index(types.long(), types, grid, attention_mask=mask, check=False))
+    graph = capture_cuda_graph(lambda: get_rope_index(types.long(), types, grid, attention_mask=mask, check=False))
     for first, second in ((7, 0), (0, 19), (14, 9)):
         fill(first, second)
-        graph.replay()
+        positions, deltas = graph.replay()
         expected = get_rope_index(types.long(), types, grid, attention_mask=mask)
         assert torch.equal(positions, expected[0]) and torch.equal(deltas, expected[1])
 
@@ -50,11 +37,11 @@ def test_merge_is_captured_and_replayed():
     ids[0, ::3] = IMAGE_ID
     embeds = torch.randn(1, 64, 40, device="cuda")
     visual = torch.randn(int((ids == IMAGE_ID).sum()), 40, device="cuda")
-    graph, merged = _captured(lambda: merge_visual_tokens(embeds, ids, visual, IMAGE_ID, check=False))
+    graph = capture_cuda_graph(lambda: merge_visual_tokens(embeds, ids, visual, IMAGE_ID, check=False))
     for _ in range(2):
         embeds.normal_()
         visual.normal_()
-        graph.replay()
+        merged = graph.replay()
         torch.testing.assert_close(merged, merge_visual_tokens(embeds, ids, visual, IMAGE_ID), rtol=0, atol=0)
 
 
@@ -72,12 +59,12 @@ def test_reward_forward_backward_is_captured_and_replayed(sparse_grad):
         loss = docqa_fast.pairwise_loss(rewards[:2].mean(-1), rewards[2:].mean(-1))
         return torch.autograd.grad(loss, (x, weight))
 
-    graph, grads = _captured(step)
+    graph = capture_cuda_graph(step)
     for _ in range(2):
         with torch.no_grad():
             x.normal_()
             weight.normal_()
-        graph.replay()
+        grads = graph.replay()
         expected = step()
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got.to_dense() if got.is_sparse else got,
