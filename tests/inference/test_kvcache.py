@@ -12,7 +12,7 @@ import torch
 
 import docqa_fast.inference as inference
 from docqa_fast.reference.kvcache import apply_rotary_ref, flash_attn_with_kvcache_ref, gather_row, rotary_positions
-from docqa_fast.testing import assert_close_by_rule
+from docqa_fast.testing import assert_close_by_rule, capture_cuda_graph
 
 pytestmark = pytest.mark.backends("reference", "triton")  # no CUDA C++ decode kernel: Triton is the fast path
 ON_GPU = torch.cuda.is_available()
@@ -397,12 +397,9 @@ def test_cuda_graph_capture_and_replay(backend, device):
         return inference.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
                                                  causal=True)
 
-    step()  # warm up (compiles the kernels) outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph = capture_cuda_graph(step)  # its warm-up compiles the kernels outside the capture
     seqlens.copy_(torch.tensor([11, 1, 301, 78], dtype=torch.int32, device=device))
-    graph.replay()
+    out = graph.replay()
     torch.cuda.synchronize()
     expected = step()
     torch.testing.assert_close(out, expected)
