@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from docqa_fast.packing import merge_visual_tokens, vision_window_index
 from docqa_fast.reference.packing import merge_visual_tokens_ref, vision_window_index_ref
+from docqa_fast.testing import capture_cuda_graph
 
 IMAGE, VIDEO = 151655, 151656
 # merge: "extension" = the extension (CUDA kernels on a GPU, their C++ twins on CPU tensors here),
@@ -260,11 +261,7 @@ def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
                 torch.cuda.set_sync_debug_mode("default")
             assert torch.equal(unchecked, expected), (backend, token)
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
-    merge_visual_tokens(e, ids, v, (IMAGE, VIDEO), check=False)  # warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        # two ids: two fills and their concatenation are captured too
-        captured = merge_visual_tokens(e, ids, v, (IMAGE, VIDEO), check=False)
+    # two ids: two fills and their concatenation are captured too
+    graph = capture_cuda_graph(lambda: merge_visual_tokens(e, ids, v, (IMAGE, VIDEO), check=False))
     e.add_(1)  # new inputs, same buffers
-    graph.replay()
-    assert torch.equal(captured, merge_visual_tokens_ref(e, ids, v, IMAGE))
+    assert torch.equal(graph.replay(), merge_visual_tokens_ref(e, ids, v, IMAGE))
