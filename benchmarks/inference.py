@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import docqa_fast
 import docqa_fast.inference as inference
 from docqa_fast.reference.kvcache import append_kv_ref, flash_attn_with_kvcache_ref
+from docqa_fast.testing import capture_cuda_graph
 
 from .harness import Case, Provider, flash_attn_unavailable, register_family
 
@@ -102,19 +103,10 @@ def _ours_graph(causal):
 
         def run(*inputs):
             if id(inputs[0]) not in graphs:
-                step(*inputs)  # validates, compiles, and warms the tuned-table lookups
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    step(*inputs)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = step(*inputs)
-                graphs[id(inputs[0])] = (graph, out, inputs)  # the inputs kept alive with their graph
-            graph, out, _ = graphs[id(inputs[0])]
-            graph.replay()
-            return out
+                # Its warm-up call validates, compiles and warms the tuned-table lookups; the graph
+                # keeps this input set alive.
+                graphs[id(inputs[0])] = capture_cuda_graph(lambda: step(*inputs))
+            return graphs[id(inputs[0])].replay()
         return run
 
     return Provider("docqa_fast[triton] cuda-graph", build=build, ours=True, env={"DOCQA_FAST_BACKEND": "triton"},
