@@ -80,6 +80,19 @@ def _other_float(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype != torch.float64 else torch.float32
 
 
+def _presence_rank_device_kinds(arg: str, *, optional: bool, rank: bool, device_mix: bool) -> list[tuple]:
+    """The kinds every tensor argument shares: None (when required), one dimension too many,
+    and a tensor on another device (``meta``: a second device on any machine)."""
+    kinds = []
+    if not optional:
+        kinds.append(("none", arg, lambda kw: None, TypeError))
+    if rank:
+        kinds.append(("rank", arg, lambda kw: kw[arg][None], ValueError))
+    if device_mix:
+        kinds.append(("device-mix", arg, lambda kw: kw[arg].to("meta"), ValueError))
+    return kinds
+
+
 def float_tensor_kinds(arg: str, *, device_mix: bool = True, rank: bool = True, optional: bool = False,
                        strided: bool = False) -> list[tuple]:
     """A floating-point tensor argument: a dtype it does not take, integers, a list, None (when
@@ -90,13 +103,7 @@ def float_tensor_kinds(arg: str, *, device_mix: bool = True, rank: bool = True, 
         ("int-for-float", arg, lambda kw: kw[arg].to(torch.int32), TypeError),
         ("bool-tensor", arg, lambda kw: kw[arg] != 0, TypeError),
         ("list-for-tensor", arg, lambda kw: kw[arg].tolist(), TypeError),
-    ]
-    if not optional:
-        kinds.append(("none", arg, lambda kw: None, TypeError))
-    if rank:
-        kinds.append(("rank", arg, lambda kw: kw[arg][None], ValueError))
-    if device_mix:
-        kinds.append(("device-mix", arg, lambda kw: kw[arg].to("meta"), ValueError))
+    ] + _presence_rank_device_kinds(arg, optional=optional, rank=rank, device_mix=device_mix)
     if strided:
         kinds.append(("strided-last-dim", arg, lambda kw: _last_dim_strided(kw[arg]), ValueError))
     return kinds
@@ -107,18 +114,11 @@ def int_tensor_kinds(arg: str, dtype: torch.dtype, *, device_mix: bool = True, r
     """An integer tensor argument: floats, the other integer width, bool, a list, None (when
     required), a dimension too many, another device."""
     other = torch.int64 if dtype == torch.int32 else torch.int32
-    kinds = [
+    return [
         ("float-for-int", arg, lambda kw: kw[arg].float(), TypeError),
         ("int-width", arg, lambda kw: kw[arg].to(other), TypeError),
         ("bool-tensor", arg, lambda kw: kw[arg] != 0, TypeError),
-    ]
-    if not optional:
-        kinds.append(("none", arg, lambda kw: None, TypeError))
-    if rank:
-        kinds.append(("rank", arg, lambda kw: kw[arg][None], ValueError))
-    if device_mix:
-        kinds.append(("device-mix", arg, lambda kw: kw[arg].to("meta"), ValueError))
-    return kinds
+    ] + _presence_rank_device_kinds(arg, optional=optional, rank=rank, device_mix=device_mix)
 
 
 def _last_dim_strided(t: torch.Tensor) -> torch.Tensor:
