@@ -1,4 +1,5 @@
-"""Test helpers shared by every op family: flash-attn's tolerance rule, and CUDA-graph capture.
+"""Test helpers shared by every op family: flash-attn's tolerance rule, CUDA-graph capture, and a
+test's tuned-table setting.
 
 The rule (README.md, "Numerics and testing rule"): a kernel's max error against an exact (fp64) computation is
 at most ``factor`` times the max error of the same computation done in plain PyTorch at the
@@ -8,7 +9,8 @@ infinities must sit in the same places with the same sign.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -104,3 +106,26 @@ def capture_cuda_graph(fn: Callable[[], Any], *, warmup: int = 1) -> CapturedGra
     with torch.cuda.graph(graph, stream=side):
         outputs = fn()
     return CapturedGraph(graph, outputs, fn)
+
+
+@contextlib.contextmanager
+def tuned_tables(monkeypatch: Any, setting: str | None = "off") -> Iterator[None]:
+    """Within: the tuned-table setting (``DOCQA_FAST_TUNED_TABLE``) is ``setting`` -- ``"off"`` (the
+    built-in tiles and choices), a table's name or path, or None (unset: the machine's own table).
+
+    What the tuning module has loaded (table files by path, the setting's resolved table, tiles
+    that failed to compile) is process-wide: it is forgotten on entry, so the test starts clean,
+    and on exit, so the next test inherits nothing this one loaded, wrote or marked.
+    ``monkeypatch`` (pytest's) restores the environment after the test.
+    """
+    from docqa_fast.kernels import tuning
+
+    if setting is None:
+        monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(tuning.TABLE_ENV, setting)
+    tuning.reload()
+    try:
+        yield
+    finally:
+        tuning.reload()

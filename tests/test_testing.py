@@ -1,13 +1,18 @@
-"""docqa_fast.testing.capture_cuda_graph: its argument checks and, with torch.cuda's streams and
-graphs replaced by recording fakes, the order it runs things in (so the CPU suite checks the logic
-that every GPU capture test relies on); the real capture and replay on a GPU."""
+"""docqa_fast.testing's helpers (assert_close_by_rule is exercised by every family's tests).
+
+capture_cuda_graph: its argument checks and, with torch.cuda's streams and graphs replaced by
+recording fakes, the order it runs things in (so the CPU suite checks the logic every GPU capture
+test relies on); the real capture and replay on a GPU. tuned_tables: the setting it makes and the
+reloads around it."""
 
 import contextlib
+import os
 
 import pytest
 import torch
 
-from docqa_fast.testing import capture_cuda_graph
+from docqa_fast.kernels import tuning
+from docqa_fast.testing import capture_cuda_graph, tuned_tables
 
 
 class _FakeCuda:
@@ -120,3 +125,19 @@ def test_real_capture_replays_on_new_values():
         x.normal_()
         out = captured.replay()
         torch.testing.assert_close(out, x * 2 + 1, rtol=0, atol=0)
+
+
+def test_tuned_tables_sets_the_setting_and_forgets_what_was_loaded_on_entry_and_exit(monkeypatch):
+    reloads = []  # the setting each reload saw
+    monkeypatch.setattr(tuning, "reload", lambda: reloads.append(os.environ.get(tuning.TABLE_ENV)))
+    monkeypatch.setenv(tuning.TABLE_ENV, "sm90")
+    with pytest.MonkeyPatch.context() as patch:
+        with tuned_tables(patch):
+            assert os.environ[tuning.TABLE_ENV] == "off" and reloads == ["off"]
+        assert reloads == ["off", "off"]
+        with tuned_tables(patch, None):
+            assert tuning.TABLE_ENV not in os.environ
+        with pytest.raises(KeyError), tuned_tables(patch, "sm80"):
+            raise KeyError("a failing test")
+        assert reloads == ["off", "off", None, None, "sm80", "sm80"]  # a failing test's exit reloads too
+    assert os.environ[tuning.TABLE_ENV] == "sm90"  # the setting before, once the test's monkeypatch undoes
