@@ -47,23 +47,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention.common import HEAD_DIMS, alibi_bias, block_d, head_dim_bucket, score_scale, scores, sequence
+from .attention.common import HEAD_DIMS, alibi_bias, block_d, head_dim_bucket, online_softmax, score_scale, scores
+from .attention.common import sequence
+from .attention.launch import alibi_arguments
 from . import tuning
 from .registry import KernelConfig, pointer_type, register
 from .rotary import load_rotated, rotate
 
 
 @triton.jit
-def _softmax_step(s, v, m_i, l_i, acc):
-    """One key tile of the online softmax: base-2 scores s (-inf where hidden) and the tile's values v."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A row that has seen only hidden keys keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift[:, None])
-    alpha = tl.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+def _softmax_step(s, v, m_i, l_i, acc, MASK: tl.constexpr):
+    """One key tile through the online softmax: base-2 scores s and the tile's values v. MASK: s
+    may hold -inf (hidden keys); the unmasked interior's scores are all finite, and it skips the
+    -inf guard (:func:`.attention.common.online_softmax`, the training forward's step too)."""
+    m_new, p, alpha, l_i = online_softmax(s, m_i, l_i, MASK)
+    return m_new, l_i, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -136,7 +134,7 @@ def _cache_tile(q, m_i, l_i, acc, n_start, limit, pages, k_head, v_head, cache_r
         s += alibi_bias(slope, qi, cols, len_q, len_k)
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    return _softmax_step(s, v, m_i, l_i, acc)
+    return _softmax_step(s, v, m_i, l_i, acc, MASK)
 
 
 @triton.jit
@@ -293,7 +291,7 @@ def decode_attention_kernel(
             if HAS_ALIBI:
                 s += alibi_bias(slope, qi, cols, len_q, len_k)
             s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, True)
             # Each new slot is in exactly one split of the last query block: written once.
             write = col_ok & writer
             pages = _tile_pages(block_table_ptr, b, bt_sb, n_start, stop, page_size, PAGED, False, BLOCK_N_NEW)
@@ -460,9 +458,7 @@ def forward(q, k_cache, v_cache, out, lse, cache_seqlens, *, k=None, v=None, rot
     q_strides, o_strides, lse_strides = _layout_strides(q, out, lse, varlen)
     # Sq = 0 with new tokens still launches one (query-less) block: it writes them.
     grid = (max(1, triton.cdiv(seqlen_q, per_block)) * num_splits, batch, kv_heads)
-    alibi = (lse, 0, 0)  # a pointer never read without HAS_ALIBI
-    if alibi_slopes is not None:
-        alibi = (alibi_slopes, 0 if alibi_slopes.dim() == 1 else alibi_slopes.stride(0), alibi_slopes.stride(-1))
+    alibi = alibi_arguments(alibi_slopes, lse)  # lse: a pointer never read without HAS_ALIBI
 
     def run(tiles):
         decode_attention_kernel[grid](

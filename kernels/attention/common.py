@@ -1,7 +1,7 @@
 """Triton helpers shared by the training kernels (:mod:`.training`) and the inference kernels
 (:mod:`docqa_fast.kernels.inference`): one definition of a sequence's bounds, of the score tile
-and its mask, and of the host-side head-dim and scale rules, so both apply flash-attn 2's
-semantics the same way.
+and its mask, of the online-softmax step, and of the host-side head-dim and scale rules, so both
+apply flash-attn 2's semantics the same way.
 
 Semantics (docqa_fast/reference/attention.py is the oracle): GQA (query head h reads KV head
 h // (H / Hk)), causal and sliding windows aligned bottom-right (query i sees keys
@@ -50,6 +50,23 @@ def scores(q, k, rows, cols, len_q, len_k, qk_scale, softcap, WINDOW_LEFT, WINDO
             visible &= cols[None, :] >= diagonal - WINDOW_LEFT
         s = tl.where(visible, s, float("-inf"))
     return s
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i, MASK: tl.constexpr):
+    """One key tile of the online softmax, before its values: (new running max, the tile's weights
+    p = exp2(s - max), alpha = exp2(old max - new max), new running sum). The caller adds
+    ``p @ v`` to its accumulator scaled by alpha. MASK: s may hold -inf (hidden keys), so a row
+    that has seen only hidden keys keeps max -inf and is shifted by 0 (exp2 gives 0, not NaN);
+    without it every score is finite and the select is skipped."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASK:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, axis=1)
 
 
 def head_dim_bucket(head_dim: int) -> int:

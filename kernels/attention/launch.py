@@ -150,17 +150,22 @@ def _flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p):
 DROPOUT_RANDOM_RANGE = 2 ** 32  # the Philox word dropout compares with p * this
 
 
+def alibi_arguments(alibi_slopes, placeholder):
+    """(alibi_ptr, alibi_sb, alibi_sh) kernel arguments (the training and decode kernels'): slopes
+    (H,) or (B, H) fp32, a batch stride of 0 for (H,). ``placeholder`` stands for absent slopes
+    (Triton needs a pointer; the HAS_ALIBI flag keeps it unread)."""
+    if alibi_slopes is None:
+        return placeholder, 0, 0
+    if alibi_slopes.dim() == 1:
+        return alibi_slopes, 0, alibi_slopes.stride(0)
+    return alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1)
+
+
 def _extras(alibi_slopes, dropout_p, dropout_seed, placeholder):
     """(alibi_ptr, alibi_sb, alibi_sh, seed_ptr, dropout_threshold, dropout_scale) kernel arguments:
-    slopes (H,) or (B, H) fp32 (a batch stride of 0 for (H,)); the Philox seed (1,) int64 and the
-    threshold p * 2^32 below which an element drops. ``placeholder`` stands for absent tensors
-    (Triton needs a pointer; the constexpr flags keep it unread)."""
-    if alibi_slopes is None:
-        alibi = (placeholder, 0, 0)
-    elif alibi_slopes.dim() == 1:
-        alibi = (alibi_slopes, 0, alibi_slopes.stride(0))
-    else:
-        alibi = (alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1))
+    the slopes (:func:`alibi_arguments`); the Philox seed (1,) int64 and the threshold p * 2^32
+    below which an element drops. ``placeholder`` stands for absent tensors."""
+    alibi = alibi_arguments(alibi_slopes, placeholder)
     if dropout_p > 0:
         threshold = min(int(dropout_p * DROPOUT_RANDOM_RANGE), DROPOUT_RANDOM_RANGE - 1)
         return (*alibi, dropout_seed, threshold, 1.0 / (1.0 - dropout_p))

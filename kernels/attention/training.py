@@ -30,7 +30,7 @@ the sum's order then depends on scheduling, which is why it is opt-in per call.
 import triton
 import triton.language as tl
 
-from .common import alibi_bias, dropout_keep, scores, sequence
+from .common import alibi_bias, dropout_keep, online_softmax, scores, sequence
 
 # Lengths and window sides Triton would otherwise compile as constants when they equal 1: Triton
 # 3.6's ptxas crashes (signal 11) on the dQ kernel compiled for seqlen_k == 1 with TMA loads,
@@ -271,15 +271,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_src, v_src, kv_row, kv_col, k_st, v_st, 
                     CAUSAL, HAS_SOFTCAP, MASK)
         if HAS_ALIBI:
             s += alibi_bias(slope, rows, cols, len_q, len_k)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        if MASK:
-            # A row that has seen only hidden keys keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_shift = m_new  # every score here is finite
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, p, alpha, l_i = online_softmax(s, m_i, l_i, MASK)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(seed, stream, rows, cols, threshold), p * keep_scale, 0.0)
         v = _head_tile(v_src, n_start, kv_row, kv_col, cols, v_st, dims, len_k, HEAD_DIM, BLOCK_D, MASK, USE_TMA, MASK)
