@@ -88,11 +88,24 @@ CHUNKS_PARAMS = ("PRODUCTS", "CHUNK_COLUMNS", "BLOCK_N", "BLOCK_V", "num_warps",
 LIBRARY_PRODUCTS, TRITON_PRODUCTS = 1, 2
 _CHUNKS_TILES = {torch.float16: (1, 8192, 16, 256, 8, 2), torch.bfloat16: (1, 8192, 16, 256, 8, 2),
                  torch.float32: (1, 4096, 16, 128, 4, 2)}
+# "losses_route": when a loss's upstream gradient is one scalar known only in the backward (a
+# "mean" or "sum" cross-entropy that needs gradients), ROUTE picks 1 = the statistics forward
+# and a backward that recomputes the logits (4 products), or 2 = the gradients computed in the
+# forward and only scaled by the backward (3 products, a (V, H) fp32 accumulator:
+# docqa_fast/losses/forward_grad.py). 1 until a GPU measures 2 faster. CHUNK_ROWS: the rows of
+# one chunk of route 2, which holds their logits over the whole vocabulary (fp32, + the 16-bit
+# G: 1.7 GiB at 2048 rows through Qwen2.5's head); each chunk adds its G^T h to the (V, H) fp32
+# d_weight accumulator, reading and writing 8 bytes per element: at 2048 rows about a tenth of
+# the chunk's product time on an H200 (~4.8 TB/s against ~750 TFLOP/s), a fifth at 1024.
+ROUTE_PARAMS = ("ROUTE", "CHUNK_ROWS")
+RECOMPUTE_ROUTE, FORWARD_GRAD_ROUTE = 1, 2
+_ROUTE_TILES = {dtype: (RECOMPUTE_ROUTE, 2048) for dtype in (torch.float16, torch.bfloat16, torch.float32)}
 tuning.declare("losses_logits", LOGITS_PARAMS)
 tuning.declare("losses_matmul", MATMUL_PARAMS)
 tuning.declare("losses_chunks", CHUNKS_PARAMS)
+tuning.declare("losses_route", ROUTE_PARAMS)
 _TILES = {"losses_logits": (_LOGITS_TILES, LOGITS_PARAMS), "losses_matmul": (_MATMUL_TILES, MATMUL_PARAMS),
-          "losses_chunks": (_CHUNKS_TILES, CHUNKS_PARAMS)}
+          "losses_chunks": (_CHUNKS_TILES, CHUNKS_PARAMS), "losses_route": (_ROUTE_TILES, ROUTE_PARAMS)}
 # Columns per entry of the log p bound the forward records (one entry per LOG_P_TILE vocabulary
 # columns); the package passes its own constant (docqa_fast/losses/ops.py), the same number.
 LOG_P_TILE = 128

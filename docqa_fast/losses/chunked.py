@@ -53,19 +53,38 @@ COLUMN_GRAIN = kernels.LOG_P_TILE
 _FALLBACK_SLICE_BYTES = 64 << 20
 
 
+def _budget_setting() -> int | None:
+    """``DOCQA_FAST_LOSSES_CHUNK_MIB`` in bytes, or None when it is not set."""
+    setting = os.environ.get(CHUNK_ENV, "").strip()
+    if not setting:
+        return None
+    try:
+        mib = float(setting)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0:
+        raise ValueError(f"{CHUNK_ENV}={setting!r}: expected a positive number of MiB")
+    return int(mib * (1 << 20))
+
+
 def chunk_budget(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
     """Bytes the chunk buffers may take: ``DOCQA_FAST_LOSSES_CHUNK_MIB`` when set, else the rule above."""
-    setting = os.environ.get(CHUNK_ENV, "").strip()
-    if setting:
-        try:
-            mib = float(setting)
-        except ValueError:
-            mib = float("nan")
-        if not mib > 0:
-            raise ValueError(f"{CHUNK_ENV}={setting!r}: expected a positive number of MiB")
-        return int(mib * (1 << 20))
+    setting = _budget_setting()
+    if setting is not None:
+        return setting
     logits = n_rows * vocab * dtype.itemsize
     return max(CHUNK_FLOOR, min(CHUNK_CAP, logits // CHUNK_FRACTION))
+
+
+def forward_grad_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_rows: int) -> int:
+    """Rows per chunk of :func:`stats_and_grads`: ``chunk_rows`` (the tuned ``losses_route``
+    entry), or as many whole ROW_GRAIN as ``DOCQA_FAST_LOSSES_CHUNK_MIB`` holds when set (at
+    least one grain), spread evenly. A chunk holds its rows' logits over the whole vocabulary."""
+    setting = _budget_setting()
+    if setting is not None:
+        per_logit = 4 + (dtype.itemsize if dtype != torch.float32 else 0)
+        chunk_rows = max(ROW_GRAIN, setting // (vocab * per_logit) // ROW_GRAIN * ROW_GRAIN)
+    return _spread(max(n_rows, 1), max(1, chunk_rows), ROW_GRAIN)
 
 
 @dataclass(frozen=True)
@@ -333,3 +352,61 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
         if need_total:
             finish(total, total_grad)
     return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias
+
+
+def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, need_hidden: bool, need_weight: bool,
+                    need_bias: bool, tiles: dict, chunk_rows: int):
+    """The forward-gradient route: statistics and gradients in one walk over row chunks, 3 products.
+
+    Per chunk of R rows (:func:`forward_grad_rows`): z = h[rows] W^T over the whole vocabulary
+    (one product into the chunk buffer, fp32), ``chunk_stats`` folds it into the rows' final
+    log-sum-exp -- so G = dL/dz can be formed at once, from ``coefs_of(lse, r0, r1)``, the (4, R)
+    coefficients of kernels.losses' dL/dz form -- then d_hidden[rows] = G W (written once) and
+    d_weight (+)= G^T h[rows] into one (V, H) fp32 accumulator that every row chunk adds to.
+    G is not scaled (the scale is 1): the caller gives coefficients of order 1 (a summed loss's,
+    before any 1/count), so 16-bit G neither overflows nor loses more than the gradient's
+    rounding. The d_weight accumulation reads and writes 8 bytes per weight element per row
+    chunk, hence large chunks (``chunk_rows`` 2048 by default: 1.7 GiB of fp32 logits and bf16
+    G through Qwen2.5's head).
+
+    Returns (lse, label_logit, sum_logits) (N,) fp32 (nothing masked) and d_hidden (N, H),
+    d_weight (V, H), d_bias (V,) in fp32, each empty (0,) when not needed.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    sixteen = dtype != torch.float32
+    fp32 = dict(dtype=torch.float32, device=device)
+    state = torch.zeros((5, n_rows), **fp32)
+    d_hidden = torch.empty((n_rows, hidden_size) if need_hidden else (0,), **fp32)
+    d_weight = torch.empty((vocab, hidden_size) if need_weight else (0,), **fp32)
+    d_bias = torch.zeros((vocab,) if need_bias else (0,), **fp32)
+    rows = forward_grad_rows(n_rows, vocab, dtype, chunk_rows)
+    chunks = [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
+    if not chunks:
+        d_weight.zero_()
+        return state[0], state[3], state[4], d_hidden, d_weight, d_bias
+    products = Products(device, dtype)
+    size = min(n_rows, rows) * vocab
+    z_buffer = torch.empty(size, **fp32)
+    g_buffer = torch.empty(size, dtype=dtype, device=device) if sixteen else z_buffer
+    unit_scale = torch.ones(1, **fp32)
+    lse = torch.empty(n_rows, **fp32)
+    with _ieee_fp32(device):
+        for index, (r0, r1) in enumerate(chunks):
+            z = z_buffer[:(r1 - r0) * vocab].view(r1 - r0, vocab)
+            products.mm(hidden[r0:r1], weight.T, z)
+            kernels.chunk_stats(z, bias, labels[r0:r1], state[:, r0:r1], None, 0, True, ignore_index, 1.0,
+                                not sixteen, tiles)
+            torch.add(state[0, r0:r1], torch.log(state[1, r0:r1]), out=lse[r0:r1])
+            g = g_buffer[:(r1 - r0) * vocab].view(r1 - r0, vocab)
+            kernels.chunk_grad(z, g, bias, labels[r0:r1], lse[r0:r1], coefs_of(lse[r0:r1], r0, r1), unit_scale, 0,
+                               ignore_index, 1.0, not sixteen, tiles)
+            if need_bias:
+                d_bias += g.sum(0, dtype=torch.float32)
+            if need_hidden:  # every column of these rows at once: written once, no accumulator
+                products.mm(g, weight, d_hidden[r0:r1])
+            if need_weight:
+                (products.mm(g.T, hidden[r0:r1], d_weight) if index == 0 else
+                 products.addmm(d_weight, g.T, hidden[r0:r1]))
+    return lse, state[3], state[4], d_hidden, d_weight, d_bias

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_cu_seqlens, check_real, check_same_device, check_shape, check_tensor
-from .ops import check_head_inputs, check_label_values, check_positive, logit_stats
+from .._validation import check_cu_seqlens, check_same_device, check_shape, check_tensor
+from . import forward_grad, fused
+from .ops import (check_head_inputs, check_label_values, check_positive, check_smoothing_and_z_loss,
+                  cross_entropy_per_token, logit_stats)
 
 __all__ = ["linear_logprobs", "linear_cross_entropy", "sequence_logprobs"]
 
@@ -28,9 +30,7 @@ def check_cross_entropy_settings(ignore_index, reduction, label_smoothing, z_los
     """linear_cross_entropy's settings (also checked when LinearCrossEntropyLoss is built)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
-    if check_real("label_smoothing", label_smoothing) > 1.0 or label_smoothing < 0.0:
-        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing!r}")
-    check_real("z_loss", z_loss, minimum=0.0)
+    check_smoothing_and_z_loss(label_smoothing, z_loss)
     return _check_ignore_index(ignore_index)
 
 
@@ -77,11 +77,19 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int
     label_smoothing, exactly F.cross_entropy's definition; the z-loss is PaLM's). "mean"
     divides by the number of counted tokens; a batch where every label is ignore_index gives
     0 and zero gradients (F.cross_entropy gives NaN). "none" returns a loss per token, shaped
-    like labels, whose gradients are exact for any upstream gradient.
+    like labels, whose gradients are exact for any upstream gradient. "mean" and "sum" with
+    gradients wanted may compute them in the forward (``DOCQA_FAST_LOSSES_ROUTE``, see
+    forward_grad.py): the same values, 3 products instead of 4.
     """
     ignore_index = check_cross_entropy_settings(ignore_index, reduction, label_smoothing, z_loss)
     flat_hidden, flat_labels = check_head_inputs(hidden, weight, labels, bias)
     check_label_values(flat_labels, weight.shape[0], ignore_index, validate)
+    # One upstream scalar for every token: with gradients wanted, the route may form them in the
+    # forward (forward_grad.py); without, the statistics pass below is all the forward does.
+    needs = forward_grad.wants_gradients(hidden, weight, bias)
+    if reduction != "none" and any(needs) and fused.route(hidden.device, hidden.dtype) == "fwd-grad":
+        return forward_grad.cross_entropy(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing,
+                                          z_loss, reduction == "mean", needs)
     losses = cross_entropy_losses(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing, z_loss)
     counted = flat_labels != ignore_index
     if reduction == "none":
@@ -94,12 +102,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int
 def cross_entropy_losses(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float, z_loss: float):
     """Per-token losses (N,) on validated (N, H) hidden and (N,) labels, 0 where ignored."""
     lse, label_logit, sum_logits, _ = logit_stats(hidden, weight, bias, labels, ignore_index, 1.0)
-    losses = lse - (1.0 - label_smoothing) * label_logit
-    if label_smoothing:
-        losses = losses - (label_smoothing / weight.shape[0]) * sum_logits
-    if z_loss:
-        losses = losses + z_loss * lse * lse
-    return torch.where(labels != ignore_index, losses, 0.0)
+    return cross_entropy_per_token(lse, label_logit, sum_logits, labels != ignore_index, weight.shape[0],
+                                   label_smoothing, z_loss)
 
 
 def sequence_logprobs(hidden, weight, labels, *, cu_seqlens=None, attention_mask=None, average: bool = False,

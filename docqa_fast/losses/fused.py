@@ -23,7 +23,11 @@ Settings, read on every call: ``DOCQA_FAST_LOSSES_SKIP`` = ``on`` (default: both
 graph is being captured); ``DOCQA_FAST_LOSSES_PRODUCTS`` = ``cublas`` (library matmuls,
 ``chunked.py``), ``triton`` (the all-Triton path, ``kernels.losses``) or ``auto`` (default: the
 tuned table's choice for this GPU and dtype, else library products where torch offers fp32
-output for 16-bit matmuls); ``DOCQA_FAST_LOSSES_CHUNK_MIB``: the chunk budget (chunked.py).
+output for 16-bit matmuls); ``DOCQA_FAST_LOSSES_CHUNK_MIB``: the chunk budget (chunked.py);
+``DOCQA_FAST_LOSSES_ROUTE`` = ``recompute`` (the statistics forward, a backward that recomputes
+the logits), ``fwd-grad`` (a "mean" / "sum" cross-entropy that needs gradients computes them in
+its forward: forward_grad.py) or ``auto`` (default: the tuned table's ``losses_route``, else
+``recompute``).
 """
 
 from __future__ import annotations
@@ -41,12 +45,15 @@ SKIP_ENV = "DOCQA_FAST_LOSSES_SKIP"
 SKIP_MODES = ("on", "ignored", "off")
 PRODUCTS_ENV = "DOCQA_FAST_LOSSES_PRODUCTS"
 PRODUCTS = ("cublas", "triton", "auto")
+ROUTE_ENV = "DOCQA_FAST_LOSSES_ROUTE"
+ROUTES = ("recompute", "fwd-grad", "auto")
 # Rows are gathered when at least 1 in COMPACT_FRACTION is ignored: the gather copies the
 # counted rows of hidden (and the backward scatters d_hidden back), worth it from ~3% saved.
 COMPACT_FRACTION = 32
 
 
 def skip_mode() -> str:
+    """The ``DOCQA_FAST_LOSSES_SKIP`` setting (see the module docstring)."""
     value = os.environ.get(SKIP_ENV, "").strip().lower() or "on"
     if value not in SKIP_MODES:
         raise ValueError(f"{SKIP_ENV}={value!r}: expected one of {SKIP_MODES}")
@@ -68,14 +75,29 @@ def products(device: torch.device, dtype: torch.dtype, tiles: dict) -> str:
     return "cublas"
 
 
-def _counted_rows(mask: torch.Tensor):
+@torch.compiler.assume_constant_result  # torch.compile reads it once, when it traces (no file reads in the graph)
+def route(device: torch.device, dtype: torch.dtype) -> str:
+    """``"recompute"`` or ``"fwd-grad"``: the route of a loss whose upstream gradient is one scalar
+    (see the module docstring); the tuned table's ``losses_route`` under ``auto``."""
+    value = os.environ.get(ROUTE_ENV, "").strip().lower() or "auto"
+    if value not in ROUTES:
+        raise ValueError(f"{ROUTE_ENV}={value!r}: expected one of {ROUTES}")
+    if value != "auto":
+        return value
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "recompute"
+    tiles = kernels.tiles("losses_route", dtype, device)
+    return "fwd-grad" if tiles["ROUTE"] == kernels.FORWARD_GRAD_ROUTE else "recompute"
+
+
+def counted_rows(mask: torch.Tensor):
     """Indices of the True rows when at least 1 in COMPACT_FRACTION is False, else None (one host sync)."""
     rows = mask.nonzero().squeeze(1)
     skipped = mask.shape[0] - rows.shape[0]
     return rows if skipped and skipped >= mask.shape[0] // COMPACT_FRACTION else None
 
 
-def _run_with_tiles(dtype, device, run):
+def run_with_tiles(dtype, device, run):
     """run(tiles, engine) with the tuned (or built-in) losses_chunks tiles of this GPU and dtype."""
     return kernels.launch_tiles("losses_chunks", dtype, device, lambda t: run(t, products(device, dtype, t)))
 
@@ -87,7 +109,7 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
     vocab = weight.shape[0]
     skip = skip_mode()
     counted = labels != ignore_index
-    rows = _counted_rows(counted) if skip != "off" and n_rows and value_checks_enabled() else None
+    rows = counted_rows(counted) if skip != "off" and n_rows and value_checks_enabled() else None
     if rows is not None:
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     # Recorded when tiles may be skipped; 0 (p <= 1: nothing negligible) otherwise.
@@ -99,7 +121,7 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
             return chunked.logit_stats(hidden, weight, bias, labels, ignore_index, temperature, record, tiles)
         return kernels.logit_stats(hidden, weight, bias, labels, ignore_index, temperature, record, log_p_tile)
 
-    stats = _run_with_tiles(hidden.dtype, hidden.device, run)
+    stats = run_with_tiles(hidden.dtype, hidden.device, run)
     if rows is not None:
         stats = [s.new_zeros(n_rows).index_copy_(0, rows, s) for s in stats]
     else:  # fresh tensors either way: a custom op's outputs may not alias each other
@@ -145,7 +167,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, bound, ignore
     rows, runs = None, [(0, vocab)]
     if skip != "off" and n_rows and value_checks_enabled():
         active = (coefs != 0).any(0)
-        rows = _counted_rows(active)
+        rows = counted_rows(active)
         if rows is not None:
             hidden, labels, lse, coefs = (hidden.index_select(0, rows), labels.index_select(0, rows),
                                           lse.index_select(0, rows), coefs.index_select(1, rows))
@@ -161,7 +183,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, bound, ignore
         return kernels.logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index, temperature,
                                             need_hidden, need_weight, need_bias, runs)
 
-    d_hidden, d_weight, d_bias = _run_with_tiles(hidden.dtype, hidden.device, run)
+    d_hidden, d_weight, d_bias = run_with_tiles(hidden.dtype, hidden.device, run)
     if rows is not None and need_hidden:
         d_hidden = d_hidden.new_zeros(n_rows, hidden_size).index_copy_(0, rows, d_hidden)
     return d_hidden, d_weight, d_bias

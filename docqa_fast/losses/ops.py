@@ -93,6 +93,35 @@ def check_positive(name: str, value: float) -> float:
     return check_real(name, value, positive=True)
 
 
+def check_smoothing_and_z_loss(label_smoothing, z_loss) -> None:
+    """label_smoothing a number in [0, 1], z_loss a finite number >= 0 (the cross-entropy's settings)."""
+    if check_real("label_smoothing", label_smoothing) > 1.0 or label_smoothing < 0.0:
+        raise ValueError(f"expected label_smoothing in [0, 1], got {label_smoothing!r}")
+    check_real("z_loss", z_loss, minimum=0.0)
+
+
+def cross_entropy_per_token(lse, label_logit, sum_logits, counted, vocab: int, label_smoothing: float,
+                            z_loss: float):
+    """Per-token cross-entropy from the statistics, 0 where not ``counted``: lse - (1 - eps) z_label
+    - (eps / V) sum_j z_j + z_loss lse^2 (F.cross_entropy's label smoothing, PaLM's z-loss)."""
+    losses = lse - (1.0 - label_smoothing) * label_logit
+    if label_smoothing:
+        losses = losses - (label_smoothing / vocab) * sum_logits
+    if z_loss:
+        losses = losses + z_loss * lse * lse
+    return torch.where(counted, losses, 0.0)
+
+
+def cross_entropy_coefs(lse, counted, vocab: int, label_smoothing: float, z_loss: float):
+    """(4, N) coefficients (a, b, c, d) of dL/dz_j = p_j (a + b log p_j) + c [j == label] + d for the
+    per-token losses above: a = 1 + 2 z_loss lse, b = 0, c = -(1 - eps), d = -eps / V; 0 where
+    not ``counted``."""
+    a = 1.0 + (2.0 * z_loss) * lse
+    zero = torch.zeros_like(lse)
+    coefs = torch.stack([a, zero, zero - (1.0 - label_smoothing), zero - label_smoothing / vocab])
+    return torch.where(counted, coefs, 0.0).contiguous()
+
+
 # ------------------------------------------------------------------------ the custom ops
 
 # Vocabulary columns per entry of the log p bound the forward returns (the kernels' LOG_P_TILE).

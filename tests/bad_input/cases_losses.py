@@ -1,5 +1,5 @@
 """Bad input to the losses: linear_logprobs, linear_cross_entropy, sequence_logprobs, dpo_loss,
-longpo_loss, the three modules, and the linear_logit_stats ops (tests/losses/test_bad_input.py
+longpo_loss, the three modules, the linear_logit_stats ops and linear_cross_entropy_grads (tests/losses/test_bad_input.py
 checks the messages in detail; these run every kind on every backend, in a worker)."""
 
 from __future__ import annotations
@@ -182,7 +182,22 @@ def _op_cases() -> list[Case]:
                              ("shape", "bound", lambda kw: kw["bound"][:0], ValueError),
                              ("dtype", "bound", lambda kw: kw["bound"].double(), TypeError),
                              ("rank", "hidden", lambda kw: kw["hidden"][None], ValueError)])
-    return backward + cases_for("op:linear_logit_stats", stats, valid, [
+    def grads_valid():
+        kw = _head()
+        return dict(hidden=kw["hidden"], weight=kw["weight"], bias=torch.zeros(V), labels=kw["labels"],
+                    ignore_index=-100, label_smoothing=0.0, z_loss=0.0, mean=True, need_hidden=True,
+                    need_weight=True, need_bias=True)
+
+    grads = cases_for("op:linear_cross_entropy_grads", torch.ops.docqa_fast.linear_cross_entropy_grads, grads_valid, [
+        ("rank", "hidden", lambda kw: kw["hidden"][None], ValueError),
+        ("dtype", "weight", lambda kw: kw["weight"].half(), TypeError),
+        ("int-width", "labels", lambda kw: kw["labels"].int(), TypeError),
+        ("shape", "bias", lambda kw: torch.zeros(V - 1), ValueError),
+        ("missing", "bias", lambda kw: None, ValueError, ("need_bias",)),
+        ("above-one", "label_smoothing", lambda kw: 1.5, ValueError),
+        ("negative", "z_loss", lambda kw: -1.0, ValueError),
+        ("nan", "z_loss", lambda kw: math.nan, ValueError)])
+    return backward + grads + cases_for("op:linear_logit_stats", stats, valid, [
         ("rank", "hidden", lambda kw: kw["hidden"][None], ValueError),
         ("dtype", "weight", lambda kw: kw["weight"].half(), TypeError),
         ("int-width", "labels", lambda kw: kw["labels"].int(), TypeError),

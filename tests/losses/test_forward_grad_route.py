@@ -1,0 +1,219 @@
+"""The forward-gradient route of a mean / sum cross-entropy (docqa_fast/losses/forward_grad.py,
+chunked.stats_and_grads): against the reference and fp64, gradients included, on both backends;
+several row chunks; the upstream scalar applied in the backward; the cheap forward kept when no
+gradient is wanted; the setting, the tuned choice and the op's own checks."""
+
+import pytest
+import torch
+
+from docqa_fast.kernels import losses as kernels
+from docqa_fast.kernels import tuning
+from docqa_fast.losses import chunked, forward_grad, fused, linear_cross_entropy
+from docqa_fast.reference.losses import linear_cross_entropy_ref
+from loss_checks import check_by_rule, random_head, random_labels
+
+pytestmark = pytest.mark.backends("reference", "triton")
+ROUTE_OP = "linear_cross_entropy_grads"
+
+
+@pytest.fixture(autouse=True)
+def _forward_grad_route(monkeypatch):
+    monkeypatch.setenv(fused.ROUTE_ENV, "fwd-grad")
+
+
+def _small_chunks(dtype, rows=64):
+    """Row chunks of ``rows`` through the tuned entry, as a GPU table would set them."""
+    return tuning.override("losses_route", kernels.tile_key(dtype),
+                           {"ROUTE": kernels.FORWARD_GRAD_ROUTE, "CHUNK_ROWS": rows})
+
+
+def _ce(labels, **options):
+    def ours(hidden, weight, bias=None):
+        loss = linear_cross_entropy(hidden, weight, labels, bias, **options)
+        assert ROUTE_OP in type(loss.grad_fn).__name__, loss.grad_fn  # the route under test ran
+        return loss
+
+    def reference(hidden, weight, bias=None, upcast=True):
+        return linear_cross_entropy_ref(hidden, weight, labels, bias, upcast=upcast, **options)
+
+    return ours, reference
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_the_reference_in_several_row_chunks(backend, dtype, device, reduction):
+    """203 tokens in row chunks of 64 (the last of 11), a bias, label smoothing, z-loss and a third
+    of the labels ignored; the upstream gradient 3.7 (not a power of two)."""
+    hidden, weight, bias = random_head(203, 24, 200, dtype, device, bias=True)
+    labels = random_labels((203,), 200, device)
+    with _small_chunks(dtype):
+        check_by_rule(*_ce(labels, reduction=reduction, label_smoothing=0.1, z_loss=1e-3),
+                      {"hidden": hidden, "weight": weight, "bias": bias},
+                      grad_outputs=[torch.tensor(3.7, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("n_rows", [1, 113])
+def test_odd_token_counts_and_batched_hidden(backend, dtype, device, n_rows):
+    hidden, weight, _ = random_head(n_rows, 24, 257, dtype, device, batch=1)
+    labels = random_labels((1, n_rows), 257, device, ignore="nowhere")
+    with _small_chunks(dtype):
+        check_by_rule(*_ce(labels), {"hidden": hidden, "weight": weight})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_label_ignored_gives_zero_and_zero_gradients(backend, device, reduction):
+    hidden, weight, bias = random_head(20, 16, 90, torch.float32, device, bias=True)
+    hidden, weight, bias = (t.requires_grad_() for t in (hidden, weight, bias))
+    labels = random_labels((20,), 90, device, ignore="everywhere")
+    loss = linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction)
+    assert ROUTE_OP in type(loss.grad_fn).__name__
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(bool((t.grad == 0).all()) for t in (hidden, weight, bias))
+
+
+def test_a_second_backward_and_a_second_call_give_the_same_gradients(backend, device):
+    """retain_graph: the saved gradients are scaled out of place, so a second backward adds the
+    same gradients again; a second call with the same inputs gives the same bits."""
+    hidden, weight, _ = random_head(50, 16, 120, torch.float32, device)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    labels = random_labels((50,), 120, device)
+    with _small_chunks(torch.float32, rows=16):
+        loss = linear_cross_entropy(hidden, weight, labels) * 3.7
+        first = [g.clone() for g in torch.autograd.grad(loss, (hidden, weight), retain_graph=True)]
+        second = torch.autograd.grad(loss, (hidden, weight))
+        again = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels) * 3.7, (hidden, weight))
+    for a, b, c in zip(first, second, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # create_graph gets gradients without a graph of their own (no silently wrong second derivative).
+    (d_hidden,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels), hidden, create_graph=True)
+    assert not d_hidden.requires_grad
+
+
+def test_only_the_wanted_gradients_are_formed(backend, device, monkeypatch):
+    """A frozen head (weight without a gradient, the LoRA case) needs no (V, H) accumulator."""
+    calls = []
+    original = type(forward_grad.GRADS).__call__
+
+    def spy(self, *args):
+        if self is forward_grad.GRADS:
+            calls.append(args[-3:])
+        return original(self, *args)
+
+    monkeypatch.setattr(type(forward_grad.GRADS), "__call__", spy)
+    hidden, weight, bias = random_head(30, 16, 90, torch.float32, device, bias=True)
+    labels = random_labels((30,), 90, device)
+    check_by_rule(lambda hidden: _ce(labels)[0](hidden, weight, bias),
+                  lambda hidden, upcast: _ce(labels)[1](hidden, weight, bias, upcast), {"hidden": hidden})
+    assert calls[-1] == (True, False, False)
+
+
+def test_without_gradients_the_forward_is_the_statistics_pass(backend, device, monkeypatch):
+    """torch.no_grad, or no input wanting a gradient, or reduction="none": the cheap forward."""
+    hidden, weight, _ = random_head(30, 16, 90, torch.float32, device)
+    labels = random_labels((30,), 90, device)
+    expected = linear_cross_entropy_ref(hidden, weight, labels)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, labels, reduction="sum")
+        assert got.grad_fn is None
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), expected)
+    hidden.requires_grad_()
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, labels).grad_fn is None
+    losses = linear_cross_entropy(hidden, weight, labels, reduction="none")
+    assert ROUTE_OP not in type(losses.grad_fn).__name__
+    assert ROUTE_OP in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+
+
+@pytest.mark.backends("triton")
+def test_with_triton_products(backend, device, monkeypatch):
+    """The all-Triton products (a tuned table's choice, or torch without fp32-output matmuls):
+    the same route forms the gradients in the forward with the recomputing kernels."""
+    monkeypatch.setenv(fused.PRODUCTS_ENV, "triton")
+    hidden, weight, bias = random_head(40, 32, 200, torch.float16, device, bias=True)
+    labels = random_labels((40,), 200, device)
+    check_by_rule(*_ce(labels, reduction="sum", z_loss=1e-2), {"hidden": hidden, "weight": weight, "bias": bias})
+
+
+@pytest.mark.backends("triton")
+def test_budget_setting_cuts_row_chunks(backend, device, monkeypatch):
+    """DOCQA_FAST_LOSSES_CHUNK_MIB bounds the chunk: whole grains of rows over the whole vocabulary."""
+    vocab = 130
+    monkeypatch.setenv(chunked.CHUNK_ENV, str(64 * vocab * 6 / 2**20))  # one 64-row grain, 16-bit G
+    seen = []
+    original = kernels.chunk_stats
+    monkeypatch.setattr(kernels, "chunk_stats", lambda z, *rest: seen.append(z.shape) or original(z, *rest))
+    hidden, weight, _ = random_head(150, 16, vocab, torch.float16, device)
+    labels = random_labels((150,), vocab, device, ignore="nowhere")
+    check_by_rule(*_ce(labels), {"hidden": hidden, "weight": weight})
+    assert seen == [(64, vocab), (64, vocab), (22, vocab)]
+
+
+def test_route_setting_and_tuned_choice(backend, device, monkeypatch):
+    hidden, weight, _ = random_head(12, 8, 40, torch.float32, device)
+    hidden.requires_grad_()
+    labels = random_labels((12,), 40, device)
+    monkeypatch.setenv(fused.ROUTE_ENV, "sideways")
+    with pytest.raises(ValueError, match=fused.ROUTE_ENV):
+        linear_cross_entropy(hidden, weight, labels)
+    monkeypatch.setenv(fused.ROUTE_ENV, "auto")
+    monkeypatch.setenv(tuning.TABLE_ENV, "off")
+    assert ROUTE_OP not in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__  # built-in: recompute
+    with _small_chunks(torch.float32):
+        assert ROUTE_OP in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+    monkeypatch.setenv(fused.ROUTE_ENV, "recompute")
+    with _small_chunks(torch.float32):
+        assert ROUTE_OP not in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+
+
+def test_the_op_checks_its_arguments(backend, device):
+    op = torch.ops.docqa_fast.linear_cross_entropy_grads
+    hidden, weight, bias = random_head(6, 8, 20, torch.float32, device, bias=True)
+    labels = random_labels((6,), 20, device)
+    good = (hidden, weight, bias, labels, -100, 0.0, 0.0, True, True, True, True)
+    loss, scale, d_hidden, d_weight, d_bias = op(*good)
+    assert d_hidden.shape == hidden.shape and d_weight.shape == weight.shape and d_bias.shape == bias.shape
+    for index, bad, error, match in [
+            (0, hidden[None], ValueError, "hidden"), (1, weight.half(), TypeError, "weight"),
+            (3, labels.int(), TypeError, "labels"), (3, labels[:2], ValueError, "labels"),
+            (2, bias[:3], ValueError, "bias"),
+            (5, 1.5, ValueError, "label_smoothing"), (6, -1.0, ValueError, "z_loss"),
+            (6, float("nan"), ValueError, "z_loss")]:
+        args = list(good)
+        args[index] = bad
+        with pytest.raises(error, match=match):
+            op(*args)
+    with pytest.raises(ValueError, match="need_bias"):
+        op(hidden, weight, None, labels, -100, 0.0, 0.0, True, True, True, True)
+    # A gradient wanted that the call did not form: an error, not a silent zero.
+    hidden.requires_grad_()
+    loss = op(hidden, weight, None, labels, -100, 0.0, 0.0, True, False, True, False)[0]
+    with pytest.raises(RuntimeError, match="need_hidden"):
+        loss.backward()
+
+
+def test_row_rule_of_the_route():
+    """CHUNK_ROWS rows (spread evenly, all when fewer), or whole 64-row grains of the budget setting."""
+    assert chunked.forward_grad_rows(8192, 152064, torch.bfloat16, 2048) == 2048
+    assert chunked.forward_grad_rows(5000, 152064, torch.bfloat16, 2048) == 1728  # 3 chunks, not 2048 + 904
+    assert chunked.forward_grad_rows(300, 152064, torch.bfloat16, 2048) == 300
+    assert chunked.forward_grad_rows(0, 152064, torch.bfloat16, 2048) == 1
+
+
+@pytest.mark.backends("triton")
+def test_torch_compile_traces_the_route(backend, device):
+    """The op's fake and autograd under torch.compile (fullgraph, symbolic token counts)."""
+    def step(hidden, weight, labels):
+        return linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1, z_loss=1e-3)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", dynamic=True, fullgraph=True)
+    weight = random_head(1, 16, 90, torch.float32, device)[1].requires_grad_()
+    for n_rows in (13, 21):
+        hidden = random_head(n_rows, 16, 90, torch.float32, device)[0].requires_grad_()
+        labels = random_labels((n_rows,), 90, device)
+        got = compiled(hidden, weight, labels)
+        got_grads = torch.autograd.grad(got, (hidden, weight))
+        expected = step(hidden, weight, labels)
+        assert ROUTE_OP in type(expected.grad_fn).__name__
+        for a, b in zip((got, *got_grads), (expected, *torch.autograd.grad(expected, (hidden, weight)))):
+            torch.testing.assert_close(a, b)
