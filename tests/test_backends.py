@@ -12,6 +12,7 @@ import docqa_fast
 from docqa_fast import _backend
 from docqa_fast._backend import Implementation, Op
 from docqa_fast.kernels import tuning
+from docqa_fast.testing import tuned_tables
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")  # decisions need no tensors: GPU is only a device type here
 
@@ -19,10 +20,8 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda")  # decisions need no tensor
 @pytest.fixture(autouse=True)
 def _auto(monkeypatch):
     monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
-    monkeypatch.setenv(tuning.TABLE_ENV, "off")
-    tuning.reload()
-    yield
-    tuning.reload()
+    with tuned_tables(monkeypatch, "off"):
+        yield
 
 
 def _op(triton_eligible=None):

@@ -9,6 +9,7 @@ import torch
 
 from docqa_fast._backend import Implementation, Op, Override
 from docqa_fast.kernels import tuning
+from docqa_fast.testing import tuned_tables
 
 GPU = torch.device("cuda")  # decisions need no tensors: only the device type
 ENV = "DOCQA_FAST_TEST_FAMILY"
@@ -18,10 +19,8 @@ ENV = "DOCQA_FAST_TEST_FAMILY"
 def _no_settings(monkeypatch):
     monkeypatch.delenv("DOCQA_FAST_BACKEND", raising=False)
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setenv(tuning.TABLE_ENV, "off")
-    tuning.reload()
-    yield
-    tuning.reload()
+    with tuned_tables(monkeypatch, "off"):
+        yield
 
 
 def _op(other_eligible=None, other_available=lambda device: None):

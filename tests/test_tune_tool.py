@@ -9,6 +9,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from docqa_fast.kernels import tuning
+from docqa_fast.testing import tuned_tables
 from docqa_fast.tools import tune, tune_cases
 
 CPU = torch.device("cpu")
@@ -16,10 +17,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(autouse=True)
 def _no_tables(monkeypatch):
-    monkeypatch.setenv(tuning.TABLE_ENV, "off")
-    tuning.reload()
-    yield
-    tuning.reload()
+    with tuned_tables(monkeypatch, "off"):
+        yield
 
 
 def _fake_tunable(behaviour):

@@ -12,17 +12,16 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from docqa_fast.kernels import registry, tuning
+from docqa_fast.testing import tuned_tables
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
 def _fresh_tables(monkeypatch):
-    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
-    tuning.reload()
-    registry.registered_configs()  # every kernel module imported: every tunable kernel declared
-    yield
-    tuning.reload()
+    with tuned_tables(monkeypatch, None):
+        registry.registered_configs()  # every kernel module imported: every tunable kernel declared
+        yield
 
 
 def _tiles(m, n, warps, stages):

@@ -19,7 +19,7 @@ import docqa_fast
 from docqa_fast.attention import ops
 from docqa_fast.kernels import tuning
 from docqa_fast.reference.attention import attention_backward_ref, attention_ref
-from docqa_fast.testing import assert_close_by_rule
+from docqa_fast.testing import assert_close_by_rule, tuned_tables
 
 from test_dispatch_rules import write_dispatch_table  # tests/ is on sys.path (pytest's rootdir insertion)
 
@@ -34,10 +34,8 @@ def _settings(monkeypatch):
     """Every test starts from the default dispatch: nothing forced, no tuned table."""
     for name in ("DOCQA_FAST_BACKEND", "DOCQA_FAST_ATTENTION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(tuning.TABLE_ENV, "off")
-    tuning.reload()
-    yield
-    tuning.reload()
+    with tuned_tables(monkeypatch, "off"):
+        yield
 
 
 def _qkv(batch=2, seqlen_q=48, seqlen_k=48, heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from docqa_fast.kernels import tuning
+from docqa_fast.testing import tuned_tables
 from .test_attention import check_attention
 
 pytestmark = pytest.mark.backends("triton")
@@ -13,8 +14,6 @@ pytestmark = pytest.mark.backends("triton")
 @pytest.fixture
 def launched(monkeypatch):
     """Force the sm90 table and record the tiles each launch looks up."""
-    monkeypatch.setenv(tuning.TABLE_ENV, "sm90")
-    tuning.reload()
     seen = {}
     lookup = tuning.lookup
 
@@ -24,8 +23,8 @@ def launched(monkeypatch):
         return tiles
 
     monkeypatch.setattr(tuning, "lookup", spy)
-    yield seen
-    tuning.reload()
+    with tuned_tables(monkeypatch, "sm90"):
+        yield seen
 
 
 def _expect_table_tiles(seen, keys):
