@@ -20,8 +20,7 @@ its build succeeded, so the file always describes the ``_C`` beside it -- so tha
 ``docqa_fast.backends()`` and the import-time check can explain it at run time.
 """
 
-import glob
-import json
+import importlib.util
 import os
 import shutil
 import sys
@@ -29,9 +28,24 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "docqa_fast", "_build_info.json")
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+VERSION = "0.1.0"
 # The setuptools commands pip runs to make a (possibly editable) wheel: they need bdist_wheel.
 WHEEL_COMMANDS = ("bdist_wheel", "editable_wheel", "dist_info")
+
+
+def _load_build_helpers():
+    """docqa_fast/_extension.py, by path: what to compile and how is decided there, for setup.py and for
+    the just-in-time rebuild alike (importing the package would import all of it, and PyTorch)."""
+    spec = importlib.util.spec_from_file_location("docqa_fast_build_helpers", os.path.join(ROOT, "docqa_fast", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _load_build_helpers()
+local_cuda_archs = helpers.local_cuda_archs
+write_build_info = helpers.write_json
 
 
 def check_build_tools(argv) -> None:
@@ -57,75 +71,27 @@ def check_build_tools(argv) -> None:
 
 def torch_requirement(torch_version, extension_built: bool) -> str:
     """The PyTorch a wheel needs: the release series its extension was compiled against
-    ('2.14.1+cu130' -> 'torch==2.14.*'), or any recent one for a pure-Python wheel."""
+    ('2.14.1+cu130' -> 'torch==2.14.*'), or any recent one for a pure-Python wheel. pip cannot
+    pin the CUDA flavour too (a local label cannot be combined with a wildcard, and PyPI's CUDA
+    builds carry none): the version's own label names it (:func:`local_version`) and the import
+    refuses an extension built for another CUDA major."""
     if not extension_built or not torch_version:
         return "torch>=2.4"
     major, minor = torch_version.split("+")[0].split(".")[:2]
     return f"torch=={major}.{minor}.*"
 
 
-def local_cuda_archs(torch):
-    """The architectures of this machine's GPUs ('9.0a' on Hopper: its wgmma/TMA instructions
-    need the arch-specific target), newest last; None without a GPU. Building for the GPU at
-    hand only takes half the time of the two-architecture default."""
-    if not torch.cuda.is_available():
-        return None
-    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return ";".join(f"{major}.{minor}" + ("a" if major == 9 else "") for major, minor in capabilities)
-
-
-def _gencode_flags(archs):
-    """'8.0;9.0a' -> nvcc -gencode flags (SASS for each arch, PTX for the newest)."""
-    flags = []
-    names = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not names:
-        raise ValueError(f"DOCQA_FAST_CUDA_ARCHS is empty (got {archs!r}); expected e.g. '8.0;9.0a'")
-    for name in names:
-        num = name.replace(".", "")
-        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
-    last = names[-1].replace(".", "")
-    flags += ["-gencode", f"arch=compute_{last},code=compute_{last}"]
-    return flags, names
-
-
-def _cuda_library_dir(cuda_home):
-    """Toolkits keep libcudart in lib64/ or (some packagings) in lib/."""
-    for sub in ("lib64", "lib"):
-        path = os.path.join(cuda_home, sub)
-        if glob.glob(os.path.join(path, "libcudart.so*")):
-            return path
-    return None
-
-
-def _find_cuda_home(torch_guess):
-    """The CUDA toolkit folder: has bin/nvcc and libcudart in lib64/ or lib/.
-
-    PyTorch guesses from the nvcc on PATH, which on some machines is a wrapper script in
-    /usr/local/bin (giving /usr/local); try the explicit settings, then that guess, then
-    the folder that owns the real nvcc (found by asking the wrapper), then /usr/local/cuda.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_guess]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        try:
-            with open(nvcc) as f:  # a shell wrapper names the real binary
-                candidates += [os.path.dirname(os.path.dirname(word)) for word in f.read(4096).split()
-                               if word.endswith("/bin/nvcc")]
-        except (OSError, UnicodeDecodeError):
-            pass
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and _cuda_library_dir(home):
-            return home
-    return None
-
-
-def write_build_info(info, path) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(path + ".tmp", path)
+def local_version(info) -> str:
+    """The wheel's version, with a local label naming what its extension was compiled against, as
+    PyTorch's own wheels and torchvision's do: '0.1.0+cu130.torch2.14' (CUDA kernels, CUDA 13.0),
+    '0.1.0+cpu.torch2.14' (C++ twins only), '0.1.0' (no extension: fits any PyTorch)."""
+    if info.get("extension") not in ("cpu", "cuda") or not info.get("torch"):
+        return VERSION
+    release = ".".join(info["torch"].split("+")[0].split(".")[:2])
+    flavour = "cpu"
+    if info["extension"] == "cuda" and info.get("torch_cuda"):
+        flavour = "cu" + info["torch_cuda"].replace(".", "")
+    return f"{VERSION}+{flavour}.torch{release}"
 
 
 def _build_ext_recording(base, info):
@@ -152,63 +118,69 @@ def _build_ext_recording(base, info):
     return BuildExtRecording
 
 
+def _build_py_shipping(base, info, has_extension: bool):
+    """``base`` (setuptools' build_py) that also puts the extension's sources into the wheel
+    (docqa_fast/_csrc: what ``python -m docqa_fast.build`` compiles for another PyTorch) and, when
+    no extension is built, the build info that says why (build_ext writes it otherwise)."""
+
+    class BuildPyShipping(base):
+        def run(self):
+            super().run()
+            if getattr(self, "editable_mode", False):
+                # An editable install runs from the tree: it has csrc/ already, and its build info
+                # goes beside a _C an older build may have left (the loader then leaves that alone).
+                if not has_extension:
+                    write_build_info(info, BUILD_INFO)
+                return
+            target = os.path.join(self.build_lib, "docqa_fast", helpers.PACKAGED_SOURCES)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(os.path.join(ROOT, "csrc"), target,
+                            ignore=lambda folder, names: [n for n in names if os.path.isfile(os.path.join(folder, n))
+                                                          and not n.endswith(helpers.SOURCE_SUFFIXES)])
+            if not has_extension:
+                write_build_info(info, os.path.join(self.build_lib, "docqa_fast", "_build_info.json"))
+
+    return BuildPyShipping
+
+
 def _plan_extension():
-    """Decide what to build. Returns (ext_modules, cmdclass, build_info)."""
+    """Decide what to build. Returns (ext_modules, build_ext command or None, build_info)."""
     if os.environ.get("DOCQA_FAST_NO_EXTENSION", "0") not in ("", "0"):
-        return [], {}, {"extension": "none", "reason": "DOCQA_FAST_NO_EXTENSION was set at install time"}
+        return [], None, {"extension": "none", "reason": "DOCQA_FAST_NO_EXTENSION was set at install time"}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        return [], {}, {
+        return [], None, {
             "extension": "none",
             "reason": "PyTorch was not importable at build time (install PyTorch first, then docqa_fast "
                       "with --no-build-isolation)",
         }
 
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return [], {}, {"extension": "none", "reason": f"no C++ compiler found ({cxx!r} is not on PATH)",
-                        "torch": torch.__version__}
-
-    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    # No -std flag: PyTorch adds the standard its headers need (C++17 or C++20).
-    cxx_flags = ["-O3"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    plan = helpers.plan_extension(torch, os.path.join(ROOT, "csrc"), relative_to=ROOT,
+                                  cuda_home_guess=cpp_extension.CUDA_HOME)
+    helpers.use_cuda_home(cpp_extension, plan)
+    if plan.kind == "none":
+        return [], None, {"extension": "none", "reason": plan.reason, "torch": torch.__version__}
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    if plan.kind == "cpu":
+        ext = cpp_extension.CppExtension("docqa_fast._C", plan.sources(), include_dirs=plan.include_dirs,
+                                         extra_compile_args={"cxx": plan.cxx_flags()})
+        info = helpers.build_info(plan, torch)
+        return [ext], _build_ext_recording(build_ext, info), info
 
-    why_no_cuda = None
-    cuda_home = _find_cuda_home(cpp_extension.CUDA_HOME)
-    if torch.version.cuda is None:
-        why_no_cuda = "PyTorch is a CPU build"
-    elif cuda_home is None:
-        why_no_cuda = "no CUDA toolkit found (nvcc with libcudart in lib64/ or lib/; set CUDA_HOME)"
-    else:
-        # BuildExtension runs nvcc from this module-level setting.
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
-
-    if why_no_cuda is not None:
-        ext = cpp_extension.CppExtension(
-            "docqa_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
-        )
-        info = {"extension": "cpu", "reason": f"CUDA kernels not built: {why_no_cuda}", "torch": torch.__version__}
-        return [ext], {"build_ext": _build_ext_recording(build_ext, info)}, info
-
-    archs = os.environ.get("DOCQA_FAST_CUDA_ARCHS") or local_cuda_archs(torch) or DEFAULT_CUDA_ARCHS
-    gencode, arch_names = _gencode_flags(archs)
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
+    archs = helpers.cuda_archs(torch)
+    arch_names = helpers.gencode_flags(archs)[1]
     ext = cpp_extension.CUDAExtension(
         "docqa_fast._C",
-        cpp_sources + cuda_sources,
-        include_dirs=include_dirs,
-        library_dirs=[_cuda_library_dir(cuda_home)],
+        plan.sources(),
+        include_dirs=plan.include_dirs,
+        library_dirs=[helpers.cuda_library_dir(plan.cuda_home)],
         define_macros=[("DOCQA_FAST_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags + ["-DDOCQA_FAST_WITH_CUDA=1"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": plan.cxx_flags(), "nvcc": plan.nvcc_flags(archs)},
     )
-    info = {"extension": "cuda", "reason": "", "cuda_archs": arch_names, "cuda_home": cuda_home,
-            "torch": torch.__version__}
-    return [ext], {"build_ext": _build_ext_recording(build_ext, info)}, info
+    info = helpers.build_info(plan, torch, arch_names)
+    return [ext], _build_ext_recording(build_ext, info), info
 
 
 def main():
@@ -219,10 +191,12 @@ def main():
         raise SystemExit("docqa_fast: setuptools is not installed in this environment (a --no-build-isolation "
                          "build uses the build tools installed here). Run:  pip install 'setuptools>=70.1' wheel")
 
-    ext_modules, cmdclass, build_info = _plan_extension()
-    if not ext_modules:
-        # Nothing can fail later: record now (the loader then leaves any older _C in the tree alone).
-        write_build_info(build_info, BUILD_INFO)
+    ext_modules, build_ext, build_info = _plan_extension()
+    from setuptools.command.build_py import build_py
+
+    cmdclass = {"build_py": _build_py_shipping(build_py, build_info, bool(ext_modules))}
+    if build_ext is not None:
+        cmdclass["build_ext"] = build_ext
     print(f"docqa_fast build plan: {build_info}")
 
     options = {}
@@ -235,7 +209,7 @@ def main():
     try:
         setup(
             name="docqa_fast",
-            version="0.1.0",
+            version=local_version(build_info),
             description="Fused Triton and CUDA kernels for long-context, image-heavy document QA models",
             python_requires=">=3.10",
             # kernels/ sits at the top of the repository and installs as docqa_fast.kernels (a
@@ -243,7 +217,8 @@ def main():
             packages=find_packages(include=["docqa_fast", "docqa_fast.*"]) + ["docqa_fast.kernels"],
             package_dir={"docqa_fast.kernels": "kernels"},
             # The per-GPU tile tables (kernels/tuned/*.json) ship with the kernels that read them.
-            package_data={"docqa_fast": ["_build_info.json"], "docqa_fast.kernels": ["tuned/*.json"]},
+            # (docqa_fast/_build_info.json and _csrc/ are written into the wheel by the commands above.)
+            package_data={"docqa_fast.kernels": ["tuned/*.json"]},
             # numpy: the Triton interpreter (TRITON_INTERPRET=1, Triton kernels on CPU tensors) computes with it.
             install_requires=[torch_requirement(build_info.get("torch"), bool(ext_modules)), "numpy"],
             ext_modules=ext_modules,

@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from . import _extension
+
 BACKENDS = ("reference", "triton", "extension")
 BACKEND_ENV = "DOCQA_FAST_BACKEND"
 _ALIASES = {"cuda": "extension"}  # the extension backend's name before it also served CPU tensors
@@ -71,7 +73,8 @@ def _triton_import_error() -> str | None:
     return None
 
 
-REBUILD_HINT = "rebuild it for this PyTorch with `python -m docqa_fast.build`"
+REBUILD_HINT = ("rebuild it for this PyTorch with `python -m docqa_fast.build` (or set DOCQA_FAST_JIT=1 to compile "
+                "it at import, once; docs/install.md)")
 
 
 class ExtensionWarning(UserWarning):
@@ -94,8 +97,9 @@ def _import_failure(info: dict, exc: ImportError) -> str:
     is the usual cause (its C++ ABI changes between releases), so name both versions."""
     built = info.get("torch")
     if built and built != torch.__version__:
-        return (f"docqa_fast._C was built for torch {built} but torch {torch.__version__} is installed, and it "
-                f"does not load with it ({exc}); {REBUILD_HINT}")
+        return (f"docqa_fast._C was built for {_extension.describe_build(info)} but "
+                f"{_extension.describe_torch(torch.__version__, torch.version.cuda)} is installed, and it does not load "
+                f"with it ({exc}); {REBUILD_HINT}")
     return f"docqa_fast._C was built but failed to import ({exc}); {REBUILD_HINT}"
 
 
@@ -103,46 +107,67 @@ def _import_extension():
     return importlib.import_module("docqa_fast._C")
 
 
-@functools.cache
-def _load_extension():
-    """Import docqa_fast._C once; returns (module or None, reason when None)."""
-    info = _build_info()
+def _installed_extension(info: dict):
+    """The extension installed with the package: (module, None), or (None, why not). One built for
+    another PyTorch (release, CUDA major, C++ ABI: its build info says) is not even imported:
+    loading a library linked against other PyTorch symbols can crash the process."""
     if info.get("extension") == "none":
         # The last install chose no extension: a _C left in the tree by an older build is not used.
         return None, f"extension not built: {info.get('reason', 'unknown reason')}"
+    mismatch = _extension.torch_mismatch(info, torch)
+    if mismatch:
+        return None, f"{mismatch}: not loaded; {REBUILD_HINT}"
     try:
-        module = _import_extension()
+        return _import_extension(), None
     except ImportError as exc:
         if info.get("extension") in ("cpu", "cuda"):
             return None, _import_failure(info, exc)
         return None, f"extension not built: {info.get('reason', 'unknown reason')}"
-    return module, None
 
 
-def _release(version: str) -> str:
-    return ".".join(version.split("+")[0].split(".")[:2])
+def _jit_extension(compile_missing: bool):
+    """docqa_fast._extension's just-in-time build for this PyTorch: (module or None, why not or None)."""
+    module, info, why = _extension.jit_extension(compile_missing)
+    if module is not None:
+        module.docqa_fast_build_info = info  # what backends() reports, instead of the installed _C's
+    return module, why
+
+
+@functools.cache
+def _load_extension():
+    """The extension once: the installed docqa_fast._C when it fits this PyTorch, else a just-in-time
+    build of the same sources for it (docqa_fast._extension: from the cache; compiled first under
+    DOCQA_FAST_JIT=1). Returns (module or None, reason when None)."""
+    info = _build_info()
+    module, reason = _installed_extension(info)
+    if module is not None:
+        return module, None
+    setting = _extension.jit_setting()
+    if setting == "off":
+        return None, reason
+    module, why = _jit_extension(compile_missing=setting == "compile")
+    if module is not None:
+        return module, None
+    return None, reason + (f" (no just-in-time build either: {why})" if why else "")
+
+
+def extension_build_info(module) -> dict:
+    """The build info of a loaded extension: a just-in-time build's own, else the installed one's."""
+    return getattr(module, "docqa_fast_build_info", None) or _build_info()
 
 
 def warn_if_extension_unusable() -> str | None:
-    """At import: an extension that was built but does not load is said once, as an
-    :class:`ExtensionWarning` (its ops still run, on the other backends); so is one that loads
-    but was compiled against another PyTorch release. Returns what was said, or None."""
-    info = _build_info()
-    if info.get("extension") not in ("cpu", "cuda"):
+    """At import: an installed extension that does not fit this PyTorch or does not load, and for
+    which no just-in-time build fits either, is said once, as an :class:`ExtensionWarning` naming
+    both PyTorch builds and the fix; its ops run on the other backends. Returns what was said."""
+    if _build_info().get("extension") not in ("cpu", "cuda"):
         return None
     module, reason = _load_extension()
-    if module is None:
-        warnings.warn(f"{reason}. Until then its ops run on the other backends (docqa_fast.backends()).",
-                      ExtensionWarning, stacklevel=2)
-        return reason
-    built = info.get("torch")
-    if built and _release(built) != _release(torch.__version__):
-        # It loaded, but PyTorch keeps no C++ ABI promise across releases: a call may still crash.
-        reason = (f"docqa_fast._C was built for torch {built} but torch {torch.__version__} is installed; it "
-                  f"loaded, but PyTorch's C++ ABI changes between releases: {REBUILD_HINT}")
-        warnings.warn(reason, ExtensionWarning, stacklevel=2)
-        return reason
-    return None
+    if module is not None:
+        return None
+    warnings.warn(f"{reason}. Until then its ops run on the Triton and reference backends (docqa_fast.backends()).",
+                  ExtensionWarning, stacklevel=2)
+    return reason
 
 
 def extension():
@@ -174,14 +199,17 @@ def backends() -> dict[str, BackendStatus]:
     module, reason = _load_extension()
     if module is None:
         status["extension"] = BackendStatus(False, reason)
-    elif not module.compiled_with_cuda():
-        status["extension"] = BackendStatus(
-            True, f"C++ CPU twins only; {_build_info().get('reason', 'CUDA kernels not built')}"
-        )
-    elif not torch.cuda.is_available():
-        status["extension"] = BackendStatus(True, "CUDA kernels built (no CUDA device here); C++ CPU twins run")
     else:
-        status["extension"] = BackendStatus(True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+        built = extension_build_info(module)
+        # A just-in-time build says so, and where it is (the installed _C did not fit this PyTorch).
+        where = f" (built just in time in {built['jit']})" if built.get("jit") else ""
+        if not module.compiled_with_cuda():
+            detail = f"C++ CPU twins only; {built.get('reason') or 'CUDA kernels not built'}"
+        elif not torch.cuda.is_available():
+            detail = "CUDA kernels built (no CUDA device here); C++ CPU twins run"
+        else:
+            detail = f"CUDA kernels on {torch.cuda.get_device_name()}"
+        status["extension"] = BackendStatus(True, detail + where)
     return status
 
 
@@ -205,7 +233,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | 
         if module is None:
             return reason
         if device.type == "cuda" and not module.compiled_with_cuda():
-            return f"docqa_fast._C has no CUDA kernels ({_build_info().get('reason', '')})"
+            return f"docqa_fast._C has no CUDA kernels ({extension_build_info(module).get('reason', '')})"
         if device.type not in ("cuda", "cpu"):
             return f"docqa_fast._C has no kernels for {device.type} tensors"
         return None

@@ -1,10 +1,13 @@
-"""Installing and loading: what setup.py decides (the wheel's requirements, the CUDA architectures,
-the build tools a --no-build-isolation build needs, the build info written only on success), the
-warning at import when the built extension does not load (built for another PyTorch), the
-rebuild command, and that a test run leaves no temporary folder behind.
+"""Installing and loading: what setup.py decides (the wheel's requirements and version label, the
+CUDA architectures, the build tools a --no-build-isolation build needs, the build info written only
+on success, the sources shipped for a rebuild), whether an installed extension fits the running
+PyTorch (release, CUDA major, C++ ABI) and the one warning and fallback when it does not, the
+just-in-time rebuild (its cache key and folder, the arguments it gives PyTorch's compiler, when it
+compiles), the rebuild command, and that a test run leaves no temporary folder behind.
 
-Building a wheel takes minutes on 2 cores, so setup.py's helpers are called directly; the whole
-`pip install --no-build-isolation .` is what README's Install section describes.
+Building a wheel or compiling the extension takes minutes on 2 cores, so setup.py's helpers are
+called directly and PyTorch's compiler is replaced by a fake that records its arguments; the whole
+`pip install --no-build-isolation .` is what docs/install.md describes.
 """
 
 import importlib.util
@@ -20,8 +23,9 @@ import pytest
 import torch
 
 import docqa_fast
-from docqa_fast import _backend
+from docqa_fast import _backend, _extension
 from docqa_fast import build as rebuild
+from docqa_fast.reference import plan_packing_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +72,7 @@ def test_cuda_architectures_default_to_the_gpus_of_this_machine(setup_py):
     assert setup_py.local_cuda_archs(_fake_torch((9, 0))) == "9.0a"  # Hopper's wgmma/TMA need sm_90a
     # Each architecture once, newest last (it also gets the PTX), ordered as numbers, not strings.
     assert setup_py.local_cuda_archs(_fake_torch((10, 0), (8, 0), (10, 0), (9, 0))) == "8.0;9.0a;10.0"
-    flags, names = setup_py._gencode_flags("8.0;9.0a;10.0")
+    flags, names = setup_py.helpers.gencode_flags("8.0;9.0a;10.0")
     assert names == ["8.0", "9.0a", "10.0"] and flags[-1] == "arch=compute_100,code=compute_100"
 
 
@@ -127,9 +131,12 @@ def test_an_editable_build_keeps_its_objects_in_the_tree_for_the_next_one(setup_
 
 
 @pytest.fixture
-def extension_state(monkeypatch):
+def extension_state(monkeypatch, tmp_path):
     """Fake build info and import outcome for the extension loader; its caches cleared around the test."""
     _backend._load_extension.cache_clear()
+    # A just-in-time build in the user's cache must not decide these tests: an empty one of their own.
+    monkeypatch.setenv("DOCQA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DOCQA_FAST_JIT", raising=False)
     attempts = []
 
     def arrange(info, import_error=None):
@@ -147,38 +154,114 @@ def extension_state(monkeypatch):
     _backend._load_extension.cache_clear()
 
 
-def test_an_extension_built_for_another_torch_is_reported_at_import(extension_state):
-    extension_state({"extension": "cuda", "torch": "2.13.0+cu126"},
-                    ImportError("_C.so: undefined symbol: _ZN3c1017RegisterOperators"))
-    with pytest.warns(_backend.ExtensionWarning) as caught:
-        reason = _backend.warn_if_extension_unusable()
-    message = str(caught[0].message)
-    assert f"built for torch 2.13.0+cu126 but torch {torch.__version__} is installed" in message
-    assert "undefined symbol" in message and "python -m docqa_fast.build" in message
-    assert "its ops run on the other backends" in message
-    # backends() gives the same reason, and the dispatch falls back.
+def _other_cuda_major() -> str:
+    """A CUDA version whose major differs from the running PyTorch's (12.6 under a CPU build)."""
+    if torch.version.cuda is None:
+        return "12.6"
+    return f"{int(torch.version.cuda.split('.')[0]) - 1}.6"
+
+
+def _running_build(extension="cuda", **changes) -> dict:
+    """Build info as setup.py writes it for an extension built against the running PyTorch."""
+    info = {"extension": extension, "reason": "", "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cxx11_abi": bool(torch.compiled_with_cxx11_abi())}
+    return {**info, **changes}
+
+
+def _fake_torch_build(version, cuda, abi=True):
+    return SimpleNamespace(__version__=version, version=SimpleNamespace(cuda=cuda),
+                           compiled_with_cxx11_abi=lambda: abi)
+
+
+def test_an_extension_fits_the_same_release_cuda_major_and_abi_only():
+    cu130 = _fake_torch_build("2.14.1+cu130", "13.0")
+    fits = {"extension": "cuda", "torch": "2.14.0+cu130", "torch_cuda": "13.0", "cxx11_abi": True}
+    assert _extension.torch_mismatch(fits, cu130) is None  # a patch release, another minor CUDA: same ABI
+    assert _extension.torch_mismatch({**fits, "torch_cuda": "13.2"}, cu130) is None
+    assert _extension.torch_mismatch(fits, _fake_torch_build("2.14.1", "13.0")) is None  # PyPI's unlabelled build
+    cases = {
+        "another CUDA major version": (fits, _fake_torch_build("2.14.1+cu126", "12.6")),
+        "need a CUDA build of PyTorch": (fits, _fake_torch_build("2.14.1+cpu", None)),
+        "another PyTorch release": (fits, _fake_torch_build("2.13.0+cu130", "13.0")),
+        "another C++ ABI": (fits, _fake_torch_build("2.14.1+cu130", "13.0", abi=False)),
+    }
+    for differs, (info, running) in cases.items():
+        message = _extension.torch_mismatch(info, running)
+        assert message and differs in message, (differs, message)
+        assert "built for torch 2.14.0+cu130 (CUDA 13.0)" in message
+        assert f"but torch {running.__version__} ({'CUDA ' + running.version.cuda if running.version.cuda else 'CPU'})" \
+            " is installed" in message
+    # The C++ twins link PyTorch's CPU libraries only: any flavour of the same release will do.
+    cpu_twins = {"extension": "cpu", "torch": "2.14.1+cu130", "torch_cuda": "13.0", "cxx11_abi": True}
+    assert _extension.torch_mismatch(cpu_twins, _fake_torch_build("2.14.1+cpu", None)) is None
+    assert "another PyTorch release" in _extension.torch_mismatch(cpu_twins, _fake_torch_build("2.15.0", None))
+    # Build info written before the CUDA version was recorded: its version's label says it.
+    old = {"extension": "cuda", "torch": "2.14.1+cu130"}
+    assert "CUDA 13.0" in _extension.torch_mismatch(old, _fake_torch_build("2.14.1+cu126", "12.6"))
+    # Nothing recorded (PyPI's unlabelled build, no torch_cuda): the release is all that can be checked.
+    assert _extension.torch_mismatch({"extension": "cuda", "torch": "2.14.1"}, cu130) is None
+    assert _extension.torch_mismatch({"extension": "none"}, cu130) is None
+
+
+def _only_warning(caught) -> str:
+    mine = [w for w in caught if issubclass(w.category, _backend.ExtensionWarning)]
+    assert len(mine) == 1, [str(w.message) for w in mine]
+    return str(mine[0].message)
+
+
+def test_an_extension_built_for_another_cuda_major_is_reported_once_and_not_loaded(extension_state, recwarn):
+    info = _running_build(torch_cuda=_other_cuda_major(), torch=torch.__version__.split("+")[0] + "+cu126")
+    attempts = extension_state(info, AssertionError("an extension for another CUDA must not be imported"))
+    reason = _backend.warn_if_extension_unusable()
+    message = _only_warning(recwarn)
+    assert f"built for torch {info['torch']} (CUDA {info['torch_cuda']})" in message
+    running = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
+    assert f"but torch {torch.__version__} ({running}) is installed" in message
+    assert "python -m docqa_fast.build" in message and "DOCQA_FAST_JIT=1" in message
+    assert "its ops run on the Triton and reference backends" in message
+    assert attempts == []  # never imported: a library linked against another CUDA may crash the process
+    # backends() gives the same reason, and the dispatch falls back to the reference on CPU tensors.
+    assert _backend.extension() is None
     assert not docqa_fast.backends()["extension"].available
     assert docqa_fast.backends()["extension"].detail == reason
+    with docqa_fast.dispatch_log() as log:
+        bins = docqa_fast.plan_packing([3, 5, 2, 6], 8)
+    assert [(op, backend) for op, backend, _ in log] == [("plan_packing", "reference")]
+    assert bins == plan_packing_ref([3, 5, 2, 6], 8)
 
 
-def test_an_extension_that_fails_to_load_with_its_own_torch_is_reported_too(extension_state):
-    extension_state({"extension": "cpu", "torch": torch.__version__}, ImportError("libfoo.so: cannot open"))
-    with pytest.warns(_backend.ExtensionWarning, match=r"built but failed to import \(libfoo.so: cannot open\)"):
-        _backend.warn_if_extension_unusable()
+def test_an_extension_of_another_torch_release_is_not_loaded(extension_state, recwarn):
+    attempts = extension_state(_running_build("cpu", torch="1.13.1", torch_cuda=None),
+                               AssertionError("an extension for another release must not be imported"))
+    reason = _backend.warn_if_extension_unusable()
+    assert "built for torch 1.13.1 but" in _only_warning(recwarn) and "another PyTorch release" in reason
+    assert attempts == [] and _backend.extension() is None
 
 
-def test_an_extension_of_another_torch_release_that_loads_is_still_reported(extension_state, monkeypatch):
-    extension_state({"extension": "cpu", "torch": "1.13.1"})
-    monkeypatch.setattr(_backend, "_import_extension", lambda: SimpleNamespace(compiled_with_cuda=lambda: False))
-    with pytest.warns(_backend.ExtensionWarning,
-                      match=re.escape(f"built for torch 1.13.1 but torch {torch.__version__} is installed; it loaded")):
-        _backend.warn_if_extension_unusable()
-    assert docqa_fast.backends()["extension"].available  # used all the same: it may well work
-    # Another build of the same release (a local version label, a patch release) is not a mismatch.
-    _backend._load_extension.cache_clear()
-    extension_state({"extension": "cpu", "torch": torch.__version__.split("+")[0] + "+other"})
-    monkeypatch.setattr(_backend, "_import_extension", lambda: SimpleNamespace(compiled_with_cuda=lambda: False))
-    assert _backend.warn_if_extension_unusable() is None
+def test_an_extension_that_fails_to_load_is_reported_with_both_versions(extension_state, recwarn):
+    """The recorded versions fit, but the library does not load (a patch release that dropped a
+    symbol, a missing libc10_cuda): the import error is said with both builds."""
+    info = _running_build(torch=torch.__version__.split("+")[0] + "+other")
+    attempts = extension_state(info, ImportError("libc10_cuda.so: cannot open shared object file"))
+    _backend.warn_if_extension_unusable()
+    message = _only_warning(recwarn)
+    assert f"built for torch {info['torch']}" in message and f"torch {torch.__version__} (" in message
+    assert "libc10_cuda.so: cannot open" in message and "python -m docqa_fast.build" in message
+    assert attempts == ["docqa_fast._C"]
+
+
+def test_an_extension_that_fails_to_load_with_its_own_torch_is_reported_too(extension_state, recwarn):
+    extension_state(_running_build("cpu"), ImportError("_C.so: undefined symbol: _ZN3c1017RegisterOperators"))
+    _backend.warn_if_extension_unusable()
+    assert re.search(r"built but failed to import \(_C.so: undefined symbol", _only_warning(recwarn))
+
+
+def test_an_extension_that_fits_is_loaded_without_a_word(extension_state, monkeypatch, recwarn):
+    extension_state(_running_build("cpu", torch=torch.__version__.split("+")[0] + "+other"))
+    twins = SimpleNamespace(compiled_with_cuda=lambda: False)
+    monkeypatch.setattr(_backend, "_import_extension", lambda: twins)
+    assert _backend.warn_if_extension_unusable() is None and _backend.extension() is twins
+    assert not [w for w in recwarn if issubclass(w.category, _backend.ExtensionWarning)]
 
 
 def test_no_warning_and_no_import_when_no_extension_was_built(extension_state, recwarn):
@@ -188,6 +271,219 @@ def test_no_warning_and_no_import_when_no_extension_was_built(extension_state, r
     assert _backend.extension() is None and attempts == []
     assert "DOCQA_FAST_NO_EXTENSION" in docqa_fast.backends()["extension"].detail
     assert not [w for w in recwarn if issubclass(w.category, _backend.ExtensionWarning)]
+
+
+def _fake_sources(root: Path) -> Path:
+    (root / "packing").mkdir(parents=True)
+    for name, text in (("bindings.cpp", "// module"), ("packing/a.cpp", "int a;"), ("packing/a.cu", "// kernel"),
+                       ("packing/a.h", "#pragma once"), ("packing/notes.txt", "not a source")):
+        (root / name).write_text(text)
+    return root
+
+
+def _fake_plan(kind, root: Path, cuda_home=None) -> _extension.Plan:
+    return _extension.Plan(kind, "", _extension.source_files(root, ".cpp"), _extension.source_files(root, ".cu"),
+                           [str(root)], cuda_home)
+
+
+def test_a_just_in_time_build_is_keyed_by_the_torch_build_and_every_source_byte(tmp_path, monkeypatch):
+    root = _fake_sources(tmp_path / "csrc")
+    plan = _fake_plan("cuda", root)
+    cu130 = _fake_torch_build("2.14.1+cu130", "13.0")
+    key = _extension.jit_key(plan, cu130, root)
+    assert key == _extension.jit_key(plan, cu130, root)
+    others = [_extension.jit_key(plan, running, root) for running in (
+        _fake_torch_build("2.14.1+cu126", "12.6"), _fake_torch_build("2.14.2+cu130", "13.0"),
+        _fake_torch_build("2.14.1+cu130", "13.0", abi=False))]
+    others.append(_extension.jit_key(_fake_plan("cpu", root), cu130, root))
+    (root / "packing" / "a.h").write_text("#pragma once // edited")  # a header is a source too
+    others.append(_extension.jit_key(plan, cu130, root))
+    assert len({key, *others}) == 6, others
+
+    monkeypatch.setenv("DOCQA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    folder, name = _extension.jit_folder(plan, cu130, root)
+    key = _extension.jit_key(plan, cu130, root)
+    assert folder.parent == tmp_path / "cache" / "extension" and name == f"docqa_fast_C_{key}" and name.isidentifier()
+    assert folder.name.startswith("torch2.14.1+cu130-") and folder.name.endswith(f"-cuda-{key}")
+
+
+def test_the_just_in_time_cache_lives_outside_the_package(monkeypatch, tmp_path):
+    for variable in ("DOCQA_FAST_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    default = _extension.cache_root()
+    assert default == Path.home() / ".cache" / "docqa_fast" / "extension" and ROOT not in default.parents
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _extension.cache_root() == tmp_path / "xdg" / "docqa_fast" / "extension"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    assert _extension.cache_root() == tmp_path / "torch_extensions" / "docqa_fast"
+    monkeypatch.setenv("DOCQA_FAST_CACHE_DIR", str(tmp_path / "mine"))
+    assert _extension.cache_root() == tmp_path / "mine" / "extension"
+    monkeypatch.setenv("DOCQA_FAST_CACHE_DIR", "off")
+    assert _extension.cache_root() is None
+
+
+def test_the_just_in_time_setting_is_opt_in(monkeypatch):
+    for value, setting in (("", "cached"), ("auto", "cached"), ("1", "compile"), ("yes", "compile"), ("0", "off")):
+        monkeypatch.setenv("DOCQA_FAST_JIT", value)
+        assert _extension.jit_setting() == setting, value
+    monkeypatch.delenv("DOCQA_FAST_JIT")
+    assert _extension.jit_setting() == "cached"  # no compile nobody asked for
+    monkeypatch.setenv("DOCQA_FAST_JIT", "maybe")
+    with pytest.raises(ValueError, match=r"DOCQA_FAST_JIT='maybe': expected 1 .* 0 .* or unset"):
+        _extension.jit_setting()
+
+
+def test_a_just_in_time_build_gets_the_flags_setup_py_gives(tmp_path):
+    root = _fake_sources(tmp_path / "csrc")
+    (tmp_path / "cuda" / "lib64").mkdir(parents=True)
+    (tmp_path / "cuda" / "lib64" / "libcudart.so").write_text("")
+    folder = tmp_path / "build"
+    arguments = _extension.jit_arguments(_fake_plan("cuda", root, str(tmp_path / "cuda")), folder, "docqa_fast_C_x",
+                                         "8.0;9.0a")
+    assert arguments["name"] == "docqa_fast_C_x" and arguments["build_directory"] == str(folder)
+    assert arguments["sources"] == [str(root / "bindings.cpp"), str(root / "packing" / "a.cpp"),
+                                    str(root / "packing" / "a.cu")]
+    assert arguments["with_cuda"] and arguments["extra_include_paths"] == [str(root)]
+    assert arguments["extra_cflags"] == ["-O3", "-DDOCQA_FAST_WITH_CUDA=1"]
+    cuda_flags = arguments["extra_cuda_cflags"]
+    assert "-DDOCQA_FAST_WITH_CUDA=1" in cuda_flags and "--expt-relaxed-constexpr" in cuda_flags
+    # -gencode given here: PyTorch then leaves TORCH_CUDA_ARCH_LIST out.
+    assert cuda_flags[-6:] == ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+                               "-gencode", "arch=compute_90a,code=compute_90a"]
+    assert arguments["extra_ldflags"] == [f"-L{tmp_path / 'cuda' / 'lib64'}"]
+    cpu = _extension.jit_arguments(_fake_plan("cpu", root), folder, "docqa_fast_C_x", "")
+    assert cpu["sources"] == arguments["sources"][:2] and not cpu["with_cuda"] and cpu["extra_cflags"] == ["-O3"]
+    assert "extra_cuda_cflags" not in cpu and "extra_ldflags" not in cpu
+
+
+@pytest.fixture
+def fake_compiler(monkeypatch):
+    """PyTorch's just-in-time compiler replaced by one that records its arguments and returns a
+    module of C++ twins (or raises ``fake_compiler.error``); any executable stands in for c++."""
+    from torch.utils import cpp_extension
+
+    calls, twins = [], SimpleNamespace(compiled_with_cuda=lambda: False)
+    state = SimpleNamespace(calls=calls, module=twins, error=None)
+
+    def load(**arguments):
+        calls.append(arguments)
+        if state.error:
+            raise state.error
+        return twins
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("CXX", sys.executable)
+    return state
+
+
+def test_a_mismatched_extension_is_rebuilt_just_in_time_when_asked(extension_state, fake_compiler, monkeypatch,
+                                                                   recwarn, tmp_path):
+    extension_state(_running_build(torch="1.13.1"), AssertionError("a mismatched extension must not be imported"))
+    assert _backend.warn_if_extension_unusable() and fake_compiler.calls == []  # not asked: a warning only
+    recwarn.clear()
+    _backend._load_extension.cache_clear()
+    monkeypatch.setenv("DOCQA_FAST_JIT", "1")
+    assert _backend.warn_if_extension_unusable() is None and _backend.extension() is fake_compiler.module
+    assert not [w for w in recwarn if issubclass(w.category, _backend.ExtensionWarning)]
+    [arguments] = fake_compiler.calls
+    folder = Path(arguments["build_directory"])
+    assert folder.parent == tmp_path / "cache" / "extension" and arguments["name"].startswith("docqa_fast_C_")
+    assert arguments["sources"] and all(Path(source).is_file() for source in arguments["sources"])
+    info = json.loads((folder / "build_info.json").read_text())  # written once the build succeeded
+    assert info["torch"] == torch.__version__ and info["jit"] == str(folder)
+    assert docqa_fast.backends()["extension"].detail.endswith(f"(built just in time in {folder})")
+
+    # The next process loads it from the cache without being asked, and compiles nothing.
+    (folder / f"{arguments['name']}.so").write_bytes(b"")
+    cached = SimpleNamespace(compiled_with_cuda=lambda: False)
+    monkeypatch.setattr(_extension, "_import_built", lambda path, name: cached)
+    monkeypatch.delenv("DOCQA_FAST_JIT")
+    _backend._load_extension.cache_clear()
+    assert _backend.extension() is cached and len(fake_compiler.calls) == 1
+    _backend._load_extension.cache_clear()
+    monkeypatch.setenv("DOCQA_FAST_JIT", "0")  # the cache ignored
+    assert _backend.extension() is None
+
+
+def test_a_failed_just_in_time_build_is_said_in_the_one_warning_and_leaves_no_build(extension_state, fake_compiler,
+                                                                                     monkeypatch, recwarn, tmp_path):
+    extension_state(_running_build(torch="1.13.1"), AssertionError("a mismatched extension must not be imported"))
+    monkeypatch.setenv("DOCQA_FAST_JIT", "1")
+    fake_compiler.error = RuntimeError("Error building extension 'docqa_fast_C_x'")
+    _backend.warn_if_extension_unusable()
+    message = _only_warning(recwarn)
+    assert "built for torch 1.13.1" in message and "python -m docqa_fast.build" in message
+    assert re.search(r"no just-in-time build either: compiling it into .* failed \(Error building extension", message)
+    assert _backend.extension() is None and not list((tmp_path / "cache").rglob("build_info.json"))
+
+
+def test_the_rebuild_command_compiles_just_in_time_without_a_source_folder(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(rebuild, "install_source", lambda: (None, False))  # an installed wheel
+    monkeypatch.setattr(rebuild, "_report_in_fresh_process", lambda: 0)
+    calls = []
+
+    def jit_extension(compile_missing, verbose=False):
+        calls.append((compile_missing, verbose))
+        return SimpleNamespace(), {"torch": torch.__version__, "jit": "/cache/folder"}, None
+
+    monkeypatch.setattr(_extension, "jit_extension", jit_extension)
+    assert rebuild.main([]) == 0 and calls == [(True, True)]
+    assert f"built for torch {torch.__version__} in /cache/folder" in capsys.readouterr().out
+    monkeypatch.setattr(_extension, "jit_extension", lambda compile_missing, verbose=False: (None, None, "no c++"))
+    assert rebuild.main([]) == 1 and "docqa_fast.build: no c++" in capsys.readouterr().err
+
+    monkeypatch.setenv("DOCQA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", sys.executable)
+    assert rebuild.main(["--jit", "--dry-run"]) == 0
+    assert f"into {tmp_path / 'cache' / 'extension'}" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()  # a dry run makes nothing
+
+
+def test_a_wheel_ships_the_sources_a_rebuild_compiles(setup_py, tmp_path, monkeypatch):
+    monkeypatch.setattr(setup_py, "BUILD_INFO", str(tmp_path / "tree" / "_build_info.json"))
+
+    class Base:
+        editable_mode = False
+
+        def run(self):
+            pass
+
+    none = {"extension": "none", "reason": "DOCQA_FAST_NO_EXTENSION was set at install time"}
+    command = setup_py._build_py_shipping(Base, none, has_extension=False)()
+    command.build_lib = str(tmp_path / "lib")
+    command.run()
+    shipped = tmp_path / "lib" / "docqa_fast" / "_csrc"
+    relative = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+    expected = sorted(str(p.relative_to(ROOT / "csrc")) for p in (ROOT / "csrc").rglob("*")
+                      if p.suffix in (".cpp", ".cu", ".h"))
+    assert relative == expected and "bindings.cpp" in relative
+    # Without an extension the wheel's build info says why (build_ext writes it otherwise); the tree is untouched.
+    assert json.loads((tmp_path / "lib" / "docqa_fast" / "_build_info.json").read_text()) == none
+    assert not (tmp_path / "tree").exists()
+    # An installed wheel finds them there.
+    (tmp_path / "site" / "docqa_fast").mkdir(parents=True)
+    (tmp_path / "lib" / "docqa_fast" / "_csrc").rename(tmp_path / "site" / "docqa_fast" / "_csrc")
+    assert _extension.source_root(tmp_path / "site" / "docqa_fast") == tmp_path / "site" / "docqa_fast" / "_csrc"
+    assert _extension.source_root() == ROOT / "csrc"
+
+    # An editable install runs from the tree: nothing is copied; its build info goes beside the tree's _C.
+    command = setup_py._build_py_shipping(Base, none, has_extension=False)()
+    command.build_lib, command.editable_mode = str(tmp_path / "editable"), True
+    command.run()
+    assert not (tmp_path / "editable").exists()
+    assert json.loads((tmp_path / "tree" / "_build_info.json").read_text()) == none
+
+
+def test_the_wheel_version_names_what_its_extension_was_compiled_against(setup_py):
+    version = pytest.importorskip("packaging.version")
+    cuda = {"extension": "cuda", "torch": "2.14.1+cu130", "torch_cuda": "13.0"}
+    assert setup_py.local_version(cuda) == "0.1.0+cu130.torch2.14"
+    assert setup_py.local_version({**cuda, "torch_cuda": "12.6", "torch": "2.11.0"}) == "0.1.0+cu126.torch2.11"
+    assert setup_py.local_version({"extension": "cpu", "torch": "2.14.1+cu130"}) == "0.1.0+cpu.torch2.14"
+    assert setup_py.local_version({"extension": "none", "reason": "no compiler"}) == "0.1.0"
+    parsed = version.Version(setup_py.local_version(cuda))
+    assert parsed.public == "0.1.0" and parsed.local == "cu130.torch2.14"
 
 
 def test_rebuild_command_reinstalls_from_the_recorded_source(capsys):
