@@ -304,6 +304,10 @@ def _head_tile(num_heads: int) -> int:
 _PARAMS = ("BLOCK_B", "BLOCK_H", "num_warps")
 tuning.declare("reward_forward", _PARAMS)
 tuning.declare("reward_backward", _PARAMS)
+# The dense input gradient's fill tile, tunable on its own under the same key (the sparse
+# backward launches no fill programs and keeps the built-in tile).
+tuning.declare("reward_backward_fill", ("FILL_ROWS", "FILL_BLOCK_H"))
+DEFAULT_FILL = {"FILL_ROWS": FILL_ROWS, "FILL_BLOCK_H": FILL_BLOCK_H}
 
 
 def tile_key(dtype, num_heads: int) -> str:
@@ -369,18 +373,27 @@ def backward(x, token_index, weight, rewards, mean, minimum, grads, grad_x, grad
     if H == 0:
         return
 
-    def run(t):
-        grid = triton.cdiv(H, t["BLOCK_H"]) + triton.cdiv(num_rows, FILL_ROWS)
+    key = tile_key(x.dtype, K)
+
+    def run(t, fill):
+        grid = triton.cdiv(H, t["BLOCK_H"]) + triton.cdiv(num_rows, fill["FILL_ROWS"])
         reward_heads_backward_kernel[(grid,)](
             x, token_index, seq_stride, token_stride, num_tokens, weight, rewards, mean, minimum,
             g_rewards, g_mean, g_var, g_min, grad_x, grad_weight, grad_bias if grad_bias is not None else grad_weight,
             B, H, K, flags, rows_per_seq, num_rows, int(rows_sorted),
             HAS_BIAS=grad_bias is not None, SPARSE=sparse, IEEE=x.dtype == torch.float32, BLOCK_K=_head_tile(K),
-            FILL_ROWS=FILL_ROWS, FILL_BLOCK_H=FILL_BLOCK_H, num_stages=NUM_STAGES, **t,
+            num_stages=NUM_STAGES, **t, **fill,
         )
 
-    tuning.launch("reward_backward", tile_key(x.dtype, K), default_tiles("reward_backward", x.dtype), x.device,
-                  run)
+    def with_fill(fill):
+        return tuning.launch("reward_backward", key, default_tiles("reward_backward", x.dtype), x.device,
+                             lambda t: run(t, fill))
+
+    if sparse:
+        with_fill(DEFAULT_FILL)
+        return
+    # Nested: tuned fill tiles that do not compile fall back to the built-in ones like the others.
+    tuning.launch("reward_backward_fill", key, DEFAULT_FILL, x.device, with_fill)
 
 
 def _configs():
@@ -414,10 +427,16 @@ def _configs():
             # Alignment changes only the hints: the unaligned backward is registered in its
             # plain variant (no bias, dense), the aligned one in all four.
             variants = itertools.product((False, True), (False, True)) if alignment == "aligned" else [(False, False)]
-            for tiles, (has_bias, sparse) in itertools.product(_choices("reward_backward", dtype, block_k), variants):
+            fills = [DEFAULT_FILL] + [f for f in tuning.tables_choices("reward_backward_fill",
+                                                                       f"{ptr[1:]},K={block_k}") if f != DEFAULT_FILL]
+            for tiles, (has_bias, sparse), fill in itertools.product(_choices("reward_backward", dtype, block_k),
+                                                                     variants, fills):
+                if sparse and fill != DEFAULT_FILL:
+                    continue  # the sparse backward always takes the built-in fill tile
+                fill_suffix = "" if fill == DEFAULT_FILL else ",fill{FILL_ROWS}x{FILL_BLOCK_H}".format(**fill)
                 yield KernelConfig(
                     name=f"reward_backward[{ptr[1:]},BLOCK_K={block_k},bias={int(has_bias)},sparse={int(sparse)},"
-                         f"{alignment}{_suffix('reward_backward', dtype, tiles)}]",
+                         f"{alignment}{_suffix('reward_backward', dtype, tiles)}{fill_suffix}]",
                     fn=reward_heads_backward_kernel,
                     signature={**positions, "rewards_ptr": "*fp32", "mean_ptr": "*fp32", "min_ptr": "*fp32",
                                "g_rewards_ptr": "*fp32", "g_mean_ptr": "*fp32", "g_var_ptr": "*fp32",
@@ -428,7 +447,7 @@ def _configs():
                                "BLOCK_K": "constexpr", "FILL_ROWS": "constexpr", "FILL_BLOCK_H": "constexpr"},
                     constexprs={"HAS_BIAS": has_bias, "SPARSE": sparse, "IEEE": not tensor_cores,
                                 "BLOCK_B": tiles["BLOCK_B"], "BLOCK_H": tiles["BLOCK_H"], "BLOCK_K": block_k,
-                                "FILL_ROWS": FILL_ROWS, "FILL_BLOCK_H": FILL_BLOCK_H},
+                                **fill},
                     num_warps=tiles["num_warps"], num_stages=NUM_STAGES, uses_tensor_cores=tensor_cores,
                     divisible_by_16=divisible + (("grad_x_ptr", "grad_w_ptr") if divisible else ()),
                 )

@@ -8,8 +8,9 @@ Shapes: the full ones are the headline workloads (LLM attention: 1 x 16K tokens,
 D 128, causal; ViT: 8 images x 4,800 patches, 16 heads, D 80; decode: one token over a 128K
 cache; merge: two 128K-token partials; the fused cross-entropy through Qwen2.5's head at 8K
 tokens, forward + backward on either product path; reward heads on 128 scoring rows of hidden
-3584); ``--quick`` shrinks the long ones (and times the first three candidates); on a CPU (the
-Triton interpreter, for testing the tool) they are tiny. Candidates are the tiles worth timing
+3584, the dense backward's fill on 32K packed tokens); ``--quick`` shrinks the long ones (and
+times the first three candidates); on a CPU (the Triton interpreter, for testing the tool) they
+are tiny. Candidates are the tiles worth timing
 on Hopper-class GPUs: around the
 H200 sweep's winners, in both directions of each parameter; the current choice is always
 timed too (tune.sweep adds it).
@@ -494,6 +495,36 @@ def _reward_backward(state):
     return t["grad_rows"], t["grad_weight"]
 
 
+def _reward_fill_setup(device, quick) -> State:
+    """Packed hidden states of ``tokens`` rows, one scoring row per sequence (its last token):
+    the dense backward writes the whole (tokens, H) input gradient once, so the fill's bytes
+    dominate (the sparse setup above has no fill programs)."""
+    tokens, batch, hidden_size, heads = _size(device, quick, (32768, 128, 3584, 8), (8192, 32, 3584, 8),
+                                              (96, 6, 100, 8))
+    dtype = _dtype(device)
+    x = torch.randn(tokens, hidden_size, device=device).to(dtype)
+    weight = (torch.randn(heads, hidden_size, device=device) / hidden_size ** 0.5).to(dtype)
+    token_index = torch.arange(1, batch + 1, device=device, dtype=torch.int64) * (tokens // batch) - 1
+    outputs = dict(rewards=torch.zeros(batch, heads, device=device), mean=torch.zeros(batch, device=device),
+                   minimum=torch.zeros(batch, device=device), grad=torch.randn(batch, heads, device=device),
+                   grad_x=torch.empty_like(x), grad_weight=torch.empty_like(weight))
+    shape = dict(tokens=tokens, sequences=batch, hidden=hidden_size, heads=heads, layout="packed",
+                 dtype=str(dtype)[6:])
+    return State(dict(x=x, weight=weight, token_index=token_index, **outputs), shape,
+                 (tokens + batch + heads) * hidden_size * dtype.itemsize)
+
+
+def _reward_dense_backward(state):
+    """The whole backward with the dense input gradient (column programs, then the fill's)."""
+    from ..kernels import reward as kernels
+
+    t = state.tensors
+    kernels.backward(t["x"], t["token_index"], t["weight"], t["rewards"], t["mean"], t["minimum"],
+                     (t["grad"], None, None, None), t["grad_x"], t["grad_weight"], None, sparse=False,
+                     rows_sorted=True)
+    return t["grad_x"], t["grad_weight"]
+
+
 def _reward_tunables():
     from ..kernels import reward as kernels
 
@@ -508,6 +539,14 @@ def _reward_tunables():
                 ((16, 128, 4), (16, 256, 4), (32, 128, 4), (16, 64, 4), (16, 128, 8), (32, 256, 8))),
         tunable("reward_backward", "the scoring rows and the head weights read", _reward_backward,
                 ((16, 64, 4), (16, 128, 4), (32, 64, 4), (16, 32, 4), (16, 64, 8), (32, 128, 8))),
+        # (FILL_ROWS, FILL_BLOCK_H): the dense input gradient's zero-fill + scatter tile, timed
+        # after the column tiles above (in force) on a packed 32K-token backward. FILL_ROWS >= 16
+        # (the one-hot product placing the scoring rows is a tl.dot).
+        Tunable("reward", "reward_backward_fill", lambda device: kernels.tile_key(_dtype(device), 8),
+                dict(kernels.DEFAULT_FILL), "GB/s",
+                "the dense input gradient written, the scoring rows and head weights read", _reward_fill_setup,
+                _reward_dense_backward,
+                ((16, 256), (16, 512), (32, 256), (16, 128), (32, 128), (64, 128), (16, 1024), (64, 64))),
     ]
 
 
