@@ -8,7 +8,10 @@ Forward alone and forward + backward (d hidden, d weight). Providers:
 * ``docqa_fast[triton]``: linear_cross_entropy / FusedLinearDPOLoss as dispatched (no logits
   anywhere; products from the GPU's tuned choice: library matmuls unless the sweep found the
   Triton ones faster); ``docqa_fast[all-triton]``: the same with the Triton products forced
-  (DOCQA_FAST_LOSSES_PRODUCTS=triton), so both paths stay measured side by side;
+  (DOCQA_FAST_LOSSES_PRODUCTS=triton), so both paths stay measured side by side; for the
+  cross-entropy's forward + backward, ``docqa_fast[fwd-grad]`` and ``docqa_fast[recompute]``:
+  the two routes forced (DOCQA_FAST_LOSSES_ROUTE; gradients formed in the forward with 3
+  products and a (V, H) fp32 accumulator, or the logits recomputed in the backward, 4 products);
   ``docqa_fast[reference]``: the same API on its CPU path (materialised logits, fp32);
 * ``eager``: the naive path trainers run -- ``hidden @ weight.T`` -> fp32 cross-entropy
   (transformers' causal-LM loss) or log_softmax -> gather -> sum -> DPO (TRL);
@@ -179,21 +182,25 @@ def _cce_dpo():
     return run
 
 
-def _all_triton(fn):
-    """Ours with the Triton products forced (DOCQA_FAST_LOSSES_PRODUCTS=triton)."""
-    return Provider("docqa_fast[all-triton]", fn=fn, ours=True,
-                    env={"DOCQA_FAST_BACKEND": "triton", "DOCQA_FAST_LOSSES_PRODUCTS": "triton"},
+def _forced(name, fn, **env):
+    """Ours on the Triton backend with losses settings forced (``env``), e.g. the Triton products."""
+    return Provider(f"docqa_fast[{name}]", fn=fn, ours=True, env={"DOCQA_FAST_BACKEND": "triton", **env},
                     unavailable=ours_per_backend(fn, backends=("triton",))[0].unavailable)
 
 
-def _providers(ours, naive, liger_build, grads_of, backward, cce_build):
+def _providers(ours, naive, liger_build, grads_of, backward, cce_build, routes=False):
+    """``routes``: also both routes of a mean cross-entropy with gradients, forced
+    (DOCQA_FAST_LOSSES_ROUTE): ``[fwd-grad]`` forms the gradients in the forward (3 products),
+    ``[recompute]`` recomputes the logits in the backward (4), whichever the tuned table picks."""
     wrap = (lambda fn: _with_backward(fn, grads_of)) if backward else (lambda fn: fn)
     liger = Provider("liger", build=lambda: wrap(liger_build()), unavailable=_liger_unavailable)
     cce = Provider("cut_cross_entropy", build=lambda: wrap(cce_build()),
                    unavailable=_cuda_peer_unavailable("cut_cross_entropy", "Cut Cross-Entropy"))
     triton, reference = ours_per_backend(wrap(ours), backends=("triton", "reference"))
-    return (triton, _all_triton(wrap(ours)), reference, eager_provider(wrap(naive)), compiled_provider(wrap(naive)),
-            liger, cce)
+    forced = [_forced("all-triton", wrap(ours), DOCQA_FAST_LOSSES_PRODUCTS="triton")]
+    if routes and backward:
+        forced += [_forced(route, wrap(ours), DOCQA_FAST_LOSSES_ROUTE=route) for route in ("fwd-grad", "recompute")]
+    return (triton, *forced, reference, eager_provider(wrap(naive)), compiled_provider(wrap(naive)), liger, cce)
 
 
 # ---------------------------------------------------------------------------- cases
@@ -208,7 +215,8 @@ def cases(quick: bool) -> list[Case]:
         mode = "fwdbwd" if backward else "fwd"
         work = 3 if backward else 1
         for model, (hidden_size, vocab) in heads.items():
-            providers = _providers(ours_ce, naive_ce, _liger_ce, lambda inputs: inputs[:2], backward, _cce_ce)
+            providers = _providers(ours_ce, naive_ce, _liger_ce, lambda inputs: inputs[:2], backward, _cce_ce,
+                                   routes=True)
             for n in sizes["ce_tokens"]:
                 params = {"N": n, "H": hidden_size, "V": vocab, "backward": backward, "dtype": dtype}
                 found.append(Case(

@@ -428,6 +428,23 @@ def _losses_step(state):
     return lse, d_hidden, d_weight
 
 
+def _losses_route_setup(device, quick) -> State:
+    state = _losses_backward_setup(device, quick)
+    state.tensors["hidden"].requires_grad_()
+    state.tensors["weight"].requires_grad_()
+    return state
+
+
+def _losses_route_step(state):
+    """A mean cross-entropy's forward and backward through the public function (the route is
+    chosen there): the loss, d_hidden, d_weight."""
+    from ..losses import linear_cross_entropy
+
+    t = state.tensors
+    loss = linear_cross_entropy(t["hidden"], t["weight"], t["labels"])
+    return (loss.detach(), *torch.autograd.grad(loss, (t["hidden"], t["weight"])))
+
+
 def _losses_tunables():
     from ..kernels import losses as kernels
 
@@ -457,6 +474,12 @@ def _losses_tunables():
                 ((1, 8192, 16, 256, 8, 2), (2, 8192, 16, 256, 8, 2), (1, 4096, 16, 256, 8, 2),
                  (1, 2048, 16, 256, 8, 2), (1, 8192, 8, 256, 4, 2), (1, 8192, 16, 128, 4, 2),
                  (1, 8192, 8, 512, 8, 2), (1, 8192, 16, 256, 8, 3))),
+        # (ROUTE, CHUNK_ROWS), with the chunk tiles just chosen: 1 = the statistics forward and a
+        # recomputing backward (4 products; CHUNK_ROWS unused), 2 = the gradients formed in the
+        # forward (3 products) with row chunks of 1K-4K (the (V, H) fp32 d_weight accumulator is
+        # read and written once per chunk; 4K rows hold 3.5 GiB of logits and G at this shape).
+        tunable("losses_route", "forward + backward of a mean cross-entropy (3 x 2NHV)", _losses_route_setup,
+                _losses_route_step, ((1, 2048), (2, 2048), (2, 1024), (2, 4096))),
     ]
 
 
