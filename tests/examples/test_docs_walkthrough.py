@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from examples import long_doc_sft  # noqa: E402
-from examples._common import TINY, build_model, model_config, pack_samples, synthetic_documents  # noqa: E402
+from examples._common import TINY, pack_samples, synthetic_documents  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "examples.md"
 
@@ -22,15 +22,14 @@ def walkthrough_code() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_walkthrough_takes_the_examples_step(processor):
+def test_walkthrough_takes_the_examples_step(processor, make_tiny_model):
     code = walkthrough_code()
     _, step = code.split("\n\n", 1)[1].split("\n\n")  # imports, model and documents, the step
     assert len(step.strip().splitlines()) <= 12  # "a dozen lines"
     namespace = {}
     exec(compile(code, f"{DOC}:walkthrough", "exec"), namespace)
     # The same model and documents again (the block seeds both), through the example's loss.
-    torch.manual_seed(0)
-    model = build_model(model_config(TINY), "docqa_fast")
+    model = make_tiny_model()
     samples = long_doc_sft.make_samples(synthetic_documents(random.Random(0), 4, TINY), processor)
     expected = long_doc_sft.docqa_fast_loss(model, pack_samples(samples, 192, "cpu", torch.float32),
                                             long_doc_sft.counted_tokens(samples))

@@ -11,28 +11,23 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from examples import long_doc_sft, longpo_step, reward_best_of_n, serve_long_doc  # noqa: E402
-from examples._common import TINY, build_model, model_config, pack_samples, synthetic_documents  # noqa: E402
+from examples._common import TINY, pack_samples, synthetic_documents  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 CUDA, BF16 = "cuda", torch.bfloat16
 
 
-def _model(**config):
-    torch.manual_seed(0)
-    return build_model(model_config(TINY, **config), "docqa_fast", BF16, CUDA)
-
-
-def test_sft_step(processor):
-    model = _model()
+def test_sft_step(processor, make_tiny_model):
+    model = make_tiny_model(BF16, CUDA)
     samples = long_doc_sft.make_samples(synthetic_documents(random.Random(1), 4, TINY, pages=(2, 12)), processor)
     rows = pack_samples(samples, 256, CUDA, BF16)
     assert long_doc_sft.check_against_plain(model, samples, rows, long_doc_sft.counted_tokens(samples)) > 0
     assert long_doc_sft.check_isolation(model, samples, 256) >= 1
 
 
-def test_longpo_step(processor):
-    policy = _model()
+def test_longpo_step(processor, make_tiny_model):
+    policy = make_tiny_model(BF16, CUDA)
     reference = copy.deepcopy(policy).requires_grad_(False)
     rng = random.Random(2)
     long, short = longpo_step.preference_samples(
@@ -40,16 +35,16 @@ def test_longpo_step(processor):
     assert longpo_step.check_against_plain(policy, reference, long, short, 256, 0.5, 1.0) > 0
 
 
-def test_reward_step(processor):
+def test_reward_step(processor, make_tiny_model):
     rng = random.Random(3)
-    model = reward_best_of_n.RewardModel(_model(), 6)
+    model = reward_best_of_n.RewardModel(make_tiny_model(BF16, CUDA), 6)
     samples, ranks = reward_best_of_n.candidate_samples(synthetic_documents(rng, 2, TINY, pages=(1, 4)), processor,
                                                         rng, 4)
     assert reward_best_of_n.check_against_plain(model, samples, ranks, 256) > 0
 
 
-def test_serve(processor):
-    model = _model(initializer_range=serve_long_doc.SERVE_INIT).eval()
+def test_serve(processor, make_tiny_model):
+    model = make_tiny_model(BF16, CUDA, initializer_range=serve_long_doc.SERVE_INIT).eval()
     doc = synthetic_documents(random.Random(4), 1, TINY, pages=(12, 12))[0]
     sample = serve_long_doc.prompt_sample(doc, processor)
     tokens, logits = serve_long_doc.generate(model, sample, max_new_tokens=6, chunk=37, return_logits=True,

@@ -9,44 +9,35 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from examples import long_doc_sft  # noqa: E402
-from examples._common import (TINY, Document, build_model, model_config, pack_samples,  # noqa: E402
-                              synthetic_documents)
+from examples._common import TINY, Document, pack_samples, synthetic_documents  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model(model_config(TINY), "docqa_fast")
-
-
-def test_step_matches_the_plain_way_and_rows_stay_apart(model, processor):
+def test_step_matches_the_plain_way_and_rows_stay_apart(tiny_model, processor):
     rng = random.Random(1)
     # Up to 30 pages each (the issue's range), packed into rows of a budget that splits them.
     samples = long_doc_sft.make_samples(synthetic_documents(rng, 3, TINY, pages=(2, 30))
                                         + synthetic_documents(rng, 2, TINY, pages=(1, 3)), processor)
     rows = pack_samples(samples, 320, "cpu", torch.float32)
     assert len(rows) >= 2 and any(len(row.doc_lengths) >= 2 for row in rows)
-    compared = long_doc_sft.check_against_plain(model, samples, rows, long_doc_sft.counted_tokens(samples))
-    assert compared == len(list(model.parameters()))
-    assert long_doc_sft.check_isolation(model, samples, 320) >= 1
+    compared = long_doc_sft.check_against_plain(tiny_model, samples, rows, long_doc_sft.counted_tokens(samples))
+    assert compared == len(list(tiny_model.parameters()))
+    assert long_doc_sft.check_isolation(tiny_model, samples, 320) >= 1
 
 
-def test_a_wrong_loss_fails_the_check(model, processor, monkeypatch):
+def test_a_wrong_loss_fails_the_check(tiny_model, processor, monkeypatch):
     """The check can fail: the fused loss summed over one token too many (the last of each row)."""
     samples = long_doc_sft.make_samples(synthetic_documents(random.Random(2), 2, TINY), processor)
     rows = pack_samples(samples, 400, "cpu", torch.float32)
     monkeypatch.setattr(long_doc_sft, "shifted_labels",
                         lambda labels: torch.nn.functional.pad(labels[..., 1:], (0, 1), value=3))
     with pytest.raises(AssertionError, match="loss"):
-        long_doc_sft.check_against_plain(model, samples, rows, long_doc_sft.counted_tokens(samples))
+        long_doc_sft.check_against_plain(tiny_model, samples, rows, long_doc_sft.counted_tokens(samples))
 
 
-def test_cli_runs_two_steps(capsys):
-    losses = long_doc_sft.train(long_doc_sft.parse_args("sft", ["--tiny", "--steps", "2", "--no-check"]))
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert "tokens/s" in capsys.readouterr().out
+def test_cli_runs_two_steps(train_two_steps):
+    assert "tokens/s" in train_two_steps(long_doc_sft)
 
 
 def test_bad_documents_are_refused(processor):

@@ -10,16 +10,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from examples import longpo_step  # noqa: E402
-from examples._common import TINY, Document, build_model, model_config, synthetic_documents  # noqa: E402
+from examples._common import TINY, Document, synthetic_documents  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SIZES = longpo_step.sizes_for_longpo(TINY)
 
 
 @pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    policy = build_model(model_config(TINY), "docqa_fast")
+def models(tiny_model):
+    policy = tiny_model
     reference = copy.deepcopy(policy).requires_grad_(False)
     # A reference that differs from the policy (after some training): the DPO margin is not 0.
     with torch.no_grad():
@@ -56,14 +55,11 @@ def test_the_check_sees_the_dpo_term(models, processor, monkeypatch):
         longpo_step.check_against_plain(policy, reference, long, short, 256, 0.5, 1.0)
 
 
-def test_cli_runs_two_steps(capsys):
-    args = longpo_step.parse_args("longpo", ["--tiny", "--steps", "2", "--no-check"], extra=longpo_step._options)
-    losses = longpo_step.train(args)
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert "DPO term" in capsys.readouterr().out
+def test_cli_runs_two_steps(train_two_steps):
+    assert "DPO term" in train_two_steps(longpo_step)
 
 
-def test_bad_documents_are_refused(processor):
+def test_bad_documents_are_refused(processor, make_tiny_model):
     rng = random.Random(6)
     short_doc = synthetic_documents(rng, 1, TINY, pages=(2, 2))[0]
     with pytest.raises(ValueError, match=r"documents\[0\] is too short"):
@@ -75,4 +71,4 @@ def test_bad_documents_are_refused(processor):
     doc = synthetic_documents(rng, 1, SIZES)[0]
     long, short = longpo_step.preference_samples([doc], processor, rng)
     with pytest.raises(ValueError, match="max_tokens=20"):
-        longpo_step.docqa_fast_logps(build_model(model_config(TINY), "docqa_fast"), long, 20)
+        longpo_step.docqa_fast_logps(make_tiny_model(), long, 20)

@@ -10,15 +10,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from examples import serve_long_doc as serve  # noqa: E402
-from examples._common import TINY, Document, build_model, model_config, synthetic_documents  # noqa: E402
+from examples._common import TINY, Document, synthetic_documents  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model(model_config(TINY, initializer_range=serve.SERVE_INIT), "docqa_fast").eval()
+def model(make_tiny_model):
+    return make_tiny_model(initializer_range=serve.SERVE_INIT).eval()
 
 
 # Chunks of 1 token (prefill as decode), an odd size, one chunk for the whole prompt; pages of 16 and
