@@ -14,10 +14,14 @@ PyTorch's ninja build), ``CUDA_HOME``. Install PyTorch first, then
 environment's setuptools and wheel, which are checked here).
 
 A wheel that carries the extension requires the PyTorch release series it was compiled
-against (``torch==2.14.*``): the extension's C++ ABI changes between them. What was built,
-and why not more, is written to ``docqa_fast/_build_info.json`` -- for an extension only once
-its build succeeded, so the file always describes the ``_C`` beside it -- so that
-``docqa_fast.backends()`` and the import-time check can explain it at run time.
+against (``torch==2.14.*``): the extension's C++ ABI changes between them. Its version's local
+label names the CUDA flavour too (``0.1.0+cu130.torch2.14``), which pip cannot require; the
+import checks it. What was built, and why not more, is written to ``docqa_fast/_build_info.json``
+-- for an extension only once its build succeeded, so the file always describes the ``_C``
+beside it -- so that ``docqa_fast.backends()`` and the import-time check can explain it at run
+time. The wheel also carries the sources (``docqa_fast/_csrc``), which ``python -m
+docqa_fast.build`` compiles for another PyTorch. What to compile and with which flags is decided
+in ``docqa_fast/_extension.py``, shared with that rebuild. See docs/install.md.
 """
 
 import importlib.util
