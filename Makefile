@@ -21,9 +21,11 @@ MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 TEST_JOBS ?= $(MAX_JOBS)
 # tests/ times nothing: pytest-benchmark (for `pytest benchmarks/`) is left out rather than have
-# every xdist worker warn that it disabled itself.
+# every xdist worker warn that it disabled itself. The suite uses neither hypothesis nor anyio:
+# their plugins (loaded whenever the packages are installed) cost ~1.7 s of CPU in every process.
 PYTEST := DOCQA_FAST_REQUIRE_EXTENSION=$(if $(DOCQA_FAST_NO_EXTENSION),,1) $(PY) -m pytest tests -q -rs \
-	-p no:benchmark $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS)) $(PYTEST_ARGS)
+	-p no:benchmark -p no:hypothesispytest -p no:anyio $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS)) \
+	$(PYTEST_ARGS)
 
 SETUP_STAMP := $(VENV)/.docqa_fast-deps
 BUILD_STAMP := $(VENV)/.docqa_fast-built
