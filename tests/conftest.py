@@ -18,8 +18,24 @@ import zlib
 # A fresh compile cache per run: AOTAutograd's cache keys on the forward graph, not on a
 # custom op's Python backward, so a cache left by an older checkout can replay a stale backward.
 # Removed when the run ends (each pytest-xdist worker has its own); one set by the caller is kept.
+# A run killed before its atexit (timeout's SIGTERM, SIGKILL) leaves its folder: the name carries
+# the run's process id, and the next run removes the folders of processes that are gone.
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        pass
+    return False
+
+
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="docqa_fast_inductor_")
+    for _stale in os.scandir(tempfile.gettempdir()):
+        _pid = _stale.name.removeprefix("docqa_fast_inductor_").split("_")[0]
+        if _stale.name.startswith("docqa_fast_inductor_") and _pid.isdigit() and _process_gone(int(_pid)):
+            shutil.rmtree(_stale.path, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"docqa_fast_inductor_{os.getpid()}_")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 # Under pytest-xdist (make test / make check: a worker per core) each worker gets its share of

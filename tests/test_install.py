@@ -497,11 +497,16 @@ def test_rebuild_command_reinstalls_from_the_recorded_source(capsys):
 
 
 def test_a_test_run_leaves_no_temporary_folder(tmp_path):
-    """tests/conftest.py gives each run a fresh TorchInductor cache in the temporary folder: it goes at exit."""
+    """tests/conftest.py gives each run a fresh TorchInductor cache in the temporary folder: it goes at
+    exit, and the next run removes those of runs killed before their exit (their process is gone)."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["TMPDIR"] = str(tmp_path)
+    killed = tmp_path / "docqa_fast_inductor_4194305_abc"  # above Linux's largest process id: gone
+    running = tmp_path / f"docqa_fast_inductor_{os.getpid()}_abc"  # this process's: still in use
+    for folder in (killed, running):
+        (folder / "fxgraph").mkdir(parents=True)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           "tests/test_backends.py::test_backends_reports_every_backend_with_a_reason"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert not list(tmp_path.glob("docqa_fast_inductor_*")), list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [running.name]  # nothing else left either
