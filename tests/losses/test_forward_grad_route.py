@@ -217,3 +217,29 @@ def test_torch_compile_traces_the_route(backend, device):
         assert ROUTE_OP in type(expected.grad_fn).__name__
         for a, b in zip((got, *got_grads), (expected, *torch.autograd.grad(expected, (hidden, weight)))):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+def test_memory_at_the_qwen_head_on_gpu(monkeypatch):
+    """Forward + backward at 8K tokens through Qwen2.5's head (bf16), route forced: beyond inputs
+    and gradients, the (V, H) fp32 accumulator, the (N, H) fp32 d_hidden and one chunk of
+    CHUNK_ROWS x V logits (fp32) and G (bf16) -- 3.9 GiB by the rule (docs/losses.md) -- plus
+    256 MiB for the library's workspaces and the small (N,) vectors. A memory bound, not a timing."""
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+    n_rows, hidden_size, vocab = 8192, 3584, 152064
+    hidden, weight, _ = random_head(n_rows, hidden_size, vocab, torch.bfloat16, "cuda")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    labels = random_labels((n_rows,), vocab, "cuda", ignore="nowhere")
+    linear_cross_entropy(hidden, weight, labels).backward()  # compiles and probes outside the measurement
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    gradients = (hidden.numel() + weight.numel()) * 2
+    extra = torch.cuda.max_memory_allocated() - base - gradients
+    rows = kernels.default_tiles("losses_route", torch.bfloat16)["CHUNK_ROWS"]
+    rule = 4 * vocab * hidden_size + 4 * n_rows * hidden_size + rows * vocab * 6
+    assert extra < rule + (256 << 20), f"{extra / 2**20:.0f} MiB beyond the gradients; the rule {rule / 2**20:.0f}"

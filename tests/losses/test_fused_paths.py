@@ -276,6 +276,7 @@ def test_memory_at_the_qwen_head_on_gpu(monkeypatch, products):
     path holds ~14 GiB there). A memory bound, not a timing."""
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
     monkeypatch.setenv(fused.PRODUCTS_ENV, products)
+    monkeypatch.setenv(fused.ROUTE_ENV, "recompute")  # the forward-gradient route's rule: test_forward_grad_route
     n_rows, hidden_size, vocab = 8192, 3584, 152064
     hidden, weight, _ = random_head(n_rows, hidden_size, vocab, torch.bfloat16, "cuda")
     hidden.requires_grad_()
