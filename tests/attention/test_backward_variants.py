@@ -22,8 +22,8 @@ from docqa_fast.kernels import tuning
 from docqa_fast.kernels.attention import launch
 from docqa_fast.kernels.attention.common import HEAD_DIMS, head_dim_bucket
 from docqa_fast.kernels.registry import registered_configs
-from docqa_fast.reference.attention import attention_ref
-from docqa_fast.testing import assert_close_by_rule
+
+from .test_attention import assert_matches_reference
 
 ON_GPU = torch.cuda.is_available()
 PRECISIONS = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
@@ -77,19 +77,7 @@ def _check_one_pass(q, k, v, cu=None, **options):
     out, lse, call = _forward(q, k, v, cu, options)
     grads = _backward(dout, q, k, v, out, lse, call, 1)
     ref_options = dict(options, cu_seqlens_q=cu, cu_seqlens_k=cu) if cu is not None else options
-
-    def reference(dtype, upcast):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        ref_out, _ = attention_ref(*leaves, upcast=upcast, **ref_options)
-        return ref_out, torch.autograd.grad(ref_out, leaves, dout.to(dtype), allow_unused=True)
-
-    exact_out, exact_grads = reference(torch.float64, True)
-    plain_out, plain_grads = reference(q.dtype, False)
-    assert_close_by_rule(out, exact_out, plain_out, name="out")
-    for name, g, e, p in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
-        e = torch.zeros_like(g, dtype=torch.float64) if e is None else e
-        p = torch.zeros_like(g) if p is None else p
-        assert_close_by_rule(g, e, p, factor=3.0, name=name)
+    assert_matches_reference(q, k, v, dout, out, grads, **ref_options)
 
 
 def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device):

@@ -17,13 +17,12 @@ import torch
 
 import docqa_fast
 from docqa_fast.attention import ops
-from docqa_fast.kernels import tuning
 from docqa_fast.reference.attention import attention_backward_ref, attention_ref
-from docqa_fast.testing import assert_close_by_rule, tuned_tables
+from docqa_fast.testing import tuned_tables
 
 from test_dispatch_rules import write_dispatch_table  # tests/ is on sys.path (pytest's rootdir insertion)
 
-from .test_attention import check_attention
+from .test_attention import assert_matches_reference, check_attention
 
 ON_GPU = torch.cuda.is_available()
 GPU = torch.device("cuda")  # a decision needs only the device type
@@ -233,17 +232,7 @@ def check_mixed_routes(forward, backward, monkeypatch, device, dtype):
     with docqa_fast.dispatch_log() as log:
         grads = torch.autograd.grad(out, (q, k, v), dout)
     assert [(op, b) for op, b, _ in log] == [("attention_backward", backward)]
-
-    def reference(dtype_, upcast):
-        leaves = [t.detach().to(dtype_).requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = attention_ref(*leaves, causal=True, upcast=upcast)
-        return ref_out, ref_lse, torch.autograd.grad(ref_out, leaves, dout.to(dtype_))
-
-    exact, plain = reference(torch.float64, True), reference(dtype, False)
-    assert_close_by_rule(out, exact[0], plain[0], name="out")
-    assert_close_by_rule(lse, exact[1], exact[1].float(), name="lse")
-    for name, g, e, p in zip(("dq", "dk", "dv"), grads, exact[2], plain[2]):
-        assert_close_by_rule(g, e, p, factor=3.0, name=name)
+    assert_matches_reference(q, k, v, dout, out, grads, lse=lse, causal=True)
 
 
 # ------------------------------------------------------------------ the table's choice

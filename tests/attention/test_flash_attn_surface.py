@@ -15,7 +15,7 @@ from docqa_fast.reference.kvcache import flash_attn_varlen_paged_ref, flash_attn
 from docqa_fast.rotary import apply_rotary_emb
 from docqa_fast.testing import assert_close_by_rule
 
-from .test_attention import check_attention
+from .test_attention import assert_matches_reference, check_attention
 
 pytestmark = pytest.mark.backends("reference", "triton")
 
@@ -198,18 +198,8 @@ def test_dropout_forward_and_backward_match_the_reference(backend, causal, alibi
     out, seed = _dropout_call(q, k, v, p, 5, causal=causal, alibi_slopes=slopes)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    def reference(dtype, upcast):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        ref_out, _ = attention_ref(*leaves, causal=causal, alibi_slopes=slopes, dropout_p=p, dropout_seed=seed,
-                                   upcast=upcast)
-        return ref_out, torch.autograd.grad(ref_out, leaves, dout.to(dtype))
-
-    exact_out, exact_grads = reference(torch.float64, True)
-    plain_out, plain_grads = reference(q.dtype, False)
-    assert_close_by_rule(out, exact_out, plain_out, name="out")
-    for name, g, e, pl in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
-        assert_close_by_rule(g, e, pl, factor=3.0, name=name)
+    assert_matches_reference(q, k, v, dout, out, grads, causal=causal, alibi_slopes=slopes, dropout_p=p,
+                             dropout_seed=seed)
 
 
 def test_reference_backward_with_dropout_is_autograds(device):
