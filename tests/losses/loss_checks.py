@@ -81,3 +81,24 @@ def check_by_rule(ours, reference, tensors: dict, *, out_factor=2.0, grad_factor
         assert g.dtype == tensors[name].dtype, f"d {name} has dtype {g.dtype}"
         assert_close_by_rule(g, exact_grads[name], plain_grads[name], factor=grad_factor, name=f"d {name}")
     return got
+
+
+def cross_entropy_step_memory(n_rows, hidden_size, vocab, labels_ignore="scattered"):
+    """CUDA bytes a bf16 mean cross-entropy's forward + backward (linear_cross_entropy, as the
+    environment routes it) holds at its peak beyond its inputs and the gradients of hidden and
+    weight; a first call outside the measurement compiles and probes."""
+    from docqa_fast.losses import linear_cross_entropy
+
+    hidden, weight, _ = random_head(n_rows, hidden_size, vocab, torch.bfloat16, "cuda")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    labels = random_labels((n_rows,), vocab, "cuda", ignore=labels_ignore)
+    linear_cross_entropy(hidden, weight, labels).backward()
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    gradients = (hidden.numel() + weight.numel()) * 2
+    return torch.cuda.max_memory_allocated() - base - gradients
