@@ -191,6 +191,15 @@ def test_the_op_checks_its_arguments(backend, device):
         loss.backward()
 
 
+@pytest.mark.slow  # the interpreter over a real vocabulary: ~9 s here (152,064 columns: 24 s)
+@pytest.mark.backends("triton")
+@pytest.mark.parametrize("vocab", [50257])  # GPT-2's: not a multiple of the column tiles
+def test_real_vocabulary_size(backend, device, vocab):
+    hidden, weight, _ = random_head(9, 16, vocab, torch.float16, device)
+    labels = random_labels((9,), vocab, device)
+    check_by_rule(*_ce(labels, label_smoothing=0.05), {"hidden": hidden, "weight": weight})
+
+
 def test_row_rule_of_the_route():
     """CHUNK_ROWS rows (spread evenly, all when fewer), or whole 64-row grains of the budget setting."""
     assert chunked.forward_grad_rows(8192, 152064, torch.bfloat16, 2048) == 2048
