@@ -1,5 +1,5 @@
-"""Test helpers shared by every op family: flash-attn's tolerance rule, CUDA-graph capture, and a
-test's tuned-table setting.
+"""Test helpers shared by every op family: flash-attn's tolerance rule, inputs whose fp32 sum tells a
+compensated reduction from a plain one, CUDA-graph capture, and a test's tuned-table setting.
 
 The rule (README.md, "Numerics and testing rule"): a kernel's max error against an exact (fp64) computation is
 at most ``factor`` times the max error of the same computation done in plain PyTorch at the
@@ -58,6 +58,19 @@ def assert_close_by_rule(actual: torch.Tensor, exact: torch.Tensor, plain: torch
     if not error <= allowed:
         raise AssertionError(f"{name}: max error {error:.3g} > {factor} x plain-PyTorch error {plain_error:.3g} "
                              f"(+ rounding floor; allowed {allowed:.3g})")
+
+
+def long_sum_terms(n_terms: int, device) -> torch.Tensor:
+    """fp32 terms 1, d, d, ... whose sum drifts when accumulated block by block or term by term.
+
+    Every 32 consecutive d add up to 0.4 ulp of 1: a running fp32 sum near 1 rounds each 32-term
+    block (a K block of the kernels' fp32 tiles) away, so summing block after block loses 0.4 ulp
+    per block -- ~100 ulp over 8192 terms -- and a single FMA chain (``acc += tl.dot(...)`` on a
+    GPU) loses every term. A pairwise or compensated sum keeps them: exact is 1 + (n - 1) d.
+    """
+    terms = torch.full((n_terms,), 0.4 * torch.finfo(torch.float32).eps / 32, device=device)
+    terms[0] = 1.0
+    return terms
 
 
 class CapturedGraph:

@@ -3,7 +3,7 @@
 capture_cuda_graph: its argument checks and, with torch.cuda's streams and graphs replaced by
 recording fakes, the order it runs things in (so the CPU suite checks the logic every GPU capture
 test relies on); the real capture and replay on a GPU. tuned_tables: the setting it makes and the
-reloads around it."""
+reloads around it. long_sum_terms: the drift it promises."""
 
 import contextlib
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from docqa_fast.kernels import tuning
-from docqa_fast.testing import capture_cuda_graph, tuned_tables
+from docqa_fast.testing import capture_cuda_graph, long_sum_terms, tuned_tables
 
 
 class _FakeCuda:
@@ -141,3 +141,17 @@ def test_tuned_tables_sets_the_setting_and_forgets_what_was_loaded_on_entry_and_
             raise KeyError("a failing test")
         assert reloads == ["off", "off", None, None, "sm80", "sm80"]  # a failing test's exit reloads too
     assert os.environ[tuning.TABLE_ENV] == "sm90"  # the setting before, once the test's monkeypatch undoes
+
+
+def test_long_sum_terms_are_lost_block_by_block_and_kept_by_a_pairwise_sum():
+    n = 8192
+    terms = long_sum_terms(n, "cpu")
+    assert terms.dtype == torch.float32 and terms[0] == 1
+    exact = 1 + (n - 1) * terms[1].double()
+    running = torch.tensor(1.0)
+    for block in terms[1:].split(32):  # fp32 blocks of 32 added in sequence, as a K loop does
+        running = running + block.sum()
+    assert running == 1  # every block's 0.4 ulp rounded away
+    ulp = torch.finfo(torch.float32).eps
+    assert abs(exact - 1) > 90 * ulp  # ~100 ulp lost: what the tests using these terms detect
+    assert abs(terms.sum().double() - exact) < 10 * ulp  # torch's (pairwise, vectorised) sum keeps most

@@ -15,7 +15,7 @@ from docqa_fast.reference.reward import (
     plackett_luce_loss_ref,
 )
 from docqa_fast.reward.ops import _reward_heads_backward_op, _reward_heads_op
-from docqa_fast.testing import assert_close_by_rule
+from docqa_fast.testing import assert_close_by_rule, long_sum_terms
 
 pytestmark = pytest.mark.backends("reference", "triton")  # no CUDA C++ kernel: Triton is the fast path
 
@@ -137,18 +137,6 @@ def test_gradients_match_reference(backend, dtype, layout, device):
     plain = reference_grads(reference, x)
     for name, g, e, p in zip(("d hidden", "d weight", "d bias"), got, exact, plain):
         assert_close_by_rule(g, e, p, factor=3.0, name=name)
-
-
-def long_sum_terms(n_terms, device):
-    """fp32 terms 1, d, d, ... every 32 of which add 0.4 ulp of 1 (as tests/losses/loss_checks.py).
-
-    A running fp32 sum near 1 rounds each such block away: summed block after block (or in
-    one FMA chain, as ``acc += tl.dot(...)`` compiles on the GPU) ~100 ulp of 8192 terms are
-    lost; PyTorch's pairwise sum and a compensated one keep them.
-    """
-    terms = torch.full((n_terms,), 0.4 * torch.finfo(torch.float32).eps / 32, device=device)
-    terms[0] = 1.0
-    return terms
 
 
 @pytest.fixture
