@@ -36,6 +36,14 @@ def check_attention(q, k, v, *, factor_grad=3.0, **options):
     assert_matches_reference(q, k, v, dout, out, grads, lse=lse, factor_grad=factor_grad, **ref_options)
 
 
+def random_qkv(batch=2, seqlen_q=48, seqlen_k=48, heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu"):
+    """q (batch, seqlen_q, heads, head_dim), k and v (batch, seqlen_k, kv_heads, head_dim): standard normal,
+    drawn in fp32 and rounded to ``dtype``."""
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device=device).to(dtype)
+    k, v = (torch.randn(batch, seqlen_k, kv_heads, head_dim, device=device).to(dtype) for _ in range(2))
+    return q, k, v
+
+
 def assert_matches_reference(q, k, v, dout, out, grads, *, lse=None, factor_grad=3.0, **options):
     """``out`` (and ``lse`` when given) and ``grads`` -- (dq, dk, dv) for the output gradient ``dout`` --
     of an attention call on q, k, v against ``attention_ref(q, k, v, **options)`` by the tolerance

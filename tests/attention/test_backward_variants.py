@@ -23,7 +23,7 @@ from docqa_fast.kernels.attention import launch
 from docqa_fast.kernels.attention.common import HEAD_DIMS, head_dim_bucket
 from docqa_fast.kernels.registry import registered_configs
 
-from .test_attention import assert_matches_reference
+from .test_attention import assert_matches_reference, random_qkv
 
 ON_GPU = torch.cuda.is_available()
 PRECISIONS = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
@@ -80,12 +80,6 @@ def _check_one_pass(q, k, v, cu=None, **options):
     assert_matches_reference(q, k, v, dout, out, grads, **ref_options)
 
 
-def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device):
-    q = torch.randn(batch, seqlen_q, heads, head_dim, device=device).to(dtype)
-    k, v = (torch.randn(batch, seqlen_k, kv_heads, head_dim, device=device).to(dtype) for _ in range(2))
-    return q, k, v
-
-
 # (seqlen_q, seqlen_k, head_dim, heads, kv_heads, causal): lengths 1 / 113 / 203, head dims 40 / 59 /
 # 80 (masked loads) and 64 (TMA-fed Q and dO), Sq != Sk both ways, GQA 2:1 and 28:4. One sequence
 # each (the packed tests below take several): the interpreter's time grows with the grid.
@@ -104,7 +98,7 @@ if ON_GPU:
 @pytest.mark.parametrize("dtype", PRECISIONS, ids=str)
 @pytest.mark.parametrize("seqlen_q, seqlen_k, head_dim, heads, kv_heads, causal", DENSE_CASES, ids=str)
 def test_one_pass_dense_matches_reference(dtype, seqlen_q, seqlen_k, head_dim, heads, kv_heads, causal, device):
-    _check_one_pass(*_qkv(1, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device), causal=causal)
+    _check_one_pass(*random_qkv(1, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device), causal=causal)
 
 
 @pytest.mark.parametrize("head_dim, options", [
@@ -115,7 +109,7 @@ def test_one_pass_dense_matches_reference(dtype, seqlen_q, seqlen_k, head_dim, h
     (59, dict(window_size=(9, 4), softcap=5.0, alibi_slopes="per-head", dropout_p=0.3)),
 ], ids=["causal_window", "window", "softcap_alibi", "all_options", "all_options_masked_dims"])
 def test_one_pass_with_every_option(head_dim, options, device):
-    q, k, v = _qkv(2, 37, 37, 2, 1, head_dim, torch.float16, device)
+    q, k, v = random_qkv(2, 37, 37, 2, 1, head_dim, torch.float16, device)
     _check_one_pass(q, k, v, **_concrete(options, 2, 2, device))
 
 
@@ -149,7 +143,7 @@ def test_one_pass_packed_with_empty_sequences(dtype, head_dim, lengths, options,
 @CPU_ONLY
 def test_one_pass_in_fp32_computes_in_fp32(device):
     """fp32 inputs: the kernels' fp32 products and the fp32 dQ sum, against fp64."""
-    _check_one_pass(*_qkv(1, 113, 113, 2, 1, 40, torch.float32, device), causal=True)
+    _check_one_pass(*random_qkv(1, 113, 113, 2, 1, 40, torch.float32, device), causal=True)
 
 
 def _launched(monkeypatch):
@@ -169,7 +163,7 @@ def _launched(monkeypatch):
 def test_the_public_call_takes_one_pass_only_when_allowed(backend, device, monkeypatch):
     """Through flash_attn_func: deterministic=False takes the variant the table (here an override)
     chose; deterministic=True keeps the two kernels, bitwise reproducible, whatever the table says."""
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 50, 50, 4, 2, 64, PRECISIONS[-1], device))
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 50, 50, 4, 2, 64, PRECISIONS[-1], device))
     dout = torch.randn_like(q)
 
     def grads(deterministic):
@@ -218,7 +212,7 @@ def test_a_tuned_table_chooses_the_variant(device, monkeypatch, tmp_path):
             "attention_backward_fused", 64, True), device)
         assert tiles == {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
         # The table's tiles and variant in a real call.
-        q, k, v = _qkv(1, 40, 40, 2, 1, 64, torch.float16, device)
+        q, k, v = random_qkv(1, 40, 40, 2, 1, 64, torch.float16, device)
         launched = _launched(monkeypatch)
         _check_one_pass(q, k, v, causal=True)
         assert "attention_backward_fused" in launched
@@ -229,7 +223,7 @@ def test_a_tuned_table_chooses_the_variant(device, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("passes", [0, 3])
 def test_an_unknown_variant_is_a_clear_error(passes, device):
-    q, k, v = _qkv(1, 8, 8, 2, 1, 40, torch.float16, device)
+    q, k, v = random_qkv(1, 8, 8, 2, 1, 40, torch.float16, device)
     out, lse, call = _forward(q, k, v, None, {})
     with pytest.raises(ValueError, match="PASSES"):
         _backward(torch.randn_like(q), q, k, v, out, lse, call, passes)
@@ -246,7 +240,7 @@ def test_longest_first_across_heads_changes_no_bit(layout, device):
     head_dim = 64 if layout == "dense" else 59
     if layout == "dense":
         cu = None
-        q, k, v = _qkv(2, 45, 45, 4, 2, head_dim, torch.float16, device)
+        q, k, v = random_qkv(2, 45, 45, 4, 2, head_dim, torch.float16, device)
     else:
         lengths = [0, 45, 1, 0, 30]
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)

@@ -22,7 +22,7 @@ from docqa_fast.testing import tuned_tables
 
 from test_dispatch_rules import write_dispatch_table  # tests/ is on sys.path (pytest's rootdir insertion)
 
-from .test_attention import assert_matches_reference, check_attention
+from .test_attention import assert_matches_reference, check_attention, random_qkv
 
 ON_GPU = torch.cuda.is_available()
 GPU = torch.device("cuda")  # a decision needs only the device type
@@ -35,12 +35,6 @@ def _settings(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with tuned_tables(monkeypatch, "off"):
         yield
-
-
-def _qkv(batch=2, seqlen_q=48, seqlen_k=48, heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu"):
-    q = torch.randn(batch, seqlen_q, heads, head_dim, device=device).to(dtype)
-    k, v = (torch.randn(batch, seqlen_k, kv_heads, head_dim, device=device).to(dtype) for _ in range(2))
-    return q, k, v
 
 
 # ------------------------------------------------------------------ cuDNN emulated on CPU
@@ -92,20 +86,22 @@ def _ran(call):
 # ------------------------------------------------------------------------- eligibility
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda: (_qkv(dtype=torch.float32), {}), "cuDNN attention takes fp16/bf16, got torch.float32"),
-    (lambda: (_qkv(), {"window_size": (8, 0)}), "a sliding window"),
-    (lambda: (_qkv(), {"softcap": 20.0}), "softcap"),
-    (lambda: (_qkv(), {"alibi_slopes": torch.rand(4)}), "ALiBi"),
-    (lambda: (_qkv(), {"dropout_p": 0.1}), "dropout (the pattern must be docqa_fast's Philox draw"),
-    (lambda: (_qkv(), {"deterministic": True}), "deterministic=True (cuDNN's backward is not guaranteed"),
-    (lambda: (_qkv(head_dim=100), {}), "head dim 100 (cuDNN here: multiples of 8 up to 128)"),
-    (lambda: (_qkv(head_dim=192), {}), "head dim 192"),
-    (lambda: (_qkv(seqlen_q=16), {"causal": True}), "causal with seqlen_q != seqlen_k (cuDNN aligns the mask top-left"),
-    (lambda: (_qkv(seqlen_q=1, seqlen_k=1), {}), "cuDNN needs a query and two keys"),
+    (lambda: (random_qkv(dtype=torch.float32), {}), "cuDNN attention takes fp16/bf16, got torch.float32"),
+    (lambda: (random_qkv(), {"window_size": (8, 0)}), "a sliding window"),
+    (lambda: (random_qkv(), {"softcap": 20.0}), "softcap"),
+    (lambda: (random_qkv(), {"alibi_slopes": torch.rand(4)}), "ALiBi"),
+    (lambda: (random_qkv(), {"dropout_p": 0.1}), "dropout (the pattern must be docqa_fast's Philox draw"),
+    (lambda: (random_qkv(), {"deterministic": True}), "deterministic=True (cuDNN's backward is not guaranteed"),
+    (lambda: (random_qkv(head_dim=100), {}), "head dim 100 (cuDNN here: multiples of 8 up to 128)"),
+    (lambda: (random_qkv(head_dim=192), {}), "head dim 192"),
+    (lambda: (random_qkv(seqlen_q=16), {"causal": True}),
+     "causal with seqlen_q != seqlen_k (cuDNN aligns the mask top-left"),
+    (lambda: (random_qkv(seqlen_q=1, seqlen_k=1), {}), "cuDNN needs a query and two keys"),
     # Everything it computes exactly: then only the machine keeps it out here.
-    (lambda: (_qkv(seqlen_q=16), {}), "runs on CUDA tensors only"),
-    (lambda: (_qkv(), {"causal": True}), "runs on CUDA tensors only"),
-    (lambda: (_qkv(head_dim=8, kv_heads=1), {"window_size": (100, 100)}), "runs on CUDA tensors only"),  # no-op window
+    (lambda: (random_qkv(seqlen_q=16), {}), "runs on CUDA tensors only"),
+    (lambda: (random_qkv(), {"causal": True}), "runs on CUDA tensors only"),
+    (lambda: (random_qkv(head_dim=8, kv_heads=1), {"window_size": (100, 100)}),  # a no-op window
+     "runs on CUDA tensors only"),
 ], ids=["fp32", "window", "softcap", "alibi", "dropout", "deterministic", "head-dim-100", "head-dim-192",
         "causal-non-square", "one-key", "eligible", "eligible-causal", "eligible-wide-window"])
 def test_forcing_cudnn_on_a_call_it_does_not_compute_exactly_says_why(make, reason, monkeypatch):
@@ -117,11 +113,11 @@ def test_forcing_cudnn_on_a_call_it_does_not_compute_exactly_says_why(make, reas
 
 
 def test_varlen_and_the_lse_gradient_stay_off_cudnn():
-    q, k, v = (t[0] for t in _qkv())
+    q, k, v = (t[0] for t in random_qkv())
     cu = torch.tensor([0, 20, 48], dtype=torch.int32)
     varlen = docqa_fast.explain_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=28, max_seqlen_k=28)
     assert dict(varlen.forward.others)["cudnn"].startswith("packed (varlen) sequences")
-    dense = docqa_fast.explain_attention(*_qkv(), causal=True)
+    dense = docqa_fast.explain_attention(*random_qkv(), causal=True)
     assert dict(dense.backward_with_lse_grad.others)["cudnn"].startswith("a gradient to the LSE (ring / split-KV")
 
 
@@ -149,7 +145,7 @@ def test_the_machine_rules(monkeypatch):
 # ------------------------------------------------------------------------- the override
 
 def test_the_override_is_read_on_every_call_and_checked(monkeypatch):
-    q, k, v = _qkv(dtype=torch.float32)
+    q, k, v = random_qkv(dtype=torch.float32)
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", "flash")
     with pytest.raises(ValueError, match=re.escape("DOCQA_FAST_ATTENTION='flash' is not one of triton, cudnn or "
                                                    "'auto'")):
@@ -160,7 +156,7 @@ def test_the_override_is_read_on_every_call_and_checked(monkeypatch):
 
 
 def test_the_override_and_docqa_fast_backend_must_agree(monkeypatch):
-    q, k, v = _qkv()
+    q, k, v = random_qkv()
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "reference")
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="DOCQA_FAST_BACKEND=reference and DOCQA_FAST_ATTENTION=cudnn ask for "
@@ -173,7 +169,7 @@ def test_the_override_and_docqa_fast_backend_must_agree(monkeypatch):
 
 def test_forcing_triton_runs_our_kernels(monkeypatch, device):
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", "triton")
-    q, k, v = _qkv(seqlen_q=20, seqlen_k=20, device=device)
+    q, k, v = random_qkv(seqlen_q=20, seqlen_k=20, device=device)
     with docqa_fast.dispatch_log() as log:
         check_attention(q, k, v, causal=True)
     assert {(op, backend) for op, backend, _ in log} == {("attention_forward", "triton"),
@@ -195,7 +191,7 @@ def test_torchs_cudnn_ops_take_the_arguments_the_route_passes():
     """The real aten ops on meta tensors (their shape functions): the schema accepts our
     positional arguments, and what comes back has our layouts -- out (B, S, H, D) contiguous,
     LSE (B, H, S), gradients shaped like q, k and v (GQA: fewer K/V heads)."""
-    q, k, v = _qkv(batch=2, seqlen_q=40, seqlen_k=40, heads=6, kv_heads=2, head_dim=64, device="meta")
+    q, k, v = random_qkv(batch=2, seqlen_q=40, seqlen_k=40, heads=6, kv_heads=2, head_dim=64, device="meta")
     options = (None, None, 40, 40, 0.125, True, -1, -1, 0.0, None, 0.0, None, False)
     out, lse = ops._forward_cudnn(q, k, v, *options)
     assert out.shape == q.shape and out.is_contiguous() and lse.shape == (2, 6, 40) and lse.dtype == torch.float32
@@ -210,7 +206,7 @@ def test_the_cudnn_route_computes_what_the_reference_does(cudnn_on_cpu, shape, c
     rule against fp64: our layouts, the LSE cuDNN returns and the one we hand its backward."""
     batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim = shape
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", "cudnn")
-    q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, device=device)
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, device=device)
     with docqa_fast.dispatch_log() as log:
         check_attention(q, k, v, causal=causal)
     assert {(op, backend) for op, backend, _ in log} == {("attention_forward", "cudnn"),
@@ -224,7 +220,7 @@ def test_one_route_backward_of_the_others_forward(cudnn_on_cpu, forward, backwar
 
 
 def check_mixed_routes(forward, backward, monkeypatch, device, dtype):
-    q, k, v = (t.requires_grad_() for t in _qkv(2, 40, 40, 4, 2, 64, dtype, device))
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 40, 40, 4, 2, 64, dtype, device))
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", forward)
     out, lse, _ = docqa_fast.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     dout = torch.randn_like(out)
@@ -242,7 +238,7 @@ def test_the_default_order_runs_our_kernels_and_a_tuned_rule_puts_cudnn_first(cu
     """No rule: Triton first (no GPU measurement of the cuDNN route yet). A rule for the call's
     shape class -- as the tuning tool writes one from a measurement -- puts cuDNN first, for that
     class only; the answer stays the reference's within the rule either way."""
-    q, k, v = _qkv(seqlen_q=32, seqlen_k=32, device=device)
+    q, k, v = random_qkv(seqlen_q=32, seqlen_k=32, device=device)
     _, ran = _ran(lambda: docqa_fast.flash_attn_func(q, k, v, causal=True))
     assert ran == [("attention_forward", "triton")]
     when = {"layout": "dense", "head_dim": 64, "causal": True}
@@ -262,7 +258,7 @@ def test_the_default_order_runs_our_kernels_and_a_tuned_rule_puts_cudnn_first(cu
 
 
 def test_explain_attention_says_which_route_a_call_takes_and_why(cudnn_on_cpu, tmp_path, monkeypatch, device):
-    q, k, v = _qkv(seqlen_q=32, seqlen_k=32, device=device)
+    q, k, v = random_qkv(seqlen_q=32, seqlen_k=32, device=device)
     when = {"layout": "dense", "head_dim": 64, "causal": True}
     write_dispatch_table(tmp_path, monkeypatch, {"attention_forward": [{"when": when, "order": ["cudnn"]}]})
     state = torch.get_rng_state()
@@ -287,7 +283,7 @@ def test_explain_attention_says_which_route_a_call_takes_and_why(cudnn_on_cpu, t
 
 
 def test_explain_attention_checks_its_arguments_as_a_call_does():
-    q, k, v = _qkv()
+    q, k, v = random_qkv()
     with pytest.raises(ValueError, match=re.escape("expected window_size values >= -1")):
         docqa_fast.explain_attention(q, k, v, window_size=(-2, 0))
     with pytest.raises(TypeError, match="expected deterministic to be a bool, got 'yes'"):
@@ -312,7 +308,7 @@ def _cudnn_here():
 def test_real_cudnn_matches_the_reference(shape, causal, dtype, device, monkeypatch):
     batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim = shape
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", "cudnn")
-    q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device)
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device)
     with docqa_fast.dispatch_log() as log:
         check_attention(q, k, v, causal=causal)
     assert {backend for _, backend, _ in log} == {"cudnn"}
