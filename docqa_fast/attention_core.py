@@ -191,11 +191,28 @@ def check_block_table(block_table, rows: int, page_size: int, q, rows_what: str,
                          f"{PAGE_MULTIPLE}, got {page_size}")
 
 
-def check_pages_in_use(block_table, lengths, page_size: int, num_blocks: int, cache_name: str) -> None:
-    """Value check (one host sync): the entries of the pages rows of ``lengths`` slots use lie
-    in [0, num_blocks)."""
+_NO_PAGE = 2 ** 62  # the extremes of no entry at all: lowest above highest
+
+
+def pages_in_use_figures(block_table, lengths, page_size: int) -> dict:
+    """What :func:`check_pages_in_use` judges, reduced on the device with no host sync, so that a
+    caller reads it together with its other figures in one sync: the smallest and largest entry
+    of the pages in use (row b's first ceil(lengths[b] / page_size) entries), as 0-dim int64
+    tensors; with no page in use, lowest > highest. No boolean indexing: its result's size
+    depends on the values, which costs a sync of its own."""
+    if block_table.numel() == 0:
+        return {"min_page": torch.full((), _NO_PAGE, device=block_table.device),
+                "max_page": torch.full((), -_NO_PAGE, device=block_table.device)}
     used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < lengths[:, None]
-    entries = block_table.long()[used]
-    if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_blocks):
+    entries = block_table.long()
+    return {"min_page": torch.where(used, entries, _NO_PAGE).min(),
+            "max_page": torch.where(used, entries, -_NO_PAGE).max()}
+
+
+def check_pages_in_use(read: dict, num_blocks: int, cache_name: str) -> None:
+    """Value check on the figures of :func:`pages_in_use_figures`, read on the host: the entries of
+    the pages in use lie in [0, num_blocks) (blocks of ``cache_name``)."""
+    lowest, highest = read["min_page"], read["max_page"]
+    if lowest <= highest and (lowest < 0 or highest >= num_blocks):
         raise ValueError(f"expected block_table entries of the pages in use in [0, {num_blocks}) (blocks of "
-                         f"{cache_name}), got values from {int(entries.min())} to {int(entries.max())}")
+                         f"{cache_name}), got values from {lowest} to {highest}")

@@ -41,9 +41,11 @@ from ..attention_core import (
     kernel_dtype_reason,
     normalize_window,
     num_sms,
+    pages_in_use_figures,
     softmax_scale_or_default,
 )
 from ..merge_attention import merge_stacked_attention_states
+from ..rotary import check_tables
 from ..reference.kvcache import flash_attn_varlen_paged_ref, flash_attn_with_kvcache_ref
 
 
@@ -195,15 +197,12 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
     if rotary_cos is not None:
         if k is None:
             raise ValueError("rotary_cos/rotary_sin need the new k and v to rotate (as in flash-attn)")
-        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2,))
-            check_last_dim_contiguous(name, t)  # the kernel reads the tables' rows with unit stride
-        check_same_dtype(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
-        check_same_device(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
-        check_shape("rotary_sin", rotary_sin, rotary_cos.shape, "the shape of rotary_cos")
-        if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
-            raise ValueError(f"expected rotary_cos of shape (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
-                             f"{head_dim}, got {tuple(rotary_cos.shape)}")
+        check_tables(q, rotary_cos, rotary_sin, names=("q", "rotary_cos", "rotary_sin"))
+
+
+def _read_at_once(figures: dict) -> dict:
+    """Device figures (0-dim tensors) as Python ints, read in one host sync."""
+    return dict(zip(figures, torch.stack([f.long() for f in figures.values()]).tolist()))
 
 
 def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
@@ -225,13 +224,8 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
         pad = cache_leftpad.long()
         figures.update(min_pad=pad.min(), pad_past_len=(pad > lengths).any())
     if block_table is not None:
-        # The entries of the pages in use (check_pages_in_use's rule), with no boolean indexing.
-        used = (torch.arange(block_table.shape[1], device=block_table.device)[None, :] * k_cache.shape[1]
-                < ends[:, None])
-        entries = block_table.long()
-        figures.update(any_page=used.any(), min_page=torch.where(used, entries, entries.new_tensor(2 ** 62)).min(),
-                       max_page=torch.where(used, entries, entries.new_tensor(-(2 ** 62))).max())
-    read = dict(zip(figures, torch.stack([f.long() for f in figures.values()]).tolist()))
+        figures.update(pages_in_use_figures(block_table, ends, k_cache.shape[1]))
+    read = _read_at_once(figures)
     if read["min_len"] < 0:
         raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
     if read["max_end"] > capacity:
@@ -250,9 +244,8 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
     if cache_leftpad is not None and (read["min_pad"] < 0 or read["pad_past_len"]):
         raise ValueError("expected 0 <= cache_leftpad <= cache_seqlens in every row, got "
                          f"{cache_leftpad.tolist()[:16]} and {cache_seqlens.tolist()[:16]}")
-    if block_table is not None and read["any_page"] and (read["min_page"] < 0 or read["max_page"] >= k_cache.shape[0]):
-        raise ValueError(f"expected block_table entries of the pages in use in [0, {k_cache.shape[0]}) (blocks of "
-                         f"k_cache), got values from {read['min_page']} to {read['max_page']}")
+    if block_table is not None:
+        check_pages_in_use(read, k_cache.shape[0], "k_cache")
     if rotary_cos is not None:
         seqlen_q = q.shape[1]
         needed = read["max_end"] - seqlen_new + max(seqlen_new, seqlen_q if (causal or local) else 1)
@@ -339,7 +332,9 @@ def _(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table
 
 
 def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table):
-    """Every check, before any launch; value checks (one host sync) in eager mode only."""
+    """Every check, before any launch; value checks in eager mode only, four host syncs: q's
+    boundaries, k's total, k's boundaries (check_cu_seqlens reads each set in one), then the pages
+    in use together with the longest key sequence."""
     check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         check_int(name, value)
@@ -354,11 +349,15 @@ def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seq
     lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), q, "q", max_seqlen=max_seqlen_k,
                                  max_name="max_seqlen_k")
     capacity = block_table.shape[1] * page_size
+    figures = pages_in_use_figures(block_table, lengths_k, page_size)
     # Every key length is <= max_seqlen_k now: only a max_seqlen_k past the capacity needs a look.
-    if max_seqlen_k > capacity and int(lengths_k.max()) > capacity:
+    if max_seqlen_k > capacity:
+        figures["longest"] = lengths_k.max()
+    read = _read_at_once(figures)
+    if read.get("longest", 0) > capacity:
         raise ValueError(f"expected every key length (cu_seqlens_k) <= the block_table capacity {capacity} "
-                         f"(max_blocks * page_size), got {int(lengths_k.max())}")
-    check_pages_in_use(block_table, lengths_k, page_size, k_cache.shape[0], "k")
+                         f"(max_blocks * page_size), got {read['longest']}")
+    check_pages_in_use(read, k_cache.shape[0], "k")
 
 
 def varlen_paged_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,

@@ -18,18 +18,25 @@ from .ops import rotary_op
 __all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_"]
 
 
-def _check_tables(x, cos, sin):
-    for name, t in (("cos", cos), ("sin", sin)):
+def check_tables(x, cos, sin, names=("x", "cos", "sin")) -> None:
+    """Rotary tables for x (..., D): cos and sin (seqlen_ro, rotary_dim / 2), unit stride along a
+    row (the kernels read rows so), x's dtype and device, 0 < rotary_dim <= D. ``names``: the
+    caller's names of x, cos and sin, for the messages (the KV-cache front end's q, rotary_cos,
+    rotary_sin)."""
+    x_name, cos_name, sin_name = names
+    for name, t in ((cos_name, cos), (sin_name, sin)):
         check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2,))
         check_last_dim_contiguous(name, t)
     if sin.shape != cos.shape:
-        raise ValueError(f"expected sin of shape {tuple(cos.shape)} (the shape of cos), got {tuple(sin.shape)}")
+        raise ValueError(f"expected {sin_name} of shape {tuple(cos.shape)} (the shape of {cos_name}), "
+                         f"got {tuple(sin.shape)}")
     if cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise TypeError(f"expected cos and sin of dtype {x.dtype} (the dtype of x), got {cos.dtype} and {sin.dtype}")
-    check_same_device(("x", "cos", "sin"), (x, cos, sin))
+        raise TypeError(f"expected {cos_name} and {sin_name} of dtype {x.dtype} (the dtype of {x_name}), "
+                        f"got {cos.dtype} and {sin.dtype}")
+    check_same_device(names, (x, cos, sin))
     if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
-        raise ValueError(f"expected cos of shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= {x.shape[-1]} "
-                         f"(x's head dim), got {tuple(cos.shape)}")
+        raise ValueError(f"expected {cos_name} of shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= "
+                         f"{x.shape[-1]} ({x_name}'s head dim), got {tuple(cos.shape)}")
 
 
 def _offsets(seqlen_offsets, batch, x):
@@ -70,7 +77,7 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     varlen = cu_seqlens is not None
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(3,) if varlen else (4,))
     check_last_dim_contiguous("x", x)
-    _check_tables(x, cos, sin)
+    check_tables(x, cos, sin)
     if varlen:
         # Boundaries: int32 on x's device, 0 ... total, non-decreasing (the values: eager only).
         check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x, "x")
