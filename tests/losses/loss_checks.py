@@ -22,19 +22,6 @@ def random_head(n_rows, hidden_size, vocab, dtype, device, *, bias=False, batch=
     return hidden, weight, b
 
 
-def long_sum_terms(n_terms, device):
-    """fp32 terms 1, d, d, ... whose sum drifts when accumulated block by block or term by term.
-
-    Every 32 consecutive d add up to 0.4 ulp of 1: a running fp32 sum near 1 rounds each
-    32-term block (each K block of the kernels' fp32 tiles) away, so summing block after
-    block loses 0.4 ulp per block -- ~100 ulp over 8192 terms -- and a single FMA chain
-    loses every term. A pairwise or compensated sum keeps them: exact is 1 + (n - 1) d.
-    """
-    terms = torch.full((n_terms,), 0.4 * torch.finfo(torch.float32).eps / 32, device=device)
-    terms[0] = 1.0
-    return terms
-
-
 def random_labels(shape, vocab, device, *, ignore="scattered", ignore_index=-100):
     labels = torch.randint(0, vocab, shape, device=device)
     if ignore == "everywhere":

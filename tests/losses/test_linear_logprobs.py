@@ -9,8 +9,8 @@ from docqa_fast.losses import linear_cross_entropy, linear_logprobs
 from docqa_fast.losses.functional import cross_entropy_losses
 from docqa_fast.losses.ops import linear_logit_stats, linear_logit_stats_backward
 from docqa_fast.reference.losses import linear_cross_entropy_ref, linear_logprobs_ref
-from docqa_fast.testing import assert_close_by_rule
-from loss_checks import check_by_rule, long_sum_terms, random_head, random_labels
+from docqa_fast.testing import assert_close_by_rule, long_sum_terms
+from loss_checks import check_by_rule, random_head, random_labels
 
 pytestmark = pytest.mark.backends("reference", "triton")
 
