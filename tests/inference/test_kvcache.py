@@ -341,6 +341,14 @@ BAD_INPUTS = {
     "strided rotary table": (lambda a: a.update(zip(("rotary_cos", "rotary_sin"),
                                                     (t.repeat(1, 2)[:, ::2] for t in _rotary(70, "cpu")))),
                              ValueError, "rotary_cos"),
+    # The rotary tables' checks are apply_rotary_emb's (docqa_fast.rotary.check_tables), under this call's names.
+    "rotary_sin shape": (lambda a: a.update(rotary_cos=_rotary(70, "cpu")[0], rotary_sin=_rotary(69, "cpu")[1]),
+                         ValueError, r"rotary_sin of shape \(70, 8\) \(the shape of rotary_cos\)"),
+    "rotary dtype": (lambda a: a.update(rotary_cos=_rotary(70, "cpu")[0].float(), rotary_sin=_rotary(70, "cpu")[1]),
+                     TypeError, r"rotary_cos and rotary_sin of dtype torch.float16 \(the dtype of q\)"),
+    "rotary dim past the head dim": (lambda a: a.update(zip(("rotary_cos", "rotary_sin"),
+                                                            (torch.ones(70, 17).half(), torch.ones(70, 17).half()))),
+                                     ValueError, r"rotary_cos of shape .* <= 32 \(q's head dim\)"),
 }
 
 
