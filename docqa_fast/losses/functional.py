@@ -13,7 +13,7 @@ import torch
 from .._validation import check_cu_seqlens, check_same_device, check_shape, check_tensor
 from . import forward_grad, fused
 from .ops import (check_head_inputs, check_label_values, check_positive, check_smoothing_and_z_loss,
-                  cross_entropy_per_token, logit_stats)
+                  cross_entropy_per_token, cross_entropy_with_grads, logit_stats)
 
 __all__ = ["linear_logprobs", "linear_cross_entropy", "sequence_logprobs"]
 
@@ -88,8 +88,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int
     # forward (forward_grad.py); without, the statistics pass below is all the forward does.
     needs = forward_grad.wants_gradients(hidden, weight, bias)
     if reduction != "none" and any(needs) and fused.route(hidden.device, hidden.dtype) == "fwd-grad":
-        return forward_grad.cross_entropy(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing,
-                                          z_loss, reduction == "mean", needs)
+        return cross_entropy_with_grads(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing, z_loss,
+                                        reduction == "mean", needs)
     losses = cross_entropy_losses(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing, z_loss)
     counted = flat_labels != ignore_index
     if reduction == "none":

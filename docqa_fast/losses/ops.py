@@ -1,4 +1,4 @@
-"""The two custom ops behind every loss of this family, their autograd and dispatch.
+"""The custom ops behind every loss of this family, their autograd and dispatch.
 
 ``docqa_fast::linear_logit_stats(hidden, weight, bias, labels, ignore_index, temperature)``
 returns four (N,) fp32 statistics of z = (hidden @ weight^T + bias) / T -- the log-sum-exp,
@@ -16,6 +16,10 @@ handled exactly, not assumed uniform.
 The triton implementation (fused.py) computes only the rows that count and, in the backward,
 the vocabulary tiles that are not negligible, on library matmuls (chunked.py) or on the
 all-Triton path (kernels/losses.py); the reference materialises the logits.
+
+``docqa_fast::linear_cross_entropy_grads`` is the forward-gradient route of a mean / sum
+cross-entropy (forward_grad.py): the reduced loss and the gradients of the summed loss, formed
+in the forward; its autograd only scales them by the upstream scalar.
 """
 
 from __future__ import annotations
@@ -300,3 +304,132 @@ linear_logit_stats.register_autograd(_backward, setup_context=_setup_context)
 def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: float):
     """The four statistics of the op on validated, flattened inputs (see check_head_inputs)."""
     return linear_logit_stats(hidden, weight, bias, labels, int(ignore_index), float(temperature))[:4]
+
+
+# ------------------------------------- the forward-gradient route's op (forward_grad.py)
+
+# A gradient scaled by the upstream scalar is written this many fp32 elements at a time.
+_SCALE_SLICE = 1 << 24
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_cross_entropy(losses, counted, mean: bool):
+    """(loss, grad_scale): the summed per-token losses, times grad_scale = 1 / max(count, 1) for "mean"."""
+    scale = 1.0 / counted.sum().clamp_min(1).to(losses.dtype) if mean else torch.ones((), dtype=losses.dtype,
+                                                                                        device=losses.device)
+    return losses.sum() * scale, scale
+
+
+def _grads_triton(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden,
+                  need_weight, need_bias):
+    from . import forward_grad
+
+    return forward_grad.cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean,
+                                            need_hidden, need_weight, need_bias)
+
+
+def _grads_reference(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden,
+                     need_weight, need_bias):
+    counted = labels != ignore_index
+    lse, label_logit, sum_logits, _ = linear_logit_stats_ref(hidden, weight, bias, labels, ignore_index, 1.0)
+    accumulate = _accumulator_dtype(hidden.dtype)
+    lse, label_logit, sum_logits = (t.to(accumulate) for t in (lse, label_logit, sum_logits))
+    losses = cross_entropy_per_token(lse, label_logit, sum_logits, counted, weight.shape[0], label_smoothing, z_loss)
+    loss, scale = reduce_cross_entropy(losses, counted, mean)
+    coefs = cross_entropy_coefs(lse, counted, weight.shape[0], label_smoothing, z_loss)
+    grads = linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs, ignore_index, 1.0)
+    # Fresh tensors (a custom op's outputs may not alias each other), empty where not needed.
+    return (loss, scale, *(g.to(accumulate).contiguous() if need else g.new_empty(0, dtype=accumulate)
+                           for g, need in zip(grads, (need_hidden, need_weight, need_bias))))
+
+
+GRADS = register_op(
+    "linear_cross_entropy_grads",
+    Implementation("triton", _grads_triton, eligible=_KERNEL_DTYPES),
+    Implementation("reference", _grads_reference),
+)
+
+
+def _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias):
+    check_op_inputs(hidden, weight, bias, labels, ignore_index, 1.0)
+    if not isinstance(label_smoothing, torch.SymFloat) and not isinstance(z_loss, torch.SymFloat):
+        check_smoothing_and_z_loss(label_smoothing, z_loss)
+    if need_bias and bias is None:
+        raise ValueError("need_bias=True without a bias")
+
+
+@torch.library.custom_op("docqa_fast::linear_cross_entropy_grads", mutates_args=())
+def linear_cross_entropy_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                               mean: bool, need_hidden: bool, need_weight: bool, need_bias: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_scale, d_hidden, d_weight, d_bias) of the cross-entropy of z = hidden @ weight^T + bias.
+
+    hidden (N, H), labels (N,) int64. loss: the mean ("mean") or sum of the per-token losses
+    (ops.cross_entropy_per_token) over the tokens whose label is not ignore_index; d_*: the
+    gradients of their sum, fp32 (fp64 for fp64 inputs), empty (0,) unless asked for;
+    grad_scale: 1 or 1 / max(count, 1), the factor from those gradients to the loss's.
+    """
+    _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias)
+    return GRADS(hidden.device, hidden.dtype, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss,
+                 mean, need_hidden, need_weight, need_bias)
+
+
+@linear_cross_entropy_grads.register_fake
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden, need_weight, need_bias):
+    _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias)
+    accumulate = _accumulator_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=accumulate), hidden.new_empty((), dtype=accumulate),
+            hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=accumulate),
+            weight.new_empty(weight.shape if need_weight else (0,), dtype=accumulate),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,), dtype=accumulate))
+
+
+def _grads_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    _, scale, d_hidden, d_weight, d_bias = output
+    ctx.mark_non_differentiable(scale, d_hidden, d_weight, d_bias)
+    ctx.save_for_backward(scale, d_hidden, d_weight, d_bias)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _scaled(saved, factor, dtype, name: str):
+    """saved * factor rounded once to ``dtype``, a slice of rows at a time (no full fp32 temporary)."""
+    if saved.numel() == 0:
+        raise RuntimeError(f"linear_cross_entropy_grads was called without need_{name}=True, yet d {name} is wanted")
+    out = torch.empty(saved.shape, dtype=dtype, device=saved.device)
+    flat_saved, flat_out = saved.reshape(saved.shape[0], -1), out.reshape(saved.shape[0], -1)
+    step = max(1, _SCALE_SLICE // max(1, flat_saved.shape[1]))
+    for r0 in range(0, flat_saved.shape[0], step):
+        torch.mul(flat_saved[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
+    return out
+
+
+def _grads_backward(ctx, grad_loss, _grad_scale, _grad_hidden, _grad_weight, _grad_bias):
+    scale, d_hidden, d_weight, d_bias = ctx.saved_tensors
+    wanted = ctx.needs_input_grad[:3]
+    if grad_loss is None or not any(wanted):
+        return (None,) * 11
+    # Out of place (a second backward with retain_graph finds the saved gradients intact) and
+    # without a graph: these gradients have no derivative of their own here (create_graph gets
+    # non-differentiable gradients, never silently wrong second derivatives).
+    with torch.no_grad():
+        factor = grad_loss.to(scale.dtype) * scale
+        grads = [_scaled(saved, factor, dtype, name) if want else None
+                 for saved, dtype, name, want in zip((d_hidden, d_weight, d_bias), ctx.dtypes,
+                                                     ("hidden", "weight", "bias"), wanted)]
+    return (*grads, *(None,) * 8)
+
+
+linear_cross_entropy_grads.register_autograd(_grads_backward, setup_context=_grads_setup_context)
+
+
+def cross_entropy_with_grads(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float, z_loss: float,
+                             mean: bool, needs: tuple[bool, bool, bool]):
+    """The reduced cross-entropy through linear_cross_entropy_grads, on validated, flattened inputs
+    (``needs``: the gradients of hidden, weight and bias to form)."""
+    return linear_cross_entropy_grads(hidden, weight, bias, labels, int(ignore_index), float(label_smoothing),
+                                      float(z_loss), bool(mean), *needs)[0]

@@ -8,7 +8,7 @@ import torch
 
 from docqa_fast.kernels import losses as kernels
 from docqa_fast.kernels import tuning
-from docqa_fast.losses import chunked, forward_grad, fused, linear_cross_entropy
+from docqa_fast.losses import chunked, fused, linear_cross_entropy, ops
 from docqa_fast.reference.losses import linear_cross_entropy_ref
 from loss_checks import check_by_rule, cross_entropy_step_memory, random_head, random_labels
 
@@ -92,14 +92,14 @@ def test_a_second_backward_and_a_second_call_give_the_same_gradients(backend, de
 def test_only_the_wanted_gradients_are_formed(backend, device, monkeypatch):
     """A frozen head (weight without a gradient, the LoRA case) needs no (V, H) accumulator."""
     calls = []
-    original = type(forward_grad.GRADS).__call__
+    original = type(ops.GRADS).__call__
 
     def spy(self, *args):
-        if self is forward_grad.GRADS:
+        if self is ops.GRADS:
             calls.append(args[-3:])
         return original(self, *args)
 
-    monkeypatch.setattr(type(forward_grad.GRADS), "__call__", spy)
+    monkeypatch.setattr(type(ops.GRADS), "__call__", spy)
     hidden, weight, bias = random_head(30, 16, 90, torch.float32, device, bias=True)
     labels = random_labels((30,), 90, device)
     check_by_rule(lambda hidden: _ce(labels)[0](hidden, weight, bias),
