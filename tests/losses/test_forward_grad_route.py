@@ -200,6 +200,23 @@ def test_real_vocabulary_size(backend, device, vocab):
     check_by_rule(*_ce(labels, label_smoothing=0.05), {"hidden": hidden, "weight": weight})
 
 
+def test_bad_input_is_refused_as_on_the_other_route(backend, device):
+    """The public function's checks run before the route is chosen: the same errors with gradients wanted."""
+    hidden, weight, _ = random_head(6, 8, 20, torch.float32, device)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    labels = random_labels((6,), 20, device, ignore="nowhere")
+    for call, error, match in [
+            (lambda: linear_cross_entropy(hidden, weight[:, :7], labels), ValueError, "weight of shape"),
+            (lambda: linear_cross_entropy(hidden, weight.detach().half(), labels), TypeError, "weight of dtype"),
+            (lambda: linear_cross_entropy(hidden, weight, labels[:5]), ValueError, "labels of shape"),
+            (lambda: linear_cross_entropy(hidden, weight, labels + 20, validate=True), ValueError, "labels in"),
+            (lambda: linear_cross_entropy(hidden, weight, labels, label_smoothing=2.0), ValueError, "label_smoothing"),
+            (lambda: linear_cross_entropy(hidden, weight, labels, reduction="avg"), ValueError, "reduction"),
+            (lambda: linear_cross_entropy(hidden, weight, labels, ignore_index=-1.0), TypeError, "ignore_index")]:
+        with pytest.raises(error, match=match):
+            call()
+
+
 def test_row_rule_of_the_route():
     """CHUNK_ROWS rows (spread evenly, all when fewer), or whole 64-row grains of the budget setting."""
     assert chunked.forward_grad_rows(8192, 152064, torch.bfloat16, 2048) == 2048
