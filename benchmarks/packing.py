@@ -9,8 +9,12 @@ LLM tokens, text runs of 20-200 tokens between pages, 1-8 documents of 12-100 pa
 * ``merge``: ``merge_visual_tokens`` vs ``inputs_embeds.masked_scatter`` (hidden 3584, bf16)
   and ``torch.compile`` of it, bytes moved = embeddings read + written + features read;
   ``merge_fwd_bwd`` adds the backward (d out read, d embeddings and d features written).
-* ``pack``: ``pack_multimodal`` of 2-8 documents (token fields through ``pack_tokens``) vs its
-  ``torch.cat``-per-field reference; bytes moved = every field read and written once.
+* ``pack``: ``pack_multimodal`` of 2-8 documents (token fields, grids and pixels through one
+  ``pack_tokens`` call) vs its ``torch.cat``-per-field reference; bytes moved = every field read
+  and written once.
+* ``pack_copy``: that one call alone (the per-document M-RoPE and checks left out) vs
+  ``torch.cat`` per field (the reference backend) and ``torch.compile`` of it; bytes = read +
+  written, pixels and grids included. Target: >= 80% of the copy bandwidth.
 * ``planner``: ``plan_packing`` (C++) vs the pure-Python reference BFD, 100K samples of a
   long-document mix (2K-128K tokens into 128K rows). Target: >= 1M samples/s on one core.
   (TRL's ``pack_dataset`` is added when trl is importable.) Bytes moved = the lengths read.
@@ -42,8 +46,10 @@ import warnings
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from docqa_fast.packing import get_rope_index, merge_visual_tokens, pack_multimodal, plan_packing
+from docqa_fast.packing.ops import PACK_TOKENS
 from docqa_fast.reference.packing import merge_visual_tokens_ref, plan_packing_ref
 
 from .harness import Case, Provider, compiled_provider, ours_per_backend, register_family
@@ -109,7 +115,8 @@ def counting_host_syncs(provider: Provider, store: dict) -> Provider:
             if calls:
                 return fn(*inputs)
             calls.append(1)
-            device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+            # inputs may hold lists of tensors (the packing copy's per-document parts)
+            device = next(t.device for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))
             with _count_host_syncs(device) as result:
                 output = fn(*inputs)
             store[provider.name] = result
@@ -231,6 +238,40 @@ def _pack(samples):
             row.pixel_values)
 
 
+def _pack_copy_inputs(params, device):
+    """The packing op's arguments for ``docs`` documents of ``pages`` pages: token fields as
+    pack_multimodal hands them over (ids, labels, type ids, the document's M-RoPE rows) and the
+    vision fields' parts (grids, bf16 pixels). The documents' lengths are the same in every
+    input set (the values differ): torch.compile specialises on them and would otherwise time a
+    recompilation per set."""
+    rng = random.Random(1000 * params["docs"] + params["pages"])
+    patches = PAGE_GRID[0] * PAGE_GRID[1] * PAGE_GRID[2]
+    ids, labels, types_, mrope, grids, pixels = [], [], [], [], [], []
+    for _ in range(params["docs"]):
+        doc_ids, doc_types = _document(rng, params["pages"])
+        L = len(doc_ids)
+        ids.append(torch.tensor(doc_ids, device=device))
+        labels.append(torch.tensor(doc_ids, device=device))
+        types_.append(torch.tensor(doc_types, dtype=torch.int32, device=device))
+        mrope.append(torch.randint(0, L, (3, L), device=device))
+        grids.append(torch.tensor([PAGE_GRID] * params["pages"], device=device))
+        pixels.append(torch.randn(params["pages"] * patches, PIXEL_DIM, device=device, dtype=DTYPE))
+    return ids, labels, types_, mrope, grids, pixels
+
+
+def _pack_copy(ids, labels, types_, mrope, grids, pixels):
+    device = ids[0].device
+    return PACK_TOKENS(device, None, ids, labels, types_, mrope, -100, device, [grids, pixels])
+
+
+def _pack_copy_bytes(docs: int, pages: int) -> int:
+    """Read + written: per token ids, labels (8 + 8), type id (4), 3 M-RoPE rows read / 4
+    position rows written (24 / 32); per page a grid row (24) and its pixels."""
+    tokens = docs * pages * 1310  # ~1,200 image tokens and ~110 text tokens a page (_document)
+    pixels = docs * pages * PAGE_GRID[0] * PAGE_GRID[1] * PAGE_GRID[2] * PIXEL_DIM * DTYPE.itemsize
+    return tokens * (20 + 24 + 20 + 32) + 2 * (pixels + docs * pages * 24)
+
+
 # ---------------------------------------------------------------------------- planner
 
 def _planner_inputs(params, device):
@@ -311,45 +352,37 @@ def cases(quick: bool) -> list[Case]:
     def merge_unchecked(e, i, v):
         return merge_visual_tokens(e, i, v, IMAGE_ID, check=False)
 
-    merge_providers = (*ours_per_backend(merge_checked, backends=("extension",)),
-                       *_renamed(ours_per_backend(merge_unchecked, backends=("extension",)), "[check=False]"),
-                       Provider("docqa_fast[reference]", fn=merge_checked, ours=True,
-                                env={"DOCQA_FAST_BACKEND": "reference"}),
-                       Provider("eager", fn=_merge_theirs),
-                       compiled_provider(_merge_theirs, name="torch.compile"))
-    for T in sizes["merge_T"]:
-        n_visual = T * 9 // 10
-        syncs = {}
-        found.append(Case(
-            family=FAMILY, name=f"merge-T{T}", group="merge",
-            description=f"visual-token merge, (1, T, {HIDDEN}) bf16, 90% visual tokens (eager = masked_scatter); "
-                        "host syncs per provider in params.host_syncs",
-            params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T", make_inputs=_merge_inputs,
-            providers=tuple(counting_host_syncs(p, syncs) for p in merge_providers),
-            bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8))
+    def merge_cases(group, what, providers, make_inputs, backward):
+        """One case per T: forward bytes = embeddings read + written + features read (+ ids);
+        the backward adds d out read, d embeddings and d features written."""
+        for T in sizes["merge_T"]:
+            n_visual = T * 9 // 10
+            pass_bytes = (2 * T + n_visual) * HIDDEN * DTYPE.itemsize
+            syncs = {}
+            found.append(Case(
+                family=FAMILY, name=f"{group}-T{T}", group=group,
+                description=f"visual-token {what}, (1, T, {HIDDEN}) bf16, 90% visual tokens (eager = masked_scatter); "
+                            "host syncs per provider in params.host_syncs",
+                params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T", make_inputs=make_inputs,
+                providers=tuple(counting_host_syncs(p, syncs) for p in providers),
+                bytes_moved=pass_bytes + T * 8 + (pass_bytes if backward else 0)))
+
+    merge_cases("merge", "merge", (
+        *ours_per_backend(merge_checked, backends=("extension",)),
+        *_renamed(ours_per_backend(merge_unchecked, backends=("extension",)), "[check=False]"),
+        Provider("docqa_fast[reference]", fn=merge_checked, ours=True, env={"DOCQA_FAST_BACKEND": "reference"}),
+        Provider("eager", fn=_merge_theirs),
+        compiled_provider(_merge_theirs, name="torch.compile")), _merge_inputs, backward=False)
     # Forward + backward: the merge's backward is a gather (d visual) and a masked copy (d embeds).
-    merge_bwd_providers = (
+    merge_cases("merge_fwd_bwd", "merge forward + backward, ours with check=False", (
         *_renamed(ours_per_backend(_with_backward(merge_unchecked), backends=("extension",)), "[check=False]"),
         Provider("docqa_fast[reference]", fn=_with_backward(merge_checked), ours=True,
                  env={"DOCQA_FAST_BACKEND": "reference"}),
         Provider("eager", fn=_with_backward(_merge_theirs)),
-        compiled_provider(_with_backward(_merge_theirs), name="torch.compile"))
-    for T in sizes["merge_T"]:
-        n_visual = T * 9 // 10
-        syncs = {}
-        found.append(Case(
-            family=FAMILY, name=f"merge_fwd_bwd-T{T}", group="merge_fwd_bwd",
-            description=f"visual-token merge forward + backward, (1, T, {HIDDEN}) bf16, 90% visual tokens, ours "
-                        "with check=False (eager = masked_scatter); host syncs per provider in params.host_syncs",
-            params={"T": T, "H": HIDDEN, "host_syncs": syncs}, sweep="T",
-            make_inputs=lambda p, d: _merge_inputs(p, d, requires_grad=True),
-            providers=tuple(counting_host_syncs(p, syncs) for p in merge_bwd_providers),
-            # forward as above; backward: d out read, d embeds written, d visual written
-            bytes_moved=(2 * T + n_visual) * HIDDEN * DTYPE.itemsize + T * 8
-            + (2 * T + n_visual) * HIDDEN * DTYPE.itemsize))
-    # pack_multimodal: token fields in one pack_tokens call (extension) or torch.cat per field
-    # (reference); pixel values and grids by torch.cat in both (one launch with the token fields
-    # is open work). Bytes: every field read and written once.
+        compiled_provider(_with_backward(_merge_theirs), name="torch.compile")),
+        lambda p, d: _merge_inputs(p, d, requires_grad=True), backward=True)
+    # pack_multimodal: token fields, pixel values and grids in one pack_tokens call (extension)
+    # or torch.cat per field (reference). Bytes: every field read and written once.
     pack_providers = (*ours_per_backend(_pack, backends=("extension",)),
                       Provider("torch.cat (reference)", fn=_pack, env={"DOCQA_FAST_BACKEND": "reference"}))
     for docs, pages in sizes["pack"]:
@@ -362,6 +395,23 @@ def cases(quick: bool) -> list[Case]:
             params={"docs": docs, "pages": pages}, sweep="docs", make_inputs=_pack_inputs,
             providers=pack_providers, reference="torch.cat (reference)",
             bytes_moved=2 * (tokens * (8 + 8 + 4 + 4 * 8) + pixels)))
+    # The packing copy alone (what pack_multimodal's one call does, without its per-document
+    # get_rope_index and checks): token fields, grids and pixels in one launch, against the
+    # same fields by torch.cat (the reference backend: one cat per field) and torch.compile of it.
+    cat_env = {"DOCQA_FAST_BACKEND": "reference"}
+    copy_providers = (*ours_per_backend(_pack_copy, backends=("extension",)),
+                      Provider("torch.cat", fn=_pack_copy, env=cat_env),
+                      dataclasses.replace(compiled_provider(_pack_copy, name="torch.compile"), env=cat_env))
+    for docs, pages in sizes["pack"]:
+        syncs = {}
+        found.append(Case(
+            family=FAMILY, name=f"pack_copy-docs{docs}-pages{pages}", group=f"pack_copy_pages{pages}",
+            description=f"the packing copy of {docs} documents of {pages} pages: ids, labels, type ids, positions, "
+                        f"grids and bf16 pixels ({PIXEL_DIM} per patch) into one row; bytes = read + written; "
+                        "host syncs per provider in params.host_syncs",
+            params={"docs": docs, "pages": pages, "host_syncs": syncs}, sweep="docs", make_inputs=_pack_copy_inputs,
+            providers=tuple(counting_host_syncs(p, syncs) for p in copy_providers), reference="torch.cat",
+            bytes_moved=_pack_copy_bytes(docs, pages)))
     # The C++ planner, forced: unforced, a missing extension meant timing the Python reference twice.
     planner_providers = (*ours_per_backend(plan_packing, backends=("extension",)),
                          Provider("eager", fn=lambda lengths, m: plan_packing_ref(lengths.tolist(), m)),

@@ -53,8 +53,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("ids"), py::arg("token_ids"), py::arg("grad_inputs"), py::arg("grad_visual"),
         py::call_guard<py::gil_scoped_release>());
   m.def("pack_tokens", &docqa_fast::pack_tokens,
-        "Packing copy: every document's ids, labels, type ids and M-RoPE positions into one packed row.",
+        "Packing copy: every document's ids, labels, type ids and M-RoPE positions into one packed row,\n"
+        "and joined[f] = torch.cat(parts[f]) for each f (grids, pixel values) in the same launch.",
         py::arg("ids"), py::arg("labels"), py::arg("types"), py::arg("mrope"), py::arg("ignore_index"),
         py::arg("ids_out"), py::arg("labels_out"), py::arg("types_out"), py::arg("positions_out"),
+        py::arg("parts") = std::vector<std::vector<at::Tensor>>{}, py::arg("joined") = std::vector<at::Tensor>{},
         py::call_guard<py::gil_scoped_release>());
 }

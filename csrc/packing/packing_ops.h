@@ -37,10 +37,13 @@ void merge_visual_backward(const at::Tensor& grad, const at::Tensor& ids, const 
 // Packing copy (pack_tokens.h): document d's ids[d], labels[d] (L_d,) int64, types[d] (L_d,)
 // int32 and mrope[d] (3, L_d) int64 into ids_out / labels_out (1, T) int64, types_out (1, T)
 // int32 and positions_out (4, 1, T) int64 (row 0: positions restarting per document), with
-// ignore_index as each document's first label. One launch on CUDA tensors.
+// ignore_index as each document's first label; and joined[f] = torch.cat(parts[f]) for every f
+// (any dtype: the parts' bytes one after another; contiguous, one dtype and trailing shape per
+// f). One launch on CUDA tensors, no host sync; all tensors on one device.
 void pack_tokens(const std::vector<at::Tensor>& ids, const std::vector<at::Tensor>& labels,
                  const std::vector<at::Tensor>& types, const std::vector<at::Tensor>& mrope, int64_t ignore_index,
                  const at::Tensor& ids_out, const at::Tensor& labels_out, const at::Tensor& types_out,
-                 const at::Tensor& positions_out);
+                 const at::Tensor& positions_out, const std::vector<std::vector<at::Tensor>>& parts,
+                 const std::vector<at::Tensor>& joined);
 
 }  // namespace docqa_fast

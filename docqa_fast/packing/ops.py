@@ -16,8 +16,9 @@ either.
   the backward gathers the j-th placeholder's row (``searchsorted`` on the same prefix sum,
   no sync) and zeroes those rows of the embeddings' gradient. Indices are clamped, so even
   unchecked bad counts cannot read out of bounds.
-* ``pack_tokens``: every document's token fields into one packed row (one launch, or
-  ``torch.cat`` per field).
+* ``pack_tokens``: every document's token fields into one packed row and, in the same launch,
+  the vision fields (grids, pixel values, seconds per grid step) joined as torch.cat joins them
+  (the extension: one launch, or its C++ twin; the reference: ``torch.cat`` per field).
 * ``plan_packing``: the C++ bin-packing planner, or the Python reference planner.
 """
 
@@ -54,12 +55,6 @@ def _positions(input_ids: torch.Tensor, token_ids: torch.Tensor):
     """Flattened placeholder mask (N,) and its inclusive prefix sum."""
     mask = torch.isin(input_ids.reshape(-1), token_ids)
     return mask, mask.cumsum(0)
-
-
-def _ids_for_extension(input_ids: torch.Tensor) -> torch.Tensor:
-    """Flat contiguous ids in a dtype the kernels read in place (int32 / int64)."""
-    flat = input_ids.reshape(-1)
-    return flat.contiguous() if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.long)
 
 
 def _ids_for_extension(input_ids: torch.Tensor) -> torch.Tensor:
@@ -215,26 +210,35 @@ merge_visual_tokens_op.register_autograd(_backward, setup_context=_setup)
 
 # ------------------------------------------------------------------------- pack_tokens
 
-def _pack_extension(ids, labels, types, mrope, ignore_index, device):
+def _joined_empty(parts, device):
+    """An uninitialised torch.cat(parts): the summed rows, the parts' trailing shape and dtype."""
+    return torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, device=device)
+
+
+def _pack_extension(ids, labels, types, mrope, ignore_index, device, parts):
     total = sum(t.shape[0] for t in ids)
     ids_out = torch.empty(1, total, dtype=torch.long, device=device)
     labels_out = torch.empty(1, total, dtype=torch.long, device=device)
     types_out = torch.empty(1, total, dtype=torch.int32, device=device)
     positions = torch.empty(4, 1, total, dtype=torch.long, device=device)
-    extension().pack_tokens(ids, labels, types, mrope, ignore_index, ids_out, labels_out, types_out, positions)
-    return ids_out, labels_out, types_out, positions
+    joined = [_joined_empty(field, device) for field in parts]
+    extension().pack_tokens(ids, labels, types, mrope, ignore_index, ids_out, labels_out, types_out, positions,
+                            parts, joined)
+    return ids_out, labels_out, types_out, positions, joined
 
 
-def _pack_tensor(ids, labels, types, mrope, ignore_index, device):
+def _pack_tensor(ids, labels, types, mrope, ignore_index, device, parts):
     starts = torch.tensor([0] + [t.shape[0] for t in ids[:-1]], device=device).cumsum(0)
     labels_row = torch.cat(labels)
     labels_row[starts] = ignore_index  # never predict a document's first token from the previous one
     text_pos = torch.cat([torch.arange(t.shape[0], device=device) for t in ids])
     positions = torch.cat([text_pos[None], torch.cat(mrope, dim=1)], 0).unsqueeze(1)
-    return torch.cat(ids)[None], labels_row[None], torch.cat(types)[None], positions
+    return torch.cat(ids)[None], labels_row[None], torch.cat(types)[None], positions, [torch.cat(p) for p in parts]
 
 
-# (input_ids, labels, mm_token_type_ids, position_ids) of a packed row from per-document parts.
+# (input_ids, labels, mm_token_type_ids, position_ids, [torch.cat(p) for p in parts]) of a packed
+# row from per-document parts: the token fields and the joined vision fields (grids, pixel
+# values; each field's parts contiguous, of one dtype and trailing shape) in one launch.
 PACK_TOKENS = register_op(
     "pack_tokens",
     Implementation("extension", _pack_extension, cpu=True),

@@ -13,12 +13,12 @@ module builds all three from the per-document samples:
 * ``cu_seqlens`` / ``max_seqlen`` (int32) for varlen attention, and the vision tower's
   per-frame ``vision_cu_seqlens`` (what transformers computes from ``image_grid_thw``).
 
-The token fields (ids, labels, type ids, the 4 position rows) of all documents are written
-by one call of the extension's ``pack_tokens`` (``csrc/packing/pack_tokens*``): one CUDA
-launch for CUDA samples, its C++ twin for CPU samples (the data loader), sharing the
-per-token function. ``DOCQA_FAST_BACKEND=reference`` (or no extension) concatenates with
-``torch.cat`` per field instead. Images' grids and pixels are concatenated with ``torch.cat``
-(one call per field).
+The token fields (ids, labels, type ids, the 4 position rows) of all documents and the vision
+fields (grids, pixel values, seconds per grid step: each the documents' rows one after another,
+bit for bit what ``torch.cat`` gives) are written by one call of the extension's ``pack_tokens``
+(``csrc/packing/pack_tokens*``): one CUDA launch for CUDA samples, its C++ twin for CPU samples
+(the data loader), sharing the per-token and per-tile functions. ``DOCQA_FAST_BACKEND=reference``
+(or no extension) concatenates with ``torch.cat`` per field instead.
 """
 
 from __future__ import annotations
@@ -107,9 +107,36 @@ def _check_grid_matches(doc: int, name: str, grid, doc_types, kind: int, pixel_n
                          f"patch of {name}), got {tuple(pixels.shape)}")
 
 
-def _cat(parts):
-    parts = [p for p in parts if p is not None]
-    return torch.cat(parts) if parts else None
+# What pack_tokens joins, in this order: each field's parts are the documents' rows.
+VISION_FIELDS = ("image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos", "second_per_grid_ts")
+
+
+def _vision_part(name: str, value, doc: int, device: torch.device, earlier: list) -> torch.Tensor:
+    """Sample ``doc``'s rows of a vision field as the packing copy joins them: a tensor on the
+    row's device with the dtype and trailing shape of the field's earlier parts (where torch.cat
+    would promote the dtype or fail, the packed row would be ambiguous: refused by name)."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value, device=device)
+    if value.device != device:
+        raise ValueError(f"expected samples[{doc}][{name!r}] on {device} (the device of samples[0]['input_ids']), "
+                         f"got {value.device}")
+    if value.dim() == 0:
+        raise ValueError(f"expected samples[{doc}][{name!r}] with a row dimension, got a 0-d tensor")
+    if earlier:
+        first = earlier[0]
+        if value.dtype != first.dtype:
+            raise TypeError(f"expected samples[{doc}][{name!r}] of dtype {first.dtype} (the dtype of the earlier "
+                            f"samples' {name}), got {value.dtype}")
+        if value.shape[1:] != first.shape[1:]:
+            raise ValueError(f"expected samples[{doc}][{name!r}] of shape (rows, {', '.join(map(str, first.shape[1:]))})"
+                             f" (the earlier samples' {name}), got {tuple(value.shape)}")
+    return value.contiguous()
+
+
+def _all_or_none(name: str, parts: list, lacking: list[int], kind: str) -> None:
+    if parts and lacking:
+        raise ValueError(f"expected samples[{lacking[0]}][{name!r}]: other samples give {name} for their {kind}s, "
+                         f"and a packed row takes every {kind}'s or none")
 
 
 def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *, image_token_id: int = 151655,
@@ -133,8 +160,9 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
     check_int("spatial_merge_size", spatial_merge_size, minimum=1)
     first = samples[0].get("input_ids") if isinstance(samples[0], Mapping) else None
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-    ids, labels, types, mrope, lengths = [], [], [], [], []
-    grids, pixels, vgrids, vpixels, seconds, image_order, video_order = [], [], [], [], [], [], []
+    ids, labels, types, mrope, lengths, image_order, video_order = [], [], [], [], [], [], []
+    vision = {name: [] for name in VISION_FIELDS}  # each field's parts, in document order
+    lacking = {name: [] for name in VISION_FIELDS}  # samples with images / videos but without the field
     for d, sample in enumerate(samples):
         if not isinstance(sample, Mapping):
             raise TypeError(f"expected samples[{d}] to be a mapping with 'input_ids', got {type(sample).__name__}")
@@ -165,36 +193,45 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
                                     model_type=model_type)
         except ValueError as exc:
             raise ValueError(f"samples[{d}]: {exc}") from exc
-        for name, g, kind, pixel_name in (("image_grid_thw", grid, 1, "pixel_values"),
-                                          ("video_grid_thw", vgrid, 2, "pixel_values_videos")):
-            if g is not None and bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
+        for name, g, kind, pixel_name, extra in (("image_grid_thw", grid, 1, "pixel_values", ()),
+                                                 ("video_grid_thw", vgrid, 2, "pixel_values_videos",
+                                                  (("second_per_grid_ts", secs),))):
+            if g is None:
+                _check_grid_matches(d, name, g, doc_types, kind, pixel_name, None)
+                continue
+            if bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
                 raise ValueError(f"samples[{d}][{name!r}]: expected h and w divisible by spatial_merge_size="
                                  f"{spatial_merge_size}, got {g.tolist()}")
-            _check_grid_matches(d, name, g, doc_types, kind, pixel_name, sample.get(pixel_name))
+            vision[name].append(_vision_part(name, g.to(torch.long), d, device, vision[name]))
+            for field_name, value in ((pixel_name, sample.get(pixel_name)), *extra):
+                if value is None:
+                    lacking[field_name].append(d)
+                else:
+                    vision[field_name].append(_vision_part(field_name, value, d, device, vision[field_name]))
+            _check_grid_matches(d, name, g, doc_types, kind, pixel_name,
+                                vision[pixel_name][-1] if d not in lacking[pixel_name] else None)
         ids.append(doc_ids.contiguous())
         labels.append(doc_labels.contiguous())
         types.append(doc_types.contiguous())
         mrope.append(pos[:, 0].contiguous())
         lengths.append(L)
         if grid is not None:
-            grids.append(grid.to(torch.long))
             image_order += [(d, i) for i in range(grid.shape[0])]
-            pixels.append(sample.get("pixel_values"))
         if vgrid is not None:
-            vgrids.append(vgrid.to(torch.long))
             video_order += [(d, i) for i in range(vgrid.shape[0])]
-            vpixels.append(sample.get("pixel_values_videos"))
-            if secs is not None:
-                seconds.append(torch.as_tensor(secs))
     total = sum(lengths)
     if max_tokens is not None and total > max_tokens:
         raise ValueError(f"the samples hold {total} tokens, more than max_tokens = {max_tokens} "
                          "(plan the bins with plan_packing first)")
-    image_grid = _cat(grids)
-    video_grid = _cat(vgrids)
-    # The token fields of every document in one call (one launch, or its C++ twin for CPU samples).
-    input_ids, labels_row, types_row, position_ids = PACK_TOKENS(device, None, ids, labels, types, mrope, ignore_index,
-                                                                 device)
+    for name, kind in (("pixel_values", "image"), ("pixel_values_videos", "video"), ("second_per_grid_ts", "video")):
+        _all_or_none(name, vision[name], lacking[name], kind)
+    present = [name for name in VISION_FIELDS if vision[name]]
+    # Every document's token fields and every vision field's rows in one call (one launch, or
+    # its C++ twin for CPU samples).
+    input_ids, labels_row, types_row, position_ids, joined = PACK_TOKENS(
+        device, None, ids, labels, types, mrope, ignore_index, device, [vision[name] for name in present])
+    joined = dict(zip(present, joined))
+    image_grid = joined.get("image_grid_thw")
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
     cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
     vision_cu = None
@@ -204,10 +241,8 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
     return PackedBatch(
         input_ids=input_ids, labels=labels_row, position_ids=position_ids,
         mm_token_type_ids=types_row, cu_seqlens=cu, max_seqlen=max(lengths), doc_lengths=lengths,
-        image_grid_thw=image_grid, pixel_values=_cat(pixels) if len(pixels) == len(grids) else None,
-        video_grid_thw=video_grid, pixel_values_videos=_cat(vpixels) if len(vpixels) == len(vgrids) else None,
-        second_per_grid_ts=_cat(seconds) if seconds and len(seconds) == len(vgrids) else None,
-        vision_cu_seqlens=vision_cu, image_order=image_order, video_order=video_order,
+        **{name: joined.get(name) for name in VISION_FIELDS}, vision_cu_seqlens=vision_cu,
+        image_order=image_order, video_order=video_order,
         padding_ratio=0.0 if max_tokens is None else 1.0 - total / max_tokens)
 
 
