@@ -394,14 +394,14 @@ def _grads_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(scale, d_hidden, d_weight, d_bias)
     ctx.save_for_backward(scale, d_hidden, d_weight, d_bias)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.formed = inputs[8:11]  # need_hidden, need_weight, need_bias
 
 
-def _scaled(saved, factor, dtype, name: str):
+def _scaled(saved, factor, dtype):
     """saved * factor rounded once to ``dtype``, a slice of rows at a time (no full fp32 temporary)."""
-    if saved.numel() == 0:
-        raise RuntimeError(f"linear_cross_entropy_grads was called without need_{name}=True, yet d {name} is wanted")
     out = torch.empty(saved.shape, dtype=dtype, device=saved.device)
-    flat_saved, flat_out = saved.reshape(saved.shape[0], -1), out.reshape(saved.shape[0], -1)
+    columns = saved.shape[1] if saved.dim() > 1 else 1  # (N, H), (V, H) or (V,)
+    flat_saved, flat_out = saved.view(saved.shape[0], columns), out.view(saved.shape[0], columns)
     step = max(1, _SCALE_SLICE // max(1, flat_saved.shape[1]))
     for r0 in range(0, flat_saved.shape[0], step):
         torch.mul(flat_saved[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
@@ -413,14 +413,16 @@ def _grads_backward(ctx, grad_loss, _grad_scale, _grad_hidden, _grad_weight, _gr
     wanted = ctx.needs_input_grad[:3]
     if grad_loss is None or not any(wanted):
         return (None,) * 11
+    for name, want, formed in zip(("hidden", "weight", "bias"), wanted, ctx.formed):
+        if want and not formed:
+            raise RuntimeError(f"linear_cross_entropy_grads was called with need_{name}=False, yet d {name} is wanted")
     # Out of place (a second backward with retain_graph finds the saved gradients intact) and
     # without a graph: these gradients have no derivative of their own here (create_graph gets
     # non-differentiable gradients, never silently wrong second derivatives).
     with torch.no_grad():
         factor = grad_loss.to(scale.dtype) * scale
-        grads = [_scaled(saved, factor, dtype, name) if want else None
-                 for saved, dtype, name, want in zip((d_hidden, d_weight, d_bias), ctx.dtypes,
-                                                     ("hidden", "weight", "bias"), wanted)]
+        grads = [_scaled(saved, factor, dtype) if want else None
+                 for saved, dtype, want in zip((d_hidden, d_weight, d_bias), ctx.dtypes, wanted)]
     return (*grads, *(None,) * 8)
 
 

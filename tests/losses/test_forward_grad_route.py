@@ -59,11 +59,13 @@ def test_odd_token_counts_and_batched_hidden(backend, dtype, device, n_rows):
         check_by_rule(*_ce(labels), {"hidden": hidden, "weight": weight})
 
 
+@pytest.mark.parametrize("n_rows", [20, 0])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_every_label_ignored_gives_zero_and_zero_gradients(backend, device, reduction):
-    hidden, weight, bias = random_head(20, 16, 90, torch.float32, device, bias=True)
+def test_every_label_ignored_gives_zero_and_zero_gradients(backend, device, reduction, n_rows):
+    """Every label ignored, or no token at all (an empty (2, 0, H) batch)."""
+    hidden, weight, bias = random_head(n_rows, 16, 90, torch.float32, device, bias=True, batch=2)
     hidden, weight, bias = (t.requires_grad_() for t in (hidden, weight, bias))
-    labels = random_labels((20,), 90, device, ignore="everywhere")
+    labels = random_labels((2, n_rows), 90, device, ignore="everywhere")
     loss = linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction)
     assert ROUTE_OP in type(loss.grad_fn).__name__
     loss.backward()
