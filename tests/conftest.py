@@ -203,6 +203,16 @@ SLOW_TESTS = (
     "tests/test_tune_tool.py::test_command_line_writes_a_table_the_launchers_can_read",
     "tests/test_tune_tool.py::test_the_attention_forward_case_measured_end_to_end",
     "tests/test_attention_benchmarks.py::test_the_sequence_length_overview_is_drawn_only_with_data",
+    "tests/test_benchmark_harness.py::test_blockwise_flex_mask_attends_within_documents",
+    "tests/attention/test_attention.py::test_dense_matches_reference[triton-33-33-256-2-2-False-",
+    "tests/attention/test_attention.py::test_sliding_windows[triton-(8, -1)-False]",
+    "tests/attention/test_backward_variants.py::test_one_pass_packed_with_empty_sequences[fp16-causal]",
+    "tests/inference/test_paged_varlen.py::test_matches_reference[triton-[64, 1]-[300, 1]-7-1-128-256-full-",
+    "tests/integrations/test_transformers.py::test_vision_attention_is_one_varlen_call_per_layer[triton-",
+    "tests/reward/test_reward.py::test_dense_gradient_of_many_short_packed_sequences[triton-False]",
+    "tests/losses/test_linear_logprobs.py::test_backward_in_row_groups[triton-float16-True]",
+    "tests/losses/test_fused_paths.py::test_skip_filter_switched_off[triton-ignored]",
+    "tests/examples/test_longpo_step.py::test_the_check_sees_the_dpo_term",
 )
 
 
