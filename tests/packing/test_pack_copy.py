@@ -55,14 +55,15 @@ def _garbage(like_parts):
     """The joined output, filled with a byte pattern no part holds, so an unwritten byte shows."""
     rows = sum(p.shape[0] for p in like_parts)
     out = torch.empty((rows, *like_parts[0].shape[1:]), dtype=like_parts[0].dtype)
-    out.view(torch.uint8).fill_(0xA5) if out.numel() else None
+    if out.numel():
+        out.view(torch.uint8).fill_(0xA5)
     return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
                                    torch.uint8])
 def test_joined_fields_equal_torch_cat(dtype):
-    """Parts of 0, 1, 113 and 203 rows (203 x 59 fp32 is three 16 KiB tiles and a remainder), at
+    """Parts of 0, 1, 113 and 203 rows (203 x 59 fp32: three 16 KiB tiles, the last partial), at
     aligned and misaligned addresses (words of 16, 8, 4, 2 and 1 bytes), beside a grid field
     (24-byte rows: 8-byte words after the first part): every joined byte is torch.cat's, the
     token fields are right in the same call."""
