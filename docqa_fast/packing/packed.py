@@ -193,23 +193,25 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
                                     model_type=model_type)
         except ValueError as exc:
             raise ValueError(f"samples[{d}]: {exc}") from exc
-        for name, g, kind, pixel_name, extra in (("image_grid_thw", grid, 1, "pixel_values", ()),
-                                                 ("video_grid_thw", vgrid, 2, "pixel_values_videos",
-                                                  (("second_per_grid_ts", secs),))):
-            if g is None:
-                _check_grid_matches(d, name, g, doc_types, kind, pixel_name, None)
-                continue
-            if bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
+        # A grid's rows, then the fields that go with it (pixels; a video's seconds per grid
+        # step), each appended to its field's parts or, when the sample lacks it, noted.
+        for name, g, kind, with_grid in (("image_grid_thw", grid, 1, ("pixel_values",)),
+                                         ("video_grid_thw", vgrid, 2, ("pixel_values_videos", "second_per_grid_ts"))):
+            if g is not None and bool(((g[:, 1:] % spatial_merge_size) != 0).any()):
                 raise ValueError(f"samples[{d}][{name!r}]: expected h and w divisible by spatial_merge_size="
                                  f"{spatial_merge_size}, got {g.tolist()}")
-            vision[name].append(_vision_part(name, g.to(torch.long), d, device, vision[name]))
-            for field_name, value in ((pixel_name, sample.get(pixel_name)), *extra):
-                if value is None:
-                    lacking[field_name].append(d)
-                else:
-                    vision[field_name].append(_vision_part(field_name, value, d, device, vision[field_name]))
-            _check_grid_matches(d, name, g, doc_types, kind, pixel_name,
-                                vision[pixel_name][-1] if d not in lacking[pixel_name] else None)
+            parts = {}
+            if g is not None:
+                parts[name] = g.to(torch.long)
+                for field_name in with_grid:
+                    if sample.get(field_name) is None:
+                        lacking[field_name].append(d)
+                    else:
+                        parts[field_name] = sample[field_name]
+            parts = {key: _vision_part(key, value, d, device, vision[key]) for key, value in parts.items()}
+            _check_grid_matches(d, name, g, doc_types, kind, with_grid[0], parts.get(with_grid[0]))
+            for key, part in parts.items():
+                vision[key].append(part)
         ids.append(doc_ids.contiguous())
         labels.append(doc_labels.contiguous())
         types.append(doc_types.contiguous())
