@@ -43,21 +43,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def list_cases(cases, device) -> str:
-    """A line per case, its providers that cannot run on ``device`` starred; then each starred
-    provider once with the reason (the same for every case it is in)."""
+def list_cases(cases, device, quick: bool = False) -> str:
+    """A line per case, its providers that would not run on ``device`` (at quick sizes when
+    ``quick``) starred; then each starred provider once with the reason (the same for every case
+    it is in)."""
     skipped = {}
     lines = []
     for case in cases:
         names = []
         for provider in case.providers:
-            reason = provider.unavailable(device)
+            reason = harness.skip_reason(provider, device, quick)
             if reason is not None:
                 skipped.setdefault(provider.name, reason)
             names.append(provider.name + ("*" if reason is not None else ""))
         lines.append(f"{case.id}: {', '.join(names)}")
     if skipped:
-        lines += ["", f"* skipped on this machine ({device.type}):"]
+        lines += ["", f"* skipped on this machine ({device.type}{', quick sizes' if quick else ''}):"]
         lines += [f"  {name}: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)
 
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         print(f"no benchmark case matches --filter {args.filter!r}", file=sys.stderr)
         return 2
     if args.list:
-        print(list_cases(cases, harness.default_device()))
+        print(list_cases(cases, harness.default_device(), args.quick))
         return 0
 
     device = harness.default_device()
@@ -94,19 +95,24 @@ def main(argv=None) -> int:
     ceilings = harness.measure_ceilings(device)
     print(report.ceilings_text(ceilings))
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     records = []
     # disable=None: a bar on a terminal, none in logs (the tables still print as cases finish).
     with tqdm(total=sum(len(c.providers) for c in cases), unit="provider", disable=None) as progress:
         for case in cases:
             progress.set_description(case.id)
-            case_started = time.perf_counter()
+            case_started, case_cpu = time.perf_counter(), time.process_time()
             record = harness.run_case(case, device, args.quick, on_provider_done=lambda _: progress.update())
-            record["wall_s"] = round(time.perf_counter() - case_started, 2)  # set-up and checks included
+            # Set-up and checks included. The CPU time (this process's threads; not the compiler
+            # processes torch.compile starts) says what the case costs on a machine shared with
+            # other work, where the wall time mostly says how busy it was.
+            record["wall_s"] = round(time.perf_counter() - case_started, 2)
+            record["cpu_s"] = round(time.process_time() - case_cpu, 2)
             harness.add_ceiling_fractions(record, ceilings)
             records.append(record)
             progress.write(f"\n{report.case_heading(record)}\n{report.case_table(record)}")
-    print(f"timed {len(cases)} cases in {time.perf_counter() - started:.0f} s")
+    print(f"timed {len(cases)} cases in {time.perf_counter() - started:.0f} s "
+          f"({time.process_time() - started_cpu:.0f} s of CPU time)")
 
     # After the timings, so its compiler processes never share the CPU with a timed call.
     # The report compiles every Triton config for sm_90 (cached by source): a quick run leaves it

@@ -35,8 +35,10 @@ QUANTILES = (0.2, 0.5, 0.8)
 DEFAULT_INPUT_SETS = 3
 # Repetition settings: (CPU warmup calls, min reps, max reps, seconds per provider),
 # and do_bench's (warmup ms, rep ms) on a GPU. prepare()'s untimed call already warmed a provider
-# up: a quick run adds no other (a CPU run of the tiny end-to-end model steps takes seconds a call).
-CPU_REPS = {"quick": (0, 3, 20, 0.25), "full": (2, 10, 200, 2.0)}
+# up: a quick run adds no other. A quick CPU run is a smoke run (each provider runs, agrees, and
+# gets a rough time): two timed calls of a slow provider -- the losses' reference backward, the
+# tiny end-to-end model steps take a second or more a call -- and up to 20 of a fast one.
+CPU_REPS = {"quick": (0, 2, 20, 0.25), "full": (2, 10, 200, 2.0)}
 GPU_BENCH_MS = {"quick": (5, 20), "full": (25, 100)}
 # Relative/absolute tolerance of the cross-check against the reference, by output dtype.
 CHECK_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
@@ -52,7 +54,9 @@ class Provider:
 
     ``build`` (instead of ``fn``) makes the callable once per case, e.g. a fresh
     ``torch.compile``; ``env`` is set while the provider runs and restored after;
-    ``unavailable(device)`` returns why it cannot run here, or None.
+    ``unavailable(device)`` returns why it cannot run here, or None; ``quick_cpu_skip``, why a
+    quick run on a CPU leaves it out although it could run (None: it runs). :func:`skip_reason`
+    combines the two.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Provider:
     ours: bool = False
     env: dict[str, str] = field(default_factory=dict)
     unavailable: Callable[[torch.device], str | None] = lambda device: None
+    quick_cpu_skip: str | None = None
 
     def make(self) -> Callable[..., Any]:
         return self.build() if self.build is not None else self.fn
@@ -172,8 +177,15 @@ def eager_provider(fn: Callable, name: str = "eager") -> Provider:
     return Provider(name, fn=fn)
 
 
+# A quick CPU run is a smoke run of the suite (--help promises a few minutes on 2 cores), and a
+# CPU's torch.compile row says nothing about a GPU: Inductor's cold C++ compile, afresh for each of
+# the ~28 quick cases that had one, took 42% of such a run's time (256 s of 603 on 2 busy cores).
+COMPILE_QUICK_CPU_SKIP = ("a quick CPU run leaves torch.compile out: Inductor compiles C++ afresh for each "
+                          "case, most of such a run's time (--full times it)")
+
+
 def compiled_provider(fn: Callable, name: str = "torch.compile") -> Provider:
-    """``torch.compile(fn)``, compiled afresh for each case before it is timed."""
+    """``torch.compile(fn)``, compiled afresh for each case before it is timed (not in a quick CPU run)."""
 
     def build():
         # A fresh start per case: specialised to this shape, and never hitting Dynamo's
@@ -186,7 +198,16 @@ def compiled_provider(fn: Callable, name: str = "torch.compile") -> Provider:
             return "no C++ compiler for Inductor's CPU code"
         return None
 
-    return Provider(name, build=build, unavailable=unavailable)
+    return Provider(name, build=build, unavailable=unavailable, quick_cpu_skip=COMPILE_QUICK_CPU_SKIP)
+
+
+def skip_reason(provider: Provider, device: torch.device, quick: bool) -> str | None:
+    """Why ``provider`` does not run on ``device`` at these sizes, or None: it cannot run here
+    (:attr:`Provider.unavailable`), or a quick CPU run leaves it out (:attr:`Provider.quick_cpu_skip`)."""
+    reason = provider.unavailable(device)
+    if reason is None and quick and device.type == "cpu":
+        reason = provider.quick_cpu_skip
+    return reason
 
 
 @contextlib.contextmanager
@@ -371,7 +392,7 @@ def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=Non
         "metric": case.metric, "bytes_moved": case.bytes_moved, "flops": case.flops,
         "target": case.target,
     }
-    skipped = _all_skipped_rows(case, device)
+    skipped = _all_skipped_rows(case, device, quick)
     if skipped is not None:  # nothing can run here: no inputs made, one line in the report
         for provider in case.providers:
             if on_provider_done is not None:
@@ -439,13 +460,13 @@ def run_case(case: Case, device: torch.device, quick: bool, on_provider_done=Non
             "check": {"reference": case.reference, "against": against, "note": "; ".join(notes) or None}}
 
 
-def _all_skipped_rows(case: Case, device: torch.device) -> list[dict] | None:
-    """The rows of a case none of whose providers can run on ``device``, or None when one can
+def _all_skipped_rows(case: Case, device: torch.device, quick: bool) -> list[dict] | None:
+    """The rows of a case none of whose providers runs on ``device``, or None when one does
     (or when an availability probe fails: :func:`_measure` then reports it)."""
     rows = []
     for provider in case.providers:
         try:
-            reason = provider.unavailable(device)
+            reason = skip_reason(provider, device, quick)
         except Exception:
             return None
         if reason is None:
@@ -479,7 +500,7 @@ def _measure(provider, case, input_sets, device, quick, expected, against, keep_
     """
     row = {"provider": provider.name, "ours": provider.ours, "status": "skipped", "reason": None, "check": None}
     try:
-        reason = provider.unavailable(device)
+        reason = skip_reason(provider, device, quick)
     except Exception as exc:  # a broken availability probe is this provider's fault alone
         return _error_row(provider, f"checking availability: {error_text(exc)}", type(exc).__name__), None
     if reason is not None:
