@@ -126,6 +126,17 @@ def _lse_shape(q, varlen):
 def _torch_requires_determinism() -> bool:
     return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
 
+
+def _reproducible_backward_reason(deterministic: bool) -> str | None:
+    """Why our backward must be bitwise reproducible (the two-pass kernels), or None: the rule
+    the Triton backward runs by and :func:`explain_attention` reports."""
+    if deterministic:
+        return "deterministic=True"
+    if _torch_requires_determinism():
+        return "torch.use_deterministic_algorithms(True) is in force"
+    return None
+
+
 def _forward_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                     window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, deterministic=False):
     from ..kernels import attention as kernels
@@ -152,7 +163,7 @@ def _backward_triton(dout, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     kernels.backward(dout.contiguous(), q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                      max_seqlen_q, max_seqlen_k, softmax_scale, causal, (window_left, window_right), softcap,
-                     alibi_slopes, dropout_p, dropout_seed, deterministic or _torch_requires_determinism())
+                     alibi_slopes, dropout_p, dropout_seed, _reproducible_backward_reason(deterministic) is not None)
     return dq, dk, dv
 
 
@@ -453,14 +464,39 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
 
 
 @dataclass(frozen=True)
+class LaunchChoice:
+    """A choice our Triton kernels make when they launch a call: the tunable that holds it
+    (``attention_backward_passes``, ``attention_causal_order``), its value, what that means, why."""
+
+    tunable: str
+    value: int
+    meaning: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.meaning} -- {self.why}"
+
+
+_PASSES_MEANING = {1: "one pass: the dK/dV kernel adds dQ by fp32 atomics (ATOMIC_DQ)",
+                   2: "two passes: the dK/dV kernel, then the dQ kernel (no atomics)"}
+_ORDER_MEANING = {1: "ORDER 1: each head's blocks longest first, head after head",
+                  2: "ORDER 2 (BLOCKS_LAST): the longest blocks of every head first (while a sequence has at most "
+                     "65,535 blocks)"}
+
+
+@dataclass(frozen=True)
 class AttentionExplanation:
     """Which implementation each half of a training-attention call takes, and why (what
-    :func:`explain_attention` returns; printing it gives the text)."""
+    :func:`explain_attention` returns; printing it gives the text). Where our Triton kernels run
+    a half: ``backward_passes``, the backward variant they launch, and for causal calls
+    ``causal_order``, the order their blocks launch in (None where no half runs on them)."""
 
     call: str
     forward: Decision
     backward: Decision
     backward_with_lse_grad: Decision
+    backward_passes: LaunchChoice | None = None
+    causal_order: LaunchChoice | None = None
 
     def __str__(self) -> str:
         def part(title, decision):
@@ -468,9 +504,12 @@ class AttentionExplanation:
             lines += [f"    not {backend}: {status}" for backend, status in decision.others]
             return lines
 
+        launch = [f"  {title}: {choice}" for title, choice in (("triton backward", self.backward_passes),
+                                                                ("triton causal launch order", self.causal_order))
+                  if choice is not None]
         return "\n".join([self.call, *part("  forward", self.forward), *part("  backward", self.backward),
                           *part("  backward with a gradient to the LSE (ring / split-KV merges)",
-                                self.backward_with_lse_grad)])
+                                self.backward_with_lse_grad), *launch])
 
     __repr__ = __str__
 
@@ -498,9 +537,38 @@ def explain_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, 
                                      ("deterministic", deterministic)) if on]
     call = (f"attention on {device.type} {str(dtype).removeprefix('torch.')}: q {shape}, {k.shape[-2]} KV heads, "
             f"{'varlen' if cu_seqlens_q is not None else 'dense'}{', ' if options else ''}{', '.join(options)}")
-    return AttentionExplanation(call, _decision(ATTENTION_FORWARD, device, dtype, args),
-                                _decision(ATTENTION_BACKWARD, device, dtype, backward_args),
-                                _decision(ATTENTION_BACKWARD, device, dtype, with_lse_grad))
+    decisions = (_decision(ATTENTION_FORWARD, device, dtype, args),
+                 _decision(ATTENTION_BACKWARD, device, dtype, backward_args),
+                 _decision(ATTENTION_BACKWARD, device, dtype, with_lse_grad))
+    return AttentionExplanation(call, *decisions, *_launch_choices(q, args, deterministic, decisions))
+
+
+def _launch_choices(q, args, deterministic, decisions) -> tuple[LaunchChoice | None, LaunchChoice | None]:
+    """(backward variant, causal launch order) our kernels would take for the call, asked of the
+    launcher's own rules (kernels.backward_variant, kernels.causal_order), or None where the
+    halves concerned do not run on them."""
+    from ..kernels import attention as kernels
+    from ..kernels import tuning
+
+    forward, *backwards = (decision.backend == "triton" for decision in decisions)
+    table = tuning.active_table_path(q.device)
+    # Where the launcher reads the value: the table's entry for the key when it has one, else the built-in one.
+    source = f"tuned table {table.rsplit('/', 1)[-1]}" if table else "no tuned table for this device"
+    head_dim, varlen, causal = q.shape[-1], args[3] is not None, args[8]
+    passes = order = None
+    if any(backwards):
+        reproducible = _reproducible_backward_reason(deterministic)
+        # The backward gets dout.contiguous(): a contiguous tensor like q (on meta: nothing allocated) stands in.
+        dout = torch.empty(q.shape, dtype=q.dtype, device="meta")
+        value, tma = kernels.backward_variant(q, dout, varlen, reproducible is not None)
+        why = (f"{reproducible} (bitwise reproducible gradients)" if reproducible
+               else f"attention_backward_passes[{kernels.tile_key(head_dim, tma)}] ({source})")
+        passes = LaunchChoice("attention_backward_passes", value, _PASSES_MEANING[value], why)
+    if causal and (forward or any(backwards)):
+        value = kernels.causal_order(head_dim, causal, q.device)
+        order = LaunchChoice("attention_causal_order", value, _ORDER_MEANING[value],
+                             f"attention_causal_order for head dim {head_dim} ({source})")
+    return passes, order
 
 
 def _decision(op, device, dtype, args) -> Decision:

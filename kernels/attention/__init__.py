@@ -11,6 +11,7 @@ from .launch import (  # noqa: F401  (registers the configs)
     TUNABLE,
     backward,
     backward_passes,
+    backward_variant,
     causal_order,
     default_tiles,
     forward,

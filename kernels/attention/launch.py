@@ -288,6 +288,13 @@ def backward_passes(head_dim: int, tma: bool, device, deterministic: bool) -> in
     return passes
 
 
+def backward_variant(q, dout, varlen: bool, deterministic: bool) -> tuple[int, bool]:
+    """(passes, whether the dK/dV kernel loads Q and dO by TMA) of the backward :func:`backward`
+    launches for these tensors; the load path is part of the table key the variant is read by."""
+    tma = _tma_eligible(q, dout, varlen, DKDV_TMA_MAX_HEAD_DIM)
+    return backward_passes(q.shape[-1], tma, q.device, deterministic), tma
+
+
 def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              softmax_scale, causal, window_size, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
              deterministic=False):
@@ -315,11 +322,10 @@ def backward(dout, q, k, v, out, lse, grad_lse, dq, dk, dv, cu_seqlens_q, cu_seq
     flags = dict(HEAD_DIM=head_dim, **_flags(causal, window_size, softcap, varlen, alibi_slopes, dropout_p),
                  BLOCK_D=block_d(head_dim))
     lse_strides = _lse_strides(lse, varlen)
-    dkdv_tma = _tma_eligible(q, dout, varlen, DKDV_TMA_MAX_HEAD_DIM)
+    passes, dkdv_tma = backward_variant(q, dout, varlen, deterministic)
     dq_tma = _tma_eligible(k, v, varlen)
     # One pass: dQ summed in fp32 by the dK/dV kernel's atomics, then rounded into dq.
-    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) \
-        if backward_passes(head_dim, dkdv_tma, q.device, deterministic) == 1 else None
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if passes == 1 else None
 
     def run_dkdv(block_m, block_n, warps, stages):
         q_arg, dout_arg = _descriptors(q, dout, varlen, block_m) if dkdv_tma else (q, dout)

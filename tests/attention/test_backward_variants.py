@@ -285,3 +285,75 @@ def test_the_one_pass_kernel_is_registered_for_the_hopper_check():
     assert any(c.uses_tma for c in fused) and any(not c.uses_tma for c in fused)
     dkdv = [c for name, c in configs.items() if name.startswith("attention_backward_dkdv[")]
     assert dkdv and not any(c.constexprs["ATOMIC_DQ"] for c in dkdv)
+
+
+# ------------------------------------------------ explain_attention reports the launcher's choices
+
+def _launched_orders(monkeypatch):
+    """Whether each training-kernel launch put its blocks last (BLOCKS_LAST), in order."""
+    blocks_last = []
+    original = launch._grid
+
+    def spy(*args):
+        grid, last = original(*args)
+        blocks_last.append(last)
+        return grid, last
+
+    monkeypatch.setattr(launch, "_grid", spy)
+    return blocks_last
+
+
+@contextlib.contextmanager
+def _torch_deterministic():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.backends("triton")
+@pytest.mark.parametrize(("passes", "order", "determinism"), [
+    (1, 2, None), (2, 1, None), (1, 1, "deterministic=True"), (1, 2, "torch.use_deterministic_algorithms"),
+])
+def test_explain_attention_names_the_backward_variant_and_causal_order_the_launcher_takes(
+        backend, passes, order, determinism, device, monkeypatch):
+    """What explain_attention says the Triton kernels will do (one or two backward passes, the
+    causal launch order) is what they then do for the same call, under a table choice
+    (here an override), deterministic=True and torch's deterministic switch."""
+    head_dim = 16
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 12, 12, 2, 1, head_dim, torch.float16, device))
+    deterministic = determinism == "deterministic=True"
+    launched, blocks_last = _launched(monkeypatch), _launched_orders(monkeypatch)
+    switch = _torch_deterministic() if determinism == "torch.use_deterministic_algorithms" else contextlib.nullcontext()
+    with _passes(head_dim, passes), _order(head_dim, order), switch:
+        explained = docqa_fast.explain_attention(q, k, v, causal=True, deterministic=deterministic)
+        out = docqa_fast.flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
+        out.float().sum().backward()
+    expected_passes = 1 if passes == 1 and determinism is None else 2
+    assert explained.backward_passes.value == expected_passes
+    assert ("attention_backward_fused" in launched) == (expected_passes == 1)
+    assert ("attention_backward_dq" in launched) == (expected_passes == 2)
+    if determinism:
+        assert determinism in explained.backward_passes.why
+    else:
+        assert "attention_backward_passes[D=" in explained.backward_passes.why
+    assert explained.causal_order.value == order
+    assert blocks_last and set(blocks_last) == {order == 2}  # forward and backward kernels alike
+    text = str(explained)
+    assert "triton backward: " + ("one pass" if expected_passes == 1 else "two passes") in text
+    assert f"triton causal launch order: ORDER {order}" in text
+
+
+def test_explain_attention_reports_launch_choices_only_where_our_kernels_run(device, monkeypatch):
+    """The reference (CPU tensors by default) has no launch choices; a call without a causal
+    mask has no launch order to report, but its backward variant."""
+    q, k, v = random_qkv(1, 9, 9, 2, 1, 16, torch.float16, device)
+    if not ON_GPU:
+        explained = docqa_fast.explain_attention(q, k, v, causal=True)
+        assert explained.backward.backend == "reference"
+        assert explained.backward_passes is None and explained.causal_order is None
+        assert "triton" not in str(explained).split("\n")[-1]
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
+    explained = docqa_fast.explain_attention(q, k, v)
+    assert explained.backward_passes.value in (1, 2) and explained.causal_order is None
