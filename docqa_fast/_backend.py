@@ -384,8 +384,10 @@ class Op:
         if forced is not None:
             impl = self._by_backend.get(forced)
             if impl is None:
+                # Never a fallback to another backend (the variable asked for this one): say which values run the op.
+                runs = [b for b in self.backends if b in BACKENDS] + ["auto"]
                 raise RuntimeError(f"{setting}: {self.name} has no {forced} implementation "
-                                   f"(it has: {', '.join(self.backends)})")
+                                   f"(it has: {', '.join(self.backends)}); {BACKEND_ENV}={'|'.join(runs)} runs it")
             reason = self.why_not(impl, device, dtype, args)
             if reason:
                 raise RuntimeError(f"{setting} cannot run {self.name} on {device.type} tensors: {reason}")

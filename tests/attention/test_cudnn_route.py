@@ -167,6 +167,29 @@ def test_the_override_and_docqa_fast_backend_must_agree(monkeypatch):
     assert ran == [("attention_forward", "reference")]
 
 
+@pytest.mark.parametrize("setting", ["extension", "cuda"])  # "cuda": the extension's old name
+def test_forcing_the_extension_which_has_no_attention_says_what_runs_it(setting, monkeypatch, device):
+    """The extension has no training-attention kernel. As for every op that lacks the backend
+    DOCQA_FAST_BACKEND forces, the call raises one RuntimeError (never a switch to another
+    backend), naming the variable and the values that run the op; explain_attention says the same."""
+    q, k, v = random_qkv(dtype=torch.float32)
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", setting)
+    expected = ("DOCQA_FAST_BACKEND=extension: attention_forward has no extension implementation (it has: triton, "
+                "cudnn, reference); DOCQA_FAST_BACKEND=triton|reference|auto runs it")
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        docqa_fast.flash_attn_func(q, k, v)
+    cu = torch.tensor([0, q.shape[1]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        docqa_fast.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, q.shape[1], q.shape[1])
+    explained = docqa_fast.explain_attention(q, k, v)
+    assert (explained.forward.backend, explained.forward.why) == ("error", expected)
+    assert explained.backward.why == expected.replace("attention_forward", "attention_backward")
+    monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")  # what the message offers runs it
+    q, k, v = random_qkv(1, 8, 8, 2, 1, 16, device=device)
+    _, ran = _ran(lambda: docqa_fast.flash_attn_func(q, k, v))
+    assert ran == [("attention_forward", "triton")]
+
+
 def test_forcing_triton_runs_our_kernels(monkeypatch, device):
     monkeypatch.setenv("DOCQA_FAST_ATTENTION", "triton")
     q, k, v = random_qkv(seqlen_q=20, seqlen_k=20, device=device)
