@@ -135,20 +135,21 @@ class value_checks:
 def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like_name: str, *,
                      dtypes: Sequence[torch.dtype] = (torch.int32,), min_entries: int = 1,
                      empty_sequences: bool = True, max_seqlen: int | None = None,
-                     max_name: str = "max_seqlen") -> torch.Tensor | None:
+                     max_name: str = "max_seqlen", values: bool = True) -> torch.Tensor | None:
     """Packed-batch boundaries: 1-D, on ``like``'s device, starting at 0, ending at ``total``,
     non-decreasing (strictly increasing when ``empty_sequences`` is False); with ``max_seqlen``,
     no sequence longer than it (``max_name`` in the message).
 
-    Returns the sequence lengths, or None when the value checks are skipped (under
-    ``torch.compile``; they cost one host sync in eager mode).
+    Returns the sequence lengths, or None when the value checks are skipped: under
+    ``torch.compile`` or ``value_checks(False)``, or ``values=False`` (a caller's ``check=False``:
+    the layout only, nothing read); they cost one host sync in eager mode.
     """
     check_tensor(name, cu_seqlens, dtypes=dtypes, ndims=(1,))
     check_same_device((like_name, name), (like, cu_seqlens))
     if cu_seqlens.numel() < min_entries:
         raise ValueError(f"expected {name} with at least {min_entries} entries (0 ... the token count), "
                          f"got {cu_seqlens.numel()}")
-    if not value_checks_enabled():
+    if not (values and value_checks_enabled()):
         return None
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     # Every figure in one read (one host sync): the ends, the shortest and the longest sequence.

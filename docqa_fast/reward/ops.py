@@ -112,15 +112,8 @@ def scoring_positions(hidden_states, attention_mask=None, cu_seqlens=None, last_
         return last_index.long()
     if cu_seqlens is None:
         raise ValueError("packed hidden_states (total, hidden) need cu_seqlens or last_index to find each sequence")
-    if checking:
-        check_cu_seqlens("cu_seqlens", cu_seqlens, total, hidden_states, "hidden_states", dtypes=INDEX_DTYPES,
-                         min_entries=2, empty_sequences=False)
-    else:  # the same checks without reading values
-        check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, ndims=(1,))
-        check_same_device(("hidden_states", "cu_seqlens"), (hidden_states, cu_seqlens))
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"expected cu_seqlens with at least 2 entries (0 ... the token count), "
-                             f"got {cu_seqlens.numel()}")
+    check_cu_seqlens("cu_seqlens", cu_seqlens, total, hidden_states, "hidden_states", dtypes=INDEX_DTYPES,
+                     min_entries=2, empty_sequences=False, values=check)
     return cu_seqlens[1:].long() - 1
 
 

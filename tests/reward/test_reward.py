@@ -333,6 +333,31 @@ def test_unchecked_calls_read_no_values_and_agree_across_backends(device, monkey
         torch.testing.assert_close(out_of_range, expected_rows[1] @ weight.t())
 
 
+def test_unchecked_cu_seqlens_get_the_shared_layout_checks_and_no_value_read(device, monkeypatch):
+    """check=False on packed input: cu_seqlens' layout is checked by the shared rule (the same
+    messages as a checked call: _validation.check_cu_seqlens), and no value is read."""
+    x, weight = torch.randn(9, 16, device=device), torch.randn(2, 16, device=device)
+    for bad, error in ((torch.tensor([0], dtype=torch.int32), ValueError),
+                       (torch.tensor([[0, 9]], dtype=torch.int32), ValueError),
+                       (torch.tensor([0.0, 9.0]), TypeError)):
+        messages = []
+        for check in (True, False):
+            with pytest.raises(error) as raised:
+                docqa_fast.ensemble_rewards(x, weight, cu_seqlens=bad.to(device), check=check)
+            messages.append(str(raised.value))
+        assert messages[0] == messages[1] and "cu_seqlens" in messages[0]
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n),
+                                                                                              _o(self, *a, **k))[1])
+    rewards = docqa_fast.ensemble_rewards(x, weight, cu_seqlens=cu, check=False)
+    monkeypatch.undo()
+    assert reads == []
+    torch.testing.assert_close(rewards, torch.stack([x[3], x[8]]) @ weight.t())
+
+
 # ---------------------------------------------------------------------------- losses
 
 def test_pairwise_loss_matches_reference_and_gradcheck():
