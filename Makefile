@@ -2,8 +2,8 @@
 #   make test    set up the virtualenv, build the extension, run the whole test suite
 #   make check   the same set-up, then the quick tests (all but those marked slow): between edits
 #   make bench   set up the same, run the benchmark suite on whatever device is here
-#   make gpu     on a GPU machine: build for its architecture, tests, tuning sweep, headline
-#                benchmarks, logs and tables in GPU_OUT (at most 8 files), under 10 minutes
+#   make gpu     on a GPU machine: build for its architecture, tuning sweep, headline benchmarks,
+#                tests, logs and tables in GPU_OUT (at most 8 files), under 10 minutes (docs/gpu_run.md)
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_SPEC (pip's arguments for
 # PyTorch, installed only when the venv cannot import torch yet; split into words, so it can name
 # an index: TORCH_SPEC="torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu"; quote a
