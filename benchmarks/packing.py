@@ -124,8 +124,8 @@ def counting_host_syncs(provider: Provider, store: dict) -> Provider:
 
         return call
 
-    return Provider(provider.name, build=build, ours=provider.ours, env=provider.env,
-                    unavailable=provider.unavailable)
+    # replace: every other field (ours, env, availability, quick_cpu_skip) stays the provider's
+    return dataclasses.replace(provider, fn=None, build=build)
 
 
 def _renamed(providers, suffix: str) -> list[Provider]:
