@@ -190,3 +190,13 @@ def test_a_run_brings_back_at_most_eight_files_and_leaves_no_temporary_folder(tm
     assert f"| extra {gpu_run.EXTRA_CASES[2]} | not run: 0 s of the run left" in summary
     assert f"| {gpu_run.EXTRA_CASES[1]} | docqa_fast[triton] 2.0 | eager 1.0 | 2.00x | GB/s | 9 |" in summary
     assert list(temporary.iterdir()) == []  # the wheels' and benchmarks' folders went with the run
+
+
+def test_the_peers_wheels_install_into_the_given_folder_and_a_failure_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_run, "ROOT", tmp_path)
+    env = {}
+    assert gpu_run.install_wheels(env, tmp_path / "peers").startswith("no .whl/ folder") and env == {}
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    message = gpu_run.install_wheels(env, tmp_path / "peers")
+    assert message.startswith("installing .whl/ failed (exit ") and "PYTHONPATH" not in env

@@ -124,8 +124,10 @@ def install_wheels(env, folder: Path) -> str:
     wheels = sorted((ROOT / ".whl").glob("*.whl"))
     if not wheels:
         return "no .whl/ folder: peers not installed on this machine are skipped"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--target", str(folder), *map(str, wheels)], check=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--target", str(folder), *map(str, wheels)], capture_output=True, text=True)
+    if done.returncode != 0:  # the run goes on: those peers' rows say they are not installed
+        return f"installing .whl/ failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
     return f"installed {len(wheels)} wheels from .whl/: {', '.join(w.name.split('-')[0] for w in wheels)}"
 
