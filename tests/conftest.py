@@ -64,7 +64,7 @@ def _patch_the_language_once_per_launch():
     when the launch ends; but every call of a @triton.jit helper inside the kernel, in every program,
     patches it again (~200 attributes found by inspect.getmembers) and never restores that. While
     the launch's patch is in place the helper's finds nothing left to replace and only sets the
-    same wrappers again: a third of the interpreted kernels' time. Skip it then; what runs is the same."""
+    same wrappers again: half of the interpreted kernels' time. Skip it then; what runs is the same."""
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -74,17 +74,20 @@ def _patch_the_language_once_per_launch():
     if original is None or scope_type is None or language is None:
         return
     languages = (language, language.core)
-    in_launch = []  # the modules the launch in progress patched (at most one launch runs at a time)
-
-    def patched_modules(fn):
-        return frozenset(id(value) for value in fn.__globals__.values() if any(value is m for m in languages))
+    in_launch = []  # the modules patched in the launch in progress (at most one launch runs at a time)
+    modules_of = {}  # function -> the language modules its globals hold (what the interpreter patches)
 
     def patch_lang(fn):
-        modules = patched_modules(fn)
+        modules = modules_of.get(fn)
+        if modules is None:
+            modules = modules_of[fn] = frozenset(
+                id(value) for value in fn.__globals__.values() if any(value is m for m in languages))
         if in_launch and modules <= in_launch[-1]:
             return scope_type()  # a helper inside the launch: its modules are patched already
         scope = original(fn)
-        if not in_launch:  # a launch: the interpreter restores its scope when the grid is done
+        if in_launch:  # a helper reaching another module (tl.core from tl.standard): never restored
+            in_launch[-1] |= modules
+        else:  # a launch: the interpreter restores its scope when the grid is done
             in_launch.append(modules)
             restore = scope.restore
 
