@@ -154,17 +154,36 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     # Every figure in one read (one host sync): the ends, the shortest and the longest sequence.
     ends = (cu_seqlens[0], cu_seqlens[-1])
-    first, last, *extremes = torch.stack(ends + ((lengths.min(), lengths.max()) if lengths.numel() else ())).tolist()
+    figures = torch.stack(ends + ((lengths.min(), lengths.max()) if lengths.numel() else ())).tolist()
+    _check_boundary_figures(name, figures, total, empty_sequences, max_seqlen, max_name,
+                            lambda: cu_seqlens[:16].tolist(), lambda: lengths[:16].tolist())
+    return lengths
+
+
+def check_cu_seqlens_values(name: str, boundaries: Sequence[int], total: int, *, empty_sequences: bool = True,
+                            max_seqlen: int | None = None, max_name: str = "max_seqlen") -> None:
+    """:func:`check_cu_seqlens`'s value rule on boundaries already read to the host (a caller that
+    reads them with other values in one transfer: ring attention). Its layout checks
+    (``values=False``) come first, on the tensor."""
+    lengths = [b - a for a, b in zip(boundaries, boundaries[1:])]
+    figures = [boundaries[0], boundaries[-1]] + ([min(lengths), max(lengths)] if lengths else [])
+    _check_boundary_figures(name, figures, total, empty_sequences, max_seqlen, max_name,
+                            lambda: list(boundaries[:16]), lambda: lengths[:16])
+
+
+def _check_boundary_figures(name, figures, total, empty_sequences, max_seqlen, max_name, shown, shown_lengths):
+    """The value rule of cu_seqlens from (first, last[, shortest, longest]); ``shown()`` and
+    ``shown_lengths()`` give the first boundaries and lengths for a message (read only then)."""
+    first, last, *extremes = figures
     if first != 0 or last != total:
         raise ValueError(f"expected {name} to start at 0 and end at the token count {total}, got {first} ... {last}")
     if extremes and empty_sequences and extremes[0] < 0:
-        raise ValueError(f"expected {name} to be non-decreasing, got {cu_seqlens.tolist()[:16]}")
+        raise ValueError(f"expected {name} to be non-decreasing, got {shown()}")
     if extremes and not empty_sequences and extremes[0] <= 0:
         raise ValueError(f"expected {name} strictly increasing (every sequence needs a token), "
-                         f"got lengths {lengths.tolist()[:16]}")
+                         f"got lengths {shown_lengths()}")
     if extremes and max_seqlen is not None and extremes[1] > max_seqlen:
         raise ValueError(f"expected {max_name} >= every sequence length, got {max_seqlen} < {extremes[1]}")
-    return lengths
 
 
 # Sizes the kernels index with int32 arithmetic (grids, offsets): a larger one would wrap.

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from .._validation import value_checks_enabled
+
 
 # DOCQA_FAST_CP_CHECK=0 skips the cross-rank agreement check (one small all_gather and a host
-# sync per call) once a job's shapes are known good.
+# sync per call) once a job's shapes are known good; value_checks(False) skips it too.
 CHECK_ENV = "DOCQA_FAST_CP_CHECK"
 
 
@@ -35,35 +38,83 @@ def global_rank(group, rank: int) -> int:
     return dist.get_global_rank(group, rank)
 
 
-def agree(group, signature: str, error: BaseException | None, what: str) -> None:
+_MODULUS = 2 ** 31 - 1  # a prime: the checksum below stays in int64 without overflow
+
+
+def _checksum(values: torch.Tensor) -> torch.Tensor:
+    """Two position-weighted sums modulo a prime of a 1-D int64 tensor, on its device (no read):
+    equal on two ranks when their values are equal and, for any accidental difference, unequal
+    but with odds of about 2^-62."""
+    position = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+    residues = values % _MODULUS  # < 2^31 each, so a product < 2^62 and a sum of them fits once reduced
+    return torch.stack([((residues * ((position * a + 1) % _MODULUS)) % _MODULUS).sum() % _MODULUS
+                        for a in (48_271, 69_621)])
+
+
+def _row_on(values: list[int], device: torch.device) -> torch.Tensor:
+    row = torch.tensor(values, dtype=torch.int64)
+    # Pinned and non-blocking: putting the row on the GPU does not wait for the GPU's queued work.
+    return row.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else row
+
+
+def checks_enabled() -> bool:
+    """Whether calls run the cross-rank agreement check: not with DOCQA_FAST_CP_CHECK=0, not
+    under ``value_checks(False)``, torch.compile or CUDA graph capture (a host sync each call)."""
+    return os.environ.get(CHECK_ENV) != "0" and value_checks_enabled()
+
+
+def agree(group, signature: str, error: BaseException | None, what: str, read: torch.Tensor | None = None,
+          check_read: Callable[[list[int]], object] | None = None, read_name: str = "values"):
     """Check that every rank of ``group`` reached this call with the same ``signature`` and no
     local ``error``; otherwise raise :class:`ContextParallelError` on every rank, naming the ranks
-    and what they hold. One all_gather of two int64 per rank on the fast path; the descriptive
-    all_gather_object only when something is wrong (all ranks then take it, so none waits)."""
+    and what they hold. One all_gather of a few int64 per rank on the fast path; the descriptive
+    all_gather_object only when something is wrong (all ranks then take it, so none waits).
+
+    ``read``: 1-D int64 values of this rank the call needs on the host (ring attention's
+    cu_seqlens). A checksum of them joins the gathered row and they come back in the same copy,
+    so the call reads the device once; ``check_read(values)`` then validates them and returns
+    what :func:`agree` returns (ranks with equal checksums hold equal values and reach the same
+    verdict; a rank whose values differ or fail is named, its values shown as ``read_name``).
+    Without ``read``: returns None."""
     world, rank = group_size_rank(group)
-    if world == 1 or os.environ.get(CHECK_ENV) == "0":
+    if world == 1 or not checks_enabled():
         # Unchecked (one rank, or turned off once a job is known good): a local error still raises
         # here, but a rank that raises alone leaves the others to the group's timeout.
         if error is not None:
             raise error
-        return
+        return None if read is None else check_read(read.tolist())
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
         else torch.device("cpu")
-    mine = torch.tensor([zlib.crc32(signature.encode()), 0 if error is None else 1], dtype=torch.int64,
-                        device=device)
+    mine = _row_on([zlib.crc32(signature.encode()), 0 if error is None else 1, 0, 0], device)
+    if read is not None:  # the same width either way: every rank's row must be alike for all_gather
+        read = read.to(device, torch.int64)
+        mine = torch.cat([mine[:2], _checksum(read)])
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    rows = torch.stack(gathered).cpu().tolist()
-    if all(row == rows[0] for row in rows) and rows[0][1] == 0:
-        return
+    # The one host read: every rank's row, and this rank's own values after them.
+    flat = torch.cat([torch.stack(gathered).flatten()] + ([read] if read is not None else [])).cpu().tolist()
+    width = mine.numel()
+    rows, values = [flat[r * width:(r + 1) * width] for r in range(world)], flat[world * width:]
+    agreed = all(row == rows[0] for row in rows) and rows[0][1] == 0
+    result, local = None, error
+    if read is not None and local is None:
+        try:
+            result = check_read(values)
+        except (ValueError, TypeError) as exc:
+            local = exc
+    if agreed and local is None:
+        return result
+    if agreed:  # equal values everywhere, so the same verdict everywhere: no need to ask the others
+        raise ContextParallelError(f"{what}: every rank: {type(local).__name__}: {local}") from local
     described = [None] * world
-    dist.all_gather_object(described, (signature, None if error is None else f"{type(error).__name__}: {error}"),
+    shown = signature + ("" if read is None else f" {read_name}={values[:8]}{'...' if len(values) > 8 else ''}")
+    dist.all_gather_object(described, (shown, None if local is None else f"{type(local).__name__}: {local}"),
                            group=group)
     failing = [f"rank {r}: {err}" for r, (_, err) in enumerate(described) if err is not None]
     if failing:
         message = f"{what}: " + "; ".join(failing)
-        if error is not None:
-            raise ContextParallelError(message) from error
+        if local is not None:
+            raise ContextParallelError(message) from local
         raise ContextParallelError(message)
     lines = [f"rank {r}: {sig}" for r, (sig, _) in enumerate(described)]
     raise ContextParallelError(f"{what}: the ranks' arguments differ (every rank must pass the same shapes, "

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .._validation import check_cu_seqlens
+from .._validation import check_cu_seqlens, check_cu_seqlens_values, value_checks_enabled
 from ..attention_core import check_heads, check_softcap, check_window, softmax_scale_or_default
 from ..merge_attention import merge_attention_states
 from ._comm import agree, describe, group_size_rank, ring_exchange
@@ -239,10 +239,12 @@ def _unsupported(dropout_p, alibi_slopes):
 
 def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, causal, window_size, softcap,
              alibi_slopes, layout, group):
-    """Validate locally, agree across ranks, and return the plan and the kernel options."""
+    """Validate locally, agree across ranks, and return the plan and the kernel options. A packed
+    call reads cu_seqlens (q's and k's, stacked) once, in the agreement's own read of the device:
+    the plan needs the boundaries on the host, and the value checks run on them there."""
     world, rank = group_size_rank(group)
     dense = cu_seqlens_q is None and cu_seqlens_k is None
-    error, plan, boundaries = None, None, None
+    error, plan, read, total = None, None, None, None
     scale = window = None
     try:
         check_heads(q, k, v, q_ndim=4 if dense else 3, kv_ndim=4 if dense else 3)
@@ -255,21 +257,32 @@ def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, caus
             raise ValueError(f"expected k with q's local sequence length and batch (self-attention over the same "
                              f"tokens), got q {tuple(q.shape)}, k {tuple(k.shape)}")
         total = q.shape[seq_dim] * world
-        if not dense:
+        if dense:
+            plan = ring_plan(world, layout, total, bool(causal), window)
+        else:
             if cu_seqlens_q is None or cu_seqlens_k is None:
                 raise ValueError("expected both cu_seqlens_q and cu_seqlens_k for packed (varlen) input")
-            check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total, q, "q")
-            if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+            for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+                check_cu_seqlens(name, cu, total, q, "q", values=False)  # the layout; the values after the read
+            read = torch.cat([cu_seqlens_q, cu_seqlens_k])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error, read = exc, None
+
+    def boundaries_and_plan(values):
+        half = len(values) // 2
+        boundaries = tuple(values[:half])
+        if value_checks_enabled():
+            check_cu_seqlens_values("cu_seqlens_q", boundaries, total)
+            if tuple(values[half:]) != boundaries:
                 raise ValueError("expected cu_seqlens_k equal to cu_seqlens_q (ring attention is self-attention "
                                  "over the same packed tokens)")
-            boundaries = tuple(int(b) for b in cu_seqlens_q.tolist())
-        plan = ring_plan(world, layout, total, bool(causal), window, boundaries)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        error = exc
-    signature = describe(q, k, v, causal=bool(causal), window=window, softcap=softcap, scale=scale, layout=layout,
-                         cu_seqlens=None if boundaries is None else hash(boundaries))
-    agree(group, signature, error, f"{layout} ring attention")
-    return plan, rank, scale, softcap, dense
+        return ring_plan(world, layout, total, bool(causal), window, boundaries)
+
+    signature = describe(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal), window=window, softcap=softcap,
+                         scale=scale, layout=layout)
+    planned = agree(group, signature, error, f"{layout} ring attention", read,
+                    boundaries_and_plan if read is not None else None, "cu_seqlens_q+cu_seqlens_k")
+    return plan if read is None else planned, rank, scale, softcap, dense
 
 
 def _ring(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, causal, window_size, softcap,

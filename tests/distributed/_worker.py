@@ -262,6 +262,52 @@ def _fault_indivisible(world):
     _expect_error(lambda: cp.ulysses_flash_attn_func(heads, heads, heads), "Ulysses degree")
 
 
+def _ring_reads_once(world):
+    """A ring call reads the device on the host once: the agreement's gathered rows, with a packed
+    call's cu_seqlens in the same copy; under value_checks(False) a packed call reads only the
+    boundaries its plan needs and a dense one nothing."""
+    import docqa_fast
+    from docqa_fast.distributed import ring
+
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__")}
+    equal = torch.equal
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    torch.equal = lambda a, b: (reads.append("equal"), equal(a, b))[1]
+    q, cu = torch.randn(4, 2, 8), torch.tensor([0, 3, 3, 4 * world], dtype=torch.int32)
+    found = {}
+    try:
+        for checks in (True, False):
+            with docqa_fast.value_checks(checks):
+                for kind, args in (("varlen", (q, q, q, cu, cu)), ("dense", (q[None], q[None], q[None], None, None))):
+                    reads.clear()
+                    ring._prepare(*args, 0.0, None, True, (-1, -1), 0.0, None, "zigzag", None)
+                    found[kind, checks] = list(reads)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.equal = equal
+    assert found == {("varlen", True): ["tolist"], ("dense", True): ["tolist"], ("varlen", False): ["tolist"],
+                     ("dense", False): []}, found
+
+
+def _fault_shared_cu_seqlens(world):
+    """cu_seqlens equally wrong on every rank (found after the one read, by every rank alike), and
+    cu_seqlens_k unlike cu_seqlens_q: every rank raises, none waits."""
+    from docqa_fast import distributed as cp
+
+    qv = torch.randn(4, 2, 8)
+    decreasing = torch.tensor([0, 5, 3, 4 * world], dtype=torch.int32)
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_varlen_func(qv, qv, qv, decreasing, decreasing, causal=True),
+                  "every rank", "cu_seqlens_q to be non-decreasing")
+    cu, other = (torch.tensor([0, c, 4 * world], dtype=torch.int32) for c in (3, 2))
+    _expect_error(lambda: cp.ring_flash_attn_varlen_func(qv, qv, qv, cu, other), "every rank",
+                  "cu_seqlens_k equal to cu_seqlens_q")
+    mine = torch.tensor([0, 1 + dist.get_rank(), 4 * world], dtype=torch.int32)  # valid, but unlike the others'
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_varlen_func(qv, qv, qv, mine, mine), "differ", "cu_seqlens_q+cu_seqlens_k=[0, 1")
+
+
 def _fault_rank_raises(world):
     """Rank 1 fails before the call; the others must end with an error within the group's
     timeout, not wait forever."""
@@ -304,7 +350,8 @@ def cases(world: int) -> dict:
     if world == 2:  # transformers in every rank costs seconds: the smallest world only
         found["model-step-and-fsdp2"] = _model_step
     found["local-cu-seqlens"] = _local_cu_seqlens
-    found.update({"fault-dtype": _fault_dtype, "fault-shape": _fault_shape, "fault-indivisible": _fault_indivisible})
+    found.update({"fault-dtype": _fault_dtype, "fault-shape": _fault_shape, "fault-indivisible": _fault_indivisible,
+                  "fault-shared-cu-seqlens": _fault_shared_cu_seqlens, "ring-reads-once": _ring_reads_once})
     return found
 
 
