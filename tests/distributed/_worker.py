@@ -273,7 +273,8 @@ def _ring_reads_once(world):
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__")}
     equal = torch.equal
     for name, original in originals.items():
-        setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+        setattr(torch.Tensor, name,
+                lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
     torch.equal = lambda a, b: (reads.append("equal"), equal(a, b))[1]
     q, cu = torch.randn(4, 2, 8), torch.tensor([0, 3, 3, 4 * world], dtype=torch.int32)
     found = {}
@@ -305,7 +306,8 @@ def _fault_shared_cu_seqlens(world):
     _expect_error(lambda: cp.ring_flash_attn_varlen_func(qv, qv, qv, cu, other), "every rank",
                   "cu_seqlens_k equal to cu_seqlens_q")
     mine = torch.tensor([0, 1 + dist.get_rank(), 4 * world], dtype=torch.int32)  # valid, but unlike the others'
-    _expect_error(lambda: cp.zigzag_ring_flash_attn_varlen_func(qv, qv, qv, mine, mine), "differ", "cu_seqlens_q+cu_seqlens_k=[0, 1")
+    _expect_error(lambda: cp.zigzag_ring_flash_attn_varlen_func(qv, qv, qv, mine, mine), "differ",
+                  "cu_seqlens_q+cu_seqlens_k=[0, 1")
 
 
 def _fault_rank_raises(world):
