@@ -64,6 +64,11 @@ def test_a_quick_cpu_run_leaves_torch_compile_out_and_says_why():
     assert rows["eager"]["status"] == "ok"
     assert rows["torch.compile"] == {"provider": "torch.compile", "ours": False, "status": "skipped",
                                      "reason": harness.COMPILE_QUICK_CPU_SKIP, "check": None}
+    # Every family's compiled peers, the wrapped ones too (packing's and reward's host-sync counting).
+    compiled_peers = [p for case in harness.collect_cases(quick=True) for p in case.providers
+                      if p.name.startswith("torch.compile")]
+    assert len(compiled_peers) > 10
+    assert {harness.skip_reason(p, CPU, quick=True) for p in compiled_peers} == {harness.COMPILE_QUICK_CPU_SKIP}
     # Alone in a case, it makes the case one "skipped here" line, the reason once.
     alone = harness.run_case(_case("b", compiled), CPU, quick=True)
     assert report.case_table(alone) == f"Skipped here, no provider can run: torch.compile: " \
@@ -117,6 +122,20 @@ def test_git_ignores_what_a_default_run_writes_and_not_the_committed_results():
         assert _git_ignores(cli.LOCAL_RESULTS / "nvidia-h200" / name)
     # ... while a run kept with --out benchmarks/results/<device> can be committed.
     assert not _git_ignores(REPO / "benchmarks" / "results" / "nvidia-h200" / "results.json")
+
+
+def test_a_run_prints_the_reasons_of_cases_nothing_can_run_once(tmp_path, monkeypatch, capsys):
+    gpu_only = harness.Provider("ours", fn=_double, unavailable=lambda device: "needs a CUDA device")
+    cases = [_case(f"gpu{n}", gpu_only, n=n) for n in (64, 128, 256)] + [_case("cpu", harness.Provider("eager",
+                                                                                                      fn=_double))]
+    monkeypatch.setattr(harness, "default_device", lambda: CPU)
+    monkeypatch.setattr(harness, "collect_cases", lambda quick, filter=None: cases)
+    assert cli.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("needs a CUDA device") == 1
+    assert out.count("Skipped here, as test/gpu64.") == 2
+    # summary.md, read case by case, keeps each case's reasons.
+    assert (tmp_path / "summary.md").read_text().count("ours: needs a CUDA device") == 3
 
 
 def test_a_run_writes_to_the_ignored_folder_unless_told(tmp_path, monkeypatch):
