@@ -4,6 +4,7 @@ turns a mismatch or a local error on any rank into an error on every rank instea
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from typing import Callable
@@ -39,22 +40,35 @@ def global_rank(group, rank: int) -> int:
 
 
 _MODULUS = 2 ** 31 - 1  # a prime: the checksum below stays in int64 without overflow
+_WEIGHTS_SEED = 0x5EED_C5
+
+
+def _to_device(row: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned and non-blocking: putting the row on the GPU does not wait for the GPU's queued work
+    # (PyTorch's pinned-memory cache keeps the staging buffer until the copy has run).
+    return row.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else row.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights(n: int, device: torch.device) -> torch.Tensor:
+    """(2, n) weights in [1, modulus), the same on every rank (a fixed seed), drawn independently of
+    the values they weigh. Weights that are a polynomial of the position (``i * a + 1``) are not:
+    any difference whose moments up to that degree vanish -- ``(+1, -2, +1)`` at three neighbouring
+    boundaries -- gives equal sums whatever ``a`` is."""
+    generator = torch.Generator().manual_seed(_WEIGHTS_SEED)
+    return _to_device(torch.randint(1, _MODULUS, (2, n), dtype=torch.int64, generator=generator), device)
 
 
 def _checksum(values: torch.Tensor) -> torch.Tensor:
-    """Two position-weighted sums modulo a prime of a 1-D int64 tensor, on its device (no read):
-    equal on two ranks when their values are equal and, for any accidental difference, unequal
-    but with odds of about 2^-62."""
-    position = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+    """Two weighted sums modulo a prime of a 1-D int64 tensor, on its device (no read): equal on two
+    ranks when their values are equal and, for a difference that does not depend on the (random,
+    fixed) weights, unequal but with odds of about 2^-62."""
     residues = values % _MODULUS  # < 2^31 each, so a product < 2^62 and a sum of them fits once reduced
-    return torch.stack([((residues * ((position * a + 1) % _MODULUS)) % _MODULUS).sum() % _MODULUS
-                        for a in (48_271, 69_621)])
+    return ((residues * _weights(values.numel(), values.device)) % _MODULUS).sum(-1) % _MODULUS
 
 
 def _row_on(values: list[int], device: torch.device) -> torch.Tensor:
-    row = torch.tensor(values, dtype=torch.int64)
-    # Pinned and non-blocking: putting the row on the GPU does not wait for the GPU's queued work.
-    return row.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else row
+    return _to_device(torch.tensor(values, dtype=torch.int64), device)
 
 
 def checks_enabled() -> bool:
