@@ -22,8 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes.add_argument("--quick", action="store_true",
                        help="small sizes and few repetitions, a smoke run (the default without a GPU; on a CPU "
                             "the Triton and torch.compile rows are left out): every case in a few minutes on a "
-                            "2-core CPU (measured: 2 minutes of CPU time; 4.3 minutes of wall time with the cores "
-                            "shared with other work), longer on a busy machine; --filter picks cases")
+                            "2-core CPU (measured: 2 minutes of CPU time; 3.6-4.3 minutes of wall time with the "
+                            "cores shared with other work), longer on a busy machine; --filter picks cases")
     sizes.add_argument("--full", action="store_true",
                        help="the full workload sizes even without a GPU (the default there is --quick: full "
                             "sizes need tens of GB and hours on a CPU)")
