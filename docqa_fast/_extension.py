@@ -333,23 +333,32 @@ def jit_extension(compile_missing: bool, verbose: bool = False) -> tuple[object 
     if root is None:
         return None, None, "its C++ sources are not installed (a wheel built before they shipped with it)"
     plan = plan_extension(torch, root)
-    if plan.kind == "none":
-        return None, None, f"cannot compile it here: {plan.reason}"
-    located = jit_folder(plan, torch, root)
-    if located is None:
+    if cache_root() is None:
         return None, None, f"the build cache is off ({CACHE_ENV}=off)"
-    folder, name = located
-    info_path, library = folder / "build_info.json", folder / f"{name}.so"
-    if info_path.is_file() and library.is_file():
+    # A cached build loads without the compiler or CUDA toolkit that made it (a runtime image has
+    # neither): look for every kind this PyTorch runs, CUDA kernels first, whatever this machine
+    # could compile -- when compiling, only the kinds at least as complete as the one it would make.
+    kinds = ["cuda", "cpu"] if torch.version.cuda else ["cpu"]
+    if compile_missing and plan.kind in kinds:
+        kinds = kinds[:kinds.index(plan.kind) + 1]
+    for kind in kinds:
+        folder, name = jit_folder(plan if kind == plan.kind else Plan(kind, ""), torch, root)
+        info_path, library = folder / "build_info.json", folder / f"{name}.so"
+        if not (info_path.is_file() and library.is_file()):
+            continue
         try:
             return _import_built(library, name), json.loads(info_path.read_text()), None
         except (ImportError, ValueError) as exc:  # damaged: compiling again (if asked) replaces it
-            if not compile_missing:
+            if not (compile_missing and kind == plan.kind):
                 return None, None, f"the build in {folder} does not load ({exc}); rebuild it"
             info_path.unlink(missing_ok=True)
             library.unlink(missing_ok=True)
     if not compile_missing:
         return None, None, None
+    if plan.kind == "none":
+        return None, None, f"cannot compile it here: {plan.reason}"
+    folder, name = jit_folder(plan, torch, root)
+    info_path = folder / "build_info.json"
     from torch.utils import cpp_extension
 
     use_cuda_home(cpp_extension, plan)

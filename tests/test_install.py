@@ -406,6 +406,26 @@ def test_a_mismatched_extension_is_rebuilt_just_in_time_when_asked(extension_sta
     assert _backend.extension() is None
 
 
+def test_a_cached_build_loads_where_nothing_could_compile_it(extension_state, fake_compiler, monkeypatch):
+    """A runtime machine (no C++ compiler, no CUDA toolkit) still loads the build a compiling one left in
+    the shared cache: looking it up does not depend on what this machine could compile."""
+    extension_state(_running_build(torch="1.13.1"), AssertionError("a mismatched extension must not be imported"))
+    monkeypatch.setenv("DOCQA_FAST_JIT", "1")
+    assert _backend.extension() is fake_compiler.module
+    [arguments] = fake_compiler.calls
+    (Path(arguments["build_directory"]) / f"{arguments['name']}.so").write_bytes(b"")
+    cached = SimpleNamespace(compiled_with_cuda=lambda: False)
+    monkeypatch.setattr(_extension, "_import_built", lambda path, name: cached)
+    for compiler, toolkit in (("c++", None), ("no-such-c++-compiler", None)):  # no nvcc; then no c++ either
+        monkeypatch.setenv("CXX", compiler if compiler != "c++" else sys.executable)
+        monkeypatch.setattr(_extension, "find_cuda_home", lambda guess: toolkit)
+        for setting in ("", "1"):  # found by the import, and not compiled again when asked to compile
+            monkeypatch.setenv("DOCQA_FAST_JIT", setting)
+            _backend._load_extension.cache_clear()
+            assert _backend.extension() is cached, (compiler, setting, docqa_fast.backends()["extension"])
+    assert len(fake_compiler.calls) == 1
+
+
 def test_a_failed_just_in_time_build_is_said_in_the_one_warning_and_leaves_no_build(extension_state, fake_compiler,
                                                                                      monkeypatch, recwarn, tmp_path):
     extension_state(_running_build(torch="1.13.1"), AssertionError("a mismatched extension must not be imported"))
