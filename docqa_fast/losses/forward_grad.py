@@ -59,10 +59,17 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
         # Triton products (the tuned table's choice, or no fp32-output matmul in this torch): the
         # statistics pass, then the recomputing backward's pass on the same coefficients, both
         # now; its gradients come rounded to the inputs' dtype (a second rounding when scaled).
+        # fp16 gradients of the *summed* loss overflow (65,504) where the mean's fit: d_weight and
+        # d_bias add up n rows' terms. For "mean" the coefficients are divided by a power of two
+        # >= n (exact; n: the rows computed, the counted ones once ignored rows are gathered out),
+        # keeping the gradients near the mean's own size, and multiplied back in fp32; "sum"
+        # wants the summed gradients themselves.
+        shift = (h.shape[0] - 1).bit_length() if mean and h.dtype == torch.float16 else 0
         lse, label_logit, sum_logits, _ = kernels.logit_stats(h, weight, bias, y, ignore_index, 1.0)
-        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs_of(lse, 0, h.shape[0]), ignore_index,
-                                             1.0, need_hidden, need_weight, need_bias)
-        return (lse, label_logit, sum_logits, *(g.float() for g in grads))
+        coefs = coefs_of(lse, 0, h.shape[0]) * 2.0 ** -shift
+        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs, ignore_index, 1.0, need_hidden,
+                                             need_weight, need_bias)
+        return (lse, label_logit, sum_logits, *(g.float() * 2.0 ** shift for g in grads))
 
     lse, label_logit, sum_logits, d_hidden, d_weight, d_bias = fused.run_with_tiles(hidden.dtype, hidden.device, run)
     losses = cross_entropy_per_token(lse, label_logit, sum_logits, y != ignore_index, vocab, label_smoothing, z_loss)

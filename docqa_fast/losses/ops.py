@@ -416,9 +416,14 @@ def _grads_backward(ctx, grad_loss, _grad_scale, _grad_hidden, _grad_weight, _gr
     for name, want, formed in zip(("hidden", "weight", "bias"), wanted, ctx.formed):
         if want and not formed:
             raise RuntimeError(f"linear_cross_entropy_grads was called with need_{name}=False, yet d {name} is wanted")
-    # Out of place (a second backward with retain_graph finds the saved gradients intact) and
-    # without a graph: these gradients have no derivative of their own here (create_graph gets
-    # non-differentiable gradients, never silently wrong second derivatives).
+    # The saved gradients carry no graph back to hidden / weight: under create_graph, gradients
+    # without one would make every second derivative through this loss silently 0 (a gradient
+    # penalty added to another loss would train on the other loss alone). Refused, as the
+    # recomputing route's backward refuses to be differentiated.
+    if torch.is_grad_enabled():
+        raise RuntimeError("linear_cross_entropy has no second derivative (backward with create_graph=True): "
+                           "its DOCQA_FAST_LOSSES_ROUTE=fwd-grad route forms the gradients in the forward")
+    # Out of place: a second backward with retain_graph finds the saved gradients intact.
     with torch.no_grad():
         factor = grad_loss.to(scale.dtype) * scale
         grads = [_scaled(saved, factor, dtype) if want else None

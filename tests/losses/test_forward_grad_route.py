@@ -86,9 +86,18 @@ def test_a_second_backward_and_a_second_call_give_the_same_gradients(backend, de
         again = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels) * 3.7, (hidden, weight))
     for a, b, c in zip(first, second, again):
         assert torch.equal(a, b) and torch.equal(a, c)
-    # create_graph gets gradients without a graph of their own (no silently wrong second derivative).
-    (d_hidden,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels), hidden, create_graph=True)
-    assert not d_hidden.requires_grad
+
+
+def test_create_graph_is_refused(backend, device):
+    """The saved gradients have no graph back to hidden / weight: a backward with create_graph
+    raises (it returned gradients without a graph, so a gradient penalty added to another loss
+    silently lost this loss's second derivative), as the recomputing route's does when differentiated."""
+    hidden, weight, _ = random_head(10, 8, 20, torch.float32, device)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    labels = random_labels((10,), 20, device)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
 
 
 def test_only_the_wanted_gradients_are_formed(backend, device, monkeypatch):
@@ -260,3 +269,15 @@ def test_memory_at_the_qwen_head_on_gpu(monkeypatch):
     rows = kernels.tiles("losses_route", torch.bfloat16, torch.device("cuda"))["CHUNK_ROWS"]  # the tuned table's
     rule = 4 * vocab * hidden_size + 4 * n_rows * hidden_size + rows * vocab * 6
     assert extra < rule + (256 << 20), f"{extra / 2**20:.0f} MiB beyond the gradients; the rule {rule / 2**20:.0f}"
+
+
+@pytest.mark.backends("triton")
+def test_triton_products_fp16_mean_over_many_rows_stays_finite(backend, device, monkeypatch):
+    """The all-Triton products round the summed loss's gradients to fp16 before the backward's
+    1/count: 700 rows of one label with large hidden values put d_weight's label row at
+    700 x 100 (fp16 inf) where the mean's is -100. It was -inf; now it matches the reference."""
+    monkeypatch.setenv(fused.PRODUCTS_ENV, "triton")
+    hidden = torch.full((700, 8), 100.0, device=device).half()
+    weight = (torch.randn(16, 8, device=device) * 0.01).half()
+    labels = torch.zeros(700, dtype=torch.long, device=device)
+    check_by_rule(*_ce(labels), {"hidden": hidden, "weight": weight})
