@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     ceilings = harness.measure_ceilings(device)
     print(report.ceilings_text(ceilings))
 
+    settings = {"quick": args.quick, "filter": args.filter, "quantiles": list(harness.QUANTILES),
+                "timing": ("triton.testing.do_bench, L2 flushed, ms" if device.type == "cuda"
+                           else "time.perf_counter per call, ms")}
     started, started_cpu = time.perf_counter(), time.process_time()
     records = []
     said = {}  # the line of a case nothing can run -> the first case that printed it
@@ -112,6 +115,9 @@ def main(argv=None) -> int:
             record["cpu_s"] = round(time.process_time() - case_cpu, 2)
             harness.add_ceiling_fractions(record, ceilings)
             records.append(record)
+            # Rewritten after every case: a run stopped at a time limit (make gpu) keeps what it measured.
+            report.write_json(out_dir / "results.json", env, ceilings, records,
+                              {"skipped": "the run had not finished its cases"}, settings)
             table = report.case_table(record)
             if harness.all_skipped(record):
                 # Each reason once: on a CPU, a dozen attention cases share one long line of them.
@@ -131,9 +137,6 @@ def main(argv=None) -> int:
         hopper = report.hopper_report()
         print(report.hopper_summary(hopper))
 
-    settings = {"quick": args.quick, "filter": args.filter, "quantiles": list(harness.QUANTILES),
-                "timing": ("triton.testing.do_bench, L2 flushed, ms" if device.type == "cuda"
-                           else "time.perf_counter per call, ms")}
     plots = report.write_plots(out_dir, records, ceilings)
     report.write_json(out_dir / "results.json", env, ceilings, records, hopper, settings)
     report.write_summary(out_dir / "summary.md", env, ceilings, records, hopper, settings, plots)

@@ -212,3 +212,23 @@ def test_a_quick_run_leaves_the_hopper_report_out_unless_asked(tmp_path, monkeyp
     assert asked == [True]
     with pytest.raises(SystemExit):
         cli.parse_args(["--hopper-report", "--no-hopper-report"])
+
+
+def test_a_run_stopped_between_cases_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    # make gpu stops the benchmarks at a time limit: the figures measured before must survive.
+    monkeypatch.setattr(harness, "default_device", lambda: CPU)
+    monkeypatch.setattr(harness, "collect_cases", lambda quick, filter=None: [
+        _case("a", harness.Provider("eager", fn=_double)), _case("b", harness.Provider("eager", fn=_double))])
+    run_case = harness.run_case
+
+    def stopped_at_the_second(case, *args, **kwargs):
+        if case.id.endswith("b"):
+            raise KeyboardInterrupt  # what the time limit's signal amounts to, between two cases
+        return run_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_case", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--quick", "--no-hopper-report", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [case["case"] for case in saved["cases"]] == ["test/a"]
+    assert saved["cases"][0]["providers"]
