@@ -4,7 +4,6 @@ turns a mismatch or a local error on any rank into an error on every rank instea
 
 from __future__ import annotations
 
-import functools
 import os
 import zlib
 from typing import Callable
@@ -40,35 +39,37 @@ def global_rank(group, rank: int) -> int:
 
 
 _MODULUS = 2 ** 31 - 1  # a prime: the checksum below stays in int64 without overflow
-_WEIGHTS_SEED = 0x5EED_C5
 
 
-def _to_device(row: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned and non-blocking: putting the row on the GPU does not wait for the GPU's queued work
-    # (PyTorch's pinned-memory cache keeps the staging buffer until the copy has run).
-    return row.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else row.to(device)
-
-
-@functools.lru_cache(maxsize=16)
 def _weights(n: int, device: torch.device) -> torch.Tensor:
-    """(2, n) weights in [1, modulus), the same on every rank (a fixed seed), drawn independently of
-    the values they weigh. Weights that are a polynomial of the position (``i * a + 1``) are not:
-    any difference whose moments up to that degree vanish -- ``(+1, -2, +1)`` at three neighbouring
-    boundaries -- gives equal sums whatever ``a`` is."""
-    generator = torch.Generator().manual_seed(_WEIGHTS_SEED)
-    return _to_device(torch.randint(1, _MODULUS, (2, n), dtype=torch.int64, generator=generator), device)
+    """(2, n) weights in [1, modulus) that look random in the position: multiply-xorshift rounds of
+    ``position + 1``, made on the device in integer arithmetic (the same on every rank and GPU, no
+    copy). Weights that are a polynomial of the position (``i * a + 1``) would not do: a difference
+    whose low moments vanish -- ``(+1, -2, +1)`` at three neighbouring boundaries -- gives equal sums
+    whatever ``a`` is."""
+    x = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+    rows = []
+    for multiplier in (0x9E3779B1, 0x85EBCA6B):  # < 2^32, times x < 2^31: below 2^63
+        w = x * multiplier % _MODULUS
+        for _ in range(2):
+            w = (w ^ (w >> 16)) * 0x045D9F3B % _MODULUS
+        rows.append(w % (_MODULUS - 1) + 1)
+    return torch.stack(rows)
 
 
 def _checksum(values: torch.Tensor) -> torch.Tensor:
     """Two weighted sums modulo a prime of a 1-D int64 tensor, on its device (no read): equal on two
-    ranks when their values are equal and, for a difference that does not depend on the (random,
-    fixed) weights, unequal but with odds of about 2^-62."""
+    ranks when their values are equal and, for a difference that does not depend on the weights,
+    unequal but with odds of about 2^-62."""
     residues = values % _MODULUS  # < 2^31 each, so a product < 2^62 and a sum of them fits once reduced
     return ((residues * _weights(values.numel(), values.device)) % _MODULUS).sum(-1) % _MODULUS
 
 
 def _row_on(values: list[int], device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=torch.int64), device)
+    row = torch.tensor(values, dtype=torch.int64)
+    # Pinned and non-blocking: putting the row on the GPU does not wait for the GPU's queued work
+    # (PyTorch's pinned-memory cache keeps the staging buffer until the copy has run).
+    return row.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else row
 
 
 def checks_enabled() -> bool:

@@ -38,3 +38,11 @@ def test_every_single_and_paired_change_of_a_short_list_changes_the_checksum():
                 changed[j] -= delta if j != i else 0
                 if changed != base:
                     assert not torch.equal(_checksum(_boundaries(changed)), reference), (i, j, delta)
+
+
+def test_the_weights_stay_in_range_and_differ_between_the_two_sums():
+    from docqa_fast.distributed._comm import _MODULUS, _weights
+
+    weights = _weights(100_000, torch.device("cpu"))
+    assert weights.shape == (2, 100_000) and int(weights.min()) >= 1 and int(weights.max()) < _MODULUS
+    assert len(set(weights[0].tolist())) > 99_990 and not torch.equal(weights[0], weights[1])
