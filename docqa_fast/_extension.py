@@ -21,6 +21,7 @@ nothing outside the standard library at module level.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import importlib.util
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,12 +187,20 @@ def build_info(plan: Plan, torch, archs: list[str] | None = None) -> dict:
 
 
 def write_json(info: dict, path) -> None:
-    """Atomically: a reader (an import in another process) never sees half a file."""
+    """Atomically: a reader (an import in another process) never sees half a file, and writers at
+    once (every rank of a job after the one compile) each rename a temporary file of their own."""
     path = str(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(path + ".tmp", path)
+    handle, scratch = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        os.fchmod(handle, 0o644)  # mkstemp's 0600 would keep other users (of a shared install or cache) out
+        with os.fdopen(handle, "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(scratch, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
 
 
 # ---------------------------------------------------------------------------- does it fit this PyTorch

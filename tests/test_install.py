@@ -426,6 +426,26 @@ def test_a_cached_build_loads_where_nothing_could_compile_it(extension_state, fa
     assert len(fake_compiler.calls) == 1
 
 
+def test_build_info_written_by_two_processes_at_once_is_whole(tmp_path, monkeypatch):
+    """Every rank of a job under DOCQA_FAST_JIT=1 waits for the one compile, then all write the build's
+    info at once: a writer replacing the file between another's write and rename must not take that
+    one's half-written file nor leave it without one (a shared temporary name did both)."""
+    path = tmp_path / "build" / "build_info.json"
+    replace, interleaved = os.replace, []
+
+    def another_process_writes_now(source, target):
+        if not interleaved:
+            interleaved.append(source)
+            _extension.write_json({"writer": "other"}, path)
+        replace(source, target)
+
+    monkeypatch.setattr(_extension.os, "replace", another_process_writes_now)
+    _extension.write_json({"writer": "this"}, path)
+    assert json.loads(path.read_text()) == {"writer": "this"} and interleaved
+    assert [p.name for p in path.parent.iterdir()] == ["build_info.json"]
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by every user of a shared install or cache
+
+
 def test_a_failed_just_in_time_build_is_said_in_the_one_warning_and_leaves_no_build(extension_state, fake_compiler,
                                                                                      monkeypatch, recwarn, tmp_path):
     extension_state(_running_build(torch="1.13.1"), AssertionError("a mismatched extension must not be imported"))
