@@ -204,10 +204,10 @@ def pack_multimodal(samples: Sequence[Mapping], max_tokens: int | None = None, *
             if g is not None:
                 parts[name] = g.to(torch.long)
                 for field_name in with_grid:
-                    if sample.get(field_name) is None:
-                        lacking[field_name].append(d)
-                    else:
+                    if sample.get(field_name) is not None:
                         parts[field_name] = sample[field_name]
+                    elif g.shape[0]:  # a grid of no rows (a text-only sample given the key) asks for no pixels
+                        lacking[field_name].append(d)
             parts = {key: _vision_part(key, value, d, device, vision[key]) for key, value in parts.items()}
             _check_grid_matches(d, name, g, doc_types, kind, with_grid[0], parts.get(with_grid[0]))
             for key, part in parts.items():

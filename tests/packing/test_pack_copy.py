@@ -200,3 +200,15 @@ def test_pack_multimodal_refuses_mixed_vision_fields():
     # Grids without pixels in every document (features computed elsewhere): no pixel field.
     no_pixels = pack_multimodal([{k: v for k, v in s.items() if k != "pixel_values"} for s in (first, second)])
     assert no_pixels.pixel_values is None and no_pixels.image_grid_thw.shape == (3, 3)
+
+
+@pytest.mark.backends("reference", "extension")
+def test_pack_multimodal_empty_grid_without_pixels(backend):
+    """A text-only sample given image_grid_thw of no rows and no pixel_values (a collator that sets
+    every key) beside a sample with images: its images' pixels are all there is (it was refused
+    as lacking pixel values, where torch.cat used to join the others)."""
+    with_images, text_only = _document(2, torch.float32), _document(0, torch.float32)
+    text_only["image_grid_thw"] = torch.zeros(0, 3, dtype=torch.long)
+    packed = pack_multimodal([with_images, text_only])
+    assert torch.equal(packed.pixel_values, with_images["pixel_values"])
+    assert torch.equal(packed.image_grid_thw, with_images["image_grid_thw"])
