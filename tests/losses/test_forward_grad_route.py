@@ -211,6 +211,16 @@ def test_real_vocabulary_size(backend, device, vocab):
     check_by_rule(*_ce(labels, label_smoothing=0.05), {"hidden": hidden, "weight": weight})
 
 
+def test_the_op_passes_opcheck(backend, device):
+    """Schema, fake, autograd registration and the AOT-traced backward (with the create_graph refusal
+    in place: AOT traces the backward without create_graph) of linear_cross_entropy_grads."""
+    hidden, weight, bias = random_head(6, 8, 20, torch.float32, device, bias=True)
+    labels = random_labels((6,), 20, device)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, 0.1, 1e-3, True,
+            True, True, True)
+    torch.library.opcheck(torch.ops.docqa_fast.linear_cross_entropy_grads, args)
+
+
 def test_bad_input_is_refused_as_on_the_other_route(backend, device):
     """The public function's checks run before the route is chosen: the same errors with gradients wanted."""
     hidden, weight, _ = random_head(6, 8, 20, torch.float32, device)
