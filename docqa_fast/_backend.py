@@ -234,6 +234,15 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | 
             return reason
         if device.type == "cuda" and not module.compiled_with_cuda():
             return f"docqa_fast._C has no CUDA kernels ({extension_build_info(module).get('reason', '')})"
+        # (Decisions are also asked of a bare device type, on machines without a GPU.)
+        if device.type == "cuda" and torch.cuda.is_available():
+            archs = extension_build_info(module).get("cuda_archs")
+            capability = torch.cuda.get_device_capability(device)
+            if _extension.runs_on(archs, capability) is False:
+                # Its launches would fail with "no kernel image is available": the next backend runs instead.
+                return (f"docqa_fast._C's CUDA kernels were compiled for {';'.join(archs)}, not this GPU's "
+                        f"{capability[0]}.{capability[1]} (rebuild with DOCQA_FAST_CUDA_ARCHS naming it; "
+                        f"docs/install.md)")
         if device.type not in ("cuda", "cpu"):
             return f"docqa_fast._C has no kernels for {device.type} tensors"
         return None

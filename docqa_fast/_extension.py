@@ -90,6 +90,28 @@ def gencode_flags(archs):
     return flags, names
 
 
+def runs_on(archs, capability) -> bool | None:
+    """Whether a build for ``archs`` (its build info's names: '8.0', '9.0a') has kernels for a GPU of
+    ``capability`` ((9, 0)), None when the names say nothing certain. SASS for X.Y runs on X.Z for
+    Z >= Y, an arch-specific 'X.Ya' only on X.Y; the PTX of the last (not arch-specific) arch is
+    compiled by the driver for any newer GPU. A build for the GPUs at hand (a just-in-time cache
+    shared by machines, a wheel built on an H100) can lack the GPU of this one."""
+    if not archs:
+        return None
+    parsed = []
+    for name in archs:
+        specific = name.endswith("a")
+        major, _, minor = name.removesuffix("a").partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            return None  # a family suffix or a spelling this rule does not know: do not refuse
+        parsed.append((int(major), int(minor), specific))
+    for major, minor, specific in parsed:
+        if major == capability[0] and (minor == capability[1] if specific else minor <= capability[1]):
+            return True
+    major, minor, specific = parsed[-1]
+    return not specific and (major, minor) <= tuple(capability)
+
+
 def cuda_library_dir(cuda_home):
     """Toolkits keep libcudart in lib64/ or (some packagings) in lib/."""
     for sub in ("lib64", "lib"):
@@ -191,7 +213,8 @@ def write_json(info: dict, path) -> None:
     once (every rank of a job after the one compile) each rename a temporary file of their own."""
     path = str(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    handle, scratch = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(path))
     try:
         os.fchmod(handle, 0o644)  # mkstemp's 0600 would keep other users (of a shared install or cache) out
         with os.fdopen(handle, "w") as f:

@@ -264,6 +264,27 @@ def test_an_extension_that_fits_is_loaded_without_a_word(extension_state, monkey
     assert not [w for w in recwarn if issubclass(w.category, _backend.ExtensionWarning)]
 
 
+def test_cuda_kernels_built_for_other_gpus_leave_the_call_to_the_next_backend(extension_state, monkeypatch):
+    """A build for the GPUs of another machine (a shared just-in-time cache, a wheel built on an H100)
+    has no kernel image for this GPU: the dispatch says so instead of launching and failing."""
+    extension_state(_running_build(cuda_archs=["9.0a"]))
+    kernels = SimpleNamespace(compiled_with_cuda=lambda: True)
+    monkeypatch.setattr(_backend, "_import_extension", lambda: kernels)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, fits in (((8, 0), False), ((10, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        reason = _backend.unavailable_reason("extension", gpu)
+        assert (reason is None) == fits, (capability, reason)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert re.search(r"compiled for 9\.0a, not this GPU's 8\.6 \(rebuild with DOCQA_FAST_CUDA_ARCHS",
+                     _backend.unavailable_reason("extension", gpu))
+    runs_on = _extension.runs_on
+    assert runs_on(["8.0", "9.0a"], (9, 0)) and runs_on(["8.0"], (8, 6)) and runs_on(["8.0"], (9, 0))  # PTX of 8.0
+    assert runs_on(["8.6"], (8, 0)) is False and runs_on(["8.0", "9.0a"], (10, 0)) is False
+    assert runs_on(None, (9, 0)) is None and runs_on(["10.0f"], (10, 3)) is None  # unknown: not refused
+
+
 def test_no_warning_and_no_import_when_no_extension_was_built(extension_state, recwarn):
     attempts = extension_state({"extension": "none", "reason": "DOCQA_FAST_NO_EXTENSION was set at install time"},
                                AssertionError("a _C left by an older build must not be imported"))
