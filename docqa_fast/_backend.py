@@ -88,8 +88,8 @@ def _build_info() -> dict:
         return {"extension": "unknown", "reason": "package was not built with setup.py (no _build_info.json)"}
     try:
         return json.loads(path.read_text())
-    except ValueError as exc:  # read at import: a damaged file must not stop docqa_fast from importing
-        return {"extension": "unknown", "reason": f"{path} is not valid JSON ({exc}); reinstall docqa_fast"}
+    except (OSError, ValueError) as exc:  # read at import: a damaged or unreadable file must not stop the import
+        return {"extension": "unknown", "reason": f"{path} cannot be read as JSON ({exc}); reinstall docqa_fast"}
 
 
 def _import_failure(info: dict, exc: ImportError) -> str:

@@ -381,7 +381,7 @@ def jit_extension(compile_missing: bool, verbose: bool = False) -> tuple[object 
             continue
         try:
             return _import_built(library, name), json.loads(info_path.read_text()), None
-        except (ImportError, ValueError) as exc:  # damaged: compiling again (if asked) replaces it
+        except (ImportError, OSError, ValueError) as exc:  # damaged: compiling again (if asked) replaces it
             if not (compile_missing and kind == plan.kind):
                 return None, None, f"the build in {folder} does not load ({exc}); rebuild it"
             info_path.unlink(missing_ok=True)

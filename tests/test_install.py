@@ -285,6 +285,17 @@ def test_cuda_kernels_built_for_other_gpus_leave_the_call_to_the_next_backend(ex
     assert runs_on(None, (9, 0)) is None and runs_on(["10.0f"], (10, 3)) is None  # unknown: not refused
 
 
+def test_an_unreadable_build_info_does_not_stop_the_import(monkeypatch):
+    """Installed by another user with a private file mode, or damaged: the import goes on, and says why."""
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", lambda self: True)
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    info = _backend._build_info.__wrapped__()
+    assert info["extension"] == "unknown" and "Permission denied" in info["reason"]
+
+
 def test_no_warning_and_no_import_when_no_extension_was_built(extension_state, recwarn):
     attempts = extension_state({"extension": "none", "reason": "DOCQA_FAST_NO_EXTENSION was set at install time"},
                                AssertionError("a _C left by an older build must not be imported"))
