@@ -68,3 +68,16 @@ def test_families_do_not_import_upward(family):
             target = _resolve(path, module, level, PACKAGE, "docqa_fast")
             assert not target.startswith(("docqa_fast.flash_attn_interface", "docqa_fast.integrations")), \
                 f"{path.relative_to(ROOT)} imports {target} (a layer above the families)"
+
+
+def test_importing_the_package_imports_no_kernel_module():
+    # Triton decides compiled-or-interpreted when a kernel module is imported: the sm_90 compile
+    # check's workers import docqa_fast, then switch the interpreter off, then import the kernels.
+    # (Also what a user pays at import: the kernels bring torch._dynamo and Triton's JIT.)
+    import subprocess
+    import sys
+
+    code = ("import sys, docqa_fast; print(sorted(m for m in sys.modules "
+            "if m.startswith(('docqa_fast.kernels.', 'kernels.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

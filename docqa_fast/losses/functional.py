@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_cu_seqlens, check_same_device, check_shape, check_tensor
-from . import forward_grad, fused
 from .ops import (check_head_inputs, check_label_values, check_positive, check_smoothing_and_z_loss,
                   cross_entropy_per_token, cross_entropy_with_grads, logit_stats)
 
@@ -86,6 +85,11 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int
     check_label_values(flat_labels, weight.shape[0], ignore_index, validate)
     # One upstream scalar for every token: with gradients wanted, the route may form them in the
     # forward (forward_grad.py); without, the statistics pass below is all the forward does.
+    # Imported here, not with the package: they import the Triton kernels, and Triton decides
+    # compiled-or-interpreted when a kernel module is imported (the sm_90 compile check's workers
+    # switch the interpreter off after importing docqa_fast).
+    from . import forward_grad, fused
+
     needs = forward_grad.wants_gradients(hidden, weight, bias)
     if reduction != "none" and any(needs) and fused.route(hidden.device, hidden.dtype) == "fwd-grad":
         return cross_entropy_with_grads(flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing, z_loss,
