@@ -177,6 +177,7 @@ def _cheap_config():
 
 def test_cache_reuses_figures_and_judges_problems_afresh(tmp_path, monkeypatch):
     monkeypatch.setenv(hopper_check.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(hopper_check, "RECORD", tmp_path / "no_record.json")  # the cache alone
     config = _cheap_config()
     messages = []
     (first,) = hopper_check.check_all([config.name], progress=messages.append)
@@ -248,3 +249,40 @@ def test_command_line_filters_configs_by_name(capsys):
     assert "attention_backward_delta[bf16,D=80,grad_lse=False]" in table and "grad_lse=True" not in table
     with pytest.raises(SystemExit):
         hopper_check.main(["--filter", "no config has this name"])
+
+
+def test_a_fresh_clone_takes_the_recorded_figures_and_compiles_only_what_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv(hopper_check.CACHE_ENV, str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(hopper_check, "RECORD", tmp_path / "record.json")
+    config = _cheap_config()
+    figures = {"registers": 40, "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 0, "hgmma_count": 0,
+               "hmma_count": 0, "tma_count": 0}
+    report = hopper_check.make_report(config, figures)
+    hopper_check.write_record([report], {config.name: hopper_check.cache_key(config)})
+    messages = []
+    (found,) = hopper_check.check_all([config.name], progress=messages.append)
+    assert found.cached and found.registers == 40 and messages == []
+    # Not under another key (an edited kernel, another Triton): compiled, the record ignored.
+    hopper_check.write_record([report], {config.name: "0" * 64})
+    (compiled,) = hopper_check.check_all([config.name], progress=messages.append)
+    assert not compiled.cached and "compiling 1 of 1" in messages[0]
+    # Nor when asked to compile everything, nor when the record is damaged.
+    hopper_check.write_record([report], {config.name: hopper_check.cache_key(config)})
+    (again,) = hopper_check.check_all([config.name], cache=False, progress=None)
+    assert not again.cached
+    (tmp_path / "record.json").write_text('{"figures": {"' + hopper_check.cache_key(config) + '": {"registers": 4')
+    assert hopper_check.recorded_figures() == {}
+
+
+@pytest.mark.slow
+def test_the_committed_record_matches_a_fresh_compile():
+    """The record saves a fresh clone's compile only if it says what the compiler says: recompile a
+    sample of it (spread over the kernels) and compare every figure."""
+    record = hopper_check.recorded_figures()
+    sources: dict = {}
+    held = sorted((key, c) for c in registered_configs() if (key := hopper_check.cache_key(c, sources)) in record)
+    assert held, f"no config's figures are in {hopper_check.RECORD.name}: run python -m docqa_fast.tools.hopper_check --record"
+    sample = held[:: max(1, len(held) // 6)][:6]
+    reports = {r.name: r for r in hopper_check.check_all([c.name for _, c in sample], cache=False, progress=None)}
+    for key, config in sample:
+        assert {k: getattr(reports[config.name], k) for k in hopper_check._FIGURES} == record[key], config.name

@@ -255,7 +255,40 @@ def _read_cached(directory: Path, key: str) -> dict | None:
         figures = json.loads((directory / f"{key}.json").read_text())
     except (OSError, ValueError):
         return None  # absent, or a half-written / foreign file: compile again
-    return figures if isinstance(figures, dict) and all(isinstance(figures.get(k), int) for k in _FIGURES) else None
+    return figures if _valid_figures(figures) else None
+
+
+# Figures recorded in the repository (``--record``) for the configs as committed: a fresh clone
+# (CI, a new developer) compiles only the configs whose sources or settings changed since, as a
+# warm cache would; the keys are digests of the sources, the config and Triton's version, so a
+# stale record is never used, and the tests recompile a sample of it to check it still holds.
+RECORD = Path(__file__).with_name("sm90_figures.json")
+
+
+def _valid_figures(figures) -> bool:
+    return isinstance(figures, dict) and all(isinstance(figures.get(k), int) for k in _FIGURES)
+
+
+def recorded_figures(path: Path | None = None) -> dict[str, dict]:
+    """The committed record: cache key -> figures (empty when absent or unreadable)."""
+    path = path or RECORD
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("figures") if isinstance(data, dict) else None
+    return {k: v for k, v in entries.items() if _valid_figures(v)} if isinstance(entries, dict) else {}
+
+
+def write_record(reports: list[HopperReport], keys: dict[str, str], path: Path | None = None) -> None:
+    """Record the figures of ``reports`` (every registered config) under their cache keys."""
+    import triton
+
+    path = path or RECORD
+    figures = {keys[r.name]: {k: getattr(r, k) for k in _FIGURES} for r in sorted(reports, key=lambda r: keys[r.name])}
+    lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in figures.items())
+    path.write_text(f'{{"triton": {json.dumps(triton.__version__)}, "format": {CACHE_FORMAT}, "figures": {{\n'
+                    f"{lines}\n}}}}\n")
 
 
 def _write_cached(directory: Path, key: str, figures: dict) -> None:
@@ -288,18 +321,23 @@ def _print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_all(names=None, workers: int | None = None, cache: bool = True, progress=_print_progress) -> list[HopperReport]:
-    """Compile every registered config (or those in ``names``) that the cache does not hold,
-    in parallel processes; ``progress(message)`` hears how far the compiling is (None: silent)."""
+def check_all(names=None, workers: int | None = None, cache: bool = True, progress=_print_progress,
+              recorded: bool = True) -> list[HopperReport]:
+    """Compile every registered config (or those in ``names``) that neither the cache nor (with
+    ``recorded``) the committed record holds, in parallel processes; ``progress(message)`` hears
+    how far the compiling is (None: silent). ``cache=False`` compiles everything."""
     from docqa_fast.kernels.registry import registered_configs
 
     selected = [c for c in registered_configs() if names is None or c.name in names]
     directory = cache_dir() if cache else None
+    record = recorded_figures() if cache and recorded else {}
     sources: dict = {}
-    keys = {c.name: cache_key(c, sources) for c in selected} if directory else {}
+    keys = {c.name: cache_key(c, sources) for c in selected} if directory or record else {}
     figures = {}
     for config in selected:
         found = _read_cached(directory, keys[config.name]) if directory else None
+        if found is None and record:
+            found = record.get(keys[config.name])
         if found is not None:
             figures[config.name] = found
     cached = set(figures)
@@ -360,12 +398,21 @@ def main(argv=None) -> int:
     parser.add_argument("--filter", default="", help="only configs whose name contains this text")
     parser.add_argument("--json", default=None, help="also write every report to this JSON file")
     parser.add_argument("--no-cache", action="store_true",
-                        help=f"compile every config again (the cache: {cache_dir() or 'off'})")
+                        help=f"compile every config again (the cache: {cache_dir() or 'off'}; and the record)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"write every config's figures to {RECORD.name} (commit it with kernel changes: a "
+                             "fresh clone then compiles only what changed)")
     args = parser.parse_args(argv)
+    if args.record and args.filter:
+        parser.error("--record writes every config's figures: it takes no --filter")
     names = [c.name for c in registered_configs() if args.filter in c.name]
     if not names:
         parser.error(f"no registered config name contains {args.filter!r}")
     reports = check_all(names, cache=not args.no_cache)
+    if args.record:
+        configs = {c.name: c for c in registered_configs()}
+        sources: dict = {}
+        write_record(reports, {name: cache_key(configs[name], sources) for name in names})
     print(format_table(reports))
     print(spill_summary(reports))
     if args.json:
