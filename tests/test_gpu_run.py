@@ -121,9 +121,10 @@ def test_refuses_to_run_without_a_gpu(tmp_path):
     assert gpu_run.main(["--out", str(tmp_path)]) == 2
 
 
-def test_a_run_brings_back_at_most_eight_files_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
-    """The whole run with every step faked on a fake clock: what each step may run, what comes
-    back, the extra cases stopping when the run's time is spent, and no temporary folder left."""
+def _fake_gpu_run(tmp_path, monkeypatch, stopped=()):
+    """Fake every step of a run on a fake clock: (the calls (command, limit), the tuned table's
+    path). A benchmark run whose first case is in ``stopped`` is one stopped at its limit: after
+    one case of its results.json (the headline cases) or in the middle of writing it (an extra case)."""
     from docqa_fast.kernels import tuning
 
     clock = [1000.0]
@@ -143,12 +144,15 @@ def test_a_run_brings_back_at_most_eight_files_and_leaves_no_temporary_folder(tm
         else:  # python -m benchmarks --filter CASES ... --out DIR
             out_dir = gpu_run.Path(command[command.index("--out") + 1])
             cases = command[command.index("--filter") + 1].split(",")
-            (out_dir / "results.json").write_text(json.dumps({"cases": [
+            results = json.dumps({"cases": [
                 {"case": case, "metric": "GB/s", "wall_s": 9.0, "providers": [
                     {"provider": "docqa_fast[triton]", "ours": True, "status": "ok", "rate": 2.0},
-                    {"provider": "eager", "ours": False, "status": "ok", "rate": 1.0}]} for case in cases]}))
-            (out_dir / "summary.md").write_text("tables\n")
-            (out_dir / f"{cases[0].replace('/', '__')}.png").write_bytes(b"png")
+                    {"provider": "eager", "ours": False, "status": "ok", "rate": 1.0}]}
+                for case in (cases[:1] if cases[0] in stopped else cases)]})
+            (out_dir / "results.json").write_text(results[:40] if len(cases) == 1 and cases[0] in stopped else results)
+            if cases[0] not in stopped:
+                (out_dir / "summary.md").write_text("tables\n")
+                (out_dir / f"{cases[0].replace('/', '__')}.png").write_bytes(b"png")
         clock[0] += 100.0 if len(calls) == 2 else step_seconds[command[2]]  # the headline benchmarks: 100 s
         return "ok", 1.0
 
@@ -164,7 +168,14 @@ def test_a_run_brings_back_at_most_eight_files_and_leaves_no_temporary_folder(tm
     monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path / "tuned")
     (tmp_path / "tuned").mkdir()
     table_path = tmp_path / "tuned" / tuning.table_name("sm90", tuning.triton_version())
+    return calls, table_path
 
+
+def test_a_run_brings_back_at_most_eight_files_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """The whole run with every step faked on a fake clock: what each step may run, what comes
+    back, the extra cases stopping when the run's time is spent, and no temporary folder left."""
+    calls, table_path = _fake_gpu_run(tmp_path, monkeypatch)
+    temporary = tmp_path / "tmp"
     out = tmp_path / "out"
     assert gpu_run.main(["--out", str(out)]) == 0
 
@@ -200,3 +211,19 @@ def test_the_peers_wheels_install_into_the_given_folder_and_a_failure_is_reporte
     (tmp_path / ".whl" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
     message = gpu_run.install_wheels(env, tmp_path / "peers")
     assert message.startswith("installing .whl/ failed (exit ") and "PYTHONPATH" not in env
+
+
+def test_benchmarks_stopped_at_their_limit_cost_only_their_missing_files(tmp_path, monkeypatch):
+    """The headline benchmarks stopped after one case (results.json, no summary.md nor plots yet)
+    and an extra case stopped while writing results.json: the run goes on and says so."""
+    calls, _ = _fake_gpu_run(tmp_path, monkeypatch, stopped=(gpu_run.HEADLINE_CASES[0], gpu_run.EXTRA_CASES[0]))
+    out = tmp_path / "out"
+    assert gpu_run.main(["--out", str(out)]) == 0
+    assert [command[2] for command, _ in calls] == ["docqa_fast.tools.tune", "benchmarks", "pytest", "benchmarks",
+                                                    "benchmarks"]
+    assert json.loads((out / "bench_results.json").read_text())["cases"][0]["case"] == gpu_run.HEADLINE_CASES[0]
+    assert not (out / "bench_summary.md").exists()
+    summary = (out / "summary.md").read_text()
+    assert "| bench | ok: 1 headline cases |" in summary and "1400 passed in 150.0s" in summary
+    assert f"| extra {gpu_run.EXTRA_CASES[0]} | ok (results.json unreadable: JSONDecodeError: " in summary
+    assert f"| {gpu_run.EXTRA_CASES[1]} | docqa_fast[triton] 2.0 |" in summary

@@ -190,6 +190,16 @@ def _bench_rows(results: Path) -> list[str]:
     return rows
 
 
+def _read_rows(read, path: Path, *args) -> tuple[list[str], str]:
+    """(``read(path, *args)``'s table rows, "" ) or (no rows, why): a file a step stopped at its
+    limit left half written (``python -m benchmarks`` rewrites results.json after every case, not
+    in one step) must cost its rows, never the later steps."""
+    try:
+        return read(path, *args), ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [], f" ({path.name} unreadable: {type(exc).__name__}: {str(exc)[:120]})"
+
+
 def _case_slug(case: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", case)
 
@@ -314,7 +324,9 @@ def _steps(args, work: Path, deadline: float) -> int:
         status, seconds = _run(_tune_command(), out / "tune.log", limit("tune"), env)
         if table_path.exists():
             shutil.copy(table_path, out / table_path.name)
-            tuned += _tuned_rows(table_path, previous)
+            rows, why = _read_rows(_tuned_rows, table_path, previous)
+            tuned += rows
+            status += why
         steps.append(f"| tune | {status}: {len(tuned)} variants measured -> {table_path.name} | {seconds:.0f} |")
         summarise()
     files = work / "files"  # what bench_files.tgz holds
@@ -333,10 +345,15 @@ def _steps(args, work: Path, deadline: float) -> int:
         status, seconds = _run(_bench_command(HEADLINE_CASES, bench_dir), out / "bench.log", limit("bench"), env)
         if (bench_dir / "results.json").exists():
             shutil.copy(bench_dir / "results.json", out / "bench_results.json")
-            shutil.copy(bench_dir / "summary.md", out / "bench_summary.md")
+            # A run stopped at its limit has results.json (rewritten after every case) but no
+            # summary.md or plots yet (written once all its cases are done).
+            if (bench_dir / "summary.md").exists():
+                shutil.copy(bench_dir / "summary.md", out / "bench_summary.md")
             for plot in bench_dir.glob("*.png"):
                 shutil.copy(plot, files / plot.name)
-            bench += _bench_rows(bench_dir / "results.json")
+            rows, why = _read_rows(_bench_rows, bench_dir / "results.json")
+            bench += rows
+            status += why
             pack()
         steps.append(f"| bench | {status}: {len(bench)} headline cases | {seconds:.0f} |")
         summarise()
@@ -353,8 +370,10 @@ def _steps(args, work: Path, deadline: float) -> int:
             case_dir = files / "extra" / _case_slug(case)
             case_dir.mkdir(parents=True)
             status, seconds = _run(_bench_command([case], case_dir), case_dir / "bench.log", seconds_left, env)
-            rows = _bench_rows(case_dir / "results.json") if (case_dir / "results.json").exists() else []
+            rows, why = _read_rows(_bench_rows, case_dir / "results.json") if (case_dir / "results.json").exists() \
+                else ([], "")
             bench += rows
+            status += why
             steps.append(f"| extra {case} | {status}: {len(rows)} case | {seconds:.0f} |")
             pack()
             summarise()
