@@ -1,9 +1,12 @@
 """``make gpu`` (docqa_fast.tools.gpu_run): the parts that can be checked without a GPU."""
 
 import json
+import os
+import signal
 import sys
 import tarfile
 import tempfile
+import time
 
 import pytest
 import torch
@@ -227,3 +230,28 @@ def test_benchmarks_stopped_at_their_limit_cost_only_their_missing_files(tmp_pat
     assert "| bench | ok: 1 headline cases |" in summary and "1400 passed in 150.0s" in summary
     assert f"| extra {gpu_run.EXTRA_CASES[0]} | ok (results.json unreadable: JSONDecodeError: " in summary
     assert f"| {gpu_run.EXTRA_CASES[1]} | docqa_fast[triton] 2.0 |" in summary
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie no longer runs; its new parent reaps it
+
+
+def test_a_step_that_ends_leaves_no_process_of_its_own_behind(tmp_path):
+    """A worker that outlives its step (its parent ended normally) would share the GPU with the next step."""
+    pid_file = tmp_path / "pid"
+    status, _ = gpu_run._run(["sh", "-c", f"sleep 120 & echo $! > {pid_file}"], tmp_path / "log", 60.0, None)
+    pid = int(pid_file.read_text())
+    try:
+        assert status == "ok"
+        for _ in range(50):  # SIGKILL is delivered asynchronously
+            if not _running(pid):
+                break
+            time.sleep(0.1)
+        assert not _running(pid)
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)

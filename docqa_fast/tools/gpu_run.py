@@ -29,6 +29,7 @@ and are installed to a private folder first. Every temporary folder goes when th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -86,7 +87,7 @@ HOPPER_COMPILE_TEST = "tests/test_hopper_compile.py::test_every_config_compiles_
 
 def _run(command, log: Path, limit: float, env) -> tuple[str, float]:
     """Run ``command`` with its output in ``log``; (status, seconds). The whole process group is
-    killed at the limit, so a hung test cannot eat the rest of the run."""
+    killed at the limit, so a hung test cannot eat the rest of the run, and when the step ends."""
     started = time.monotonic()
     with log.open("w") as out:
         out.write("$ " + " ".join(command) + "\n")
@@ -97,9 +98,13 @@ def _run(command, log: Path, limit: float, env) -> tuple[str, float]:
             code = process.wait(timeout=limit)
             status = "ok" if code == 0 else f"exit {code}"
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             status = f"stopped at its {limit:.0f} s limit"
+        # The group at the limit, and after a step that ended too: a worker that outlived it
+        # would share the GPU and the cores with the next step.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if status.startswith("stopped"):
             out.write(f"\n[gpu_run] {status}\n")
     return status, time.monotonic() - started
 
