@@ -202,7 +202,10 @@ def ceilings_text(ceilings: dict) -> str:
 
 def write_json(path: Path, env: dict, ceilings: dict, records: list[dict], hopper: dict, settings: dict) -> None:
     payload = {"environment": env, "settings": settings, "ceilings": ceilings, "cases": records, "hopper": hopper}
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    # Written after every case: a process stopped at a time limit must not leave half a file.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    partial.replace(path)
 
 
 def write_summary(path: Path, env: dict, ceilings: dict, records: list[dict], hopper: dict,
