@@ -13,9 +13,11 @@ import random
 import pytest
 import torch
 
+import docqa_fast
 import docqa_fast.inference as inference
-from docqa_fast.reference.kvcache import flash_attn_with_kvcache_ref
+from docqa_fast.reference.kvcache import flash_attn_varlen_paged_ref, flash_attn_with_kvcache_ref
 from docqa_fast.testing import assert_close_by_rule
+from test_paged_varlen import make_paged  # tests/inference is on sys.path (pytest's rootdir insertion)
 
 pytestmark = pytest.mark.backends("triton")
 
@@ -71,12 +73,17 @@ def _random_call(rng: random.Random, device):
     return q, k_cache, v_cache, k, v, readable, options
 
 
+def _poisoned(cache, readable):
+    """A copy of cache with NaN in every slot outside ``readable`` (a (rows or blocks, slots) mask)."""
+    poisoned = cache.clone()
+    poisoned[~readable] = float("nan")
+    return poisoned
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_interior_reads_no_slot_outside_the_sequence(backend, seed, device):
     q, k_cache, v_cache, k, v, readable, options = _random_call(random.Random(seed), device)
-    poisoned_k, poisoned_v = k_cache.clone(), v_cache.clone()
-    poisoned_k[~readable] = float("nan")
-    poisoned_v[~readable] = float("nan")
+    poisoned_k, poisoned_v = _poisoned(k_cache, readable), _poisoned(v_cache, readable)
     out, lse = inference.flash_attn_with_kvcache(q, poisoned_k, poisoned_v, k, v, return_softmax_lse=True,
                                                  **options)
     assert not out.isnan().any() and not lse.isnan().any(), f"a NaN slot was read: {options}"
@@ -86,5 +93,39 @@ def test_interior_reads_no_slot_outside_the_sequence(backend, seed, device):
         None if v is None else v.double(), return_softmax_lse=True, **ref)
     plain_out, plain_lse = flash_attn_with_kvcache_ref(q, k_cache.clone(), v_cache.clone(), k, v,
                                                        return_softmax_lse=True, upcast=False, **ref)
+    assert_close_by_rule(out, exact_out, plain_out, name="out")
+    assert_close_by_rule(lse, exact_lse, plain_lse, name="lse")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paged_varlen_reads_no_slot_outside_the_sequence(backend, seed, device):
+    """The same for flash_attn_varlen_func over a paged cache (packed queries: blocks past a
+    sequence's queries, several query blocks per sequence)."""
+    rng = random.Random(1000 + seed)
+    heads, kv_heads = rng.choice([(7, 1), (8, 2)])
+    head_dim, page_size = rng.choice([32, 40]), rng.choice([16, 32, 64, 128])
+    lengths_q = [rng.choice([0, 1, 3, 12]) for _ in range(rng.randint(1, 3))]
+    lengths_k = [rng.choice([0, 1, rng.randint(2, 200)]) for _ in lengths_q]
+    options = {"causal": rng.random() < 0.5, "window_size": (rng.choice([-1, 9, 70]), rng.choice([-1, 0, 4])),
+               "softcap": rng.choice([0.0, 5.0])}
+    if options["causal"]:
+        options["window_size"] = (options["window_size"][0], -1)
+    if rng.random() < 0.3:
+        options["alibi_slopes"] = torch.rand(heads, device=device) * 0.3
+    q, k_cache, v_cache, cu_q, cu_k, table = make_paged(lengths_q, lengths_k, heads, kv_heads, head_dim, page_size,
+                                                        torch.float16, device, spare_blocks=2)
+    readable = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=device)
+    for b, n in enumerate(lengths_k):
+        for pos in range(n):
+            readable[int(table[b, pos // page_size]), pos % page_size] = True
+    poisoned_k, poisoned_v = _poisoned(k_cache, readable), _poisoned(v_cache, readable)
+    out, lse, _ = docqa_fast.flash_attn_varlen_func(q, poisoned_k, poisoned_v, cu_q, cu_k, max(lengths_q),
+                                                    max(lengths_k), block_table=table, return_attn_probs=True,
+                                                    **options)
+    assert not out.isnan().any() and not lse.isnan().any(), f"a NaN slot was read: {options}"
+    exact_out, exact_lse = flash_attn_varlen_paged_ref(q.double(), k_cache.double(), v_cache.double(), cu_q, cu_k,
+                                                       table, **options)
+    plain_out, plain_lse = flash_attn_varlen_paged_ref(q, k_cache, v_cache, cu_q, cu_k, table, upcast=False,
+                                                       **options)
     assert_close_by_rule(out, exact_out, plain_out, name="out")
     assert_close_by_rule(lse, exact_lse, plain_lse, name="lse")
