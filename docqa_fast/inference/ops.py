@@ -205,6 +205,19 @@ def _read_at_once(figures: dict) -> dict:
     return dict(zip(figures, torch.stack([f.long() for f in figures.values()]).tolist()))
 
 
+def _written_page_shared(block_table, lengths, ends, page_size: int, num_blocks: int):
+    """Whether a page the append writes (slots [lengths, ends) of its row) is in use more than once
+    in block_table (by another row, or twice by its own): a 0-dim bool, no host sync (counts by
+    scatter, not boolean indexing). Entries out of [0, num_blocks) are refused on their own."""
+    first = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size
+    used = first < ends[:, None]
+    written = used & (first + page_size > lengths[:, None])
+    entries = block_table.long().clamp(0, max(num_blocks - 1, 0))
+    uses = torch.zeros(num_blocks + 1, dtype=torch.long, device=block_table.device)  # the last: no page
+    uses.scatter_add_(0, torch.where(used, entries, num_blocks).flatten(), torch.ones_like(entries).flatten())
+    return (written & (uses[torch.where(written, entries, num_blocks)] > 1)).any()
+
+
 def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
                           rotary_cos, causal, local):
     """Checks that read tensor values; all before anything is written. Every figure they need is
@@ -225,6 +238,9 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
         figures.update(min_pad=pad.min(), pad_past_len=(pad > lengths).any())
     if block_table is not None:
         figures.update(pages_in_use_figures(block_table, ends, k_cache.shape[1]))
+        if seqlen_new > 0:
+            figures["shared_written_page"] = _written_page_shared(block_table, lengths, ends, k_cache.shape[1],
+                                                                  k_cache.shape[0])
     read = _read_at_once(figures)
     if read["min_len"] < 0:
         raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
@@ -246,6 +262,12 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
                          f"{cache_leftpad.tolist()[:16]} and {cache_seqlens.tolist()[:16]}")
     if block_table is not None:
         check_pages_in_use(read, k_cache.shape[0], "k_cache")
+        # As for cache_batch_idx: the append is fused into the launch, so a page it writes must be
+        # no other row's (a shared prefix page that no row writes is fine).
+        if read.get("shared_written_page"):
+            raise ValueError("expected each block_table page the append writes (slots cache_seqlens onwards) to be "
+                             "used by its row alone (two rows on one written page race), got "
+                             f"{block_table.tolist()[:16]}")
     if rotary_cos is not None:
         seqlen_q = q.shape[1]
         needed = read["max_end"] - seqlen_new + max(seqlen_new, seqlen_q if (causal or local) else 1)

@@ -333,6 +333,9 @@ BAD_INPUTS = {
     "k shape": (lambda a: a.update(k=a["k"][:, :, :, :16], v=a["v"][:, :, :, :16]), ValueError, "expected k of shape"),
     "heads not a multiple": (lambda a: a.update(q=torch.randn(2, 1, 3, 32).half(), k_cache=a["k_cache"].expand(
         -1, -1, 2, -1), v_cache=a["v_cache"].expand(-1, -1, 2, -1), k=None, v=None), ValueError, "multiple"),
+    # Row 1 appends into row 0's page: one launch would write slots the other row reads (or writes).
+    "page written by two rows": (lambda a: a["block_table"].__setitem__((1, 0), int(a["block_table"][0, 0])),
+                                 ValueError, "block_table"),
     "leftpad with paged": (lambda a: a.update(cache_leftpad=torch.zeros(2, dtype=torch.int32)), ValueError,
                            "cache_leftpad"),
     "num_splits negative": (lambda a: a.update(num_splits=-1), ValueError, "num_splits"),
@@ -350,6 +353,16 @@ BAD_INPUTS = {
                                                             (torch.ones(70, 17).half(), torch.ones(70, 17).half()))),
                                      ValueError, r"rotary_cos of shape .* <= 32 \(q's head dim\)"),
 }
+
+
+def test_rows_sharing_a_page_the_append_does_not_write(backend, device):
+    """A shared prefix page (full, only read) is fine in two rows; each appends into its own page."""
+    k_cache, v_cache, table = make_cache(2, 64, 1, 32, torch.float16, device, 32)
+    table[1, 0] = table[0, 0]
+    q = torch.randn(2, 1, 2, 32, device=device).half()
+    k, v = (torch.randn(2, 1, 1, 32, device=device).half() for _ in range(2))
+    check_kvcache(q, k_cache, v_cache, k, v, block_table=table,
+                  cache_seqlens=torch.tensor([40, 33], dtype=torch.int32, device=device))
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
