@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import value_checks_enabled
 from ..kernels import losses as kernels
 from . import chunked, fused
 from .ops import cross_entropy_coefs, cross_entropy_per_token, reduce_cross_entropy
@@ -41,11 +40,11 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
                         need_weight, need_bias):
     """The triton implementation of linear_cross_entropy_grads (ops.py): ignored rows gathered out as
     by the statistics forward, then chunked.stats_and_grads (or the all-Triton kernels)."""
-    n_rows, hidden_size = hidden.shape
+    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     counted = labels != ignore_index
     # Ignored tokens are left out of every product, as by the statistics forward (fused.py).
-    rows = fused.counted_rows(counted) if fused.skip_mode() != "off" and n_rows and value_checks_enabled() else None
+    rows = fused.rows_to_compute(counted, fused.skip_mode())
     h, y = (hidden.index_select(0, rows), labels.index_select(0, rows)) if rows is not None else (hidden, labels)
 
     def coefs_of(lse, r0, r1):
@@ -75,7 +74,7 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
     losses = cross_entropy_per_token(lse, label_logit, sum_logits, y != ignore_index, vocab, label_smoothing, z_loss)
     loss, scale = reduce_cross_entropy(losses, counted, mean)
     if rows is not None and need_hidden:
-        d_hidden = d_hidden.new_zeros(n_rows, hidden_size).index_copy_(0, rows, d_hidden)
+        d_hidden = fused.scatter_rows(d_hidden, rows, n_rows)
     return loss, scale, d_hidden, d_weight, d_bias
 
 

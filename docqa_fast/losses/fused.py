@@ -97,6 +97,16 @@ def counted_rows(mask: torch.Tensor):
     return rows if skipped and skipped >= mask.shape[0] // COMPACT_FRACTION else None
 
 
+def rows_to_compute(counted: torch.Tensor, skip: str):
+    """counted_rows(counted) where the skip filter is on and a host sync is allowed, else None."""
+    return counted_rows(counted) if skip != "off" and counted.shape[0] and value_checks_enabled() else None
+
+
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The computed rows' values back in place among n_rows, 0 in the rows left out."""
+    return values.new_zeros((n_rows, *values.shape[1:])).index_copy_(0, rows, values)
+
+
 def run_with_tiles(dtype, device, run):
     """run(tiles, engine) with the tuned (or built-in) losses_chunks tiles of this GPU and dtype."""
     return kernels.launch_tiles("losses_chunks", dtype, device, lambda t: run(t, products(device, dtype, t)))
@@ -109,7 +119,7 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
     vocab = weight.shape[0]
     skip = skip_mode()
     counted = labels != ignore_index
-    rows = counted_rows(counted) if skip != "off" and n_rows and value_checks_enabled() else None
+    rows = rows_to_compute(counted, skip)
     if rows is not None:
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     # Recorded when tiles may be skipped; 0 (p <= 1: nothing negligible) otherwise.
@@ -123,7 +133,7 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
 
     stats = run_with_tiles(hidden.dtype, hidden.device, run)
     if rows is not None:
-        stats = [s.new_zeros(n_rows).index_copy_(0, rows, s) for s in stats]
+        stats = [scatter_rows(s, rows, n_rows) for s in stats]
     else:  # fresh tensors either way: a custom op's outputs may not alias each other
         stats = [torch.where(counted, s, 0.0) for s in stats]
     return (*stats, bound)
@@ -161,7 +171,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, bound, ignore
                          need_hidden: bool, need_weight: bool, need_bias: bool, log_p_tile: int):
     """The triton implementation of linear_logit_stats_backward (rows without a gradient and
     negligible vocabulary tiles left out, see the module docstring)."""
-    n_rows, hidden_size = hidden.shape
+    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     skip = skip_mode()
     rows, runs = None, [(0, vocab)]
@@ -185,5 +195,5 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, bound, ignore
 
     d_hidden, d_weight, d_bias = run_with_tiles(hidden.dtype, hidden.device, run)
     if rows is not None and need_hidden:
-        d_hidden = d_hidden.new_zeros(n_rows, hidden_size).index_copy_(0, rows, d_hidden)
+        d_hidden = scatter_rows(d_hidden, rows, n_rows)
     return d_hidden, d_weight, d_bias
