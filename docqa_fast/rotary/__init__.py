@@ -2,7 +2,8 @@
 
 ``from flash_attn.layers.rotary import apply_rotary_emb`` becomes
 ``from docqa_fast.rotary import apply_rotary_emb`` (also ``apply_rotary_emb_func``, its older
-name, and the in-place ``apply_rotary_emb_qkv_`` / ``apply_rotary_emb_kv_`` for packed q/k/v). One Triton kernel (``kernels/rotary.py``;
+name, and the in-place ``apply_rotary_emb_qkv_`` / ``apply_rotary_emb_kv_`` for packed q/k/v). ``RotaryEmbedding``
+(``flash_attn.layers.rotary``'s module: tables built and grown on use) is in ``embedding.py``. One Triton kernel (``kernels/rotary.py``;
 the reference, ``docqa_fast.reference.rotary``, on CPU) rotates every (token, head) row at its
 position; positions are computed with a few tensor ops (no host sync), dense or varlen.
 """
@@ -15,7 +16,8 @@ from .._validation import FLOAT_DTYPES, check_last_dim_contiguous, check_same_de
 from .._validation import check_cu_seqlens, value_checks_enabled
 from .ops import rotary_op
 
-__all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_"]
+__all__ = ["RotaryEmbedding", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
+           "apply_rotary_emb_qkv_"]
 
 
 def check_tables(x, cos, sin, names=("x", "cos", "sin")) -> None:
@@ -162,3 +164,7 @@ def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
         raise ValueError(f"expected kv of shape (B, S, 2, H, D), got {tuple(kv.shape)}")
     _rotate_in_place("kv's k", kv[:, :, 0], cos, sin, interleaved, seqlen_offsets)
     return kv
+
+
+# Last: the module is built on the functions above.
+from .embedding import RotaryEmbedding  # noqa: E402
