@@ -49,3 +49,18 @@ def apply_rotary_emb_ref(x, cos, sin, interleaved=False, seqlen_offsets=0, cu_se
         if hi > lo:
             out[lo:hi] = _rotate_sequence(x[lo:hi], cos, sin, starts[b], interleaved)
     return out.to(x.dtype)
+
+
+def rotary_tables_ref(dim, seqlen, base=10000.0, scale_base=None, dtype=torch.float64):
+    """RotaryEmbedding's tables for positions 0 .. seqlen - 1, computed in ``dtype``:
+    (cos, sin, cos_k, sin_k), each (seqlen, dim / 2). Pair i turns by position * base ** (-2 i / dim).
+    With ``scale_base`` (XPos) q's tables are multiplied and k's divided by
+    ((2 i + 0.4 dim) / (1.4 dim)) ** ((position - seqlen // 2) / scale_base); without, k's are q's."""
+    pairs = torch.arange(0, dim, 2, dtype=dtype)
+    angles = torch.arange(seqlen, dtype=dtype)[:, None] * base ** (-pairs / dim)[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    if scale_base is None:
+        return cos, sin, cos, sin
+    power = (torch.arange(seqlen, dtype=dtype) - seqlen // 2) / scale_base
+    scale = ((pairs + 0.4 * dim) / (1.4 * dim))[None, :] ** power[:, None]
+    return cos * scale, sin * scale, cos / scale, sin / scale
