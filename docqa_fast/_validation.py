@@ -142,7 +142,9 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
 
     Returns the sequence lengths, or None when the value checks are skipped: under
     ``torch.compile`` or ``value_checks(False)``, or ``values=False`` (a caller's ``check=False``:
-    the layout only, nothing read); they cost one host sync in eager mode.
+    the layout only, nothing read); they cost one host sync in eager mode. A caller that reads
+    other figures too folds them into one sync with :func:`cu_seqlens_figures` and
+    :func:`check_cu_seqlens_figures` (the same rule; the layout first, ``values=False``).
     """
     check_tensor(name, cu_seqlens, dtypes=dtypes, ndims=(1,))
     check_same_device((like_name, name), (like, cu_seqlens))
@@ -152,12 +154,35 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
     if not (values and value_checks_enabled()):
         return None
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    figures = cu_seqlens_figures(cu_seqlens, lengths)
     # Every figure in one read (one host sync): the ends, the shortest and the longest sequence.
-    ends = (cu_seqlens[0], cu_seqlens[-1])
-    figures = torch.stack(ends + ((lengths.min(), lengths.max()) if lengths.numel() else ())).tolist()
+    read = dict(zip(figures, torch.stack(list(figures.values())).tolist()))
+    check_cu_seqlens_figures(name, read, total, cu_seqlens, lengths, empty_sequences=empty_sequences,
+                             max_seqlen=max_seqlen, max_name=max_name)
+    return lengths
+
+
+_BOUNDARY_FIGURES = ("first", "last", "shortest", "longest")
+
+
+def cu_seqlens_figures(cu_seqlens: torch.Tensor, lengths: torch.Tensor, prefix: str = "") -> dict:
+    """What :func:`check_cu_seqlens` judges, as 0-dim device tensors (no host sync), so that a
+    caller reads them together with its other figures in one sync: the first and last boundary,
+    and, with a sequence or more, the shortest and longest of ``lengths`` (the differences of
+    ``cu_seqlens``). Keys: ``prefix`` + first, last, shortest, longest."""
+    figures = (cu_seqlens[0], cu_seqlens[-1]) + ((lengths.min(), lengths.max()) if lengths.numel() else ())
+    return {prefix + key: figure for key, figure in zip(_BOUNDARY_FIGURES, figures)}
+
+
+def check_cu_seqlens_figures(name: str, read: dict, total: int, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+                             prefix: str = "", *, empty_sequences: bool = True, max_seqlen: int | None = None,
+                             max_name: str = "max_seqlen") -> None:
+    """:func:`check_cu_seqlens`'s value rule on the figures of :func:`cu_seqlens_figures`, read on
+    the host (``read``: a dict with at least those keys). A message shows the first boundaries or
+    lengths, read only then."""
+    figures = [read[prefix + key] for key in _BOUNDARY_FIGURES if prefix + key in read]
     _check_boundary_figures(name, figures, total, empty_sequences, max_seqlen, max_name,
                             lambda: cu_seqlens[:16].tolist(), lambda: lengths[:16].tolist())
-    return lengths
 
 
 def check_cu_seqlens_values(name: str, boundaries: Sequence[int], total: int, *, empty_sequences: bool = True,

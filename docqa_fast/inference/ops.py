@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from .._backend import Implementation, register_op
-from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_int, check_last_dim_contiguous, check_same_device
-from .._validation import check_same_dtype
+from .._validation import FLOAT_DTYPES, check_cu_seqlens_figures, check_int, check_last_dim_contiguous
+from .._validation import check_same_device, check_same_dtype, cu_seqlens_figures
 from .._validation import check_shape, check_tensor, value_checks_enabled
 from ..attention_core import (
     cache_capacity,
@@ -205,17 +205,23 @@ def _read_at_once(figures: dict) -> dict:
     return dict(zip(figures, torch.stack([f.long() for f in figures.values()]).tolist()))
 
 
-def _written_page_shared(block_table, lengths, ends, page_size: int, num_blocks: int):
+_UNUSED_SLOT = 2 ** 62 + 1  # sorts after every entry; odd: "not written" (see below)
+
+
+def _written_page_shared(block_table, lengths, ends, page_size: int):
     """Whether a page the append writes (slots [lengths, ends) of its row) is in use more than once
-    in block_table (by another row, or twice by its own): a 0-dim bool, no host sync (counts by
-    scatter, not boolean indexing). Entries out of [0, num_blocks) are refused on their own."""
+    in block_table (by another row, or twice by its own): a 0-dim bool, no host sync (a sort,
+    not boolean indexing or torch.unique), memory of the table's size whatever the cache's
+    block count. Entries out of [0, num_blocks) are refused on their own, before this is judged.
+
+    Each table entry becomes a key 2 * page + (0 if written else 1) (an entry not in use: a key
+    past every page). Sorted, a page's keys are adjacent and a written use comes first, so a
+    written page is shared exactly when a written key is followed by a key of the same page."""
     first = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size
     used = first < ends[:, None]
     written = used & (first + page_size > lengths[:, None])
-    entries = block_table.long().clamp(0, max(num_blocks - 1, 0))
-    uses = torch.zeros(num_blocks + 1, dtype=torch.long, device=block_table.device)  # the last: no page
-    uses.scatter_add_(0, torch.where(used, entries, num_blocks).flatten(), torch.ones_like(entries).flatten())
-    return (written & (uses[torch.where(written, entries, num_blocks)] > 1)).any()
+    keys = torch.where(used, 2 * block_table.long() + (~written).long(), _UNUSED_SLOT).flatten().sort().values
+    return ((keys[:-1] % 2 == 0) & (keys[:-1] // 2 == keys[1:] // 2)).any()
 
 
 def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx, cache_leftpad, block_table,
@@ -239,8 +245,7 @@ def _check_kvcache_values(q, k_cache, cache_seqlens, seqlen_new, cache_batch_idx
     if block_table is not None:
         figures.update(pages_in_use_figures(block_table, ends, k_cache.shape[1]))
         if seqlen_new > 0:
-            figures["shared_written_page"] = _written_page_shared(block_table, lengths, ends, k_cache.shape[1],
-                                                                  k_cache.shape[0])
+            figures["shared_written_page"] = _written_page_shared(block_table, lengths, ends, k_cache.shape[1])
     read = _read_at_once(figures)
     if read["min_len"] < 0:
         raise ValueError(f"expected cache_seqlens >= 0, got {cache_seqlens.tolist()[:16]}")
@@ -354,31 +359,33 @@ def _(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table
 
 
 def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table):
-    """Every check, before any launch; value checks in eager mode only, four host syncs: q's
-    boundaries, k's total, k's boundaries (check_cu_seqlens reads each set in one), then the pages
-    in use together with the longest key sequence."""
+    """Every check, before any launch; value checks in eager mode only, in one host sync: both
+    sets of boundaries (check_cu_seqlens's figures) and the pages in use are reduced on the
+    device and read together, then judged in check_cu_seqlens's order."""
     check_heads(q, k_cache, v_cache, q_ndim=3, kv_ndim=4)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         check_int(name, value)
-    check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k)
+    check_cu_seqlens_pair(q, cu_seqlens_q, cu_seqlens_k)  # check_cu_seqlens's layout checks, for both
     batch = cu_seqlens_q.shape[0] - 1
     page_size = k_cache.shape[1]
     check_block_table(block_table, batch, page_size, q, "one per sequence of cu_seqlens_q", "k")
     if batch == 0 or not value_checks_enabled():
         return
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, "q", max_seqlen=max_seqlen_q, max_name="max_seqlen_q")
-    # cu_seqlens_k's end is the total key count, which a paged cache does not fix: check the rest.
-    lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), q, "q", max_seqlen=max_seqlen_k,
-                                 max_name="max_seqlen_k")
-    capacity = block_table.shape[1] * page_size
-    figures = pages_in_use_figures(block_table, lengths_k, page_size)
-    # Every key length is <= max_seqlen_k now: only a max_seqlen_k past the capacity needs a look.
-    if max_seqlen_k > capacity:
-        figures["longest"] = lengths_k.max()
+    lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    # The pages' figures assume valid key lengths: they are judged only after cu_seqlens_k passes.
+    figures = {**cu_seqlens_figures(cu_seqlens_q, lengths_q, "q_"), **cu_seqlens_figures(cu_seqlens_k, lengths_k, "k_"),
+               **pages_in_use_figures(block_table, lengths_k, page_size)}
     read = _read_at_once(figures)
-    if read.get("longest", 0) > capacity:
+    check_cu_seqlens_figures("cu_seqlens_q", read, q.shape[0], cu_seqlens_q, lengths_q, "q_",
+                             max_seqlen=max_seqlen_q, max_name="max_seqlen_q")
+    # cu_seqlens_k's end is the total key count, which a paged cache does not fix: check the rest.
+    check_cu_seqlens_figures("cu_seqlens_k", read, read["k_last"], cu_seqlens_k, lengths_k, "k_",
+                             max_seqlen=max_seqlen_k, max_name="max_seqlen_k")
+    capacity = block_table.shape[1] * page_size
+    if read["k_longest"] > capacity:
         raise ValueError(f"expected every key length (cu_seqlens_k) <= the block_table capacity {capacity} "
-                         f"(max_blocks * page_size), got {read['longest']}")
+                         f"(max_blocks * page_size), got {read['k_longest']}")
     check_pages_in_use(read, k_cache.shape[0], "k")
 
 

@@ -365,6 +365,29 @@ def test_rows_sharing_a_page_the_append_does_not_write(backend, device):
                   cache_seqlens=torch.tensor([40, 33], dtype=torch.int32, device=device))
 
 
+def test_shared_written_page_rule_on_random_tables():
+    """The device rule (a sort, no per-block count) against the rule written out: a page some row
+    writes (slots cache_seqlens onwards) that block_table uses anywhere else among the pages in use."""
+    from docqa_fast.inference.ops import _written_page_shared
+
+    generator = torch.Generator().manual_seed(0)
+    page = 16
+    found = set()
+    for trial in range(300):
+        batch, width, blocks = (int(torch.randint(1, n, (1,), generator=generator)) for n in (5, 5, 12))
+        table = torch.randint(0, blocks, (batch, width), generator=generator, dtype=torch.int32)
+        new = int(torch.randint(1, 20, (1,), generator=generator))
+        lengths = torch.randint(0, width * page - new + 1, (batch,), generator=generator) if width * page > new \
+            else torch.zeros(batch, dtype=torch.long)
+        ends = lengths + new
+        uses = [(b, j) for b in range(batch) for j in range(width) if j * page < ends[b]]
+        written = [(b, j) for b, j in uses if (j + 1) * page > lengths[b]]
+        expected = any(sum(int(table[u]) == int(table[w]) for u in uses) > 1 for w in written)
+        found.add(expected)
+        assert bool(_written_page_shared(table, lengths, ends, page)) == expected, (table, lengths, new)
+    assert found == {False, True}
+
+
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_names_the_argument_before_writing(name):
     """Errors name the argument and are raised before anything is written to the cache."""
