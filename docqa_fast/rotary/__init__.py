@@ -12,33 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import FLOAT_DTYPES, check_last_dim_contiguous, check_same_device, check_tensor
-from .._validation import check_cu_seqlens, value_checks_enabled
-from .ops import rotary_op
+from .._validation import FLOAT_DTYPES, check_cu_seqlens, check_last_dim_contiguous, check_same_device
+from .._validation import check_tensor, value_checks_enabled
+from .ops import check_tables, rotary_op
 
 __all__ = ["RotaryEmbedding", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_",
            "apply_rotary_emb_qkv_"]
-
-
-def check_tables(x, cos, sin, names=("x", "cos", "sin")) -> None:
-    """Rotary tables for x (..., D): cos and sin (seqlen_ro, rotary_dim / 2), unit stride along a
-    row (the kernels read rows so), x's dtype and device, 0 < rotary_dim <= D. ``names``: the
-    caller's names of x, cos and sin, for the messages (the KV-cache front end's q, rotary_cos,
-    rotary_sin)."""
-    x_name, cos_name, sin_name = names
-    for name, t in ((cos_name, cos), (sin_name, sin)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2,))
-        check_last_dim_contiguous(name, t)
-    if sin.shape != cos.shape:
-        raise ValueError(f"expected {sin_name} of shape {tuple(cos.shape)} (the shape of {cos_name}), "
-                         f"got {tuple(sin.shape)}")
-    if cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise TypeError(f"expected {cos_name} and {sin_name} of dtype {x.dtype} (the dtype of {x_name}), "
-                        f"got {cos.dtype} and {sin.dtype}")
-    check_same_device(names, (x, cos, sin))
-    if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
-        raise ValueError(f"expected {cos_name} of shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= "
-                         f"{x.shape[-1]} ({x_name}'s head dim), got {tuple(cos.shape)}")
 
 
 def _offsets(seqlen_offsets, batch, x):

@@ -6,7 +6,28 @@ from __future__ import annotations
 import torch
 
 from .._backend import Implementation, dtype_rule, register_op
-from .._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from .._validation import FLOAT_DTYPES, check_last_dim_contiguous, check_same_device, check_shape, check_tensor
+
+
+def check_tables(x, cos, sin, names=("x", "cos", "sin")) -> None:
+    """Rotary tables for x (..., D): cos and sin (seqlen_ro, rotary_dim / 2), unit stride along a
+    row (the kernels read rows so), x's dtype and device, 0 < rotary_dim <= D. ``names``: the
+    caller's names of x, cos and sin, for the messages (the KV-cache front end's q, rotary_cos,
+    rotary_sin)."""
+    x_name, cos_name, sin_name = names
+    for name, t in ((cos_name, cos), (sin_name, sin)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndims=(2,))
+        check_last_dim_contiguous(name, t)
+    if sin.shape != cos.shape:
+        raise ValueError(f"expected {sin_name} of shape {tuple(cos.shape)} (the shape of {cos_name}), "
+                         f"got {tuple(sin.shape)}")
+    if cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise TypeError(f"expected {cos_name} and {sin_name} of dtype {x.dtype} (the dtype of {x_name}), "
+                        f"got {cos.dtype} and {sin.dtype}")
+    check_same_device(names, (x, cos, sin))
+    if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
+        raise ValueError(f"expected {cos_name} of shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= "
+                         f"{x.shape[-1]} ({x_name}'s head dim), got {tuple(cos.shape)}")
 
 
 def _rotary_triton(x, cos, sin, positions, interleaved, conjugate):
@@ -36,18 +57,13 @@ ROTARY = register_op(
 def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool,
               conjugate: bool) -> torch.Tensor:
     """x (tokens, H, D) rotated at positions (tokens,) int64; conjugate: by minus the angle."""
-    # The shapes the kernel indexes by (apply_rotary_emb checks more, and the positions' range).
+    # What the kernel indexes by: apply_rotary_emb's table rule (one rule for both), x's rank and
+    # the positions' shape (apply_rotary_emb also checks their range).
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(3,))
-    check_tensor("cos", cos, dtypes=FLOAT_DTYPES, ndims=(2,))
-    check_tensor("sin", sin, dtypes=FLOAT_DTYPES, ndims=(2,))
-    check_shape("sin", sin, cos.shape, "the shape of cos")
-    check_same_dtype(("x", "cos", "sin"), (x, cos, sin))
+    check_tables(x, cos, sin)
     check_tensor("positions", positions, dtypes=(torch.int64,), ndims=(1,))
     check_shape("positions", positions, (x.shape[0],), "one position per row of x")
-    check_same_device(("x", "cos", "sin", "positions"), (x, cos, sin, positions))
-    if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
-        raise ValueError(f"expected cos of shape (seqlen_ro, rotary_dim / 2) with rotary_dim <= {x.shape[-1]}, "
-                         f"got {tuple(cos.shape)}")
+    check_same_device(("x", "positions"), (x, positions))
     return ROTARY(x.device, x.dtype, x, cos, sin, positions, interleaved, conjugate)
 
 
