@@ -72,12 +72,16 @@ def test_a_current_choice_that_no_longer_builds_does_not_stop_the_sweep():
     assert entry["tiles"]["BLOCK_R"] != 16
 
 
-def test_time_budget_leaves_candidates_unmeasured():
-    lines = []
-    entry = tune.sweep(_fake_tunable(lambda block_r, x: x.clone()), CPU, quick=False, deadline=0.0,
-                       log=lines.append)
+def test_time_budget_leaves_candidates_unmeasured_and_not_even_set_up():
+    import dataclasses
+
+    lines, set_up = [], []
+    tunable = _fake_tunable(lambda block_r, x: x.clone())
+    tunable = dataclasses.replace(tunable, setup=lambda device, quick: set_up.append(1) or tunable.setup(device, quick))
+    entry = tune.sweep(tunable, CPU, quick=False, deadline=0.0, log=lines.append)
     assert entry is None  # nothing measured: the table keeps what it had
-    assert lines[0].count("not measured: time budget spent") == 5
+    assert lines[0].count("not measured: time budget spent") == 5 and "current" in lines[0]
+    assert set_up == []  # a full-size set-up (allocations, launches) would only spend more time
 
 
 def test_a_wrong_row_or_an_unwritten_output_is_rejected():
@@ -189,13 +193,19 @@ def test_dispatch_is_timed_through_the_table_and_the_fastest_comes_first(monkeyp
 
 
 def test_dispatch_never_puts_first_what_changes_the_answer_or_cannot_run(monkeypatch):
+    import dataclasses
+
     wrong, _ = _fake_dispatch(monkeypatch, lambda x: x * 2 + 1)
     rule = tune.measure_dispatch(wrong, CPU, quick=True, log=lambda _: None)
     assert rule["order"] == ["triton"] and rule["candidates"][1]["status"].startswith("rejected: output 0: differs")
     absent, _ = _fake_dispatch(monkeypatch, lambda x: x * 2, other_available=lambda device: "no such library")
     rule = tune.measure_dispatch(absent, CPU, quick=True, log=lambda _: None)
     assert rule["order"] == ["triton"] and rule["candidates"][1]["status"] == "unavailable: no such library"
-    assert tune.measure_dispatch(absent, CPU, quick=True, deadline=0.0, log=lambda _: None) is None
+    lines = []
+    spent = dataclasses.replace(absent, setup=lambda device, quick: pytest.fail("set up after the budget"))
+    assert tune.measure_dispatch(spent, CPU, quick=True, deadline=0.0, log=lines.append) is None
+    assert lines == ["dispatch tune_test_op  (GB/s of a test)\n  triton         not measured: time budget spent  \n"
+                     "  other          not measured: time budget spent  "]
 
 
 def test_a_measured_rule_is_merged_into_the_table_and_read_by_the_dispatch(tmp_path, monkeypatch):
@@ -230,6 +240,8 @@ def test_every_attention_dispatch_case_is_a_call_both_routes_take(index, device)
     assert op.shape_class(*args) == {"layout": "dense", "head_dim": 128, "causal": "non" not in case.what}
     reason = ops.cudnn_forward_reason if case.op == "attention_forward" else ops.cudnn_backward_reason
     assert reason(*args) is None and op.implementation("triton").eligible(*args) is None
+    # The worker's path that compiles our implementation of the call ahead of the timing.
+    assert tune._precompile_dispatch(case.family, index, "triton", True) == "ok"
 
 
 def test_the_attention_forward_case_measured_end_to_end(device, monkeypatch):
@@ -250,3 +262,211 @@ def test_the_attention_forward_case_measured_end_to_end(device, monkeypatch):
     rule = tune.measure_dispatch(tune_cases.dispatch_cases()[0], device, quick=True, log=lambda _: None)
     assert {c["backend"]: c["status"] for c in rule["candidates"]} == {"triton": "ok", "cudnn": "ok"}
     assert sorted(rule["order"]) == ["cudnn", "triton"]
+
+
+# ------------------------------------------------------------------ the run: compiling ahead, the budget
+
+class _InlinePool:
+    """Stands in for the worker processes: runs each task at once, here, and records it."""
+
+    def __init__(self, events):
+        self.events = events
+        self.in_worker = False
+
+    def submit(self, function, *args):
+        import concurrent.futures
+
+        self.events.append(("compile", function.__name__, args))
+        future = concurrent.futures.Future()
+        self.in_worker = True
+        try:
+            future.set_result(function(*args))
+        finally:
+            self.in_worker = False
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.events.append(("shutdown",))
+
+
+def _fake_family(monkeypatch, events, times, pool=None, clock=None):
+    """A family of two tunables over the merge kernel's parameters (keys D=a, D=b; b's run reads
+    a's tiles, as dQ's timing reads dK/dV's) and one dispatched call. Each setup and run in this
+    process is recorded in ``events``, each launch in a worker too; ``times[(a's BLOCK_R, b's
+    BLOCK_R)]`` is what a run with those tiles "takes" (tune._bench is replaced); ``clock``
+    advances by that much per run."""
+    default = {"BLOCK_R": 16, "num_warps": 4}
+
+    def tunable(key):
+        def setup(device, quick):
+            if not (pool and pool.in_worker):
+                events.append(("setup", key))
+            return tune_cases.State({"x": torch.ones(4, 8).half()}, {"rows": 4}, work=64)
+
+        def run(state):
+            tiles = tuple(tuning.lookup("merge_attention", k, default, CPU)["BLOCK_R"] for k in ("D=a", "D=b"))
+            if pool and pool.in_worker:
+                events.append(("launch", key, tiles))  # what a worker compiles
+            else:
+                events.append(("run", key, tiles))
+                if clock is not None:
+                    clock[0] += times[tiles]
+            return state.tensors["x"].clone()
+
+        return tune_cases.Tunable("merge_attention", "merge_attention", key, default, "GB/s", "a test", setup, run,
+                                  ((16, 4), (32, 4)))
+
+    family = [tunable("D=a"), tunable("D=b")]
+    case, _ = _fake_dispatch(monkeypatch, lambda x: x * 2)
+    case_setup = case.setup
+
+    def dispatch_setup(device, quick):
+        if not (pool and pool.in_worker):
+            events.append(("setup", "dispatch"))
+        return case_setup(device, quick)
+
+    import dataclasses
+
+    case = dataclasses.replace(case, family="merge_attention", setup=dispatch_setup)
+    monkeypatch.setattr(tune_cases, "tunables", lambda families: family if families == ["merge_attention"] else [])
+    monkeypatch.setattr(tune_cases, "dispatch_cases", lambda families: [case] if families == ["merge_attention"]
+                        else [])
+
+    def bench(fn, device):
+        fn()
+        return times[events[-1][2]]
+
+    monkeypatch.setattr(tune, "_bench", bench)
+    if clock is not None:
+        monkeypatch.setattr(tune, "_clock", lambda: clock[0])
+
+
+def _compiled(events):
+    return [(name, args[1], args[2], args[4]) for kind, *rest in events if kind == "compile"
+            for name, args in [rest]]
+
+
+def test_the_family_is_compiled_ahead_in_the_pool_dispatched_calls_included(tmp_path, monkeypatch):
+    """Before anything is timed, the workers launch every candidate of every variant and the
+    dispatched call's compiled implementation (not cuDNN's stand-in "other": its plans are per
+    process); the current choices stay, so nothing is compiled again and the pool is started once."""
+    events = []
+    pool = _InlinePool(events)
+    _fake_family(monkeypatch, events, {(16, 16): 1.0, (32, 16): 2.0, (16, 32): 3.0}, pool)
+    made = []
+    compiler = tune.Compiler(4, make_pool=lambda: made.append(1) or pool)
+    lines = []
+    tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=4, budget=None, log=lines.append,
+             compiler=compiler)
+    a16, a32 = {"BLOCK_R": 16, "num_warps": 4}, {"BLOCK_R": 32, "num_warps": 4}
+    compiled = [event for event in events if event[0] == "compile"]
+    assert _compiled(events) == [("_precompile_dispatch", 0, "triton", ()),
+                                 ("_precompile_one", 0, a16, ()), ("_precompile_one", 0, a32, ()),
+                                 ("_precompile_one", 1, a16, ()), ("_precompile_one", 1, a32, ())]
+    first_set_up = next(i for i, event in enumerate(events) if event[0] == "setup")
+    assert [event for event in events[:first_set_up] if event[0] != "launch"] == compiled  # all of it first
+    assert [event[1:] for event in events if event[0] == "launch"] == [("D=a", (16, 16)), ("D=a", (32, 16)),
+                                                                       ("D=b", (16, 16)), ("D=b", (16, 32))]
+    assert events[-1] == ("shutdown",) and made == [1]
+    assert lines[0] == "[merge_attention] compiled 5 launches (4 candidates, 1 dispatched calls) in 0 s"
+    assert [event[:2] for event in events if event[0] == "setup"] == [("setup", "D=a"), ("setup", "D=b"),
+                                                                       ("setup", "dispatch")]
+
+
+def test_variants_after_a_changed_choice_are_compiled_again_with_it_in_force(tmp_path, monkeypatch):
+    """D=a's choice is not its current tiles: D=b's candidates and the dispatched call launch
+    binaries the first compile did not build, so they are compiled ahead again, the choice in
+    force in the worker, before this process times them."""
+    events = []
+    pool = _InlinePool(events)
+    _fake_family(monkeypatch, events, {(16, 16): 2.0, (32, 16): 1.0, (32, 32): 3.0}, pool)
+    tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=4, budget=None, log=lambda _: None,
+             compiler=tune.Compiler(4, make_pool=lambda: pool))
+    a16, a32 = {"BLOCK_R": 16, "num_warps": 4}, {"BLOCK_R": 32, "num_warps": 4}
+    chose_a = (("merge_attention", "D=a", a32),)
+    chose_both = chose_a + (("merge_attention", "D=b", a16),)
+    assert _compiled(events)[5:] == [("_precompile_one", 1, a16, chose_a), ("_precompile_one", 1, a32, chose_a),
+                                     ("_precompile_dispatch", 0, "triton", chose_both)]
+    steps = [event[:2] if event[0] != "compile" else (event[1], event[2][1]) for event in events
+             if event[0] != "launch"]
+    # D=a timed; D=b compiled with its choice, then set up and timed; the call compiled, then measured.
+    after_a = steps.index(("setup", "D=b"))
+    assert steps[after_a - 2:after_a] == [("_precompile_one", 1), ("_precompile_one", 1)]
+    assert steps[steps.index(("setup", "dispatch")) - 1] == ("_precompile_dispatch", 0)
+    # What the workers launched is what this process then timed: D=b's runs with D=a's choice.
+    assert {event[2] for event in events if event[:2] == ("run", "D=b")} == {(32, 16), (32, 32)}
+    assert [event[1:] for event in events if event[0] == "launch"][4:] == [("D=b", (32, 16)), ("D=b", (32, 32))]
+
+
+def test_nothing_is_set_up_or_compiled_once_the_budget_is_spent(tmp_path, monkeypatch):
+    """On a fake clock: D=a's first run spends the budget. Its other candidate is left unmeasured;
+    D=b and the dispatched call are neither compiled ahead, nor set up, nor run; the next family
+    is not tuned; what was measured is written."""
+    events, clock = [], [0.0]
+    pool = _InlinePool(events)
+    _fake_family(monkeypatch, events, {(16, 16): 100.0, (32, 16): 1.0}, pool, clock)
+    lines = []
+    path = tune.run(["merge_attention", "reward"], quick=False, out=tmp_path, jobs=4, budget=50.0,
+                    log=lines.append, compiler=tune.Compiler(4, make_pool=lambda: pool))
+    assert [event[:2] for event in events if event[0] in ("setup", "run")] == [("setup", "D=a"), ("run", "D=a"),
+                                                                              ("run", "D=a")]  # check, then time
+    assert len(_compiled(events)) == 5  # the first compile only (D=a's choice changed nothing: one was timed)
+    assert "not measured: time budget spent" in lines[1] and "[reward] not tuned: time budget spent" in lines
+    assert "dispatch tune_test_op  (GB/s of a test)" in lines[3]
+    entry = json.loads(path.read_text())["kernels"]["merge_attention"]["D=a"]
+    assert [c["status"] for c in entry["candidates"]] == ["ok", "not measured: time budget spent"]
+
+
+def test_compile_waits_no_longer_than_the_budget_and_cancels_what_has_not_started():
+    import concurrent.futures
+
+    class Stalled:  # a pool whose workers never get to the tasks
+        def __init__(self):
+            self.futures = []
+
+        def submit(self, function, *args):
+            self.futures.append(concurrent.futures.Future())
+            return self.futures[-1]
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    pool = Stalled()
+    compiler = tune.Compiler(2, make_pool=lambda: pool)
+    assert compiler.compile([(print, ()), (print, ())], deadline=0.0) == 0
+    assert all(f.cancelled() for f in pool.futures)
+
+
+def test_a_worker_that_dies_is_replaced_at_the_next_compile():
+    import concurrent.futures
+
+    from concurrent.futures.process import BrokenProcessPool
+
+    pools = []
+
+    class Broken:
+        def submit(self, function, *args):
+            future = concurrent.futures.Future()
+            future.set_exception(BrokenProcessPool("a worker died"))
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pools.append("shut")
+
+    compiler = tune.Compiler(2, make_pool=lambda: pools.append("new") or Broken())
+    assert compiler.compile([(print, ())]) == 0
+    assert compiler.compile([(print, ())]) == 0
+    assert pools == ["new", "shut", "new", "shut"]
+
+
+def test_close_stops_a_worker_still_compiling_when_the_budget_is_spent():
+    """Real worker processes: one busy past the budget is terminated, not waited for."""
+    import signal
+    import time
+
+    compiler = tune.Compiler(1)
+    assert compiler.compile([(time.sleep, (60,))], deadline=tune._clock() + 1.0) == 0
+    processes = list(compiler._pool._processes.values())
+    assert processes and all(p.is_alive() for p in processes)
+    compiler.close()
+    assert [p.exitcode for p in processes] == [-signal.SIGTERM]

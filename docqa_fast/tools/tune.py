@@ -18,9 +18,16 @@ The fastest candidate is written, with the shape, the metric and every candidate
 time, to ``<out>/<arch>-triton<M>.<m>.json`` (``kernels/tuned/`` by default, the file launchers
 read); entries of other kernels already in that file are kept. Variants of one family are
 tuned in order, each with the choices made before it in force (dQ is timed with the dK/dV
-tiles just chosen). ``--jobs`` compiles candidates in parallel processes first (Triton's disk
-cache then serves the timing process), which is what keeps the attention sweep inside its
-3-minute share of a GPU run.
+tiles just chosen).
+
+On a GPU, ``--jobs`` worker processes, started once for the run, first launch everything the
+family will time -- every candidate, and the dispatched calls below with the current choices
+(the non-causal attention kernels are no tunable's) -- so that Triton's disk cache serves the
+timing process, which then compiles nothing. The workers never run while something is timed.
+When a choice differs from the current one, the variants after it (and the dispatched calls)
+launch kernels not built yet: they are compiled ahead the same way, with the choices in force.
+``--budget``: no candidate, set-up or compile starts after it; what is left is reported "not
+measured" and the table keeps its entries.
 
 Then, with the family's new tiles in force, the implementations of its dispatched calls
 (``tune_cases.dispatch_cases``: training attention through our kernels against torch's cuDNN
@@ -34,6 +41,7 @@ the call's shape class: the implementations fastest first, with every one's time
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -44,6 +52,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -51,6 +60,15 @@ import torch
 from ..kernels import tuning
 
 _TRITON_ERRORS = ("OutOfResources", "PTXASError", "CompilationError")
+_clock = time.monotonic  # the budget's clock (a test replaces it)
+NOT_MEASURED = "not measured: time budget spent"
+# Implementations of a dispatched call whose binaries land in Triton's disk cache, so compiling
+# them in a worker process spares the timing process (cuDNN builds its plans per process).
+PRECOMPILED_BACKENDS = ("triton",)
+
+
+def _spent(deadline: float | None) -> bool:
+    return deadline is not None and _clock() > deadline
 
 
 def _bench(fn, device) -> float:
@@ -130,19 +148,26 @@ def _poison(tensors) -> None:
             t.fill_(float("nan"))
 
 
+def sweep_candidates(tunable, device, quick: bool) -> list[dict]:
+    """The tiles ``sweep`` times, in order: the current choice (the table's, an override in force,
+    or the built-in default), then the tunable's candidates."""
+    current = tuning.lookup(tunable.kernel, tunable.key_for(device), tunable.default_for(device), device)
+    return [current] + [c for c in tunable.candidates(quick) if c != current]
+
+
 def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=print) -> dict | None:
     """Measure every candidate of one tunable; return its table entry (without writing it), or
     None when no candidate could be measured (the table keeps what it had)."""
-    state = tunable.setup(device, quick)
     key = tunable.key_for(device)
-    current = tuning.lookup(tunable.kernel, key, tunable.default_for(device), device)
-    candidates = [current] + [c for c in tunable.candidates(quick) if c != current]
-    results, reference, written = [], None, []
-    for tiles in candidates:
-        record = {"tiles": tiles}
-        results.append(record)
-        if deadline is not None and time.monotonic() > deadline:
-            record["status"] = "not measured: time budget spent"
+    results = [{"tiles": tiles} for tiles in sweep_candidates(tunable, device, quick)]
+    # Past the budget, not even set up: a full-size set-up allocates the inputs and launches
+    # kernels (compiling them here when the precompile did not), seconds for nothing.
+    state = None if _spent(deadline) else tunable.setup(device, quick)
+    reference, written = None, []
+    for record in results:
+        tiles = record["tiles"]
+        if state is None or _spent(deadline):
+            record["status"] = NOT_MEASURED
             continue
         try:
             with tuning.override(tunable.kernel, key, tiles):
@@ -187,16 +212,20 @@ def measure_dispatch(case, device, *, quick: bool, deadline: float | None = None
     from .._backend import OPS
 
     op = OPS[case.op]
+    if _spent(deadline):  # not set up either (see sweep); the shape class needs the inputs, so it is not named
+        results = [{"backend": backend, "status": NOT_MEASURED} for backend in case.backends]
+        log(format_dispatch(case, None, results))
+        return None
     state = case.setup(device, quick)
     args = case.args(state)
-    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+    dtype = _dtype_of(args)
     when = op.shape_class(*args)
     results, reference = [], None
     for backend in case.backends:
         record = {"backend": backend}
         results.append(record)
-        if deadline is not None and time.monotonic() > deadline:
-            record["status"] = "not measured: time budget spent"
+        if _spent(deadline):
+            record["status"] = NOT_MEASURED
             continue
         impl = op.implementation(backend)
         reason = op.why_not(impl, device, dtype, args)
@@ -229,8 +258,8 @@ def measure_dispatch(case, device, *, quick: bool, deadline: float | None = None
 
 
 def format_dispatch(case, when, results) -> str:
-    shape = ", ".join(f"{k}={v}" for k, v in when.items())
-    lines = [f"dispatch {case.op}[{shape}]  ({case.metric})"]
+    shape = "" if when is None else "[" + ", ".join(f"{k}={v}" for k, v in when.items()) + "]"
+    lines = [f"dispatch {case.op}{shape}  ({case.metric})"]
     for r in results:
         figure = f"{r['ms']:9.4f} ms {r['value']:9.2f}" if r["status"] == "ok" else f"  {r['status']}"
         lines.append(f"  {r['backend']:12s} {figure}  {r.get('note', '')}")
@@ -251,29 +280,122 @@ def merge_dispatch(section: dict, rules: dict) -> dict:
     return dict(sorted(merged.items()))
 
 
-def _precompile_one(family: str, index: int, tiles: dict, quick: bool) -> str:
-    """Worker: build and launch one candidate once, so its binary lands in Triton's disk cache."""
-    from . import tune_cases
+@contextlib.contextmanager
+def _in_force(choices):
+    """The choices ``[(kernel, key, tiles)]`` the timing process has made so far, as overrides here."""
+    with contextlib.ExitStack() as stack:
+        for kernel, key, tiles in choices:
+            stack.enter_context(tuning.override(kernel, key, tiles))
+        yield
 
-    tunable = tune_cases.tunables([family])[index]
+
+def _launch_once(launch) -> str:
+    """Worker: ``launch(device)`` once, so the binaries it builds land in Triton's disk cache and
+    the timing process only loads them; "ok", or why not (the timing process reports it again)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        state = tunable.setup(device, quick)
-        with tuning.override(tunable.kernel, tunable.key_for(device), tiles):
-            tunable.run(state)
+        why = launch(device)
         _sync(device)
-        return "ok"
+        return why or "ok"
     except Exception as exc:
         return _status_of(exc)
+    finally:
+        if device.type == "cuda":
+            # The workers live for the whole run: the blocks their full-size inputs leave cached
+            # would hold GPU memory the timing process needs.
+            torch.cuda.empty_cache()
 
 
-def precompile(family: str, tunables, quick: bool, jobs: int) -> None:
-    """Compile every candidate of a family in ``jobs`` processes (Triton compiles on one core)."""
-    work = [(family, i, tiles, quick) for i, t in enumerate(tunables) for tiles in t.candidates(quick)]
-    if jobs <= 1 or not work:
-        return
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_precompile_one, *zip(*work)))
+def _precompile_one(family: str, index: int, tiles: dict, quick: bool, choices=()) -> str:
+    """Worker: launch the family's ``index``-th tunable with ``tiles``, the ``choices`` made
+    before it in force (as the sweep will)."""
+    from . import tune_cases
+
+    def launch(device):
+        tunable = tune_cases.tunables([family])[index]
+        with _in_force(choices):
+            state = tunable.setup(device, quick)
+            with tuning.override(tunable.kernel, tunable.key_for(device), tiles):
+                tunable.run(state)
+
+    return _launch_once(launch)
+
+
+def _precompile_dispatch(family: str, index: int, backend: str, quick: bool, choices=()) -> str:
+    """Worker: run implementation ``backend`` of the family's ``index``-th dispatch case at its
+    call, the family's tiles ``choices`` in force (as measure_dispatch will)."""
+    from .._backend import OPS
+    from . import tune_cases
+
+    def launch(device):
+        case = tune_cases.dispatch_cases([family])[index]
+        op = OPS[case.op]
+        with _in_force(choices):
+            args = case.args(case.setup(device, quick))
+            impl = op.implementation(backend)
+            reason = op.why_not(impl, device, _dtype_of(args), args)
+            if reason:
+                return f"unavailable: {reason}"
+            impl.run(*args)
+        return None
+
+    return _launch_once(launch)
+
+
+def _dtype_of(args) -> torch.dtype:
+    return next(a.dtype for a in args if isinstance(a, torch.Tensor))
+
+
+class Compiler:
+    """The ``--jobs`` processes that build what the timing process will launch, before it times
+    anything (Triton compiles on one core; the workers also launch once, on the GPU, so they
+    never run while something is timed). Started at the first family and kept for the run:
+    starting them (spawn, import torch, a CUDA context) cost seconds per family."""
+
+    def __init__(self, jobs: int, make_pool=None):
+        self._make_pool = make_pool or (
+            lambda: ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+        self._pool = None
+        self._unfinished: list = []
+
+    def compile(self, tasks, deadline: float | None = None) -> int:
+        """Run ``tasks`` ([(worker function, args)]) in the workers and wait for them, at most
+        until ``deadline``: nothing is timed after it, so what has not started then is cancelled.
+        Returns how many finished."""
+        if not tasks:
+            return 0
+        if self._pool is None:
+            self._pool = self._make_pool()
+        futures = [self._pool.submit(function, *args) for function, args in tasks]
+        timeout = None if deadline is None else max(0.0, deadline - _clock())
+        done, pending = concurrent.futures.wait(futures, timeout=timeout)
+        for future in pending:
+            future.cancel()
+        self._unfinished = [f for f in pending if not f.done()]
+        if any(isinstance(f.exception(), BrokenProcessPool) for f in done if not f.cancelled()):
+            # A worker died in a launch (the timing process reports that candidate itself); the
+            # next compile starts new workers.
+            self.close()
+        return sum(1 for f in done if not f.cancelled() and f.exception() is None)
+
+    def close(self) -> None:
+        """End the workers. One still compiling when the budget was spent is stopped, not waited
+        for: what it builds would never be timed."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        running = [f for f in self._unfinished if not f.done()]
+        self._unfinished = []
+        if running and hasattr(pool, "terminate_workers"):  # Python 3.14
+            pool.terminate_workers()
+            return
+        # Before 3.14 ProcessPoolExecutor names no way to stop a busy worker but its processes.
+        processes = list((getattr(pool, "_processes", None) or {}).values()) if running else []
+        pool.shutdown(wait=not processes, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
 
 
 def device_arch(device) -> str:
@@ -317,43 +439,87 @@ def write_table(path: Path, device, entries: dict, argv, dispatch: dict | None =
     return data
 
 
-def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, argv=(), log=print) -> Path:
+def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, argv=(), log=print,
+        compiler: Compiler | None = None) -> Path:
     from . import tune_cases
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    deadline = time.monotonic() + budget if budget else None
+    deadline = _clock() + budget if budget else None
     path = out / tuning.table_name(device_arch(device), tuning.triton_version())
     entries: dict[str, dict] = {}
     dispatch: dict[str, list] = {}
-    for family in families:
-        if deadline is not None and time.monotonic() > deadline:
-            log(f"[{family}] not tuned: time budget spent")
-            continue
-        tunables = tune_cases.tunables([family])
-        if device.type == "cuda":
-            started = time.monotonic()
-            precompile(family, tunables, quick, jobs)
-            log(f"[{family}] compiled {sum(len(t.candidates(quick)) for t in tunables)} candidates "
-                f"in {time.monotonic() - started:.0f} s")
-        with contextlib.ExitStack() as chosen:  # each choice stays in force for the family's next variants
-            for tunable in tunables:
-                entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log)
-                if entry is None:
-                    continue
-                key = tunable.key_for(device)
-                entries.setdefault(tunable.kernel, {})[key] = entry
-                chosen.enter_context(tuning.override(tunable.kernel, key, entry["tiles"]))
-            # Our kernels against the other implementations, with the tiles just chosen in force.
-            for case in tune_cases.dispatch_cases([family]):
-                rule = measure_dispatch(case, device, quick=quick, deadline=deadline, log=log)
-                if rule is not None:
-                    dispatch.setdefault(case.op, []).append(rule)
-        if entries or dispatch:
-            # After every family: a cut-short run keeps what it measured.
-            write_table(path, device, entries, argv, dispatch)
+    if compiler is None and device.type == "cuda" and jobs > 1:  # the interpreter compiles nothing
+        compiler = Compiler(jobs)
+    try:
+        for family in families:
+            if _spent(deadline):
+                log(f"[{family}] not tuned: time budget spent")
+                continue
+            _tune_family(family, device, quick=quick, deadline=deadline, compiler=compiler,
+                         entries=entries, dispatch=dispatch, log=log)
+            if entries or dispatch:
+                # After every family: a cut-short run keeps what it measured.
+                write_table(path, device, entries, argv, dispatch)
+    finally:
+        if compiler is not None:
+            compiler.close()
     tuning.reload()
     log(f"wrote {path}")
     return path
+
+
+def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch, log) -> None:
+    """Sweep the family's tunables in order, each with the choices made before it in force, then
+    time its dispatched calls with all of them in force; entries and rules go into ``entries``
+    and ``dispatch``."""
+    from . import tune_cases
+
+    tunables = tune_cases.tunables([family])
+    cases = tune_cases.dispatch_cases([family])
+
+    def compile_ahead(tasks, what):
+        if compiler is None or not tasks or _spent(deadline):
+            return
+        started = _clock()
+        done = compiler.compile(tasks, deadline)
+        count = f"{done}" if done == len(tasks) else f"{done} of {len(tasks)}"
+        log(f"[{family}] compiled {count} {what} in {_clock() - started:.0f} s")
+
+    def dispatch_tasks(choices):
+        return [(_precompile_dispatch, (family, index, backend, quick, tuple(choices)))
+                for index, case in enumerate(cases) for backend in case.backends if backend in PRECOMPILED_BACKENDS]
+
+    def candidate_tasks(index, choices):
+        return [(_precompile_one, (family, index, tiles, quick, tuple(choices)))
+                for tiles in sweep_candidates(tunables[index], device, quick)]
+
+    # Everything the family launches with the current choices, the dispatched calls first: each
+    # is a chain of kernels (the non-causal forward and backward are no tunable's), the longest tasks.
+    calls = dispatch_tasks(())
+    candidates = [task for index in range(len(tunables)) for task in candidate_tasks(index, ())]
+    compile_ahead(calls + candidates, f"launches ({len(candidates)} candidates, {len(calls)} dispatched calls)")
+    with contextlib.ExitStack() as in_force:  # each choice stays in force for the family's next variants
+        choices = []
+        changed = False  # a choice differs from the current one: what follows launches binaries not built yet
+        for index, tunable in enumerate(tunables):
+            if changed:
+                compile_ahead(candidate_tasks(index, choices), f"candidates of {tunable.kernel}"
+                              f"[{tunable.key_for(device)}] with the choices made")
+            entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log)
+            if entry is None:
+                continue
+            key = tunable.key_for(device)
+            entries.setdefault(tunable.kernel, {})[key] = entry
+            in_force.enter_context(tuning.override(tunable.kernel, key, entry["tiles"]))
+            choices.append((tunable.kernel, key, entry["tiles"]))
+            changed = changed or entry["tiles"] != entry["candidates"][0]["tiles"]
+        # Our kernels against the other implementations, with the tiles just chosen in force.
+        if changed:
+            compile_ahead(dispatch_tasks(choices), "dispatched calls with the choices made")
+        for case in cases:
+            rule = measure_dispatch(case, device, quick=quick, deadline=deadline, log=log)
+            if rule is not None:
+                dispatch.setdefault(case.op, []).append(rule)
 
 
 def main(argv=None) -> int:
@@ -367,9 +533,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=tuning.TUNED_DIR,
                         help="folder of the tables (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes compiling candidates before the timing (GPU only)")
+                        help="processes compiling the candidates and dispatched calls before the timing "
+                             "(GPU only; 1: the timing process compiles them)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds after which remaining candidates are left unmeasured")
+                        help="seconds after which no candidate is set up, compiled or timed")
     args = parser.parse_args(argv)
     run(args.family or list(tune_cases.FAMILIES), quick=args.quick, out=args.out, jobs=args.jobs,
         budget=args.budget, argv=argv)
