@@ -91,15 +91,15 @@ _CHUNKS_TILES = {torch.float16: (1, 8192, 16, 256, 8, 2), torch.bfloat16: (1, 81
 # "losses_route": when a loss's upstream gradient is one scalar known only in the backward (a
 # "mean" or "sum" cross-entropy that needs gradients), ROUTE picks 1 = the statistics forward
 # and a backward that recomputes the logits (4 products), or 2 = the gradients computed in the
-# forward and only scaled by the backward (3 products, a (V, H) fp32 accumulator:
-# docqa_fast/losses/forward_grad.py). 1 until a GPU measures 2 faster. CHUNK_ROWS: the rows of
-# one chunk of route 2, which holds their logits over the whole vocabulary (fp32, + the 16-bit
-# G: 1.7 GiB at 2048 rows through Qwen2.5's head); each chunk adds its G^T h to the (V, H) fp32
-# d_weight accumulator, reading and writing 8 bytes per element: at 2048 rows about a tenth of
-# the chunk's product time on an H200 (~4.8 TB/s against ~750 TFLOP/s), a fifth at 1024.
+# forward and only scaled by the backward (3 products: docqa_fast/losses/forward_grad.py). 1
+# until a GPU measures 2 faster. CHUNK_ROWS caps the rows of one chunk of route 2, which holds
+# their logits over the whole vocabulary in 16 bits; the memory budget sets them below the cap
+# (chunked.forward_grad_plan: 2,432 rows at 8K tokens through Qwen2.5's head, 0.8 GiB). Each
+# chunk adds its G^T h to all of d_weight, reading and writing it (4-8 bytes per element, ~0.5-1
+# ms on an H200), so the built-in cap leaves the budget in charge; not yet measured.
 ROUTE_PARAMS = ("ROUTE", "CHUNK_ROWS")
 RECOMPUTE_ROUTE, FORWARD_GRAD_ROUTE = 1, 2
-_ROUTE_TILES = {dtype: (RECOMPUTE_ROUTE, 2048) for dtype in (torch.float16, torch.bfloat16, torch.float32)}
+_ROUTE_TILES = {dtype: (RECOMPUTE_ROUTE, 16384) for dtype in (torch.float16, torch.bfloat16, torch.float32)}
 tuning.declare("losses_logits", LOGITS_PARAMS)
 tuning.declare("losses_matmul", MATMUL_PARAMS)
 tuning.declare("losses_chunks", CHUNKS_PARAMS)
@@ -371,7 +371,13 @@ def _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, i
     """(z + bias) / T for a tile of a logits chunk that a library matmul wrote (fp32 or the inputs'
     dtype); columns past the chunk are -inf."""
     z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return _chunk_transform(z.to(tl.float32), b_ptr, cols, col_ok, v_start, inv_temperature, HAS_BIAS)
+
+
+@triton.jit
+def _chunk_transform(z, b_ptr, cols, col_ok, v_start, inv_temperature, HAS_BIAS: tl.constexpr):
+    """(z + bias) / T of a tile of raw fp32 logits; columns past the chunk are -inf."""
     if HAS_BIAS:
         z += tl.load(b_ptr + v_start + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_ok[None, :], z * inv_temperature, float("-inf"))
@@ -379,10 +385,10 @@ def _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, i
 
 @triton.jit
 def chunk_stats_kernel(
-    z_ptr, b_ptr, labels_ptr, state_ptr, bound_ptr,
-    n_rows, width, stride_z, v_start, state_stride, n_bound_tiles, ignore_index, inv_temperature, first,
-    record_bound, HAS_BIAS: tl.constexpr, ACCURATE: tl.constexpr, LOG_P_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr, b_ptr, labels_ptr, state_ptr, bound_ptr, copy_ptr,
+    n_rows, width, stride_z, stride_copy, v_start, state_stride, n_bound_tiles, ignore_index, inv_temperature,
+    first, record_bound, HAS_BIAS: tl.constexpr, ACCURATE: tl.constexpr, COPY: tl.constexpr,
+    LOG_P_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Fold the logits chunk z (n_rows x width, vocabulary columns from v_start) into the rows' state.
 
@@ -390,6 +396,9 @@ def chunk_stats_kernel(
     :func:`_online_update`, the label logit and the sum of the logits; ``first`` (0 or 1)
     starts them (the chunk holding column 0); ``record_bound`` adds the chunk to the log p
     bound. One program walks a block of rows across the chunk, so the state stays in registers.
+    With COPY, the raw chunk is also written to ``copy_ptr`` (rows ``stride_copy`` apart) in that
+    array's dtype: the forward-gradient route keeps its rows' logits in 16 bits while it takes
+    the statistics from the fp32 products (chunked.stats_and_grads).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -408,7 +417,12 @@ def chunk_stats_kernel(
     for c0 in range(0, width, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         col_ok = cols < width
-        z = _chunk_logits(z_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_z, v_start, inv_temperature, HAS_BIAS)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        raw = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=tile_ok, other=0.0)
+        if COPY:
+            tl.store(copy_ptr + rows.to(tl.int64)[:, None] * stride_copy + cols[None, :],
+                     raw.to(copy_ptr.dtype.element_ty), mask=tile_ok)
+        z = _chunk_transform(raw.to(tl.float32), b_ptr, cols, col_ok, v_start, inv_temperature, HAS_BIAS)
         m, s, t, shifted = _online_update(z, col_ok, m, s, t, ACCURATE)
         if record_bound:
             _record_log_p_bound(bound_ptr, shifted, row_ok & has_label, v_start + c0, n_bound_tiles,
@@ -500,22 +514,26 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
 
 
 def chunk_stats(z, bias, labels, state, bound, v_start: int, first: bool, ignore_index: int, temperature: float,
-                accurate: bool, tiles: dict, log_p_tile: int = LOG_P_TILE) -> None:
+                accurate: bool, tiles: dict, log_p_tile: int = LOG_P_TILE, copy=None) -> None:
     """Fold the fp32 logits chunk z (rows x width; vocabulary columns from v_start) into ``state``.
 
     state: (5, rows) fp32 view (m, s, t, label logit, logit sum; planes state.stride(0) apart),
-    started here when ``first``; labels (rows,) int64; bound as for :func:`logit_stats` or None.
+    started here when ``first``; labels (rows,) int64; bound as for :func:`logit_stats` or None;
+    copy: None, or a (rows, width) array (unit column stride) that receives z in its dtype.
     """
     n_rows, width = z.shape
     if n_rows == 0 or width == 0:
         return
+    if copy is not None and (copy.shape != z.shape or copy.stride(1) != 1):
+        raise ValueError(f"copy of shape {tuple(copy.shape)} and strides {copy.stride()}: expected {tuple(z.shape)} "
+                         "with unit column stride")
     bias_arg, has_bias = _bias_arg(bias, z)
     chunk_stats_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
-        z, bias_arg, labels, state, state if bound is None else bound,
-        n_rows, width, z.stride(0), v_start, state.stride(0), 0 if bound is None else bound.numel(), ignore_index,
-        1.0 / temperature, int(first), int(bound is not None), HAS_BIAS=has_bias, ACCURATE=accurate,
-        LOG_P_TILE=log_p_tile, BLOCK_N=tiles["BLOCK_N"], BLOCK_V=tiles["BLOCK_V"], num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
+        z, bias_arg, labels, state, state if bound is None else bound, z if copy is None else copy,
+        n_rows, width, z.stride(0), 0 if copy is None else copy.stride(0), v_start, state.stride(0),
+        0 if bound is None else bound.numel(), ignore_index, 1.0 / temperature, int(first), int(bound is not None),
+        HAS_BIAS=has_bias, ACCURATE=accurate, COPY=copy is not None, LOG_P_TILE=log_p_tile, BLOCK_N=tiles["BLOCK_N"],
+        BLOCK_V=tiles["BLOCK_V"], num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
 
 
@@ -753,13 +771,15 @@ def _configs():
 
 def _chunk_configs(dtype, ptr):
     """The chunk kernels: the logits chunk is fp32 (the library matmul's fp32 output), G the
-    inputs' dtype (fp32 inputs: G is the chunk itself), the bias the inputs' dtype."""
+    inputs' dtype (fp32 inputs: G is the chunk itself), the bias the inputs' dtype. 16-bit inputs
+    also compile the forward-gradient route's pair: chunk_stats copying the chunk to 16 bits
+    (COPY), and chunk_grad reading that 16-bit copy (z of the inputs' dtype, G in place)."""
     stats_signature = {
         "z_ptr": "*fp32", "b_ptr": ptr, "labels_ptr": "*i64", "state_ptr": "*fp32", "bound_ptr": "*fp32",
-        "n_rows": "i32", "width": "i32", "stride_z": "i32", "v_start": "i32", "state_stride": "i32",
-        "n_bound_tiles": "i32", "ignore_index": "i32", "inv_temperature": "fp32", "first": "i32",
-        "record_bound": "i32", "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "LOG_P_TILE": "constexpr",
-        "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+        "copy_ptr": ptr, "n_rows": "i32", "width": "i32", "stride_z": "i32", "stride_copy": "i32", "v_start": "i32",
+        "state_stride": "i32", "n_bound_tiles": "i32", "ignore_index": "i32", "inv_temperature": "fp32",
+        "first": "i32", "record_bound": "i32", "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "COPY": "constexpr",
+        "LOG_P_TILE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
     }
     grad_signature = {
         "z_ptr": "*fp32", "g_ptr": ptr, "b_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": "*fp32",
@@ -767,8 +787,8 @@ def _chunk_configs(dtype, ptr):
         "stride_g": "i32", "v_start": "i32", "coef_stride": "i32", "ignore_index": "i32", "inv_temperature": "fp32",
         "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
     }
-    aligned = {"chunk_stats": ("z_ptr", "b_ptr", "labels_ptr", "state_ptr", "bound_ptr", "width", "stride_z",
-                               "v_start", "state_stride"),
+    aligned = {"chunk_stats": ("z_ptr", "b_ptr", "labels_ptr", "state_ptr", "bound_ptr", "copy_ptr", "width",
+                               "stride_z", "stride_copy", "v_start", "state_stride"),
                "chunk_grad": ("z_ptr", "g_ptr", "b_ptr", "labels_ptr", "lse_ptr", "coef_ptr", "width", "stride_z",
                               "stride_g", "v_start", "coef_stride")}
     accurate = dtype == torch.float32
@@ -777,15 +797,19 @@ def _chunk_configs(dtype, ptr):
                          for t in _choices("losses_chunks", dtype)}.values())
     for alignment, t in itertools.product(("aligned", "unaligned"), kernel_tiles):
         name = "{BLOCK_N}x{BLOCK_V}w{num_warps}s{num_stages}".format(**t)
+        variants = [("chunk_stats", chunk_stats_kernel, stats_signature, {"COPY": False}, ""),
+                    ("chunk_grad", chunk_grad_kernel, grad_signature, {}, "")]
+        if not accurate:  # the forward-gradient route's pair
+            variants += [("chunk_stats", chunk_stats_kernel, stats_signature, {"COPY": True}, ",copy"),
+                         ("chunk_grad", chunk_grad_kernel, {**grad_signature, "z_ptr": ptr}, {}, ",z16")]
         for has_bias in (False, True):
-            for kind, fn, signature in (("chunk_stats", chunk_stats_kernel, stats_signature),
-                                        ("chunk_grad", chunk_grad_kernel, grad_signature)):
+            for kind, fn, signature, flags, tag in variants:
                 extra = {"LOG_P_TILE": LOG_P_TILE} if kind == "chunk_stats" else {}
                 yield KernelConfig(
-                    name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''},{name},{alignment}]", fn=fn,
+                    name=f"{kind}[{ptr[1:]}{',bias' if has_bias else ''}{tag},{name},{alignment}]", fn=fn,
                     signature=signature, num_warps=t["num_warps"], num_stages=t["num_stages"],
-                    constexprs={"HAS_BIAS": has_bias, "ACCURATE": accurate, **extra, "BLOCK_N": t["BLOCK_N"],
-                                "BLOCK_V": t["BLOCK_V"]},
+                    constexprs={"HAS_BIAS": has_bias, "ACCURATE": accurate, **flags, **extra,
+                                "BLOCK_N": t["BLOCK_N"], "BLOCK_V": t["BLOCK_V"]},
                     divisible_by_16=aligned[kind] if alignment == "aligned" else ())
 
 

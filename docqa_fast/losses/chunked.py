@@ -51,6 +51,18 @@ COLUMN_GRAIN = kernels.LOG_P_TILE
 # The fallback accumulation (old torch without fp32 accumulation into fp32) goes this many
 # bytes of fp32 product at a time.
 _FALLBACK_SLICE_BYTES = 64 << 20
+# The forward-gradient route (stats_and_grads): its budget is 1/FORWARD_GRAD_FRACTION of the
+# rows' (N, V) logits in the inputs' dtype (the naive path holds the logits, their fp32 upcast
+# and their gradient: ~6x that; a tenth of it is the target), at least FORWARD_GRAD_FLOOR (a
+# short answer is one chunk, not launch-bound slivers: ~750 rows through Qwen2.5's head) and at
+# most FORWARD_GRAD_CAP; a bf16 d_weight sums in the gradient itself over at most
+# MAX_ROUNDED_CHUNKS chunks (each a rounding).
+FORWARD_GRAD_FRACTION = 2
+FORWARD_GRAD_FLOOR = 256 << 20
+FORWARD_GRAD_CAP = 4 << 30
+MAX_ROUNDED_CHUNKS = 4
+# A scaled copy (scaled_copy) goes this many elements at a time.
+_SCALE_SLICE_ELEMENTS = 1 << 24
 
 
 def _budget_setting() -> int | None:
@@ -76,15 +88,68 @@ def chunk_budget(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
     return max(CHUNK_FLOOR, min(CHUNK_CAP, logits // CHUNK_FRACTION))
 
 
-def forward_grad_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_rows: int) -> int:
-    """Rows per chunk of :func:`stats_and_grads`: ``chunk_rows`` (the tuned ``losses_route``
-    entry), or as many whole ROW_GRAIN as ``DOCQA_FAST_LOSSES_CHUNK_MIB`` holds when set (at
-    least one grain), spread evenly. A chunk holds its rows' logits over the whole vocabulary."""
+@dataclass(frozen=True)
+class GradPlan:
+    """How the forward-gradient route (:func:`stats_and_grads`) cuts a call: ``rows`` per chunk,
+    each chunk's products written ``columns`` of fp32 at a time (16-bit inputs; fp32 inputs: the
+    whole vocabulary at once), and whether d_weight sums in a (V, H) fp32 ``accumulator`` or in
+    the gradient itself (see :func:`forward_grad_plan`)."""
+
+    rows: int
+    columns: int
+    accumulator: bool
+
+    def row_chunks(self, n_rows: int):
+        return [(r0, min(n_rows, r0 + self.rows)) for r0 in range(0, n_rows, self.rows)]
+
+
+def forward_grad_budget(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes the forward-gradient route may hold beyond inputs and gradients:
+    ``DOCQA_FAST_LOSSES_CHUNK_MIB`` when set, else 1/FORWARD_GRAD_FRACTION of the rows' (N, V)
+    logits in the inputs' dtype, within [FORWARD_GRAD_FLOOR, FORWARD_GRAD_CAP]."""
     setting = _budget_setting()
     if setting is not None:
-        per_logit = 4 + (dtype.itemsize if dtype != torch.float32 else 0)
-        chunk_rows = max(ROW_GRAIN, setting // (vocab * per_logit) // ROW_GRAIN * ROW_GRAIN)
-    return _spread(max(n_rows, 1), max(1, chunk_rows), ROW_GRAIN)
+        return setting
+    return max(FORWARD_GRAD_FLOOR, min(FORWARD_GRAD_CAP, n_rows * vocab * dtype.itemsize // FORWARD_GRAD_FRACTION))
+
+
+def forward_grad_plan(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype, chunk_rows: int,
+                      max_columns: int) -> GradPlan:
+    """The chunks of :func:`stats_and_grads` for ``n_rows`` computed rows.
+
+    A chunk holds its rows' logits over the whole vocabulary (a row's dL/dz needs its final
+    log-sum-exp): 16 bits per logit for 16-bit inputs (the products come out in fp32
+    ``columns`` at a time, the statistics are taken from them and the 16-bit copy becomes G in
+    place), 32 for fp32. Rows: as many whole ROW_GRAIN as :func:`forward_grad_budget` holds
+    beside the accumulator, if any, at most ``chunk_rows`` (the tuned ``losses_route`` entry),
+    spread evenly. Fewer, larger chunks cost less: each adds its G^T h to all of d_weight.
+
+    fp32 inputs add d_weight's terms into the fp32 gradient itself. bf16 inputs add them into
+    the bf16 gradient (cuBLAS sums each product in fp32 and rounds once per chunk) when that
+    takes at most MAX_ROUNDED_CHUNKS chunks; beyond (the budget's cap: long inputs), into a
+    (V, H) fp32 accumulator when it fits in the budget beside a chunk, rounded once at the end.
+    fp16 inputs always take the accumulator: their G stays unscaled until then (the mean's
+    1/count would push small probabilities below fp16's subnormals) and a summed gradient can
+    pass fp16's range before the last chunk.
+    """
+    n_rows = max(n_rows, 1)
+    budget = forward_grad_budget(n_rows, vocab, dtype)
+    if dtype == torch.float32:
+        per_row, columns = vocab * 4, vocab
+    else:
+        columns = min(max(COLUMN_GRAIN, max_columns // COLUMN_GRAIN * COLUMN_GRAIN),
+                      _cdiv(vocab, COLUMN_GRAIN) * COLUMN_GRAIN)
+        per_row = vocab * dtype.itemsize + columns * 4
+
+    def rows_within(limit: int) -> int:
+        return _spread(n_rows, min(chunk_rows, max(ROW_GRAIN, limit // per_row // ROW_GRAIN * ROW_GRAIN)), ROW_GRAIN)
+
+    rows = rows_within(budget)
+    accumulator_bytes = vocab * hidden_size * 4
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and _cdiv(n_rows, rows) > MAX_ROUNDED_CHUNKS
+                                  and accumulator_bytes + ROW_GRAIN * per_row <= budget):
+        return GradPlan(rows_within(budget - accumulator_bytes), columns, True)
+    return GradPlan(rows, columns, False)
 
 
 @dataclass(frozen=True)
@@ -222,6 +287,14 @@ class Products:
         else:  # CPU: the upcast operands' fp32 matmul sums the same exact products in fp32
             torch.mm(a.float(), b.float(), out=out)
 
+    def into(self, a, b, out, add: bool) -> None:
+        """out (+)= a @ b with ``out`` of the operands' dtype: the product (and ``out``) summed in
+        fp32 and rounded once to ``out``'s dtype, as cuBLAS does; on CPU tensors through fp32."""
+        if self.cuda or not self.sixteen:
+            out.addmm_(a, b) if add else torch.mm(a, b, out=out)
+        else:
+            out.copy_(torch.addmm(out.float(), a.float(), b.float()) if add else torch.mm(a.float(), b.float()))
+
     def addmm(self, out, a, b) -> None:
         if self.accumulate == "fp32":
             out.addmm_(a, b)
@@ -354,23 +427,38 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias
 
 
-def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, need_hidden: bool, need_weight: bool,
-                    need_bias: bool, tiles: dict, chunk_rows: int):
+def scaled_copy(source, factor, out) -> None:
+    """out = source * factor (a (1,) or 0-dim fp32 tensor), rounded once to ``out``'s dtype, a slice
+    of rows at a time (no temporary of the source's size)."""
+    columns = source.shape[1] if source.dim() > 1 else 1
+    flat_source, flat_out = source.view(source.shape[0], columns), out.view(out.shape[0], columns)
+    step = max(1, _SCALE_SLICE_ELEMENTS // max(1, columns))
+    for r0 in range(0, flat_source.shape[0], step):
+        torch.mul(flat_source[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
+
+
+def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, grad_scale, need_hidden: bool,
+                    need_weight: bool, need_bias: bool, tiles: dict, chunk_rows: int):
     """The forward-gradient route: statistics and gradients in one walk over row chunks, 3 products.
 
-    Per chunk of R rows (:func:`forward_grad_rows`): z = h[rows] W^T over the whole vocabulary
-    (one product into the chunk buffer, fp32), ``chunk_stats`` folds it into the rows' final
-    log-sum-exp -- so G = dL/dz can be formed at once, from ``coefs_of(lse, r0, r1)``, the (4, R)
-    coefficients of kernels.losses' dL/dz form -- then d_hidden[rows] = G W (written once) and
-    d_weight (+)= G^T h[rows] into one (V, H) fp32 accumulator that every row chunk adds to.
-    G is not scaled (the scale is 1): the caller gives coefficients of order 1 (a summed loss's,
-    before any 1/count), so 16-bit G neither overflows nor loses more than the gradient's
-    rounding. The d_weight accumulation reads and writes 8 bytes per weight element per row
-    chunk, hence large chunks (``chunk_rows`` 2048 by default: 1.7 GiB of fp32 logits and bf16
-    G through Qwen2.5's head).
+    Per chunk of rows (:func:`forward_grad_plan`): the logits of those rows over the whole
+    vocabulary -- 16-bit inputs: products of ``columns`` at a time in fp32, which ``chunk_stats``
+    folds into the rows' statistics while it copies them to the chunk's 16-bit logits; fp32: one
+    product -- so each row's log-sum-exp is final and ``chunk_grad`` turns the chunk into G =
+    dL/dz in place, from ``coefs_of(lse, r0, r1)``, the (4, R) coefficients of kernels.losses'
+    dL/dz form of the *summed* loss. Then d_hidden[rows] = G W (written once) and d_weight (+)=
+    G^T h[rows], 3 products in all.
+
+    ``grad_scale`` (a (1,) fp32 tensor: 1, or 1 / count for a mean) turns the summed loss's
+    gradients into the loss's. Without the accumulator it multiplies the coefficients, so G and
+    the products are the loss's own and the gradients are summed in their own dtype; with it
+    (16-bit d_weight over many chunks, and fp16: see :func:`forward_grad_plan`) G is the summed
+    loss's and the fp32 sums are scaled as they are rounded to the gradients' dtype. The 16-bit
+    logits are the fp32 products rounded once, as the naive path's are; the statistics and so
+    the loss come from the fp32 products.
 
     Returns (lse, label_logit, sum_logits) (N,) fp32 (nothing masked) and d_hidden (N, H),
-    d_weight (V, H), d_bias (V,) in fp32, each empty (0,) when not needed.
+    d_weight (V, H), d_bias (V,) of the loss in the inputs' dtype, each empty (0,) when not needed.
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -378,35 +466,54 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, n
     sixteen = dtype != torch.float32
     fp32 = dict(dtype=torch.float32, device=device)
     state = torch.zeros((5, n_rows), **fp32)
-    d_hidden = torch.empty((n_rows, hidden_size) if need_hidden else (0,), **fp32)
-    d_weight = torch.empty((vocab, hidden_size) if need_weight else (0,), **fp32)
+    d_hidden = torch.empty((n_rows, hidden_size) if need_hidden else (0,), dtype=dtype, device=device)
+    d_weight = torch.empty((vocab, hidden_size) if need_weight else (0,), dtype=dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), **fp32)
-    rows = forward_grad_rows(n_rows, vocab, dtype, chunk_rows)
-    chunks = [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
+    plan = forward_grad_plan(n_rows, vocab, hidden_size, dtype, chunk_rows, tiles["CHUNK_COLUMNS"])
+    chunks = plan.row_chunks(n_rows)
     if not chunks:
         d_weight.zero_()
-        return state[0], state[3], state[4], d_hidden, d_weight, d_bias
+        return state[0], state[3], state[4], d_hidden, d_weight, d_bias.to(dtype)
     products = Products(device, dtype)
-    size = min(n_rows, rows) * vocab
-    z_buffer = torch.empty(size, **fp32)
-    g_buffer = torch.empty(size, dtype=dtype, device=device) if sixteen else z_buffer
+    rows = min(n_rows, plan.rows)
+    logits = torch.empty(rows * vocab, dtype=dtype, device=device)  # the chunk's logits, then its G
+    part = torch.empty(rows * plan.columns, **fp32) if sixteen else None
+    weight_sum = torch.empty((vocab, hidden_size), **fp32) if plan.accumulator and need_weight else None
+    hidden_part = torch.empty((rows, hidden_size), **fp32) if plan.accumulator and need_hidden else None
     unit_scale = torch.ones(1, **fp32)
     lse = torch.empty(n_rows, **fp32)
     with _ieee_fp32(device):
         for index, (r0, r1) in enumerate(chunks):
-            z = z_buffer[:(r1 - r0) * vocab].view(r1 - r0, vocab)
-            products.mm(hidden[r0:r1], weight.T, z)
-            kernels.chunk_stats(z, bias, labels[r0:r1], state[:, r0:r1], None, 0, True, ignore_index, 1.0,
-                                not sixteen, tiles)
+            z = logits[:(r1 - r0) * vocab].view(r1 - r0, vocab)
+            if sixteen:
+                for v0, v1 in column_chunks([(0, vocab)], plan.columns):
+                    product = part[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+                    products.mm(hidden[r0:r1], weight[v0:v1].T, product)
+                    kernels.chunk_stats(product, bias, labels[r0:r1], state[:, r0:r1], None, v0, v0 == 0,
+                                        ignore_index, 1.0, False, tiles, copy=z[:, v0:v1])
+            else:
+                products.mm(hidden[r0:r1], weight.T, z)
+                kernels.chunk_stats(z, bias, labels[r0:r1], state[:, r0:r1], None, 0, True, ignore_index, 1.0, True,
+                                    tiles)
             torch.add(state[0, r0:r1], torch.log(state[1, r0:r1]), out=lse[r0:r1])
-            g = g_buffer[:(r1 - r0) * vocab].view(r1 - r0, vocab)
-            kernels.chunk_grad(z, g, bias, labels[r0:r1], lse[r0:r1], coefs_of(lse[r0:r1], r0, r1), unit_scale, 0,
-                               ignore_index, 1.0, not sixteen, tiles)
+            coefs = coefs_of(lse[r0:r1], r0, r1)
+            kernels.chunk_grad(z, z, bias, labels[r0:r1], lse[r0:r1], coefs if plan.accumulator else coefs * grad_scale,
+                               unit_scale, 0, ignore_index, 1.0, not sixteen, tiles)
             if need_bias:
-                d_bias += g.sum(0, dtype=torch.float32)
-            if need_hidden:  # every column of these rows at once: written once, no accumulator
-                products.mm(g, weight, d_hidden[r0:r1])
+                d_bias += z.sum(0, dtype=torch.float32)
+            if need_hidden:  # every column of these rows at once: written once
+                if hidden_part is None:
+                    products.into(z, weight, d_hidden[r0:r1], add=False)
+                else:
+                    products.mm(z, weight, hidden_part[:r1 - r0])
+                    scaled_copy(hidden_part[:r1 - r0], grad_scale, d_hidden[r0:r1])
             if need_weight:
-                (products.mm(g.T, hidden[r0:r1], d_weight) if index == 0 else
-                 products.addmm(d_weight, g.T, hidden[r0:r1]))
+                if weight_sum is None:
+                    products.into(z.T, hidden[r0:r1], d_weight, add=index > 0)
+                else:
+                    (products.mm(z.T, hidden[r0:r1], weight_sum) if index == 0 else
+                     products.addmm(weight_sum, z.T, hidden[r0:r1]))
+    if weight_sum is not None:
+        scaled_copy(weight_sum, grad_scale, d_weight)
+    d_bias = (d_bias * grad_scale if plan.accumulator else d_bias).to(dtype) if need_bias else d_bias
     return lse, state[3], state[4], d_hidden, d_weight, d_bias

@@ -33,7 +33,7 @@ import torch
 
 from ..kernels import losses as kernels
 from . import chunked, fused
-from .ops import cross_entropy_coefs, cross_entropy_per_token, reduce_cross_entropy
+from .ops import cross_entropy_coefs, cross_entropy_per_token, loss_scale
 
 
 def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden,
@@ -46,6 +46,7 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
     # Ignored tokens are left out of every product, as by the statistics forward (fused.py).
     rows = fused.rows_to_compute(counted, fused.skip_mode())
     h, y = (hidden.index_select(0, rows), labels.index_select(0, rows)) if rows is not None else (hidden, labels)
+    scale = loss_scale(counted, mean, torch.float32).reshape(1)
 
     def coefs_of(lse, r0, r1):
         return cross_entropy_coefs(lse, y[r0:r1] != ignore_index, vocab, label_smoothing, z_loss)
@@ -53,29 +54,21 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
     def run(tiles, engine):
         if engine == "cublas":
             chunk_rows = kernels.tiles("losses_route", h.dtype, h.device)["CHUNK_ROWS"]
-            return chunked.stats_and_grads(h, weight, bias, y, ignore_index, coefs_of, need_hidden, need_weight,
-                                           need_bias, tiles, chunk_rows)
+            return chunked.stats_and_grads(h, weight, bias, y, ignore_index, coefs_of, scale, need_hidden,
+                                           need_weight, need_bias, tiles, chunk_rows)
         # Triton products (the tuned table's choice, or no fp32-output matmul in this torch): the
-        # statistics pass, then the recomputing backward's pass on the same coefficients, both
-        # now; its gradients come rounded to the inputs' dtype (a second rounding when scaled).
-        # fp16 gradients of the *summed* loss overflow (65,504) where the mean's fit: d_weight and
-        # d_bias add up n rows' terms. For "mean" the coefficients are divided by a power of two
-        # >= n (exact; n: the rows computed, the counted ones once ignored rows are gathered out),
-        # keeping the gradients near the mean's own size, and multiplied back in fp32; "sum"
-        # wants the summed gradients themselves.
-        shift = (h.shape[0] - 1).bit_length() if mean and h.dtype == torch.float16 else 0
+        # statistics pass, then the recomputing backward's pass on the loss's coefficients (its
+        # own power-of-two scaling keeps fp16 G in range), both now.
         lse, label_logit, sum_logits, _ = kernels.logit_stats(h, weight, bias, y, ignore_index, 1.0)
-        coefs = coefs_of(lse, 0, h.shape[0]) * 2.0 ** -shift
-        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs, ignore_index, 1.0, need_hidden,
-                                             need_weight, need_bias)
-        return (lse, label_logit, sum_logits, *(g.float() * 2.0 ** shift for g in grads))
+        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs_of(lse, 0, h.shape[0]) * scale,
+                                             ignore_index, 1.0, need_hidden, need_weight, need_bias)
+        return (lse, label_logit, sum_logits, *grads)
 
     lse, label_logit, sum_logits, d_hidden, d_weight, d_bias = fused.run_with_tiles(hidden.dtype, hidden.device, run)
     losses = cross_entropy_per_token(lse, label_logit, sum_logits, y != ignore_index, vocab, label_smoothing, z_loss)
-    loss, scale = reduce_cross_entropy(losses, counted, mean)
     if rows is not None and need_hidden:
         d_hidden = fused.scatter_rows(d_hidden, rows, n_rows)
-    return loss, scale, d_hidden, d_weight, d_bias
+    return losses.sum() * scale[0], d_hidden, d_weight, d_bias
 
 
 def wants_gradients(*tensors) -> tuple[bool, ...]:

@@ -18,8 +18,8 @@ the vocabulary tiles that are not negligible, on library matmuls (chunked.py) or
 all-Triton path (kernels/losses.py); the reference materialises the logits.
 
 ``docqa_fast::linear_cross_entropy_grads`` is the forward-gradient route of a mean / sum
-cross-entropy (forward_grad.py): the reduced loss and the gradients of the summed loss, formed
-in the forward; its autograd only scales them by the upstream scalar.
+cross-entropy (forward_grad.py): the reduced loss and its gradients, formed in the forward; its
+autograd only scales them by the upstream scalar.
 """
 
 from __future__ import annotations
@@ -308,19 +308,16 @@ def logit_stats(hidden, weight, bias, labels, ignore_index: int, temperature: fl
 
 # ------------------------------------- the forward-gradient route's op (forward_grad.py)
 
-# A gradient scaled by the upstream scalar is written this many fp32 elements at a time.
-_SCALE_SLICE = 1 << 24
-
-
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reduce_cross_entropy(losses, counted, mean: bool):
-    """(loss, grad_scale): the summed per-token losses, times grad_scale = 1 / max(count, 1) for "mean"."""
-    scale = 1.0 / counted.sum().clamp_min(1).to(losses.dtype) if mean else torch.ones((), dtype=losses.dtype,
-                                                                                        device=losses.device)
-    return losses.sum() * scale, scale
+def loss_scale(counted, mean: bool, dtype: torch.dtype):
+    """The factor from the summed per-token losses to the reduced loss: 1 / max(count, 1) for "mean",
+    else 1 (a 0-dim tensor of ``dtype`` on the device: no host sync)."""
+    if mean:
+        return 1.0 / counted.sum().clamp_min(1).to(dtype)
+    return torch.ones((), dtype=dtype, device=counted.device)
 
 
 def _grads_triton(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden,
@@ -338,12 +335,12 @@ def _grads_reference(hidden, weight, bias, labels, ignore_index, label_smoothing
     accumulate = _accumulator_dtype(hidden.dtype)
     lse, label_logit, sum_logits = (t.to(accumulate) for t in (lse, label_logit, sum_logits))
     losses = cross_entropy_per_token(lse, label_logit, sum_logits, counted, weight.shape[0], label_smoothing, z_loss)
-    loss, scale = reduce_cross_entropy(losses, counted, mean)
-    coefs = cross_entropy_coefs(lse, counted, weight.shape[0], label_smoothing, z_loss)
+    scale = loss_scale(counted, mean, accumulate)
+    coefs = cross_entropy_coefs(lse, counted, weight.shape[0], label_smoothing, z_loss) * scale
     grads = linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs, ignore_index, 1.0)
     # Fresh tensors (a custom op's outputs may not alias each other), empty where not needed.
-    return (loss, scale, *(g.to(accumulate).contiguous() if need else g.new_empty(0, dtype=accumulate)
-                           for g, need in zip(grads, (need_hidden, need_weight, need_bias))))
+    return (losses.sum() * scale, *(g.to(hidden.dtype).contiguous() if need else g.new_empty(0, dtype=hidden.dtype)
+                                    for g, need in zip(grads, (need_hidden, need_weight, need_bias))))
 
 
 GRADS = register_op(
@@ -365,13 +362,13 @@ def _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smooth
 def linear_cross_entropy_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                                mean: bool, need_hidden: bool, need_weight: bool, need_bias: bool
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_scale, d_hidden, d_weight, d_bias) of the cross-entropy of z = hidden @ weight^T + bias.
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_hidden, d_weight, d_bias) of the cross-entropy of z = hidden @ weight^T + bias.
 
-    hidden (N, H), labels (N,) int64. loss: the mean ("mean") or sum of the per-token losses
-    (ops.cross_entropy_per_token) over the tokens whose label is not ignore_index; d_*: the
-    gradients of their sum, fp32 (fp64 for fp64 inputs), empty (0,) unless asked for;
-    grad_scale: 1 or 1 / max(count, 1), the factor from those gradients to the loss's.
+    hidden (N, H), labels (N,) int64. loss: the mean ("mean", over max(count, 1)) or sum of the
+    per-token losses (ops.cross_entropy_per_token) over the tokens whose label is not
+    ignore_index, fp32 (fp64 for fp64 inputs); d_*: its gradients in the inputs' dtype, empty
+    (0,) unless asked for.
     """
     _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias)
     return GRADS(hidden.device, hidden.dtype, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss,
@@ -381,62 +378,61 @@ def linear_cross_entropy_grads(hidden: torch.Tensor, weight: torch.Tensor, bias:
 @linear_cross_entropy_grads.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden, need_weight, need_bias):
     _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias)
-    accumulate = _accumulator_dtype(hidden.dtype)
-    return (hidden.new_empty((), dtype=accumulate), hidden.new_empty((), dtype=accumulate),
-            hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=accumulate),
-            weight.new_empty(weight.shape if need_weight else (0,), dtype=accumulate),
-            weight.new_empty((weight.shape[0],) if need_bias else (0,), dtype=accumulate))
+    return (hidden.new_empty((), dtype=_accumulator_dtype(hidden.dtype)),
+            hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,)))
 
 
-def _grads_setup_context(ctx, inputs, output):
-    hidden, weight, bias = inputs[:3]
-    _, scale, d_hidden, d_weight, d_bias = output
-    ctx.mark_non_differentiable(scale, d_hidden, d_weight, d_bias)
-    ctx.save_for_backward(scale, d_hidden, d_weight, d_bias)
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.formed = inputs[8:11]  # need_hidden, need_weight, need_bias
+class _ForwardGradLoss(torch.autograd.Function):
+    """The loss of linear_cross_entropy_grads, whose backward scales the gradients the op formed.
 
+    An autograd.Function around the op rather than the op's own autograd: the backward scales
+    the formed gradients in place, and a custom op's outputs must not change after it returns
+    (here they never leave this class)."""
 
-def _scaled(saved, factor, dtype):
-    """saved * factor rounded once to ``dtype``, a slice of rows at a time (no full fp32 temporary)."""
-    out = torch.empty(saved.shape, dtype=dtype, device=saved.device)
-    columns = saved.shape[1] if saved.dim() > 1 else 1  # (N, H), (V, H) or (V,)
-    flat_saved, flat_out = saved.view(saved.shape[0], columns), out.view(saved.shape[0], columns)
-    step = max(1, _SCALE_SLICE // max(1, flat_saved.shape[1]))
-    for r0 in range(0, flat_saved.shape[0], step):
-        torch.mul(flat_saved[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
-    return out
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, needs):
+        loss, d_hidden, d_weight, d_bias = linear_cross_entropy_grads(hidden, weight, bias, labels, ignore_index,
+                                                                      label_smoothing, z_loss, mean, *needs)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.formed = needs
+        return loss
 
-
-def _grads_backward(ctx, grad_loss, _grad_scale, _grad_hidden, _grad_weight, _grad_bias):
-    scale, d_hidden, d_weight, d_bias = ctx.saved_tensors
-    wanted = ctx.needs_input_grad[:3]
-    if grad_loss is None or not any(wanted):
-        return (None,) * 11
-    for name, want, formed in zip(("hidden", "weight", "bias"), wanted, ctx.formed):
-        if want and not formed:
-            raise RuntimeError(f"linear_cross_entropy_grads was called with need_{name}=False, yet d {name} is wanted")
-    # The saved gradients carry no graph back to hidden / weight: under create_graph, gradients
-    # without one would make every second derivative through this loss silently 0 (a gradient
-    # penalty added to another loss would train on the other loss alone). Refused, as the
-    # recomputing route's backward refuses to be differentiated.
-    if torch.is_grad_enabled():
-        raise RuntimeError("linear_cross_entropy has no second derivative (backward with create_graph=True): "
-                           "its DOCQA_FAST_LOSSES_ROUTE=fwd-grad route forms the gradients in the forward")
-    # Out of place: a second backward with retain_graph finds the saved gradients intact.
-    with torch.no_grad():
-        factor = grad_loss.to(scale.dtype) * scale
-        grads = [_scaled(saved, factor, dtype) if want else None
-                 for saved, dtype, want in zip((d_hidden, d_weight, d_bias), ctx.dtypes, wanted)]
-    return (*grads, *(None,) * 8)
-
-
-linear_cross_entropy_grads.register_autograd(_grads_backward, setup_context=_grads_setup_context)
+    @staticmethod
+    def backward(ctx, grad_loss):
+        wanted = ctx.needs_input_grad[:3]
+        if not any(wanted):
+            return (None,) * 9
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:  # torch's version check of the saved tensors: scaled in place below
+            raise RuntimeError("linear_cross_entropy's DOCQA_FAST_LOSSES_ROUTE=fwd-grad route scales the gradients "
+                               "it formed in the forward in place, once: a second backward through the same loss "
+                               "(retain_graph=True) needs DOCQA_FAST_LOSSES_ROUTE=recompute") from error
+        for name, want, formed in zip(("hidden", "weight", "bias"), wanted, ctx.formed):
+            if want and not formed:
+                raise RuntimeError(f"linear_cross_entropy_grads was called with need_{name}=False, yet d {name} is "
+                                   "wanted")
+        # The saved gradients carry no graph back to hidden / weight: under create_graph, gradients
+        # without one would make every second derivative through this loss silently 0 (a gradient
+        # penalty added to another loss would train on the other loss alone). Refused, as the
+        # recomputing route's backward refuses to be differentiated.
+        if torch.is_grad_enabled():
+            raise RuntimeError("linear_cross_entropy has no second derivative (backward with create_graph=True): "
+                               "its DOCQA_FAST_LOSSES_ROUTE=fwd-grad route forms the gradients in the forward")
+        # In place, eagerly: the gradients are the saved tensors themselves, so the backward
+        # allocates nothing of their size (the (V, H) one is a GiB through Qwen2.5's head) and a
+        # leaf's .grad takes the tensor over once this node releases it; a second backward finds
+        # them scaled already and is refused above. A traced backward multiplies out of place
+        # (the compiler plans its own buffers; graphs do not mutate saved values).
+        scale = (lambda t: t * grad_loss) if torch.compiler.is_compiling() else (lambda t: t.mul_(grad_loss))
+        return (*(scale(t) if want else None for t, want in zip(saved, wanted)), *(None,) * 6)
 
 
 def cross_entropy_with_grads(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float, z_loss: float,
                              mean: bool, needs: tuple[bool, bool, bool]):
     """The reduced cross-entropy through linear_cross_entropy_grads, on validated, flattened inputs
     (``needs``: the gradients of hidden, weight and bias to form)."""
-    return linear_cross_entropy_grads(hidden, weight, bias, labels, int(ignore_index), float(label_smoothing),
-                                      float(z_loss), bool(mean), *needs)[0]
+    return _ForwardGradLoss.apply(hidden, weight, bias, labels, int(ignore_index), float(label_smoothing),
+                                  float(z_loss), bool(mean), tuple(needs))

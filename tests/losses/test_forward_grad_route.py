@@ -13,7 +13,7 @@ from docqa_fast.reference.losses import linear_cross_entropy_ref
 from loss_checks import check_by_rule, cross_entropy_step_memory, random_head, random_labels
 
 pytestmark = pytest.mark.backends("reference", "triton")
-ROUTE_OP = "linear_cross_entropy_grads"
+ROUTE_NODE = "ForwardGradLoss"  # the autograd node of the route
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def _small_chunks(dtype, rows=64):
 def _ce(labels, **options):
     def ours(hidden, weight, bias=None):
         loss = linear_cross_entropy(hidden, weight, labels, bias, **options)
-        assert ROUTE_OP in type(loss.grad_fn).__name__, loss.grad_fn  # the route under test ran
+        assert ROUTE_NODE in type(loss.grad_fn).__name__, loss.grad_fn  # the route under test ran
         return loss
 
     def reference(hidden, weight, bias=None, upcast=True):
@@ -51,6 +51,31 @@ def test_matches_the_reference_in_several_row_chunks(backend, dtype, device, red
                       grad_outputs=[torch.tensor(3.7, dtype=torch.float64)])
 
 
+@pytest.mark.backends("triton")
+@pytest.mark.parametrize("accumulator", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_both_ways_of_summing_d_weight(backend, device, monkeypatch, reduction, accumulator):
+    """d_weight summed in the 16-bit gradient itself (bf16's way while it takes at most 4 chunks:
+    the loss's own G, a rounding per chunk) and in the fp32 accumulator (the summed loss's G,
+    scaled and rounded once at the end), both forced here on fp16 -- the interpreter has no bf16 --
+    over 4 chunks of 64 rows, with a bias and the upstream gradient 3.7."""
+    original = chunked.forward_grad_plan
+    seen = []
+
+    def forced(*args):
+        plan = chunked.GradPlan(64, original(*args).columns, accumulator)
+        seen.append(plan)
+        return plan
+
+    monkeypatch.setattr(chunked, "forward_grad_plan", forced)
+    hidden, weight, bias = random_head(203, 24, 200, torch.float16, device, bias=True)
+    labels = random_labels((203,), 200, device, ignore="nowhere")
+    check_by_rule(*_ce(labels, reduction=reduction, label_smoothing=0.1),
+                  {"hidden": hidden, "weight": weight, "bias": bias},
+                  grad_outputs=[torch.tensor(3.7, dtype=torch.float64)])
+    assert seen and all(plan.accumulator == accumulator for plan in seen)
+
+
 @pytest.mark.parametrize("n_rows", [1, 113])
 def test_odd_token_counts_and_batched_hidden(backend, dtype, device, n_rows):
     hidden, weight, _ = random_head(n_rows, 24, 257, dtype, device, batch=1)
@@ -67,25 +92,49 @@ def test_every_label_ignored_gives_zero_and_zero_gradients(backend, device, redu
     hidden, weight, bias = (t.requires_grad_() for t in (hidden, weight, bias))
     labels = random_labels((2, n_rows), 90, device, ignore="everywhere")
     loss = linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction)
-    assert ROUTE_OP in type(loss.grad_fn).__name__
+    assert ROUTE_NODE in type(loss.grad_fn).__name__
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert all(bool((t.grad == 0).all()) for t in (hidden, weight, bias))
 
 
-def test_a_second_backward_and_a_second_call_give_the_same_gradients(backend, device):
-    """retain_graph: the saved gradients are scaled out of place, so a second backward adds the
-    same gradients again; a second call with the same inputs gives the same bits."""
+def test_a_second_backward_is_refused_and_a_second_call_gives_the_same_gradients(backend, device):
+    """The saved gradients are scaled in place by the backward: a second backward through the same
+    loss (retain_graph) raises, naming the other route; a second call gives the same bits."""
     hidden, weight, _ = random_head(50, 16, 120, torch.float32, device)
     hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
     labels = random_labels((50,), 120, device)
     with _small_chunks(torch.float32, rows=16):
         loss = linear_cross_entropy(hidden, weight, labels) * 3.7
         first = [g.clone() for g in torch.autograd.grad(loss, (hidden, weight), retain_graph=True)]
-        second = torch.autograd.grad(loss, (hidden, weight))
+        with pytest.raises(RuntimeError, match="DOCQA_FAST_LOSSES_ROUTE=recompute"):
+            torch.autograd.grad(loss, (hidden, weight))
         again = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels) * 3.7, (hidden, weight))
-    for a, b, c in zip(first, second, again):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, c in zip(first, again):
+        assert torch.equal(a, c)
+
+
+def test_the_weight_gradient_is_the_tensor_formed_in_the_forward(backend, device, monkeypatch):
+    """No gradient-sized copy in the backward: the leaves' .grad are the very d_weight and d_hidden
+    the forward formed (scaled in place by the backward's 0.5)."""
+    formed = []
+    original = type(ops.GRADS).__call__
+
+    def spy(self, *args):
+        out = original(self, *args)
+        if self is ops.GRADS:  # addresses only: a reference held here would make autograd copy
+            formed.append([t.data_ptr() for t in out])
+        return out
+
+    monkeypatch.setattr(type(ops.GRADS), "__call__", spy)
+    hidden, weight, _ = random_head(40, 16, 90, torch.float32, device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    labels = random_labels((40,), 90, device)
+    (linear_cross_entropy(hidden, weight, labels) * 0.5).backward()
+    _, d_hidden, d_weight, _ = formed[-1]
+    assert weight.grad.data_ptr() == d_weight
+    assert hidden.grad.data_ptr() == d_hidden
 
 
 def test_create_graph_is_refused(backend, device):
@@ -131,8 +180,8 @@ def test_without_gradients_the_forward_is_the_statistics_pass(backend, device, m
     with torch.no_grad():
         assert linear_cross_entropy(hidden, weight, labels).grad_fn is None
     losses = linear_cross_entropy(hidden, weight, labels, reduction="none")
-    assert ROUTE_OP not in type(losses.grad_fn).__name__
-    assert ROUTE_OP in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+    assert ROUTE_NODE not in type(losses.grad_fn).__name__
+    assert ROUTE_NODE in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
 
 
 @pytest.mark.backends("triton")
@@ -146,14 +195,23 @@ def test_with_triton_products(backend, device, monkeypatch):
 
 
 @pytest.mark.backends("triton")
-def test_budget_setting_cuts_row_chunks(backend, device, monkeypatch):
-    """DOCQA_FAST_LOSSES_CHUNK_MIB bounds the chunk: whole grains of rows over the whole vocabulary."""
-    vocab = 130
-    monkeypatch.setenv(chunked.CHUNK_ENV, str(64 * vocab * 6 / 2**20))  # one 64-row grain, 16-bit G
+@pytest.mark.parametrize("dtype16", [torch.float16, torch.bfloat16])
+def test_budget_setting_cuts_row_chunks(backend, device, monkeypatch, dtype16):
+    """DOCQA_FAST_LOSSES_CHUNK_MIB bounds the chunk: whole grains of rows over the whole vocabulary,
+    16 bits a logit plus the fp32 products' columns (and fp16's (V, H) fp32 accumulator beside)."""
+    vocab, hidden_size = 130, 16
+    per_row = vocab * 2 + 256 * 4  # 16-bit logits; the products 2 column grains wide (the vocabulary's)
+    accumulator = vocab * hidden_size * 4 if dtype16 == torch.float16 else 0
+    monkeypatch.setenv(chunked.CHUNK_ENV, str((64 * per_row + accumulator) / 2**20))  # one 64-row grain
+    plan = chunked.forward_grad_plan(150, vocab, hidden_size, dtype16, 16384, 8192)
+    assert (plan.rows, plan.columns, plan.accumulator) == (64, 256, dtype16 == torch.float16)
+    if dtype16 == torch.bfloat16:
+        return  # the interpreter computes no bf16
     seen = []
     original = kernels.chunk_stats
-    monkeypatch.setattr(kernels, "chunk_stats", lambda z, *rest: seen.append(z.shape) or original(z, *rest))
-    hidden, weight, _ = random_head(150, 16, vocab, torch.float16, device)
+    monkeypatch.setattr(kernels, "chunk_stats",
+                        lambda z, *rest, **options: seen.append(z.shape) or original(z, *rest, **options))
+    hidden, weight, _ = random_head(150, hidden_size, vocab, dtype16, device)
     labels = random_labels((150,), vocab, device, ignore="nowhere")
     check_by_rule(*_ce(labels), {"hidden": hidden, "weight": weight})
     assert seen == [(64, vocab), (64, vocab), (22, vocab)]
@@ -168,12 +226,12 @@ def test_route_setting_and_tuned_choice(backend, device, monkeypatch):
         linear_cross_entropy(hidden, weight, labels)
     monkeypatch.setenv(fused.ROUTE_ENV, "auto")
     monkeypatch.setenv(tuning.TABLE_ENV, "off")
-    assert ROUTE_OP not in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__  # built-in: recompute
+    assert ROUTE_NODE not in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__  # built-in: recompute
     with _small_chunks(torch.float32):
-        assert ROUTE_OP in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+        assert ROUTE_NODE in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
     monkeypatch.setenv(fused.ROUTE_ENV, "recompute")
     with _small_chunks(torch.float32):
-        assert ROUTE_OP not in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
+        assert ROUTE_NODE not in type(linear_cross_entropy(hidden, weight, labels).grad_fn).__name__
 
 
 def test_the_op_checks_its_arguments(backend, device):
@@ -181,7 +239,7 @@ def test_the_op_checks_its_arguments(backend, device):
     hidden, weight, bias = random_head(6, 8, 20, torch.float32, device, bias=True)
     labels = random_labels((6,), 20, device)
     good = (hidden, weight, bias, labels, -100, 0.0, 0.0, True, True, True, True)
-    loss, scale, d_hidden, d_weight, d_bias = op(*good)
+    loss, d_hidden, d_weight, d_bias = op(*good)
     assert d_hidden.shape == hidden.shape and d_weight.shape == weight.shape and d_bias.shape == bias.shape
     for index, bad, error, match in [
             (0, hidden[None], ValueError, "hidden"), (1, weight.half(), TypeError, "weight"),
@@ -197,7 +255,7 @@ def test_the_op_checks_its_arguments(backend, device):
         op(hidden, weight, None, labels, -100, 0.0, 0.0, True, True, True, True)
     # A gradient wanted that the call did not form: an error, not a silent zero.
     hidden.requires_grad_()
-    loss = op(hidden, weight, None, labels, -100, 0.0, 0.0, True, False, True, False)[0]
+    loss = ops.cross_entropy_with_grads(hidden, weight, None, labels, -100, 0.0, 0.0, True, (False, True, False))
     with pytest.raises(RuntimeError, match="need_hidden"):
         loss.backward()
 
@@ -212,12 +270,11 @@ def test_real_vocabulary_size(backend, device, vocab):
 
 
 def test_the_op_passes_opcheck(backend, device):
-    """Schema, fake, autograd registration and the AOT-traced backward (with the create_graph refusal
-    in place: AOT traces the backward without create_graph) of linear_cross_entropy_grads."""
+    """Schema, fake and AOT tracing of linear_cross_entropy_grads (its autograd is an autograd.Function
+    around it, traced by test_torch_compile_traces_the_route)."""
     hidden, weight, bias = random_head(6, 8, 20, torch.float32, device, bias=True)
     labels = random_labels((6,), 20, device)
-    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, 0.1, 1e-3, True,
-            True, True, True)
+    args = (hidden, weight, bias, labels, -100, 0.1, 1e-3, True, True, True, True)
     torch.library.opcheck(torch.ops.docqa_fast.linear_cross_entropy_grads, args)
 
 
@@ -238,12 +295,28 @@ def test_bad_input_is_refused_as_on_the_other_route(backend, device):
             call()
 
 
-def test_row_rule_of_the_route():
-    """CHUNK_ROWS rows (spread evenly, all when fewer), or whole 64-row grains of the budget setting."""
-    assert chunked.forward_grad_rows(8192, 152064, torch.bfloat16, 2048) == 2048
-    assert chunked.forward_grad_rows(5000, 152064, torch.bfloat16, 2048) == 1728  # 3 chunks, not 2048 + 904
-    assert chunked.forward_grad_rows(300, 152064, torch.bfloat16, 2048) == 300
-    assert chunked.forward_grad_rows(0, 152064, torch.bfloat16, 2048) == 1
+def test_chunk_rule_of_the_route():
+    """The budget (half the bf16 logits, at most 4 GiB) sets the rows; bf16 d_weight sums in the
+    gradient over at most 4 chunks, else in a (V, H) fp32 accumulator; fp16 always in one; fp32
+    in its own gradient. Qwen2.5's head: hidden 3584, vocabulary 152,064."""
+    def plan(n_rows, dtype, chunk_rows=16384, vocab=152064, hidden_size=3584):
+        p = chunked.forward_grad_plan(n_rows, vocab, hidden_size, dtype, chunk_rows, 8192)
+        return p.rows, p.columns, p.accumulator
+
+    per_row = 152064 * 2 + 8192 * 4
+    # 8K tokens, an eighth ignored: 3 chunks of 2,432 rows, 0.76 GiB (the naive path: ~13 GiB).
+    assert plan(7168, torch.bfloat16) == (2432, 8192, False)
+    assert 2432 * per_row < 0.77 * 2**30
+    assert plan(28672, torch.bfloat16) == (9600, 8192, False)  # 32K: 3 chunks, 3 GiB
+    # 128K: the 4 GiB cap would take 10 chunks; the 2 GiB fp32 accumulator and 6,080-row chunks.
+    assert plan(114688, torch.bfloat16) == (6080, 8192, True)
+    assert 152064 * 3584 * 4 + 6080 * per_row <= 4 << 30
+    assert plan(7168, torch.bfloat16, chunk_rows=2048) == (1792, 8192, False)  # the tuned cap, spread evenly
+    assert plan(7168, torch.float16)[2] and not plan(7168, torch.float32)[2]
+    assert plan(7168, torch.float32) == (3584, 152064, False)  # 32-bit logits, G in place: 2 chunks
+    assert plan(300, torch.bfloat16) == (300, 8192, False)  # one chunk of every row
+    assert plan(0, torch.bfloat16)[0] == 1
+    assert plan(20, torch.bfloat16, vocab=200, hidden_size=8) == (20, 256, False)  # narrow vocabularies: one column chunk
 
 
 @pytest.mark.backends("triton")
@@ -261,7 +334,7 @@ def test_torch_compile_traces_the_route(backend, device):
         got = compiled(hidden, weight, labels)
         got_grads = torch.autograd.grad(got, (hidden, weight))
         expected = step(hidden, weight, labels)
-        assert ROUTE_OP in type(expected.grad_fn).__name__
+        assert ROUTE_NODE in type(expected.grad_fn).__name__
         for a, b in zip((got, *got_grads), (expected, *torch.autograd.grad(expected, (hidden, weight)))):
             torch.testing.assert_close(a, b)
 
@@ -269,15 +342,19 @@ def test_torch_compile_traces_the_route(backend, device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
 def test_memory_at_the_qwen_head_on_gpu(monkeypatch):
     """Forward + backward at 8K tokens through Qwen2.5's head (bf16), route forced: beyond inputs
-    and gradients, the (V, H) fp32 accumulator, the (N, H) fp32 d_hidden and one chunk of
-    CHUNK_ROWS x V logits (fp32) and G (bf16) -- 3.9 GiB by the rule (docs/losses.md) -- plus
-    256 MiB for the library's workspaces and the small (N,) vectors. A memory bound, not a timing."""
+    and gradients, one chunk of rows x V bf16 logits and rows x CHUNK_COLUMNS fp32 products (and
+    the (V, H) fp32 accumulator if the plan takes one) -- 0.86 GiB by the rule (docs/losses.md),
+    against ~13 GiB for the naive path -- plus 256 MiB for the library's workspaces and the small
+    (N,) and (N, H) vectors. A memory bound, not a timing."""
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "triton")
     monkeypatch.setenv(fused.ROUTE_ENV, "fwd-grad")
     n_rows, hidden_size, vocab = 8192, 3584, 152064
     extra = cross_entropy_step_memory(n_rows, hidden_size, vocab, labels_ignore="nowhere")
-    rows = kernels.tiles("losses_route", torch.bfloat16, torch.device("cuda"))["CHUNK_ROWS"]  # the tuned table's
-    rule = 4 * vocab * hidden_size + 4 * n_rows * hidden_size + rows * vocab * 6
+    cuda = torch.device("cuda")
+    plan = chunked.forward_grad_plan(n_rows, vocab, hidden_size, torch.bfloat16,
+                                     kernels.tiles("losses_route", torch.bfloat16, cuda)["CHUNK_ROWS"],
+                                     kernels.tiles("losses_chunks", torch.bfloat16, cuda)["CHUNK_COLUMNS"])
+    rule = plan.rows * (vocab * 2 + plan.columns * 4) + (4 * vocab * hidden_size if plan.accumulator else 0)
     assert extra < rule + (256 << 20), f"{extra / 2**20:.0f} MiB beyond the gradients; the rule {rule / 2**20:.0f}"
 
 
