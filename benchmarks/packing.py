@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_leaves
 from docqa_fast.packing import get_rope_index, merge_visual_tokens, pack_multimodal, plan_packing
 from docqa_fast.packing.ops import PACK_TOKENS
 from docqa_fast.reference.packing import merge_visual_tokens_ref, plan_packing_ref
+from docqa_fast.testing import no_host_sync
 
 from .harness import Case, Provider, compiled_provider, ours_per_backend, register_family
 
@@ -84,21 +85,18 @@ def _count_host_syncs(device: torch.device):
 
     for name, original in originals.items():
         setattr(torch.Tensor, name, counting(original))
-    caught = contextlib.nullcontext([])
-    if device.type == "cuda":
+    on_gpu = device.type == "cuda"
+    caught, watched = contextlib.nullcontext([]), contextlib.nullcontext()
+    if on_gpu:
         torch.cuda.synchronize(device)
-        caught = warnings.catch_warnings(record=True)
+        caught, watched = warnings.catch_warnings(record=True), no_host_sync("warn")
     try:
         with caught as records:
-            if device.type == "cuda":
+            if on_gpu:
                 warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
+            with watched:
                 yield result
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("default")
-        if device.type == "cuda":
+        if on_gpu:
             result["syncs"] = sum("synchroniz" in str(r.message) for r in records)
     finally:
         for name, original in originals.items():

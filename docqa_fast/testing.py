@@ -1,5 +1,6 @@
 """Test helpers shared by every op family: flash-attn's tolerance rule, inputs whose fp32 sum tells a
-compensated reduction from a plain one, CUDA-graph capture, and a test's tuned-table setting.
+compensated reduction from a plain one, CUDA-graph capture, host-sync and dispatched-op watches, and a
+test's tuned-table setting.
 
 The rule (README.md, "Numerics and testing rule"): a kernel's max error against an exact (fp64) computation is
 at most ``factor`` times the max error of the same computation done in plain PyTorch at the
@@ -13,21 +14,49 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _error_floor(exact: torch.Tensor, dtype: torch.dtype) -> float:
-    """A few units in the last place of ``dtype`` at the exact result's magnitude.
+def _error_floor(exact: torch.Tensor, dtype: torch.dtype, magnitude: torch.Tensor | float | None = None) -> float:
+    """A few units in the last place of ``dtype`` at the computation's magnitude: the exact result's,
+    or ``magnitude`` (see :func:`allowed_error`) where that is larger.
 
     When the plain-PyTorch computation happens to be exact (fp32 inputs, say), 2x its error
     is 0 and a correct kernel that merely rounds in another order would fail; this floor is
     the rounding any implementation at ``dtype`` is entitled to.
     """
     scale = exact.abs().max().item() if exact.numel() else 0.0
+    if isinstance(magnitude, torch.Tensor):
+        magnitude = magnitude.double()
+        magnitude = magnitude[torch.isfinite(magnitude)]
+        magnitude = magnitude.abs().max().item() if magnitude.numel() else None
+    if magnitude is not None:
+        scale = max(scale, abs(float(magnitude)))
     return 4 * torch.finfo(dtype).eps * max(scale, 1.0)
 
 
+def allowed_error(exact: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype, *, factor: float = 2.0,
+                  magnitude: torch.Tensor | float | None = None) -> float:
+    """The largest max error :func:`assert_close_by_rule` accepts from a kernel whose result has
+    ``dtype``: ``factor`` x plain's error against ``exact``, plus the rounding floor (4 ulp of ``dtype``
+    at the larger of the exact result's magnitude, 1, and ``magnitude``).
+
+    ``magnitude`` is the size of the terms the computation reduces, or an upper bound of its
+    intermediates, where it can exceed the result's: a sum that cancels is rounded at its terms'
+    scale, not at its result's (an attention LSE of one key is q.k * scale, whose products can be
+    far larger than the dot product), and when the plain computation happens to round exactly, the
+    floor is all the kernel is allowed. A tensor (NaN and infinities ignored) or a number; None: the
+    exact result's magnitude alone.
+    """
+    exact64, plain64 = exact.double(), plain.double()
+    finite = torch.isfinite(exact64)
+    plain_error = (plain64 - exact64)[finite].abs().nan_to_num(0.0).max().item() if finite.any() else 0.0
+    return factor * plain_error + _error_floor(exact64[finite], dtype, magnitude)
+
+
 def assert_close_by_rule(actual: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, *,
-                         factor: float = 2.0, name: str = "output") -> None:
+                         factor: float = 2.0, name: str = "output",
+                         magnitude: torch.Tensor | float | None = None) -> None:
     """Assert ``actual`` is within ``factor`` x the error of ``plain``, both against ``exact``.
 
     Args:
@@ -36,6 +65,8 @@ def assert_close_by_rule(actual: torch.Tensor, exact: torch.Tensor, plain: torch
         plain: the same computation in plain PyTorch at the kernel's precision.
         factor: 2 for outputs, 2-3 for gradients.
         name: what is compared, for the message.
+        magnitude: the size of the reduced terms where it can exceed the result's, for the
+            rounding floor (:func:`allowed_error`).
     """
     if actual.shape != exact.shape or plain.shape != exact.shape:
         raise AssertionError(f"{name}: shapes differ: actual {tuple(actual.shape)}, exact {tuple(exact.shape)}, "
@@ -54,7 +85,7 @@ def assert_close_by_rule(actual: torch.Tensor, exact: torch.Tensor, plain: torch
     finite = torch.isfinite(exact64)
     error = (actual64 - exact64)[finite].abs().max().item() if finite.any() else 0.0
     plain_error = (plain64 - exact64)[finite].abs().nan_to_num(0.0).max().item() if finite.any() else 0.0
-    allowed = factor * plain_error + _error_floor(exact64[finite], actual.dtype)
+    allowed = allowed_error(exact64, plain64, actual.dtype, factor=factor, magnitude=magnitude)
     if not error <= allowed:
         raise AssertionError(f"{name}: max error {error:.3g} > {factor} x plain-PyTorch error {plain_error:.3g} "
                              f"(+ rounding floor; allowed {allowed:.3g})")
@@ -119,6 +150,45 @@ def capture_cuda_graph(fn: Callable[[], Any], *, warmup: int = 1) -> CapturedGra
     with torch.cuda.graph(graph, stream=side):
         outputs = fn()
     return CapturedGraph(graph, outputs, fn)
+
+
+@contextlib.contextmanager
+def no_host_sync(mode: str = "error") -> Iterator[None]:
+    """Within: every host synchronisation with the CUDA device (``.item()``, ``.tolist()``,
+    ``nonzero``, a copy from pageable host memory, ...) raises (``mode="error"``) or warns
+    (``"warn"``: count them with ``warnings.catch_warnings``), through
+    ``torch.cuda.set_sync_debug_mode``; the mode before is restored on exit, however the block ends.
+    Only syncs with a CUDA device exist: without one this is a RuntimeError, not a check that passes.
+    """
+    if mode not in ("error", "warn"):
+        raise ValueError(f"expected mode 'error' or 'warn', got {mode!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no_host_sync needs a CUDA device: none is available")
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+class OpLog(TorchDispatchMode):
+    """The aten ops dispatched under it, by name (``"aten.full.default"``), in call order: ``ops``.
+
+    Outermost only: a custom op is logged as itself, its body is not entered. ``keep(name, args)``,
+    when given, picks the ops to log (e.g. those that read tensor values on the host).
+    """
+
+    def __init__(self, keep: Callable[[str, tuple], bool] | None = None):
+        super().__init__()
+        self.ops: list[str] = []
+        self.keep = keep
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if self.keep is None or self.keep(name, args):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 capture_cuda_graph: its argument checks and, with torch.cuda's streams and graphs replaced by
 recording fakes, the order it runs things in (so the CPU suite checks the logic every GPU capture
 test relies on); the real capture and replay on a GPU. tuned_tables: the setting it makes and the
-reloads around it. long_sum_terms: the drift it promises."""
+reloads around it. long_sum_terms: the drift it promises. assert_close_by_rule: its rounding floor
+(with and without the reduced terms' magnitude) passes rounding and catches an error a few ulps
+past it. no_host_sync: its mode set and restored (torch.cuda's calls recorded). OpLog: what it logs."""
 
 import contextlib
 import os
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from docqa_fast.kernels import tuning
-from docqa_fast.testing import capture_cuda_graph, long_sum_terms, tuned_tables
+from docqa_fast.testing import (OpLog, allowed_error, assert_close_by_rule, capture_cuda_graph, long_sum_terms,
+                                no_host_sync, tuned_tables)
 
 
 class _FakeCuda:
@@ -155,3 +158,69 @@ def test_long_sum_terms_are_lost_block_by_block_and_kept_by_a_pairwise_sum():
     ulp = torch.finfo(torch.float32).eps
     assert abs(exact - 1) > 90 * ulp  # ~100 ulp lost: what the tests using these terms detect
     assert abs(terms.sum().double() - exact) < 10 * ulp  # torch's (pairwise, vectorised) sum keeps most
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("magnitude", [None, 8.0, torch.tensor([8.0, float("-inf"), float("nan")])],
+                         ids=["result", "number", "tensor"])
+def test_the_floor_passes_rounding_and_catches_a_few_ulps_past_it(magnitude):
+    """An fp32 result whose plain computation rounds exactly: the floor is all a kernel may add, 4 ulp
+    at the larger of the result's magnitude (here 0.5 -> 1) and the reduced terms' (8, finite only)."""
+    exact = torch.tensor([0.5, -0.25, 0.125], dtype=torch.float64)
+    plain = exact.float()
+    scale = 1.0 if magnitude is None else 8.0
+    floor = 4 * EPS32 * scale
+    assert allowed_error(exact, plain, torch.float32, magnitude=magnitude) == pytest.approx(floor, rel=1e-12)
+    within = (exact + torch.tensor([0.9 * floor, 0, 0], dtype=torch.float64)).float()
+    assert_close_by_rule(within, exact, plain, magnitude=magnitude)
+    # A real error 3 ulp (at the floor's scale) past the floor fails, whichever element holds it.
+    past = (exact + torch.tensor([0, 0, -(floor + 3 * EPS32 * scale)], dtype=torch.float64)).float()
+    with pytest.raises(AssertionError, match="lse: max error"):
+        assert_close_by_rule(past, exact, plain, magnitude=magnitude, name="lse")
+
+
+def test_the_floor_follows_the_terms_of_a_cancelling_sum():
+    """fp32 dot products that cancel to ~0.01 from products of ~4: the kernel's rounding is at the terms'
+    scale, which the result's magnitude alone does not allow; the terms' magnitude does, and no more."""
+    x = torch.tensor([4.0, -4.0 + 2 ** -6, 1e-3], dtype=torch.float64)
+    exact = x.sum(0, keepdim=True)
+    rounded_at_terms = exact + 6 * EPS32 * 4  # 6 ulp of the terms: what two fp32 adds may lose there
+    with pytest.raises(AssertionError):
+        assert_close_by_rule(rounded_at_terms.float(), exact, exact.float())
+    terms = x.abs().sum()
+    assert_close_by_rule(rounded_at_terms.float(), exact, exact.float(), magnitude=terms)
+    with pytest.raises(AssertionError):
+        assert_close_by_rule((exact + 4 * EPS32 * terms + 3 * EPS32 * terms).float(), exact, exact.float(),
+                             magnitude=terms)
+
+
+def test_no_host_sync_sets_the_mode_and_restores_the_one_before(monkeypatch):
+    modes = [1]  # the mode before: "warn", say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with no_host_sync():
+        assert modes[-1] == "error"
+    assert modes == [1, "error", 1]
+    with pytest.raises(KeyError), no_host_sync("warn"):
+        raise KeyError("a failing block")
+    assert modes == [1, "error", 1, "warn", 1]
+    with pytest.raises(ValueError, match="mode 'error' or 'warn'"), no_host_sync("default"):
+        pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"), no_host_sync():
+        pass
+    assert modes == [1, "error", 1, "warn", 1]
+
+
+def test_op_log_logs_outermost_ops_by_name_and_keeps_what_it_is_told():
+    x = torch.arange(6.0)
+    with OpLog() as log:
+        (x * 2).sum().item()
+    assert log.ops == ["aten.mul.Tensor", "aten.sum.default", "aten._local_scalar_dense.default"]
+    with OpLog(keep=lambda name, args: name.startswith("aten._local_scalar_dense")) as reads:
+        (x > 2).nonzero()
+        int(x.sum())
+    assert reads.ops == ["aten._local_scalar_dense.default"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import docqa_fast
 from docqa_fast.attention.ops import _attention_forward_op
 from docqa_fast.reference.attention import attention_ref
-from docqa_fast.testing import assert_close_by_rule
+from docqa_fast.testing import allowed_error, assert_close_by_rule
 
 pytestmark = pytest.mark.backends("reference", "triton")  # no CUDA C++ attention: Triton is the fast path
 ON_GPU = torch.cuda.is_available()
@@ -44,6 +44,21 @@ def random_qkv(batch=2, seqlen_q=48, seqlen_k=48, heads=4, kv_heads=2, head_dim=
     return q, k, v
 
 
+def plain_lse(q, k, v, **options):
+    """The LSE in plain PyTorch at the kernels' LSE precision, fp32 (the inputs are exact in it)."""
+    return attention_ref(*(t.detach().float() for t in (q, k, v)), upcast=False, **options)[1]
+
+
+def lse_magnitude(q, k, **options):
+    """A bound of the magnitudes an LSE's computation reaches, for the tolerance rule's floor: the
+    LSE (fp64, the reference's masks, windows and biases) of the scores |q|.|k| * scale. It is at
+    least the largest sum of |q_d k_d| * scale a row reduces -- where the dot products round, which
+    cancellation can put far above the LSE itself (one key: LSE = q.k * scale) -- and at most that
+    plus log(keys): the kernels' running maximum plus the log of their sum of exponentials."""
+    q, k = (t.detach().double().abs() for t in (q, k))
+    return attention_ref(q, k, k, **options)[1]
+
+
 def assert_matches_reference(q, k, v, dout, out, grads, *, lse=None, factor_grad=3.0, **options):
     """``out`` (and ``lse`` when given) and ``grads`` -- (dq, dk, dv) for the output gradient ``dout`` --
     of an attention call on q, k, v against ``attention_ref(q, k, v, **options)`` by the tolerance
@@ -57,7 +72,8 @@ def assert_matches_reference(q, k, v, dout, out, grads, *, lse=None, factor_grad
     plain_out, _, plain_grads = reference(q.dtype, False)
     assert_close_by_rule(out, exact_out, plain_out, name="out")
     if lse is not None:
-        assert_close_by_rule(lse, exact_lse, exact_lse.float(), name="lse")
+        assert_close_by_rule(lse, exact_lse, plain_lse(q, k, v, **options), name="lse",
+                             magnitude=lse_magnitude(q, k, **options))
     for name, g, e, p in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
         e = torch.zeros_like(g, dtype=torch.float64) if e is None else e
         p = torch.zeros_like(g) if p is None else p
@@ -87,6 +103,28 @@ def test_dense_matches_reference(backend, precision, seqlen_q, seqlen_k, head_di
     k = torch.randn(2, seqlen_k, kv_heads, head_dim, device=device).to(dtype)
     v = torch.randn(2, seqlen_k, kv_heads, head_dim, device=device).to(dtype)
     check_attention(q, k, v, causal=causal)
+
+
+def test_lse_check_catches_an_error_a_few_ulps_past_its_floor(backend, device):
+    """One key: the LSE is q.k * scale, its plain error often 0, so the floor at the dot products'
+    magnitude is most of what the check allows. The kernel's LSE moved, in one element, a few fp32
+    ulps (at that magnitude) past the allowance must fail; unmoved it passes."""
+    q, k, v = random_qkv(seqlen_q=1, seqlen_k=1, heads=2, kv_heads=2, device=device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse, _ = docqa_fast.flash_attn_func(q, k, v, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert_matches_reference(q, k, v, dout, out, grads, lse=lse)
+
+    exact = attention_ref(q.detach().double(), k.detach().double(), v.detach().double())[1]
+    magnitude = lse_magnitude(q, k)
+    allowed = allowed_error(exact, plain_lse(q, k, v), torch.float32, magnitude=magnitude)
+    ulp = torch.finfo(torch.float32).eps * magnitude.max().item()
+    moved = lse.detach().clone()
+    away = 1.0 if moved[0, 0, 0] >= exact[0, 0, 0] else -1.0  # from exact: the error is at least the move
+    moved[0, 0, 0] += away * (allowed + 3 * ulp)
+    with pytest.raises(AssertionError, match="lse: max error"):
+        assert_matches_reference(q, k, v, dout, out, grads, lse=moved)
 
 
 @pytest.mark.parametrize("window_size, causal", [((8, -1), False), ((8, -1), True), ((5, 3), False),

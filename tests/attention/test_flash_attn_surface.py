@@ -135,17 +135,24 @@ def test_alibi_kvcache(backend, paged, device):
         k_cache = torch.randn(batch, 64, kv_heads, head_dim, device=device, dtype=torch.float16)
         extra = dict(cache_leftpad=torch.tensor([3, 0, 0], dtype=torch.int32, device=device))
     v_cache = torch.randn_like(k_cache)
+
+    def reference(options, dtype, absolute=False, **upcast):
+        """The reference on copies of the inputs (it appends to its caches) in ``dtype``: -> (out, lse),
+        and its caches. ``absolute``: on |q|, |k| (see test_attention.lse_magnitude)."""
+        tensors = [t.to(dtype).abs() if absolute else t.to(dtype, copy=True) for t in (q, k_cache, v_cache, k, v)]
+        return flash_attn_with_kvcache_ref(*tensors, **options, **upcast), tensors[1:3]
+
     for slopes in (_slopes((heads,), device), _slopes((batch, heads), device)):
-        caches = [(k_cache.clone(), v_cache.clone()) for _ in range(3)]
-        out, lse = docqa_fast.flash_attn_with_kvcache(q, *caches[0], k, v, cache_seqlens=lengths, causal=True,
-                                                     alibi_slopes=slopes, return_softmax_lse=True, **extra)
-        exact, exact_lse = flash_attn_with_kvcache_ref(q, *caches[1], k, v, cache_seqlens=lengths, causal=True,
-                                                       alibi_slopes=slopes, return_softmax_lse=True, **extra)
-        plain = flash_attn_with_kvcache_ref(q, *caches[2], k, v, cache_seqlens=lengths, causal=True,
-                                            alibi_slopes=slopes, upcast=False, **extra)
-        assert_close_by_rule(out, exact.double(), plain, name="out")
-        torch.testing.assert_close(lse, exact_lse, atol=1e-3, rtol=1e-3)
-        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+        options = dict(cache_seqlens=lengths, causal=True, alibi_slopes=slopes, return_softmax_lse=True, **extra)
+        ours = (k_cache.clone(), v_cache.clone())
+        out, lse = docqa_fast.flash_attn_with_kvcache(q, *ours, k, v, **options)
+        (exact, exact_lse), exact_caches = reference(options, torch.float64)
+        (plain, _), _ = reference(options, q.dtype, upcast=False)
+        (_, plain_lse), _ = reference(options, torch.float32, upcast=False)  # the kernel's LSE precision
+        (_, magnitude), _ = reference(options, torch.float64, absolute=True)
+        assert_close_by_rule(out, exact, plain, name="out")
+        assert_close_by_rule(lse, exact_lse, plain_lse, name="lse", magnitude=magnitude)
+        assert all(torch.equal(a.double(), b) for a, b in zip(ours, exact_caches))  # fp16 values, exact in fp64
 
 
 def test_alibi_varlen_over_a_paged_cache(backend, device):

@@ -6,11 +6,10 @@ import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from docqa_fast.packing import merge_visual_tokens, vision_window_index
 from docqa_fast.reference.packing import merge_visual_tokens_ref, vision_window_index_ref
-from docqa_fast.testing import capture_cuda_graph
+from docqa_fast.testing import OpLog, capture_cuda_graph, no_host_sync
 
 IMAGE, VIDEO = 151655, 151656
 # merge: "extension" = the extension (CUDA kernels on a GPU, their C++ twins on CPU tensors here),
@@ -77,18 +76,6 @@ def test_merge_compiles_fullgraph(backend):
     assert torch.equal(fn(embeds, ids, visual), merge_visual_tokens_ref(embeds, ids, visual, IMAGE))
 
 
-class _OpLog(TorchDispatchMode):
-    """The aten ops a call dispatches (outermost only: a custom op's body is not entered)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("token", [IMAGE, (IMAGE, VIDEO), [VIDEO, IMAGE], "cpu tensor"])
 def test_merge_token_ids_not_built_from_host_data(token):
     """check=False must not sync on CUDA tensors, nor hold a copy a CUDA graph cannot capture:
@@ -100,9 +87,9 @@ def test_merge_token_ids_not_built_from_host_data(token):
     if token == "cpu tensor":
         token = torch.tensor([IMAGE, VIDEO])
     embeds, ids, visual = torch.randn(2, 30, 8), _ids((2, 30), 6, 4), torch.randn(10, 8)
-    with _OpLog() as log:
+    with OpLog() as log:
         out = merge_visual_tokens(embeds, ids, visual, token, check=False)
-    names = [str(op) for op in log.ops]
+    names = log.ops
     assert not [n for n in names if "lift_fresh" in n or "_to_copy" in n or n.startswith("aten.copy")], names
     assert "aten.full.default" in names
     assert torch.equal(out, merge_visual_tokens_ref(embeds, ids, visual, expected_token))
@@ -254,11 +241,8 @@ def test_merge_cuda_kernel_many_tiles_sync_free_and_capturable(monkeypatch):
     for backend in ("extension", "reference"):
         monkeypatch.setenv("DOCQA_FAST_BACKEND", backend)
         for token in tokens:
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with no_host_sync():
                 unchecked = merge_visual_tokens(e, ids, v, token, check=False)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
             assert torch.equal(unchecked, expected), (backend, token)
     monkeypatch.setenv("DOCQA_FAST_BACKEND", "extension")
     # two ids: two fills and their concatenation are captured too

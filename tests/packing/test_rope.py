@@ -13,6 +13,7 @@ import torch
 from docqa_fast.packing import get_rope_index, patch_transformers_rope_index, unpatch_transformers_rope_index
 from docqa_fast.integrations.transformers import detect_video_time_rounding
 from docqa_fast.reference.packing import get_rope_index_ref
+from docqa_fast.testing import no_host_sync
 
 from .documents import batch, random_document, tiny_qwen_config
 
@@ -150,11 +151,8 @@ def test_no_host_sync_when_unchecked(request):
         pytest.skip("host syncs are observable on CUDA tensors only")
     rng = _rng(request)
     inputs = {k: v.cuda() if v is not None else None for k, v in batch([random_document(rng, max_images=20)]).items()}
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         get_rope_index(**inputs, check=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.filterwarnings("ignore:Qwen2_5_VLModel.get_rope_index truncates")  # transformers <= 5.17
