@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 import docqa_fast
 
-from .harness import CPU_INPUT_BUDGET, Case, Provider, flash_attn_unavailable, register_family
+from .harness import (CPU_INPUT_BUDGET, INTERPRETER_TOO_SLOW, Case, Provider, flash_attn_unavailable, gpu_only,
+                      register_family)
 
 FAMILY = "attention"
 DTYPE = torch.bfloat16
@@ -60,11 +61,6 @@ SIZES = {
 DOCS_PER_ROW = (4, 32)  # the packed workload: 4-32 documents in one row (WORKLOADS.md)
 MODES = ("fwd", "bwd", "fwd_bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-
-
-def _gpu_only(reason):
-    """An availability rule: None on a GPU, else ``reason``."""
-    return lambda device: None if device.type == "cuda" else reason
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -156,7 +152,6 @@ def _dense_twin(forward):
 # first for dense calls), and our own Triton kernels forced, so their gap stays in view.
 OURS = {"docqa_fast (auto)": {"DOCQA_FAST_BACKEND": "auto", "DOCQA_FAST_ATTENTION": "auto"},
         "docqa_fast[triton]": {"DOCQA_FAST_BACKEND": "triton", "DOCQA_FAST_ATTENTION": "triton"}}
-OURS_UNAVAILABLE = "no GPU: the Triton interpreter is far too slow to time"
 
 
 def _ours(mode, causal, packed, name, dense_twin=False):
@@ -166,7 +161,7 @@ def _ours(mode, causal, packed, name, dense_twin=False):
         return _in_mode(_flash_attn_forward(docqa_fast, causal, packed), mode)
 
     return Provider(name + (" dense" if dense_twin else ""), build=build, ours=True, env=OURS[name],
-                    unavailable=_gpu_only(OURS_UNAVAILABLE))
+                    unavailable=gpu_only(INTERPRETER_TOO_SLOW))
 
 
 def math_fallback_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -205,7 +200,7 @@ def _sdpa(mode, causal, backend=None, dense_twin=False):
         return _in_mode(_dense_twin(forward) if dense_twin else forward, mode)
 
     name = (f"sdpa[{backend}]" if backend else "sdpa") + (" dense" if dense_twin else "")
-    unavailable = (lambda device: None) if backend is None else _gpu_only(f"{backend} needs a CUDA device")
+    unavailable = (lambda device: None) if backend is None else gpu_only(f"{backend} needs a CUDA device")
     return Provider(name, build=build, unavailable=unavailable)
 
 
@@ -291,8 +286,8 @@ def _flex(mode, causal, packed):
         return _in_mode(forward, mode)
 
     return Provider("flex_attention", build=build,
-                    unavailable=_gpu_only("FlexAttention is benchmarked on GPUs only (compiling it for a CPU "
-                                                 "would take longer than a --quick run)"))
+                    unavailable=gpu_only("FlexAttention is benchmarked on GPUs only (compiling it for a CPU "
+                                         "would take longer than a --quick run)"))
 
 
 def _flash_attn(mode, causal, packed):

@@ -33,7 +33,7 @@ import docqa_fast
 from docqa_fast.distributed.plan import ring_plan
 from docqa_fast.distributed.ring import _block_backward, ring_forward
 
-from .harness import Case, Provider, register_family
+from .harness import Case, Provider, gpu_only, register_family
 
 FAMILY = "distributed"
 DTYPE = torch.bfloat16
@@ -57,8 +57,7 @@ PUBLISHED = {
 }
 
 
-def _gpu_only(device: torch.device) -> str | None:
-    return None if device.type == "cuda" else "no GPU: the ring's per-rank compute is timed on CUDA only"
+_GPU_ONLY = gpu_only("no GPU: the ring's per-rank compute is timed on CUDA only")
 
 
 # ------------------------------------------------------------------------- timed cases
@@ -137,8 +136,8 @@ def cases(quick: bool) -> list[Case]:
     found = []
     for mode, ring_fn, unsharded_fn, factor in (("fwd", _ring_rank_fwd, _unsharded_fwd, 1.0),
                                                ("fwd_bwd", _ring_rank_fwd_bwd, _unsharded_fwd_bwd, 3.5)):
-        providers = (Provider("docqa_fast ring rank (simulated)", fn=ring_fn, ours=True, unavailable=_gpu_only),
-                     Provider("unsharded, same rows", fn=unsharded_fn, unavailable=_gpu_only))
+        providers = (Provider("docqa_fast ring rank (simulated)", fn=ring_fn, ours=True, unavailable=_GPU_ONLY),
+                     Provider("unsharded, same rows", fn=unsharded_fn, unavailable=_GPU_ONLY))
         for S in sizes["S"]:
             for P in sizes["P"]:
                 work = ring_plan(P, "zigzag", S, True, (-1, -1)).work(0)

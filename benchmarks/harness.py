@@ -139,6 +139,22 @@ def collect_cases(quick: bool, filter: str | None = None) -> list[Case]:
 
 # ------------------------------------------------------------------- provider helpers
 
+# Why our Triton providers are not timed without a GPU (they could run, under the interpreter).
+INTERPRETER_TOO_SLOW = "no GPU: the Triton interpreter is far too slow to time"
+
+
+def gpu_only(reason: str, then: Callable[[torch.device], str | None] | None = None
+             ) -> Callable[[torch.device], str | None]:
+    """An availability rule (:attr:`Provider.unavailable`) for a provider timed on GPUs only:
+    ``reason`` without a CUDA device; on one, what the further rule ``then`` says (None: it runs)."""
+    def check(device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return reason
+        return then(device) if then is not None else None
+
+    return check
+
+
 def ours_per_backend(fn: Callable, backends=("extension", "triton")) -> list[Provider]:
     """``docqa_fast[<backend>]`` providers of a public op, each forcing its backend.
 
@@ -152,25 +168,24 @@ def ours_per_backend(fn: Callable, backends=("extension", "triton")) -> list[Pro
 
 def _backend_unavailable(backend: str):
     def check(device: torch.device) -> str | None:
-        if backend == "triton" and device.type != "cuda":
-            return "no GPU: the Triton interpreter is far too slow to time"
         import docqa_fast
 
         status = docqa_fast.backends()[backend]
         return None if status.available else status.detail
 
-    return check
+    return gpu_only(INTERPRETER_TOO_SLOW, then=check) if backend == "triton" else check
 
 
-def flash_attn_unavailable(device: torch.device) -> str | None:
-    """Why flash-attn (the peer most attention users would pick) cannot run here, or None."""
-    if device.type != "cuda":
-        return "flash-attn needs a CUDA device"
+def _flash_attn_installed(device: torch.device) -> str | None:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         return "flash-attn is not installed"
     return None
+
+
+# Why flash-attn (the peer most attention users would pick) cannot run here, or None.
+flash_attn_unavailable = gpu_only("flash-attn needs a CUDA device", then=_flash_attn_installed)
 
 
 def eager_provider(fn: Callable, name: str = "eager") -> Provider:

@@ -35,7 +35,7 @@ import docqa_fast.inference as inference
 from docqa_fast.reference.kvcache import append_kv_ref, flash_attn_with_kvcache_ref
 from docqa_fast.testing import capture_cuda_graph
 
-from .harness import Case, Provider, flash_attn_unavailable, register_family
+from .harness import INTERPRETER_TOO_SLOW, Case, Provider, flash_attn_unavailable, gpu_only, register_family
 
 FAMILY = "inference"
 DTYPE = torch.bfloat16
@@ -77,8 +77,7 @@ def _call(fn, causal):
 def _ours(causal):
     return Provider("docqa_fast[triton]", fn=_call(inference.flash_attn_with_kvcache, causal), ours=True,
                     env={"DOCQA_FAST_BACKEND": "triton"},
-                    unavailable=lambda device: None if device.type == "cuda" else
-                    "no GPU: the Triton interpreter is far too slow to time")
+                    unavailable=gpu_only(INTERPRETER_TOO_SLOW))
 
 
 def _ours_unchecked(causal):
@@ -90,8 +89,7 @@ def _ours_unchecked(causal):
         with docqa_fast.value_checks(False):
             return call(*inputs)
     return Provider("docqa_fast[triton] value_checks(False)", fn=run, ours=True, env={"DOCQA_FAST_BACKEND": "triton"},
-                    unavailable=lambda device: None if device.type == "cuda" else
-                    "no GPU: the Triton interpreter is far too slow to time")
+                    unavailable=gpu_only(INTERPRETER_TOO_SLOW))
 
 
 def _ours_graph(causal):
@@ -110,14 +108,12 @@ def _ours_graph(causal):
         return run
 
     return Provider("docqa_fast[triton] cuda-graph", build=build, ours=True, env={"DOCQA_FAST_BACKEND": "triton"},
-                    unavailable=lambda device: None if device.type == "cuda" else "CUDA graphs need a CUDA device")
+                    unavailable=gpu_only("CUDA graphs need a CUDA device"))
 
 
 def _flashinfer():
     """FlashInfer's batch decode (tensor-core path for GQA) over our cache's pages, NHD layout."""
-    def unavailable(device):
-        if device.type != "cuda":
-            return "FlashInfer needs a CUDA device"
+    def installed(device):
         try:
             import flashinfer  # noqa: F401
         except ImportError:
@@ -149,7 +145,7 @@ def _flashinfer():
             return wrappers[id(q)][0].run(q[:, 0], (k_cache, v_cache)).unsqueeze(1)
         return run
 
-    return Provider("flashinfer", build=build, unavailable=unavailable)
+    return Provider("flashinfer", build=build, unavailable=gpu_only("FlashInfer needs a CUDA device", then=installed))
 
 
 def _reference(causal):
@@ -175,9 +171,7 @@ def _sdpa(backend, paged):
     def unavailable(device):
         if paged:
             return "SDPA has no paged cache (a gather first would time a copy, not attention)"
-        if backend is not None and device.type != "cuda":
-            return f"{backend} needs a CUDA device"
-        return None
+        return gpu_only(f"{backend} needs a CUDA device")(device) if backend is not None else None
 
     return Provider(f"sdpa[{backend}]" if backend else "sdpa", fn=run, unavailable=unavailable)
 
@@ -216,8 +210,7 @@ def _varlen_paged(fn):
 def _ours_varlen():
     return Provider("docqa_fast[triton] varlen+block_table", fn=_varlen_paged(docqa_fast.flash_attn_varlen_func),
                     ours=True, env={"DOCQA_FAST_BACKEND": "triton"},
-                    unavailable=lambda device: None if device.type == "cuda" else
-                    "no GPU: the Triton interpreter is far too slow to time")
+                    unavailable=gpu_only(INTERPRETER_TOO_SLOW))
 
 
 def _flash_attn_varlen(page):

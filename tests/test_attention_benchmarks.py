@@ -118,12 +118,12 @@ def test_quick_on_cpu_skips_what_needs_a_gpu_with_its_reason_once(capsys):
     for name, row in rows.items():
         if name != "sdpa":
             assert row["status"] == "skipped" and row["reason"], name
-    assert rows["docqa_fast[triton]"]["reason"] == attention.OURS_UNAVAILABLE
+    assert rows["docqa_fast[triton]"]["reason"] == attention.INTERPRETER_TOO_SLOW
     assert "CUDA" in rows["sdpa[CUDNN_ATTENTION]"]["reason"]
     record = harness.run_case(packed, CPU, quick=True)
     assert all(row["status"] == "skipped" and row["reason"] for row in record["providers"])
     table = report.case_table(record)  # nothing runs: one line, each reason once
-    assert table.startswith("Skipped here") and table.count(attention.OURS_UNAVAILABLE) == 1
+    assert table.startswith("Skipped here") and table.count(attention.INTERPRETER_TOO_SLOW) == 1
     text = cli.list_cases(_cases(quick=True), CPU)
     for provider in ("flex_attention", "docqa_fast[triton] dense", "sdpa[EFFICIENT_ATTENTION]"):
         assert text.count(f"  {provider}: ") == 1  # its reason said once, not per case

@@ -141,6 +141,22 @@ def test_compare_in_slices_matches_whole_tensor_allclose(monkeypatch):
     assert harness.compare(torch.tensor(1.0), torch.tensor(1.0)) == (0.0, True)  # 0-d outputs
 
 
+def test_gpu_only_gives_its_reason_off_a_gpu_and_the_further_rule_on_one():
+    seen = []
+
+    def further(device):
+        seen.append(device.type)
+        return "not installed"
+
+    assert harness.gpu_only("needs a GPU")(CPU) == "needs a GPU"
+    assert harness.gpu_only("needs a GPU")(torch.device("cuda")) is None
+    rule = harness.gpu_only("needs a GPU", then=further)
+    assert rule(CPU) == "needs a GPU" and seen == []  # off a GPU the further rule is not asked
+    assert rule(torch.device("cuda")) == "not installed" and seen == ["cuda"]
+    triton = harness.ours_per_backend(lambda: None, backends=("triton",))[0]
+    assert harness.skip_reason(triton, CPU, quick=False) == harness.INTERPRETER_TOO_SLOW
+
+
 # ----------------------------------------------------------------- the extension's rows
 
 @pytest.fixture
