@@ -16,34 +16,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import docqa_fast
 from docqa_fast.inference import ops
+from docqa_fast.testing import OpLog
 
 _READING_OPS = ("aten._local_scalar_dense.", "aten.nonzero.", "aten.masked_select.", "aten.unique", "aten._unique")
 
 
-class _HostReads(TorchDispatchMode):
-    """The host reads of the calls made under it, by name (``tolist`` counted by the patch below)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        boolean_index = name.startswith("aten.index.") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-        if name.startswith(_READING_OPS) or boolean_index:
-            self.reads.append(name)
-        return func(*args, **(kwargs or {}))
+def _reads_host(name, args):
+    """Whether a dispatched op reads tensor values on the host (``tolist`` is counted by the patch below)."""
+    boolean_index = name.startswith("aten.index.") and any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+    return name.startswith(_READING_OPS) or boolean_index
 
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """Counts host reads; the attention ops are stubs returning None."""
-    counter = _HostReads()
+    """The host reads of the calls made under it, by name, in ``ops``; the attention ops are stubs
+    returning None."""
+    counter = OpLog(keep=_reads_host)
     tolist = torch.Tensor.tolist
 
     def counted_tolist(self):
-        counter.reads.append("tolist")
+        counter.ops.append("tolist")
         return tolist(self)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
@@ -85,7 +78,7 @@ def test_kvcache_value_checks_read_the_device_once(host_reads, paged, device):
     args, options = _kvcache_inputs(paged, device)
     with host_reads:
         docqa_fast.flash_attn_with_kvcache(*args, **options)
-    assert host_reads.reads == ["tolist"]
+    assert host_reads.ops == ["tolist"]
 
 
 # max_seqlen_k past the table's capacity (32 slots): the longest key sequence is judged against it too.
@@ -95,7 +88,7 @@ def test_paged_varlen_value_checks_read_the_device_once(host_reads, max_seqlen_k
     with host_reads:
         docqa_fast.flash_attn_varlen_func(*args, **options)
     # q's and k's boundaries and the pages in use, together.
-    assert host_reads.reads == ["tolist"]
+    assert host_reads.ops == ["tolist"]
 
 
 def _i32(*values):
@@ -127,7 +120,7 @@ def test_paged_varlen_value_checks_refuse_after_one_read(host_reads, name, devic
     with host_reads, pytest.raises(ValueError, match=match):
         docqa_fast.flash_attn_varlen_func(**arguments)
     # The judgement comes from the one read; only a message may read more (the first boundaries).
-    assert host_reads.reads[0] == "tolist" and "aten._local_scalar_dense.default" not in host_reads.reads
+    assert host_reads.ops[0] == "tolist" and "aten._local_scalar_dense.default" not in host_reads.ops
 
 
 def test_no_device_read_without_value_checks(host_reads, device):
@@ -136,7 +129,7 @@ def test_no_device_read_without_value_checks(host_reads, device):
     with docqa_fast.value_checks(False), host_reads:
         docqa_fast.flash_attn_with_kvcache(*kvcache_args, **kvcache_options)
         docqa_fast.flash_attn_varlen_func(*varlen_args, **varlen_options)
-    assert host_reads.reads == []
+    assert host_reads.ops == []
 
 
 def test_the_counter_sees_a_boolean_index(host_reads, device):
@@ -147,7 +140,7 @@ def test_the_counter_sees_a_boolean_index(host_reads, device):
     with host_reads:
         entries = table.long()[table > 0]
         int(entries.min()), int(entries.max())
-    assert len(host_reads.reads) == 3
+    assert len(host_reads.ops) == 3
 
 
 class _LargestStorage(TorchDispatchMode):
@@ -178,7 +171,7 @@ def test_append_checks_allocate_nothing_of_the_cache_size(host_reads, device):
     sizes = _LargestStorage()
     with host_reads, sizes:
         docqa_fast.flash_attn_with_kvcache(q, k_cache, v_cache, **options)
-    assert host_reads.reads == ["tolist"]
+    assert host_reads.ops == ["tolist"]
     assert 0 < sizes.largest <= 4096  # the table has 6 entries; a cache page is 2 KB, q 768 bytes
     options["block_table"][2, 1] = options["block_table"][0, 0]  # row 2 appends into its page 1: shared
     with pytest.raises(ValueError, match="block_table page the append writes"):
