@@ -11,7 +11,8 @@ Forward alone and forward + backward (d hidden, d weight). Providers:
   (DOCQA_FAST_LOSSES_PRODUCTS=triton), so both paths stay measured side by side; for the
   cross-entropy's forward + backward, ``docqa_fast[fwd-grad]`` and ``docqa_fast[recompute]``:
   the two routes forced (DOCQA_FAST_LOSSES_ROUTE; gradients formed in the forward with 3
-  products and a (V, H) fp32 accumulator, or the logits recomputed in the backward, 4 products);
+  products, row chunks of 16-bit logits from a memory budget, or the logits recomputed in the
+  backward, 4 products);
   ``docqa_fast[reference]``: the same API on its CPU path (materialised logits, fp32);
 * ``eager``: the naive path trainers run -- ``hidden @ weight.T`` -> fp32 cross-entropy
   (transformers' causal-LM loss) or log_softmax -> gather -> sum -> DPO (TRL);

@@ -386,8 +386,8 @@ def _chunk_transform(z, b_ptr, cols, col_ok, v_start, inv_temperature, HAS_BIAS:
 @triton.jit
 def chunk_stats_kernel(
     z_ptr, b_ptr, labels_ptr, state_ptr, bound_ptr, copy_ptr,
-    n_rows, width, stride_z, stride_copy, v_start, state_stride, n_bound_tiles, ignore_index, inv_temperature,
-    first, record_bound, HAS_BIAS: tl.constexpr, ACCURATE: tl.constexpr, COPY: tl.constexpr,
+    n_rows, width, stride_z, stride_copy, v_start, state_stride, lane_stride, lane_span, n_bound_tiles, ignore_index,
+    inv_temperature, first, record_bound, HAS_BIAS: tl.constexpr, ACCURATE: tl.constexpr, COPY: tl.constexpr,
     LOG_P_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Fold the logits chunk z (n_rows x width, vocabulary columns from v_start) into the rows' state.
@@ -398,14 +398,17 @@ def chunk_stats_kernel(
     bound. One program walks a block of rows across the chunk, so the state stays in registers.
     With COPY, the raw chunk is also written to ``copy_ptr`` (rows ``stride_copy`` apart) in that
     array's dtype: the forward-gradient route keeps its rows' logits in 16 bits while it takes
-    the statistics from the fp32 products (chunked.stats_and_grads).
+    the statistics from the fp32 products (chunked.stats_and_grads). Lanes (program axis 1):
+    lane j folds columns [j lane_span, (j + 1) lane_span) into its own state, ``lane_stride``
+    from lane 0's (merge_lanes combines them), so a chunk of few rows still has programs enough.
     """
     pid = tl.program_id(0)
+    lane = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     has_label = labels != ignore_index
-    state = state_ptr + rows
+    state = state_ptr + lane * lane_stride + rows
     # Later chunks carry the state on; the first starts from m = -1e30 (finite: the first
     # rescale is 0 * finite, never 0 * inf) and zeros.
     carried = row_ok & (first == 0)
@@ -414,9 +417,9 @@ def chunk_stats_kernel(
     t = tl.load(state + 2 * state_stride, mask=carried, other=0.0)
     label_logit = tl.load(state + 3 * state_stride, mask=carried, other=0.0)
     sum_logits = tl.load(state + 4 * state_stride, mask=carried, other=0.0)
-    for c0 in range(0, width, BLOCK_V):
+    for c0 in range(lane * lane_span, tl.minimum(width, lane * lane_span + lane_span), BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < width
+        col_ok = cols < tl.minimum(width, lane * lane_span + lane_span)
         tile_ok = row_ok[:, None] & col_ok[None, :]
         raw = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=tile_ok, other=0.0)
         if COPY:
@@ -518,8 +521,10 @@ def chunk_stats(z, bias, labels, state, bound, v_start: int, first: bool, ignore
     """Fold the fp32 logits chunk z (rows x width; vocabulary columns from v_start) into ``state``.
 
     state: (5, rows) fp32 view (m, s, t, label logit, logit sum; planes state.stride(0) apart),
-    started here when ``first``; labels (rows,) int64; bound as for :func:`logit_stats` or None;
-    copy: None, or a (rows, width) array (unit column stride) that receives z in its dtype.
+    or (lanes, 5, rows): each lane folds its share of the columns into its own planes (see
+    chunk_stats_kernel; :func:`merge_lanes` makes one state of them); started here when
+    ``first``; labels (rows,) int64; bound as for :func:`logit_stats` or None; copy: None, or a
+    (rows, width) array (unit column stride) that receives z in its dtype.
     """
     n_rows, width = z.shape
     if n_rows == 0 or width == 0:
@@ -527,14 +532,39 @@ def chunk_stats(z, bias, labels, state, bound, v_start: int, first: bool, ignore
     if copy is not None and (copy.shape != z.shape or copy.stride(1) != 1):
         raise ValueError(f"copy of shape {tuple(copy.shape)} and strides {copy.stride()}: expected {tuple(z.shape)} "
                          "with unit column stride")
+    lanes, lane_stride = (state.shape[0], state.stride(0)) if state.dim() == 3 else (1, 0)
+    planes = state if state.dim() == 2 else state[0]
+    lane_span = triton.cdiv(triton.cdiv(width, lanes), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
     bias_arg, has_bias = _bias_arg(bias, z)
-    chunk_stats_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]),)](
-        z, bias_arg, labels, state, state if bound is None else bound, z if copy is None else copy,
-        n_rows, width, z.stride(0), 0 if copy is None else copy.stride(0), v_start, state.stride(0),
-        0 if bound is None else bound.numel(), ignore_index, 1.0 / temperature, int(first), int(bound is not None),
+    chunk_stats_kernel[(triton.cdiv(n_rows, tiles["BLOCK_N"]), lanes)](
+        z, bias_arg, labels, planes, planes if bound is None else bound, z if copy is None else copy,
+        n_rows, width, z.stride(0), 0 if copy is None else copy.stride(0), v_start, planes.stride(0), lane_stride,
+        lane_span, 0 if bound is None else bound.numel(), ignore_index, 1.0 / temperature, int(first),
+        int(bound is not None),
         HAS_BIAS=has_bias, ACCURATE=accurate, COPY=copy is not None, LOG_P_TILE=log_p_tile, BLOCK_N=tiles["BLOCK_N"],
         BLOCK_V=tiles["BLOCK_V"], num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
+
+
+def stat_lanes(n_rows: int, width: int, tiles: dict) -> int:
+    """Lanes for chunk_stats over chunks of ``n_rows`` x ``width``: enough programs for
+    TARGET_PROGRAMS (as the all-Triton forward splits its vocabulary), whole BLOCK_V tiles each."""
+    return max(1, min(triton.cdiv(width, tiles["BLOCK_V"]),
+                      triton.cdiv(TARGET_PROGRAMS, triton.cdiv(max(n_rows, 1), tiles["BLOCK_N"]))))
+
+
+def merge_lanes(state):
+    """(5, rows) fp32: the lanes of a (lanes, 5, rows) chunk_stats state made one.
+
+    Each lane holds m_j, s_j = sum exp(z - m_j), t_j = sum exp(z - m_j) (z - m_j) over its columns;
+    relative to M = max m_j: s = sum a_j s_j and t = sum a_j (t_j + s_j (m_j - M)), a_j = exp(m_j - M)
+    (a lane that saw no column has s_j = t_j = 0 and m_j = -1e30: a_j = 0).
+    """
+    m, s, t, label_logit, sum_logits = state.unbind(1)
+    top = m.amax(0)
+    alpha = torch.exp(m - top)
+    return torch.stack([top, (alpha * s).sum(0), (alpha * (t + s * (m - top))).sum(0), label_logit.sum(0),
+                        sum_logits.sum(0)])
 
 
 def chunk_grad(z, g, bias, labels, lse, coefs, scale, v_start: int, ignore_index: int, temperature: float,
@@ -777,7 +807,8 @@ def _chunk_configs(dtype, ptr):
     stats_signature = {
         "z_ptr": "*fp32", "b_ptr": ptr, "labels_ptr": "*i64", "state_ptr": "*fp32", "bound_ptr": "*fp32",
         "copy_ptr": ptr, "n_rows": "i32", "width": "i32", "stride_z": "i32", "stride_copy": "i32", "v_start": "i32",
-        "state_stride": "i32", "n_bound_tiles": "i32", "ignore_index": "i32", "inv_temperature": "fp32",
+        "state_stride": "i32", "lane_stride": "i32", "lane_span": "i32", "n_bound_tiles": "i32", "ignore_index": "i32",
+        "inv_temperature": "fp32",
         "first": "i32", "record_bound": "i32", "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "COPY": "constexpr",
         "LOG_P_TILE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
     }

@@ -465,7 +465,7 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     device, dtype = hidden.device, hidden.dtype
     sixteen = dtype != torch.float32
     fp32 = dict(dtype=torch.float32, device=device)
-    state = torch.zeros((5, n_rows), **fp32)
+    stats = torch.zeros((5, n_rows), **fp32)  # m, s, t, label logit, logit sum (kernels.chunk_stats)
     d_hidden = torch.empty((n_rows, hidden_size) if need_hidden else (0,), dtype=dtype, device=device)
     d_weight = torch.empty((vocab, hidden_size) if need_weight else (0,), dtype=dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), **fp32)
@@ -473,9 +473,12 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     chunks = plan.row_chunks(n_rows)
     if not chunks:
         d_weight.zero_()
-        return state[0], state[3], state[4], d_hidden, d_weight, d_bias.to(dtype)
+        return stats[0], stats[3], stats[4], d_hidden, d_weight, d_bias.to(dtype)
     products = Products(device, dtype)
     rows = min(n_rows, plan.rows)
+    # A chunk has few rows for the statistics kernel's one program per row block: lanes split
+    # its columns, each with its own state, merged once per chunk.
+    lanes = torch.empty((kernels.stat_lanes(rows, plan.columns, tiles), 5, rows), **fp32)
     logits = torch.empty(rows * vocab, dtype=dtype, device=device)  # the chunk's logits, then its G
     part = torch.empty(rows * plan.columns, **fp32) if sixteen else None
     weight_sum = torch.empty((vocab, hidden_size), **fp32) if plan.accumulator and need_weight else None
@@ -485,17 +488,18 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     with _ieee_fp32(device):
         for index, (r0, r1) in enumerate(chunks):
             z = logits[:(r1 - r0) * vocab].view(r1 - r0, vocab)
+            state = lanes[:, :, :r1 - r0]
             if sixteen:
                 for v0, v1 in column_chunks([(0, vocab)], plan.columns):
                     product = part[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
                     products.mm(hidden[r0:r1], weight[v0:v1].T, product)
-                    kernels.chunk_stats(product, bias, labels[r0:r1], state[:, r0:r1], None, v0, v0 == 0,
-                                        ignore_index, 1.0, False, tiles, copy=z[:, v0:v1])
+                    kernels.chunk_stats(product, bias, labels[r0:r1], state, None, v0, v0 == 0, ignore_index, 1.0,
+                                        False, tiles, copy=z[:, v0:v1])
             else:
                 products.mm(hidden[r0:r1], weight.T, z)
-                kernels.chunk_stats(z, bias, labels[r0:r1], state[:, r0:r1], None, 0, True, ignore_index, 1.0, True,
-                                    tiles)
-            torch.add(state[0, r0:r1], torch.log(state[1, r0:r1]), out=lse[r0:r1])
+                kernels.chunk_stats(z, bias, labels[r0:r1], state, None, 0, True, ignore_index, 1.0, True, tiles)
+            stats[:, r0:r1] = kernels.merge_lanes(state)
+            torch.add(stats[0, r0:r1], torch.log(stats[1, r0:r1]), out=lse[r0:r1])
             coefs = coefs_of(lse[r0:r1], r0, r1)
             kernels.chunk_grad(z, z, bias, labels[r0:r1], lse[r0:r1], coefs if plan.accumulator else coefs * grad_scale,
                                unit_scale, 0, ignore_index, 1.0, not sixteen, tiles)
@@ -516,4 +520,4 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     if weight_sum is not None:
         scaled_copy(weight_sum, grad_scale, d_weight)
     d_bias = (d_bias * grad_scale if plan.accumulator else d_bias).to(dtype) if need_bias else d_bias
-    return lse, state[3], state[4], d_hidden, d_weight, d_bias
+    return lse, stats[3], stats[4], d_hidden, d_weight, d_bias

@@ -484,10 +484,12 @@ def _losses_tunables():
                  (1, 8192, 8, 512, 8, 2), (1, 8192, 16, 256, 8, 3))),
         # (ROUTE, CHUNK_ROWS), with the chunk tiles just chosen: 1 = the statistics forward and a
         # recomputing backward (4 products; CHUNK_ROWS unused), 2 = the gradients formed in the
-        # forward (3 products) with row chunks of 1K-4K (the (V, H) fp32 d_weight accumulator is
-        # read and written once per chunk; 4K rows hold 3.5 GiB of logits and G at this shape).
+        # forward (3 products), its rows per chunk set by the memory budget (16,384: no cap; 3
+        # chunks of 2,752 rows at 8K tokens through Qwen2.5's head) or capped at 4K / 2K rows (more
+        # chunks: each reads and writes d_weight once, the statistics kernel gets more lanes). Every
+        # candidate stays within a tenth of the naive path's memory, so time alone may pick.
         tunable("losses_route", "forward + backward of a mean cross-entropy (3 x 2NHV)", _losses_route_setup,
-                _losses_route_step, ((1, 2048), (2, 2048), (2, 1024), (2, 4096))),
+                _losses_route_step, ((1, 16384), (2, 16384), (2, 4096), (2, 2048))),
     ]
 
 

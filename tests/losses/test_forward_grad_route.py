@@ -295,6 +295,34 @@ def test_bad_input_is_refused_as_on_the_other_route(backend, device):
             call()
 
 
+def test_statistics_in_lanes_and_the_16_bit_copy(device):
+    """chunk_stats over two column chunks (600 + 401 columns), a bias and labels: split into 5
+    lanes and merged, the same statistics as one lane and as torch on the fp32 logits; the copy
+    is the chunk rounded once to fp16."""
+    tiles = kernels.default_tiles("losses_chunks", torch.float16)
+    z = torch.randn(37, 1001, device=device) * 4
+    bias = torch.randn(1001, device=device).half()
+    labels = random_labels((37,), 1001, device)
+    copy = torch.empty(37, 1001, dtype=torch.float16, device=device)
+    states = []
+    for lanes in (1, 5):
+        state = torch.empty((lanes, 5, 37), device=device)
+        for v0, v1 in ((0, 600), (600, 1001)):
+            kernels.chunk_stats(z[:, v0:v1], bias, labels, state if lanes > 1 else state[0], None, v0, v0 == 0, -100,
+                                1.0, False, tiles, copy=copy[:, v0:v1])
+        states.append(kernels.merge_lanes(state))
+    assert kernels.stat_lanes(37, 1001, tiles) > 1  # the rule splits a chunk this narrow
+    logits = z + bias.float()
+    lse = states[1][0] + states[1][1].log()
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(states[1], states[0], rtol=1e-5, atol=1e-4)
+    counted = labels != -100
+    label_logit = torch.where(counted, logits.gather(1, labels.clamp_min(0)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(states[1][3], label_logit)
+    torch.testing.assert_close(states[1][4], logits.sum(1), rtol=1e-5, atol=1e-3)
+    assert torch.equal(copy, z.half())
+
+
 def test_chunk_rule_of_the_route():
     """The budget (half the bf16 logits, at most 4 GiB) sets the rows; bf16 d_weight sums in the
     gradient over at most 4 chunks, else in a (V, H) fp32 accumulator; fp16 always in one; fp32
