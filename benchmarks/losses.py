@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from docqa_fast.losses import FusedLinearDPOLoss, linear_cross_entropy
 
-from .harness import CHECK_TOLERANCE, Case, Provider, compiled_provider, eager_provider, ours_per_backend, register_family
+from .harness import (CHECK_TOLERANCE, Case, Provider, compiled_provider, eager_provider, gpu_only, ours_per_backend,
+                      register_family)
 
 FAMILY = "losses"
 DTYPE = torch.bfloat16
@@ -134,9 +135,7 @@ def _cuda_peer_unavailable(module: str, name: str):
     def check(device):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed"
-        if device.type != "cuda":
-            return f"{name} runs on CUDA only"
-        return None
+        return gpu_only(f"{name} runs on CUDA only")(device)
 
     return check
 
