@@ -260,9 +260,9 @@ def test_the_op_checks_its_arguments(backend, device):
         loss.backward()
 
 
-@pytest.mark.slow  # the interpreter over a real vocabulary: ~9 s here (152,064 columns: 24 s)
+@pytest.mark.slow  # the interpreter over a real vocabulary: ~5-25 s each here
 @pytest.mark.backends("triton")
-@pytest.mark.parametrize("vocab", [50257])  # GPT-2's: not a multiple of the column tiles
+@pytest.mark.parametrize("vocab", [32000, 50257, 152064])  # Mistral's, GPT-2's (not a multiple of the tiles), Qwen2.5's
 def test_real_vocabulary_size(backend, device, vocab):
     hidden, weight, _ = random_head(9, 16, vocab, torch.float16, device)
     labels = random_labels((9,), vocab, device)
@@ -293,6 +293,28 @@ def test_bad_input_is_refused_as_on_the_other_route(backend, device):
             (lambda: linear_cross_entropy(hidden, weight, labels, ignore_index=-1.0), TypeError, "ignore_index")]:
         with pytest.raises(error, match=match):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_rows, vocab, hidden_size", [
+    (1, 1000, 16), (113, 32000, 4096), (8192, 32000, 4096), (1000, 50257, 2048), (8192, 152064, 3584),
+    (32768, 152064, 3584), (131072, 152064, 3584), (131072, 32000, 4096), (131072, 152064, 8192), (1 << 20, 152064, 8192)])
+def test_the_plan_keeps_to_its_budget(n_rows, vocab, hidden_size, dtype):
+    """Every plan fits its budget (one grain of rows at least), in whole grains or one chunk of every
+    row, and sums a bf16 d_weight in the gradient over at most 4 chunks unless it cannot hold the
+    accumulator."""
+    plan = chunked.forward_grad_plan(n_rows, vocab, hidden_size, dtype, 16384, 8192)
+    budget = chunked.forward_grad_budget(n_rows, vocab, dtype)
+    per_row = vocab * 4 if dtype == torch.float32 else vocab * dtype.itemsize + plan.columns * 4
+    accumulator = vocab * hidden_size * 4 if plan.accumulator else 0
+    held = plan.rows * per_row + accumulator
+    assert held <= max(budget, chunked.ROW_GRAIN * per_row + accumulator)
+    assert plan.rows == n_rows or plan.rows % chunked.ROW_GRAIN == 0
+    chunks = -(-n_rows // plan.rows)
+    if dtype == torch.bfloat16 and not plan.accumulator:  # more roundings only where the accumulator cannot fit
+        assert chunks <= chunked.MAX_ROUNDED_CHUNKS or vocab * hidden_size * 4 + chunked.ROW_GRAIN * per_row > budget
+    if dtype != torch.bfloat16:
+        assert plan.accumulator == (dtype == torch.float16)
 
 
 def test_statistics_in_lanes_and_the_16_bit_copy(device):
