@@ -819,7 +819,7 @@ def _chunk_configs(dtype, ptr):
         "HAS_BIAS": "constexpr", "ACCURATE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
     }
     aligned = {"chunk_stats": ("z_ptr", "b_ptr", "labels_ptr", "state_ptr", "bound_ptr", "copy_ptr", "width",
-                               "stride_z", "stride_copy", "v_start", "state_stride"),
+                               "stride_z", "stride_copy", "v_start", "state_stride", "lane_span"),
                "chunk_grad": ("z_ptr", "g_ptr", "b_ptr", "labels_ptr", "lse_ptr", "coef_ptr", "width", "stride_z",
                               "stride_g", "v_start", "coef_stride")}
     accurate = dtype == torch.float32
