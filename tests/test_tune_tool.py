@@ -142,8 +142,10 @@ def test_every_tunable_builds_and_runs(index, device):
     """What a GPU run would sweep must not fail there for a reason the CPU can show: each
     tunable's inputs, its launch with the current tiles, and the precompile worker's path."""
     tunable = tune_cases.tunables()[index]
-    assert tune._precompile_one(tunable.family, index - _family_start(tunable.family), tunable.default_for(device),
-                                True) == "ok"
+    status, read = tune._precompile_one(tunable.family, index - _family_start(tunable.family),
+                                        tunable.default_for(device), True)
+    # What it looked up (on CPU the chunked prefill's public function runs the reference: nothing).
+    assert status == "ok" and all(kernel in tuning.declared() for kernel, _ in read)
     state = tunable.setup(device, True)
     outputs = tune._tensors(tunable.run(state))
     assert outputs and all(torch.isfinite(o.float()).any() for o in outputs)
@@ -156,7 +158,7 @@ def _family_start(family):
 
 # ------------------------------------------------------------------ dispatched calls
 
-def _fake_dispatch(monkeypatch, other_run, other_available=lambda device: None):
+def _fake_dispatch(monkeypatch, other_run, other_available=lambda device: None, ours=None):
     """An op of two implementations -- ours (slow here) and an outside one -- and a case timing them."""
     import dataclasses
     import time
@@ -167,7 +169,7 @@ def _fake_dispatch(monkeypatch, other_run, other_available=lambda device: None):
         time.sleep(0.02)
         return x * 2
 
-    op = _backend.Op("tune_test_op", (_backend.Implementation("triton", slow),
+    op = _backend.Op("tune_test_op", (_backend.Implementation("triton", ours or slow),
                                       _backend.Implementation("other", other_run, available=other_available),
                                       _backend.Implementation("reference", lambda x: x * 2)),
                      shape_class=lambda x: {"rows": x.shape[0]})
@@ -241,7 +243,8 @@ def test_every_attention_dispatch_case_is_a_call_both_routes_take(index, device)
     reason = ops.cudnn_forward_reason if case.op == "attention_forward" else ops.cudnn_backward_reason
     assert reason(*args) is None and op.implementation("triton").eligible(*args) is None
     # The worker's path that compiles our implementation of the call ahead of the timing.
-    assert tune._precompile_dispatch(case.family, index, "triton", True) == "ok"
+    status, read = tune._precompile_dispatch(case.family, index, "triton", True)
+    assert status == "ok" and ("attention_forward", "D=128,tma") in read
 
 
 def test_the_attention_forward_case_measured_end_to_end(device, monkeypatch):
@@ -290,42 +293,51 @@ class _InlinePool:
 
 
 def _fake_family(monkeypatch, events, times, pool=None, clock=None):
-    """A family of two tunables over the merge kernel's parameters (keys D=a, D=b; b's run reads
-    a's tiles, as dQ's timing reads dK/dV's) and one dispatched call. Each setup and run in this
-    process is recorded in ``events``, each launch in a worker too; ``times[(a's BLOCK_R, b's
-    BLOCK_R)]`` is what a run with those tiles "takes" (tune._bench is replaced); ``clock``
-    advances by that much per run."""
+    """A family of three tunables over the merge kernel's parameters -- D=a; D=b, whose run also
+    reads D=a's tiles (as dQ's timing reads dK/dV's); D=c, which reads only its own (as the ViT
+    kernels after the LLM's) -- and one dispatched call whose compiled implementation reads D=b's.
+    Each setup and run in this process is recorded in ``events``, each launch in a worker too,
+    with the BLOCK_R of the tiles it read; ``times[key, those]`` is what a run "takes"
+    (tune._bench is replaced; 1.0 where not given); ``clock`` advances by that much per run."""
+    import dataclasses
+
     default = {"BLOCK_R": 16, "num_warps": 4}
 
-    def tunable(key):
+    def read(keys):
+        return tuple(tuning.lookup("merge_attention", key, default, CPU)["BLOCK_R"] for key in keys)
+
+    def tunable(key, reads):
         def setup(device, quick):
             if not (pool and pool.in_worker):
                 events.append(("setup", key))
             return tune_cases.State({"x": torch.ones(4, 8).half()}, {"rows": 4}, work=64)
 
         def run(state):
-            tiles = tuple(tuning.lookup("merge_attention", k, default, CPU)["BLOCK_R"] for k in ("D=a", "D=b"))
+            tiles = read(reads)
             if pool and pool.in_worker:
                 events.append(("launch", key, tiles))  # what a worker compiles
             else:
                 events.append(("run", key, tiles))
                 if clock is not None:
-                    clock[0] += times[tiles]
+                    clock[0] += times.get((key, tiles), 1.0)
             return state.tensors["x"].clone()
 
         return tune_cases.Tunable("merge_attention", "merge_attention", key, default, "GB/s", "a test", setup, run,
                                   ((16, 4), (32, 4)))
 
-    family = [tunable("D=a"), tunable("D=b")]
-    case, _ = _fake_dispatch(monkeypatch, lambda x: x * 2)
+    family = [tunable("D=a", ("D=a",)), tunable("D=b", ("D=a", "D=b")), tunable("D=c", ("D=c",))]
+
+    def ours(x):
+        events.append(("launch" if pool and pool.in_worker else "run", "dispatch", read(("D=b",))))
+        return x * 2
+
+    case, _ = _fake_dispatch(monkeypatch, lambda x: x * 2, ours=ours)
     case_setup = case.setup
 
     def dispatch_setup(device, quick):
         if not (pool and pool.in_worker):
             events.append(("setup", "dispatch"))
         return case_setup(device, quick)
-
-    import dataclasses
 
     case = dataclasses.replace(case, family="merge_attention", setup=dispatch_setup)
     monkeypatch.setattr(tune_cases, "tunables", lambda families: family if families == ["merge_attention"] else [])
@@ -334,7 +346,7 @@ def _fake_family(monkeypatch, events, times, pool=None, clock=None):
 
     def bench(fn, device):
         fn()
-        return times[events[-1][2]]
+        return times.get(events[-1][1:], 1.0) if events[-1][0] == "run" else 1.0
 
     monkeypatch.setattr(tune, "_bench", bench)
     if clock is not None:
@@ -346,56 +358,85 @@ def _compiled(events):
             for name, args in [rest]]
 
 
+A16, A32 = {"BLOCK_R": 16, "num_warps": 4}, {"BLOCK_R": 32, "num_warps": 4}
+
+
 def test_the_family_is_compiled_ahead_in_the_pool_dispatched_calls_included(tmp_path, monkeypatch):
     """Before anything is timed, the workers launch every candidate of every variant and the
     dispatched call's compiled implementation (not cuDNN's stand-in "other": its plans are per
     process); the current choices stay, so nothing is compiled again and the pool is started once."""
     events = []
     pool = _InlinePool(events)
-    _fake_family(monkeypatch, events, {(16, 16): 1.0, (32, 16): 2.0, (16, 32): 3.0}, pool)
+    _fake_family(monkeypatch, events, {("D=a", (32,)): 2.0, ("D=b", (16, 32)): 3.0, ("D=c", (32,)): 2.0}, pool)
     made = []
     compiler = tune.Compiler(4, make_pool=lambda: made.append(1) or pool)
     lines = []
     tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=4, budget=None, log=lines.append,
              compiler=compiler)
-    a16, a32 = {"BLOCK_R": 16, "num_warps": 4}, {"BLOCK_R": 32, "num_warps": 4}
     compiled = [event for event in events if event[0] == "compile"]
-    assert _compiled(events) == [("_precompile_dispatch", 0, "triton", ()),
-                                 ("_precompile_one", 0, a16, ()), ("_precompile_one", 0, a32, ()),
-                                 ("_precompile_one", 1, a16, ()), ("_precompile_one", 1, a32, ())]
+    assert _compiled(events) == [("_precompile_dispatch", 0, "triton", ())] + [
+        ("_precompile_one", index, tiles, ()) for index in range(3) for tiles in (A16, A32)]
     first_set_up = next(i for i, event in enumerate(events) if event[0] == "setup")
     assert [event for event in events[:first_set_up] if event[0] != "launch"] == compiled  # all of it first
-    assert [event[1:] for event in events if event[0] == "launch"] == [("D=a", (16, 16)), ("D=a", (32, 16)),
-                                                                       ("D=b", (16, 16)), ("D=b", (16, 32))]
+    assert [event[1:] for event in events if event[0] == "launch"] == [
+        ("dispatch", (16,)), ("D=a", (16,)), ("D=a", (32,)), ("D=b", (16, 16)), ("D=b", (16, 32)), ("D=c", (16,)),
+        ("D=c", (32,))]
     assert events[-1] == ("shutdown",) and made == [1]
-    assert lines[0] == "[merge_attention] compiled 5 launches (4 candidates, 1 dispatched calls) in 0 s"
-    assert [event[:2] for event in events if event[0] == "setup"] == [("setup", "D=a"), ("setup", "D=b"),
-                                                                       ("setup", "dispatch")]
+    assert lines[0] == "[merge_attention] compiled 7 launches (6 candidates, 1 dispatched calls) in 0 s"
+    assert [event[1] for event in events if event[0] == "setup"] == ["D=a", "D=b", "D=c", "dispatch"]
 
 
-def test_variants_after_a_changed_choice_are_compiled_again_with_it_in_force(tmp_path, monkeypatch):
-    """D=a's choice is not its current tiles: D=b's candidates and the dispatched call launch
-    binaries the first compile did not build, so they are compiled ahead again, the choice in
-    force in the worker, before this process times them."""
+def test_what_reads_a_changed_choice_is_compiled_again_with_it_in_force(tmp_path, monkeypatch):
+    """Neither D=a's nor D=b's choice is its current tiles: D=b's candidates (which read D=a's)
+    and the dispatched call (which reads D=b's) launch binaries the first compile did not build,
+    so they are compiled ahead again, the choices in force in the worker, before this process
+    times them; D=c, which reads neither, is not."""
     events = []
     pool = _InlinePool(events)
-    _fake_family(monkeypatch, events, {(16, 16): 2.0, (32, 16): 1.0, (32, 32): 3.0}, pool)
+    _fake_family(monkeypatch, events, {("D=a", (16,)): 2.0, ("D=b", (32, 16)): 3.0}, pool)
     tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=4, budget=None, log=lambda _: None,
              compiler=tune.Compiler(4, make_pool=lambda: pool))
-    a16, a32 = {"BLOCK_R": 16, "num_warps": 4}, {"BLOCK_R": 32, "num_warps": 4}
-    chose_a = (("merge_attention", "D=a", a32),)
-    chose_both = chose_a + (("merge_attention", "D=b", a16),)
-    assert _compiled(events)[5:] == [("_precompile_one", 1, a16, chose_a), ("_precompile_one", 1, a32, chose_a),
-                                     ("_precompile_dispatch", 0, "triton", chose_both)]
+    chose_a = (("merge_attention", "D=a", A32),)
+    chose_all = chose_a + (("merge_attention", "D=b", A32), ("merge_attention", "D=c", A16))
+    assert _compiled(events)[7:] == [("_precompile_one", 1, A16, chose_a), ("_precompile_one", 1, A32, chose_a),
+                                     ("_precompile_dispatch", 0, "triton", chose_all)]
     steps = [event[:2] if event[0] != "compile" else (event[1], event[2][1]) for event in events
              if event[0] != "launch"]
     # D=a timed; D=b compiled with its choice, then set up and timed; the call compiled, then measured.
     after_a = steps.index(("setup", "D=b"))
     assert steps[after_a - 2:after_a] == [("_precompile_one", 1), ("_precompile_one", 1)]
+    assert steps[steps.index(("setup", "D=c")) - 1] == ("run", "D=b")
     assert steps[steps.index(("setup", "dispatch")) - 1] == ("_precompile_dispatch", 0)
     # What the workers launched is what this process then timed: D=b's runs with D=a's choice.
     assert {event[2] for event in events if event[:2] == ("run", "D=b")} == {(32, 16), (32, 32)}
-    assert [event[1:] for event in events if event[0] == "launch"][4:] == [("D=b", (32, 16)), ("D=b", (32, 32))]
+    assert [event[1:] for event in events if event[0] == "launch"][7:] == [
+        ("D=b", (32, 16)), ("D=b", (32, 32)), ("dispatch", (32,))]
+
+
+def test_a_launch_that_did_not_report_what_it_read_is_compiled_again_after_any_change(tmp_path, monkeypatch):
+    """D=c's first compile was cut (its worker gave no answer): after D=a's change it is compiled
+    again, as what it reads is not known."""
+    import concurrent.futures
+
+    events = []
+
+    class Losing(_InlinePool):
+        def submit(self, function, *args):
+            future = super().submit(function, *args)
+            if args[1] == 2 and not args[4]:  # D=c's, before any choice
+                future = concurrent.futures.Future()
+                future.set_exception(RuntimeError("lost"))
+            return future
+
+    pool = Losing(events)
+    _fake_family(monkeypatch, events, {("D=a", (16,)): 2.0}, pool)
+    lines = []
+    tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=4, budget=None, log=lines.append,
+             compiler=tune.Compiler(4, make_pool=lambda: pool))
+    assert lines[0] == "[merge_attention] compiled 5 of 7 launches (6 candidates, 1 dispatched calls) in 0 s"
+    # D=b reads D=a's choice; the dispatched call reads D=b's, which stayed: not compiled again.
+    assert [(name, index) for name, index, _, choices in _compiled(events) if choices] == [
+        ("_precompile_one", 1), ("_precompile_one", 1), ("_precompile_one", 2), ("_precompile_one", 2)]
 
 
 def test_nothing_is_set_up_or_compiled_once_the_budget_is_spent(tmp_path, monkeypatch):
@@ -404,15 +445,17 @@ def test_nothing_is_set_up_or_compiled_once_the_budget_is_spent(tmp_path, monkey
     is not tuned; what was measured is written."""
     events, clock = [], [0.0]
     pool = _InlinePool(events)
-    _fake_family(monkeypatch, events, {(16, 16): 100.0, (32, 16): 1.0}, pool, clock)
+    _fake_family(monkeypatch, events, {("D=a", (16,)): 100.0}, pool, clock)
     lines = []
     path = tune.run(["merge_attention", "reward"], quick=False, out=tmp_path, jobs=4, budget=50.0,
                     log=lines.append, compiler=tune.Compiler(4, make_pool=lambda: pool))
     assert [event[:2] for event in events if event[0] in ("setup", "run")] == [("setup", "D=a"), ("run", "D=a"),
                                                                               ("run", "D=a")]  # check, then time
-    assert len(_compiled(events)) == 5  # the first compile only (D=a's choice changed nothing: one was timed)
-    assert "not measured: time budget spent" in lines[1] and "[reward] not tuned: time budget spent" in lines
-    assert "dispatch tune_test_op  (GB/s of a test)" in lines[3]
+    assert len(_compiled(events)) == 7  # the first compile only
+    assert all("not measured: time budget spent" in line for line in lines[1:4])
+    assert lines[4] == "dispatch tune_test_op  (GB/s of a test)\n  triton         not measured: time budget spent  \n" \
+                       "  other          not measured: time budget spent  "
+    assert lines[5] == "[reward] not tuned: time budget spent"
     entry = json.loads(path.read_text())["kernels"]["merge_attention"]["D=a"]
     assert [c["status"] for c in entry["candidates"]] == ["ok", "not measured: time budget spent"]
 
@@ -433,7 +476,7 @@ def test_compile_waits_no_longer_than_the_budget_and_cancels_what_has_not_starte
 
     pool = Stalled()
     compiler = tune.Compiler(2, make_pool=lambda: pool)
-    assert compiler.compile([(print, ()), (print, ())], deadline=0.0) == 0
+    assert compiler.compile([(print, ()), (print, ())], deadline=0.0) == [None, None]
     assert all(f.cancelled() for f in pool.futures)
 
 
@@ -454,8 +497,8 @@ def test_a_worker_that_dies_is_replaced_at_the_next_compile():
             pools.append("shut")
 
     compiler = tune.Compiler(2, make_pool=lambda: pools.append("new") or Broken())
-    assert compiler.compile([(print, ())]) == 0
-    assert compiler.compile([(print, ())]) == 0
+    assert compiler.compile([(print, ())]) == [None]
+    assert compiler.compile([(print, ())]) == [None]
     assert pools == ["new", "shut", "new", "shut"]
 
 
@@ -465,7 +508,7 @@ def test_close_stops_a_worker_still_compiling_when_the_budget_is_spent():
     import time
 
     compiler = tune.Compiler(1)
-    assert compiler.compile([(time.sleep, (60,))], deadline=tune._clock() + 1.0) == 0
+    assert compiler.compile([(time.sleep, (60,))], deadline=tune._clock() + 1.0) == [None]
     processes = list(compiler._pool._processes.values())
     assert processes and all(p.is_alive() for p in processes)
     compiler.close()

@@ -25,7 +25,8 @@ family will time -- every candidate, and the dispatched calls below with the cur
 (the non-causal attention kernels are no tunable's) -- so that Triton's disk cache serves the
 timing process, which then compiles nothing. The workers never run while something is timed.
 When a choice differs from the current one, the variants after it (and the dispatched calls)
-launch kernels not built yet: they are compiled ahead the same way, with the choices in force.
+whose launches looked up that variant's tiles (the workers report what they looked up) launch
+kernels not built yet: they are compiled ahead the same way, with the choices in force.
 ``--budget``: no candidate, set-up or compile starts after it; what is left is reported "not
 measured" and the table keeps its entries.
 
@@ -289,24 +290,45 @@ def _in_force(choices):
         yield
 
 
-def _launch_once(launch) -> str:
-    """Worker: ``launch(device)`` once, so the binaries it builds land in Triton's disk cache and
-    the timing process only loads them; "ok", or why not (the timing process reports it again)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@contextlib.contextmanager
+def _reads():
+    """The set of the (kernel, key) variants whose tiles the launches inside look up: every
+    launcher asks tuning.lookup, directly or through tuning.launch."""
+    read: set = set()
+    lookup = tuning.lookup
+
+    def recording(kernel, key, default, device):
+        read.add((kernel, key))
+        return lookup(kernel, key, default, device)
+
+    tuning.lookup = recording
     try:
-        why = launch(device)
-        _sync(device)
-        return why or "ok"
-    except Exception as exc:
-        return _status_of(exc)
+        yield read
     finally:
-        if device.type == "cuda":
-            # The workers live for the whole run: the blocks their full-size inputs leave cached
-            # would hold GPU memory the timing process needs.
-            torch.cuda.empty_cache()
+        tuning.lookup = lookup
 
 
-def _precompile_one(family: str, index: int, tiles: dict, quick: bool, choices=()) -> str:
+def _launch_once(launch) -> tuple[str, tuple]:
+    """Worker: ``launch(device)`` once, so the binaries it builds land in Triton's disk cache and
+    the timing process only loads them. Returns ("ok" or why not (the timing process reports it
+    again), the variants whose tiles it looked up)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with _reads() as read:
+        try:
+            why = launch(device)
+            _sync(device)
+            status = why or "ok"
+        except Exception as exc:
+            status = _status_of(exc)
+        finally:
+            if device.type == "cuda":
+                # The workers live for the whole run: the blocks their full-size inputs leave
+                # cached would hold GPU memory the timing process needs.
+                torch.cuda.empty_cache()
+    return status, tuple(sorted(read))
+
+
+def _precompile_one(family: str, index: int, tiles: dict, quick: bool, choices=()) -> tuple[str, tuple]:
     """Worker: launch the family's ``index``-th tunable with ``tiles``, the ``choices`` made
     before it in force (as the sweep will)."""
     from . import tune_cases
@@ -321,7 +343,7 @@ def _precompile_one(family: str, index: int, tiles: dict, quick: bool, choices=(
     return _launch_once(launch)
 
 
-def _precompile_dispatch(family: str, index: int, backend: str, quick: bool, choices=()) -> str:
+def _precompile_dispatch(family: str, index: int, backend: str, quick: bool, choices=()) -> tuple[str, tuple]:
     """Worker: run implementation ``backend`` of the family's ``index``-th dispatch case at its
     call, the family's tiles ``choices`` in force (as measure_dispatch will)."""
     from .._backend import OPS
@@ -358,12 +380,12 @@ class Compiler:
         self._pool = None
         self._unfinished: list = []
 
-    def compile(self, tasks, deadline: float | None = None) -> int:
+    def compile(self, tasks, deadline: float | None = None) -> list:
         """Run ``tasks`` ([(worker function, args)]) in the workers and wait for them, at most
         until ``deadline``: nothing is timed after it, so what has not started then is cancelled.
-        Returns how many finished."""
+        Returns each task's result, None for one that did not finish."""
         if not tasks:
-            return 0
+            return []
         if self._pool is None:
             self._pool = self._make_pool()
         futures = [self._pool.submit(function, *args) for function, args in tasks]
@@ -376,7 +398,7 @@ class Compiler:
             # A worker died in a launch (the timing process reports that candidate itself); the
             # next compile starts new workers.
             self.close()
-        return sum(1 for f in done if not f.cancelled() and f.exception() is None)
+        return [f.result() if f in done and not f.cancelled() and f.exception() is None else None for f in futures]
 
     def close(self) -> None:
         """End the workers. One still compiling when the budget was spent is stopped, not waited
@@ -477,13 +499,27 @@ def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch
     tunables = tune_cases.tunables([family])
     cases = tune_cases.dispatch_cases([family])
 
-    def compile_ahead(tasks, what):
+    def compile_ahead(tasks, what) -> list:
         if compiler is None or not tasks or _spent(deadline):
-            return
+            return [None] * len(tasks)
         started = _clock()
-        done = compiler.compile(tasks, deadline)
+        results = compiler.compile(tasks, deadline)
+        done = sum(r is not None for r in results)
         count = f"{done}" if done == len(tasks) else f"{done} of {len(tasks)}"
         log(f"[{family}] compiled {count} {what} in {_clock() - started:.0f} s")
+        return results
+
+    def looked_up(results) -> set | None:
+        # None (read everything, to be safe) when a launch did not report.
+        if any(r is None for r in results):
+            return None
+        return {variant for _, read in results for variant in read}
+
+    def stale(read) -> bool:
+        """Whether launches that looked up ``read`` under the current choices launch something
+        else now: they are a program of the tiles they look up, so only if a changed choice is
+        among those (dQ's timing after new dK/dV tiles; not the ViT kernels after the LLM's)."""
+        return bool(changed) and (read is None or bool(changed & read))
 
     def dispatch_tasks(choices):
         return [(_precompile_dispatch, (family, index, backend, quick, tuple(choices)))
@@ -496,13 +532,20 @@ def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch
     # Everything the family launches with the current choices, the dispatched calls first: each
     # is a chain of kernels (the non-causal forward and backward are no tunable's), the longest tasks.
     calls = dispatch_tasks(())
-    candidates = [task for index in range(len(tunables)) for task in candidate_tasks(index, ())]
-    compile_ahead(calls + candidates, f"launches ({len(candidates)} candidates, {len(calls)} dispatched calls)")
+    per_tunable = [candidate_tasks(index, ()) for index in range(len(tunables))]
+    candidates = [task for tasks in per_tunable for task in tasks]
+    results = compile_ahead(calls + candidates,
+                            f"launches ({len(candidates)} candidates, {len(calls)} dispatched calls)")
+    calls_read = looked_up(results[:len(calls)])
+    reads, start = [], len(calls)
+    for tasks in per_tunable:
+        reads.append(looked_up(results[start:start + len(tasks)]))
+        start += len(tasks)
     with contextlib.ExitStack() as in_force:  # each choice stays in force for the family's next variants
         choices = []
-        changed = False  # a choice differs from the current one: what follows launches binaries not built yet
+        changed = set()  # the variants chosen unlike their current tiles
         for index, tunable in enumerate(tunables):
-            if changed:
+            if stale(reads[index]):
                 compile_ahead(candidate_tasks(index, choices), f"candidates of {tunable.kernel}"
                               f"[{tunable.key_for(device)}] with the choices made")
             entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log)
@@ -512,9 +555,10 @@ def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch
             entries.setdefault(tunable.kernel, {})[key] = entry
             in_force.enter_context(tuning.override(tunable.kernel, key, entry["tiles"]))
             choices.append((tunable.kernel, key, entry["tiles"]))
-            changed = changed or entry["tiles"] != entry["candidates"][0]["tiles"]
+            if entry["tiles"] != entry["candidates"][0]["tiles"]:
+                changed.add((tunable.kernel, key))
         # Our kernels against the other implementations, with the tiles just chosen in force.
-        if changed:
+        if stale(calls_read):
             compile_ahead(dispatch_tasks(choices), "dispatched calls with the choices made")
         for case in cases:
             rule = measure_dispatch(case, device, quick=quick, deadline=deadline, log=log)
