@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-# Tuned in this order, most valuable first: ``make gpu`` gives the sweep ~150 s (--budget), and
+# Tuned in this order, most valuable first: ``make gpu`` gives the sweep ~170 s (--budget), and
 # families the budget does not reach keep their table entries. Attention (most of a training
 # step: tiles, one-pass backward, launch order, then the cuDNN dispatch rules), the losses (the
 # cross-entropy route, issue 15), decode (tiles and splits), reward, and last merge_attention,
