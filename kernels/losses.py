@@ -94,7 +94,7 @@ _CHUNKS_TILES = {torch.float16: (1, 8192, 16, 256, 8, 2), torch.bfloat16: (1, 81
 # forward and only scaled by the backward (3 products: docqa_fast/losses/forward_grad.py). 1
 # until a GPU measures 2 faster. CHUNK_ROWS caps the rows of one chunk of route 2, which holds
 # their logits over the whole vocabulary in 16 bits; the memory budget sets them below the cap
-# (chunked.forward_grad_plan: 2,432 rows at 8K tokens through Qwen2.5's head, 0.8 GiB). Each
+# (chunked.forward_grad_plan: 2,752 rows at 8K tokens through Qwen2.5's head, 0.86 GiB). Each
 # chunk adds its G^T h to all of d_weight, reading and writing it (4-8 bytes per element, ~0.5-1
 # ms on an H200), so the built-in cap leaves the budget in charge; not yet measured.
 ROUTE_PARAMS = ("ROUTE", "CHUNK_ROWS")
@@ -471,7 +471,7 @@ def chunk_grad_kernel(
 def _vocab_splits(n_rows: int, vocab: int, block_n: int, block_v: int) -> tuple[int, int]:
     """(tiles per split, number of splits): enough programs for TARGET_PROGRAMS, whole tiles each."""
     vocab_tiles = triton.cdiv(vocab, block_v)
-    wanted = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n_rows, block_n))))
+    wanted = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(max(n_rows, 1), block_n))))
     per_split = triton.cdiv(vocab_tiles, wanted)
     return per_split, triton.cdiv(vocab_tiles, per_split)
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import losses as kernels
+from .ops import gradients_dtype, scaled_copy
 
 CHUNK_ENV = "DOCQA_FAST_LOSSES_CHUNK_MIB"
 # The chunk budget without the setting: 1/CHUNK_FRACTION of the (N, V) logits in the inputs'
@@ -61,8 +62,6 @@ FORWARD_GRAD_FRACTION = 2
 FORWARD_GRAD_FLOOR = 256 << 20
 FORWARD_GRAD_CAP = 4 << 30
 MAX_ROUNDED_CHUNKS = 4
-# A scaled copy (scaled_copy) goes this many elements at a time.
-_SCALE_SLICE_ELEMENTS = 1 << 24
 
 
 def _budget_setting() -> int | None:
@@ -114,7 +113,7 @@ def forward_grad_budget(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
 
 
 def forward_grad_plan(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype, chunk_rows: int,
-                      max_columns: int) -> GradPlan:
+                      max_columns: int, need_weight: bool = True) -> GradPlan:
     """The chunks of :func:`stats_and_grads` for ``n_rows`` computed rows.
 
     A chunk holds its rows' logits over the whole vocabulary (a row's dL/dz needs its final
@@ -124,13 +123,14 @@ def forward_grad_plan(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dt
     beside the accumulator, if any, at most ``chunk_rows`` (the tuned ``losses_route`` entry),
     spread evenly. Fewer, larger chunks cost less: each adds its G^T h to all of d_weight.
 
-    fp32 inputs add d_weight's terms into the fp32 gradient itself. bf16 inputs add them into
-    the bf16 gradient (cuBLAS sums each product in fp32 and rounds once per chunk) when that
-    takes at most MAX_ROUNDED_CHUNKS chunks; beyond (the budget's cap: long inputs), into a
-    (V, H) fp32 accumulator when it fits in the budget beside a chunk, rounded once at the end.
-    fp16 inputs always take the accumulator: their G stays unscaled until then (the mean's
-    1/count would push small probabilities below fp16's subnormals) and a summed gradient can
-    pass fp16's range before the last chunk.
+    d_weight's sum across chunks: fp32 inputs add into their fp32 gradient; fp16 inputs into an
+    fp32 d_weight too, which is what the route returns for them (see stats_and_grads). bf16
+    inputs add into the bf16 gradient (cuBLAS sums each product in fp32 and rounds once per
+    chunk) when that takes at most MAX_ROUNDED_CHUNKS chunks; beyond (the budget's cap: long
+    inputs), into a (V, H) fp32 ``accumulator`` rounded once at the end, with an (R, H) fp32 part
+    for d_hidden -- beside the chunk within the budget when it fits there, else beyond it: more
+    roundings would cost precision (128 chunks: ~7x the naive path's error), a smaller chunk
+    time. Without ``need_weight`` there is nothing to sum.
     """
     n_rows = max(n_rows, 1)
     budget = forward_grad_budget(n_rows, vocab, dtype)
@@ -141,15 +141,16 @@ def forward_grad_plan(n_rows: int, vocab: int, hidden_size: int, dtype: torch.dt
                       _cdiv(vocab, COLUMN_GRAIN) * COLUMN_GRAIN)
         per_row = vocab * dtype.itemsize + columns * 4
 
-    def rows_within(limit: int) -> int:
-        return _spread(n_rows, min(chunk_rows, max(ROW_GRAIN, limit // per_row // ROW_GRAIN * ROW_GRAIN)), ROW_GRAIN)
+    def rows_within(limit: int, row_bytes: int) -> int:
+        return _spread(n_rows, min(chunk_rows, max(ROW_GRAIN, limit // row_bytes // ROW_GRAIN * ROW_GRAIN)), ROW_GRAIN)
 
-    rows = rows_within(budget)
+    rows = rows_within(budget, per_row)
+    if dtype != torch.bfloat16 or not need_weight or _cdiv(n_rows, rows) <= MAX_ROUNDED_CHUNKS:
+        return GradPlan(rows, columns, False)
     accumulator_bytes = vocab * hidden_size * 4
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and _cdiv(n_rows, rows) > MAX_ROUNDED_CHUNKS
-                                  and accumulator_bytes + ROW_GRAIN * per_row <= budget):
-        return GradPlan(rows_within(budget - accumulator_bytes), columns, True)
-    return GradPlan(rows, columns, False)
+    row_bytes = per_row + hidden_size * 4  # and the (R, H) fp32 part of d_hidden
+    fits = accumulator_bytes + ROW_GRAIN * row_bytes <= budget
+    return GradPlan(rows_within(budget - accumulator_bytes if fits else budget, row_bytes), columns, True)
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,8 @@ def _ieee_fp32(device: torch.device):
 
 
 class Products:
-    """``out = a @ b`` and ``out += a @ b`` with ``out`` fp32, for operands of the inputs' dtype.
+    """``out = a @ b`` and ``out += a @ b`` for operands of the inputs' dtype: ``mm`` / ``addmm``
+    with ``out`` fp32, ``into`` with ``out`` of the operands' dtype.
 
     ``accumulate`` says how 16-bit products are added to an fp32 ``out``: ``"addmm"`` (cuBLAS
     adds into it), ``"slices"`` (torch without that: an fp32 product of a slice of rows at a
@@ -427,16 +429,6 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias
 
 
-def scaled_copy(source, factor, out) -> None:
-    """out = source * factor (a (1,) or 0-dim fp32 tensor), rounded once to ``out``'s dtype, a slice
-    of rows at a time (no temporary of the source's size)."""
-    columns = source.shape[1] if source.dim() > 1 else 1
-    flat_source, flat_out = source.view(source.shape[0], columns), out.view(out.shape[0], columns)
-    step = max(1, _SCALE_SLICE_ELEMENTS // max(1, columns))
-    for r0 in range(0, flat_source.shape[0], step):
-        torch.mul(flat_source[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
-
-
 def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, grad_scale, need_hidden: bool,
                     need_weight: bool, need_bias: bool, tiles: dict, chunk_rows: int):
     """The forward-gradient route: statistics and gradients in one walk over row chunks, 3 products.
@@ -450,30 +442,35 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     G^T h[rows], 3 products in all.
 
     ``grad_scale`` (a (1,) fp32 tensor: 1, or 1 / count for a mean) turns the summed loss's
-    gradients into the loss's. Without the accumulator it multiplies the coefficients, so G and
-    the products are the loss's own and the gradients are summed in their own dtype; with it
-    (16-bit d_weight over many chunks, and fp16: see :func:`forward_grad_plan`) G is the summed
-    loss's and the fp32 sums are scaled as they are rounded to the gradients' dtype. The 16-bit
-    logits are the fp32 products rounded once, as the naive path's are; the statistics and so
-    the loss come from the fp32 products.
+    gradients into the loss's. bf16 and fp32 inputs without the plan's accumulator fold it into
+    the coefficients: G and the products are the loss's own, summed in the gradients' dtype.
+    Otherwise G is the summed loss's, of order 1, and the fp32 sums are scaled at the end: the
+    bf16 accumulator as it is rounded once to the gradient, and fp16's gradients, which stay fp32
+    here (rounded to fp16 only after the upstream gradient, often a loss scale: rounded at a
+    mean's size, fp16 would flush the small ones to 0). The 16-bit logits are the fp32 products
+    rounded once, as the naive path's are; the statistics and so the loss come from the fp32
+    products.
 
     Returns (lse, label_logit, sum_logits) (N,) fp32 (nothing masked) and d_hidden (N, H),
-    d_weight (V, H), d_bias (V,) of the loss in the inputs' dtype, each empty (0,) when not needed.
+    d_weight (V, H), d_bias (V,) of the loss in the inputs' dtype (fp32 for fp16), each empty
+    (0,) when not needed.
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     sixteen = dtype != torch.float32
+    out_dtype = gradients_dtype(dtype)
     fp32 = dict(dtype=torch.float32, device=device)
     stats = torch.zeros((5, n_rows), **fp32)  # m, s, t, label logit, logit sum (kernels.chunk_stats)
-    d_hidden = torch.empty((n_rows, hidden_size) if need_hidden else (0,), dtype=dtype, device=device)
-    d_weight = torch.empty((vocab, hidden_size) if need_weight else (0,), dtype=dtype, device=device)
+    d_hidden = torch.empty((n_rows, hidden_size) if need_hidden else (0,), dtype=out_dtype, device=device)
+    d_weight = torch.empty((vocab, hidden_size) if need_weight else (0,), dtype=out_dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), **fp32)
-    plan = forward_grad_plan(n_rows, vocab, hidden_size, dtype, chunk_rows, tiles["CHUNK_COLUMNS"])
+    plan = forward_grad_plan(n_rows, vocab, hidden_size, dtype, chunk_rows, tiles["CHUNK_COLUMNS"], need_weight)
     chunks = plan.row_chunks(n_rows)
     if not chunks:
         d_weight.zero_()
-        return stats[0], stats[3], stats[4], d_hidden, d_weight, d_bias.to(dtype)
+        return stats[0], stats[3], stats[4], d_hidden, d_weight, d_bias.to(out_dtype)
+    fold = not plan.accumulator and out_dtype == dtype
     products = Products(device, dtype)
     rows = min(n_rows, plan.rows)
     # A chunk has few rows for the statistics kernel's one program per row block: lanes split
@@ -485,6 +482,14 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     hidden_part = torch.empty((rows, hidden_size), **fp32) if plan.accumulator and need_hidden else None
     unit_scale = torch.ones(1, **fp32)
     lse = torch.empty(n_rows, **fp32)
+
+    def multiply(a, b, out, add: bool) -> None:
+        """out (+)= a @ b: fp32 sums through Products.mm / addmm, 16-bit ones rounded per product."""
+        if out.dtype == torch.float32:
+            products.addmm(out, a, b) if add else products.mm(a, b, out)
+        else:
+            products.into(a, b, out, add)
+
     with _ieee_fp32(device):
         for index, (r0, r1) in enumerate(chunks):
             z = logits[:(r1 - r0) * vocab].view(r1 - r0, vocab)
@@ -501,23 +506,23 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
             stats[:, r0:r1] = kernels.merge_lanes(state)
             torch.add(stats[0, r0:r1], torch.log(stats[1, r0:r1]), out=lse[r0:r1])
             coefs = coefs_of(lse[r0:r1], r0, r1)
-            kernels.chunk_grad(z, z, bias, labels[r0:r1], lse[r0:r1], coefs if plan.accumulator else coefs * grad_scale,
+            kernels.chunk_grad(z, z, bias, labels[r0:r1], lse[r0:r1], coefs * grad_scale if fold else coefs,
                                unit_scale, 0, ignore_index, 1.0, not sixteen, tiles)
             if need_bias:
                 d_bias += z.sum(0, dtype=torch.float32)
             if need_hidden:  # every column of these rows at once: written once
                 if hidden_part is None:
-                    products.into(z, weight, d_hidden[r0:r1], add=False)
+                    multiply(z, weight, d_hidden[r0:r1], add=False)
                 else:
                     products.mm(z, weight, hidden_part[:r1 - r0])
                     scaled_copy(hidden_part[:r1 - r0], grad_scale, d_hidden[r0:r1])
             if need_weight:
-                if weight_sum is None:
-                    products.into(z.T, hidden[r0:r1], d_weight, add=index > 0)
-                else:
-                    (products.mm(z.T, hidden[r0:r1], weight_sum) if index == 0 else
-                     products.addmm(weight_sum, z.T, hidden[r0:r1]))
+                multiply(z.T, hidden[r0:r1], d_weight if weight_sum is None else weight_sum, add=index > 0)
     if weight_sum is not None:
         scaled_copy(weight_sum, grad_scale, d_weight)
-    d_bias = (d_bias * grad_scale if plan.accumulator else d_bias).to(dtype) if need_bias else d_bias
+    elif not fold:  # fp16: the fp32 gradients of the summed loss, scaled in place
+        d_hidden.mul_(grad_scale)
+        d_weight.mul_(grad_scale)
+    d_bias = (d_bias if fold else d_bias * grad_scale).to(out_dtype) if need_bias else d_bias
     return lse, stats[3], stats[4], d_hidden, d_weight, d_bias
+

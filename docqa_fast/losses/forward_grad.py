@@ -10,21 +10,20 @@ the saved gradients by the upstream scalar (Liger's fused linear cross-entropy d
 with Triton products).
 
 The op, ``docqa_fast::linear_cross_entropy_grads(hidden, weight, bias, labels, ignore_index,
-label_smoothing, z_loss, mean, need_hidden, need_weight, need_bias)`` returns (loss,
-grad_scale, d_hidden, d_weight, d_bias): the reduced loss (fp32, fp64 for fp64 inputs), the
-gradients of the *summed* per-token losses in that precision (empty (0,) where not needed) and
-grad_scale (1, or 1 / the counted tokens for "mean") that turns them into the loss's; it is
-registered, with its fake, checks, autograd and reference, in ops.py; this module is its triton
-implementation. Its autograd saves them and returns grad_output * grad_scale * saved, rounded once to the inputs'
-dtype (so a gradient is as exact as the recomputing route's, whatever grad_output is).
+label_smoothing, z_loss, mean, need_hidden, need_weight, need_bias)`` returns (loss, d_hidden,
+d_weight, d_bias): the reduced loss (fp32, fp64 for fp64 inputs) and its gradients in the
+inputs' dtype (fp32 for fp16 inputs; empty (0,) where not needed); it is registered, with its
+fake, checks and reference, in ops.py, whose autograd.Function around it (_ForwardGradLoss)
+multiplies the gradients by the upstream scalar in the backward, in place; this module is its
+triton implementation.
 
-Memory beyond inputs and gradients, 16-bit inputs with d_weight needed: the (V, H) fp32
-accumulator (2 GiB through Qwen2.5's head) and the (N, H) fp32 d_hidden, both held from the
-forward to the backward, and the chunk of rows x V logits (fp32, plus the 16-bit G). Only
-callers that need gradients take this route (functional.linear_cross_entropy decides, reading
-``DOCQA_FAST_LOSSES_ROUTE`` / the tuned table, fused.route); without them the forward is the
-statistics pass. Not for per-token losses or log-probs (reduction "none", sequence_logprobs,
-DPO): their upstream gradients differ per token or per sequence.
+Memory beyond inputs and gradients (chunked.forward_grad_plan): a chunk of rows x V 16-bit
+logits and rows x CHUNK_COLUMNS fp32 products, from a budget of half the rows' 16-bit logits
+(0.86 GiB at 8K tokens through Qwen2.5's head), and for bf16 beyond 4 chunks a (V, H) fp32
+accumulator. Only callers that need gradients take this route (functional.linear_cross_entropy
+decides, reading ``DOCQA_FAST_LOSSES_ROUTE`` / the tuned table, fused.route); without them the
+forward is the statistics pass. Not for per-token losses or log-probs (reduction "none",
+sequence_logprobs, DPO): their upstream gradients differ per token or per sequence.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import torch
 
 from ..kernels import losses as kernels
 from . import chunked, fused
-from .ops import cross_entropy_coefs, cross_entropy_per_token, loss_scale
+from .ops import cross_entropy_coefs, cross_entropy_per_token, gradients_dtype, loss_scale
 
 
 def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden,
@@ -57,11 +56,19 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
             return chunked.stats_and_grads(h, weight, bias, y, ignore_index, coefs_of, scale, need_hidden,
                                            need_weight, need_bias, tiles, chunk_rows)
         # Triton products (the tuned table's choice, or no fp32-output matmul in this torch): the
-        # statistics pass, then the recomputing backward's pass on the loss's coefficients (its
-        # own power-of-two scaling keeps fp16 G in range), both now.
+        # statistics pass, then the recomputing backward's pass, both now, on the loss's
+        # coefficients. Its gradients come in the inputs' dtype; fp16's are wanted in fp32
+        # (ops.gradients_dtype): formed for the summed loss divided by a power of two >= the
+        # rows (exact; a summed d_weight passes fp16's range) and multiplied back in fp32 -- still
+        # rounded to fp16 near the mean's size, which the library products avoid.
         lse, label_logit, sum_logits, _ = kernels.logit_stats(h, weight, bias, y, ignore_index, 1.0)
-        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs_of(lse, 0, h.shape[0]) * scale,
+        sixteen_out = gradients_dtype(h.dtype) != h.dtype
+        shift = (h.shape[0] - 1).bit_length() if sixteen_out else 0
+        factor = 2.0 ** -shift if sixteen_out else scale
+        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs_of(lse, 0, h.shape[0]) * factor,
                                              ignore_index, 1.0, need_hidden, need_weight, need_bias)
+        if sixteen_out:
+            grads = [g.float() * (scale * 2.0 ** shift) for g in grads]
         return (lse, label_logit, sum_logits, *grads)
 
     lse, label_logit, sum_logits, d_hidden, d_weight, d_bias = fused.run_with_tiles(hidden.dtype, hidden.device, run)

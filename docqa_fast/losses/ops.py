@@ -18,8 +18,9 @@ the vocabulary tiles that are not negligible, on library matmuls (chunked.py) or
 all-Triton path (kernels/losses.py); the reference materialises the logits.
 
 ``docqa_fast::linear_cross_entropy_grads`` is the forward-gradient route of a mean / sum
-cross-entropy (forward_grad.py): the reduced loss and its gradients, formed in the forward; its
-autograd only scales them by the upstream scalar.
+cross-entropy (forward_grad.py): the reduced loss and its gradients, formed in the forward. It
+has no autograd of its own: _ForwardGradLoss, an autograd.Function around it, saves the
+gradients and only scales them by the upstream scalar in the backward.
 """
 
 from __future__ import annotations
@@ -339,8 +340,31 @@ def _grads_reference(hidden, weight, bias, labels, ignore_index, label_smoothing
     coefs = cross_entropy_coefs(lse, counted, weight.shape[0], label_smoothing, z_loss) * scale
     grads = linear_logit_stats_backward_ref(hidden, weight, bias, labels, lse, coefs, ignore_index, 1.0)
     # Fresh tensors (a custom op's outputs may not alias each other), empty where not needed.
-    return (losses.sum() * scale, *(g.to(hidden.dtype).contiguous() if need else g.new_empty(0, dtype=hidden.dtype)
+    out = gradients_dtype(hidden.dtype)
+    return (losses.sum() * scale, *(g.to(out).contiguous() if need else g.new_empty(0, dtype=out)
                                     for g, need in zip(grads, (need_hidden, need_weight, need_bias))))
+
+
+def gradients_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gradients linear_cross_entropy_grads hands to its backward: the inputs',
+    but fp32 for fp16 (rounded after the upstream gradient, often a loss scale: rounded at a
+    mean's size, fp16 would flush the small ones to 0)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+# A scaled copy (scaled_copy) goes this many elements at a time.
+_SCALE_SLICE_ELEMENTS = 1 << 24
+
+
+def scaled_copy(source, factor, out) -> None:
+    """out = source * factor (a (1,) or 0-dim fp32 tensor), rounded once to ``out``'s dtype, a slice
+    of rows at a time (no temporary of the source's size)."""
+    columns = source.shape[1] if source.dim() > 1 else 1
+    flat_source, flat_out = source.view(source.shape[0], columns), out.view(out.shape[0], columns)
+    step = max(1, _SCALE_SLICE_ELEMENTS // max(1, columns))
+    for r0 in range(0, flat_source.shape[0], step):
+        torch.mul(flat_source[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
+
 
 
 GRADS = register_op(
@@ -367,8 +391,8 @@ def linear_cross_entropy_grads(hidden: torch.Tensor, weight: torch.Tensor, bias:
 
     hidden (N, H), labels (N,) int64. loss: the mean ("mean", over max(count, 1)) or sum of the
     per-token losses (ops.cross_entropy_per_token) over the tokens whose label is not
-    ignore_index, fp32 (fp64 for fp64 inputs); d_*: its gradients in the inputs' dtype, empty
-    (0,) unless asked for.
+    ignore_index, fp32 (fp64 for fp64 inputs); d_*: its gradients in the inputs' dtype (fp32 for
+    fp16 inputs: they are rounded to fp16 after the upstream gradient), empty (0,) unless asked for.
     """
     _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias)
     return GRADS(hidden.device, hidden.dtype, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss,
@@ -378,10 +402,11 @@ def linear_cross_entropy_grads(hidden: torch.Tensor, weight: torch.Tensor, bias:
 @linear_cross_entropy_grads.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, mean, need_hidden, need_weight, need_bias):
     _check_grads_inputs(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, need_bias)
+    out = gradients_dtype(hidden.dtype)
     return (hidden.new_empty((), dtype=_accumulator_dtype(hidden.dtype)),
-            hidden.new_empty(hidden.shape if need_hidden else (0,)),
-            weight.new_empty(weight.shape if need_weight else (0,)),
-            weight.new_empty((weight.shape[0],) if need_bias else (0,)))
+            hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=out),
+            weight.new_empty(weight.shape if need_weight else (0,), dtype=out),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,), dtype=out))
 
 
 class _ForwardGradLoss(torch.autograd.Function):
@@ -397,6 +422,8 @@ class _ForwardGradLoss(torch.autograd.Function):
                                                                       label_smoothing, z_loss, mean, *needs)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.formed = needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scaled = False
         return loss
 
     @staticmethod
@@ -404,12 +431,11 @@ class _ForwardGradLoss(torch.autograd.Function):
         wanted = ctx.needs_input_grad[:3]
         if not any(wanted):
             return (None,) * 9
-        try:
-            saved = ctx.saved_tensors
-        except RuntimeError as error:  # torch's version check of the saved tensors: scaled in place below
-            raise RuntimeError("linear_cross_entropy's DOCQA_FAST_LOSSES_ROUTE=fwd-grad route scales the gradients "
-                               "it formed in the forward in place, once: a second backward through the same loss "
-                               "(retain_graph=True) needs DOCQA_FAST_LOSSES_ROUTE=recompute") from error
+        if ctx.scaled:  # a flag, not torch's version check: saved-tensor hooks can skip that
+            raise RuntimeError("a second backward through a linear_cross_entropy loss: its DOCQA_FAST_LOSSES_ROUTE="
+                               "fwd-grad route scaled the gradients it formed in the forward in place in the first "
+                               "backward (for retain_graph=True, set DOCQA_FAST_LOSSES_ROUTE=recompute)")
+        saved = ctx.saved_tensors
         for name, want, formed in zip(("hidden", "weight", "bias"), wanted, ctx.formed):
             if want and not formed:
                 raise RuntimeError(f"linear_cross_entropy_grads was called with need_{name}=False, yet d {name} is "
@@ -425,9 +451,22 @@ class _ForwardGradLoss(torch.autograd.Function):
         # allocates nothing of their size (the (V, H) one is a GiB through Qwen2.5's head) and a
         # leaf's .grad takes the tensor over once this node releases it; a second backward finds
         # them scaled already and is refused above. A traced backward multiplies out of place
-        # (the compiler plans its own buffers; graphs do not mutate saved values).
-        scale = (lambda t: t * grad_loss) if torch.compiler.is_compiling() else (lambda t: t.mul_(grad_loss))
-        return (*(scale(t) if want else None for t, want in zip(saved, wanted)), *(None,) * 6)
+        # (the compiler plans its own buffers; graphs do not mutate saved values), and so do fp16
+        # inputs' fp32 gradients, rounded once to fp16 after the upstream gradient.
+        compiling = torch.compiler.is_compiling()
+
+        def scale(saved_grad, dtype):
+            if compiling:
+                return (saved_grad * grad_loss).to(dtype)
+            if saved_grad.dtype != dtype:
+                out = torch.empty(saved_grad.shape, dtype=dtype, device=saved_grad.device)
+                scaled_copy(saved_grad, grad_loss, out)
+                return out
+            ctx.scaled = True
+            return saved_grad.mul_(grad_loss)
+
+        return (*(scale(t, dtype) if want else None for t, dtype, want in zip(saved, ctx.dtypes, wanted)),
+                *(None,) * 6)
 
 
 def cross_entropy_with_grads(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float, z_loss: float,
