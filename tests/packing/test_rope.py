@@ -167,11 +167,10 @@ def test_patch_transformers(request):
         assert Qwen2_5_VLModel.get_rope_index is not expected  # swapped
         _assert_same(model.get_rope_index(**inputs), expected)
         # what the model's forward calls
+        # The cache goes by position: transformers 5.17 names it past_key_values, 5.24 cache.
         positions = model.compute_3d_position_ids(
-            input_ids=inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
-            video_grid_thw=inputs["video_grid_thw"], inputs_embeds=None, attention_mask=inputs["attention_mask"],
-            past_key_values=None, second_per_grid_ts=inputs["second_per_grid_ts"],
-            mm_token_type_ids=inputs["mm_token_type_ids"])
+            inputs["input_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"], None, inputs["attention_mask"],
+            None, second_per_grid_ts=inputs["second_per_grid_ts"], mm_token_type_ids=inputs["mm_token_type_ids"])
         assert torch.equal(positions, expected[0])
         q2 = dict(inputs)
         q2.pop("second_per_grid_ts")
