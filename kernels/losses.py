@@ -692,10 +692,11 @@ def gradient_scale(coefs, temperature: float):
 
 
 def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index: int, temperature: float,
-                         need_hidden: bool, need_weight: bool, need_bias: bool, runs=None):
+                         need_hidden: bool, need_weight: bool, need_bias: bool, runs=None, out_dtype=None):
     """Gradients (d_hidden, d_weight, d_bias) of a loss whose dL/dz rows are given by ``coefs`` (4, N).
 
-    Gradients come back in the inputs' dtype; unneeded ones as empty tensors. Nothing of
+    Gradients come back in ``out_dtype`` (default: the inputs' dtype; fp32 keeps fp16 inputs'
+    gradients unrounded); unneeded ones as empty tensors. Nothing of
     size (N, V) is allocated: see :func:`chunk_columns` and :func:`hidden_rows_per_pass`.
     ``runs``: the (start, end) vocabulary column ranges to compute (default: all); columns
     outside them contribute nothing (the caller knows their softmax is negligible).
@@ -703,15 +704,16 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    d_hidden = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=hidden.dtype, device=device)
-    d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=weight.dtype, device=device)
+    out_dtype = out_dtype or weight.dtype
+    d_hidden = torch.zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=out_dtype, device=device)
+    d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=out_dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
     if n_rows and vocab and (need_hidden or need_weight or need_bias):
         scale, out_scale = gradient_scale(coefs, temperature)
         group = hidden_rows_per_pass(n_rows, vocab, hidden_size, hidden.dtype) if need_hidden else n_rows
         accumulator = None
-        if need_hidden:  # fp32 inputs accumulate in the gradient itself
-            accumulator = d_hidden if hidden.dtype == torch.float32 else torch.zeros(
+        if need_hidden:  # fp32 gradients accumulate in themselves
+            accumulator = d_hidden if d_hidden.dtype == torch.float32 else torch.zeros(
                 (group, hidden_size), dtype=torch.float32, device=device)
         # The first walk covers every token (d_weight reduces over all of them at once) and the
         # first group's d_hidden; each later group of rows walks the vocabulary again for its own.
@@ -728,7 +730,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
                 d_hidden=accumulator[:r1 - r0] if need_hidden else None)
             if need_hidden and accumulator is not d_hidden:
                 d_hidden[r0:r1] = accumulator[:r1 - r0]
-    return d_hidden, d_weight, d_bias.to(weight.dtype) if need_bias else d_bias
+    return d_hidden, d_weight, d_bias.to(out_dtype)
 
 
 # --------------------------------------------------------------------------- configurations
@@ -788,8 +790,12 @@ def _configs():
             launch = {"num_warps": mm["num_warps"], "num_stages": mm["num_stages"],
                       "uses_tensor_cores": dtype != torch.float32}
             constexprs = {k: mm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-            # d_weight: A = G^T, C in the weight's dtype; d_hidden: C = the fp32 accumulator.
-            for role, trans_a, accumulate, out in (("d_weight", True, False, ptr), ("d_hidden", False, True, "*fp32")):
+            # d_weight: A = G^T, C in the weight's dtype (or fp32: the forward-gradient route's fp16
+            # gradients, logit_stats_backward's out_dtype); d_hidden: C = the fp32 accumulator.
+            roles = [("d_weight", True, False, ptr), ("d_hidden", False, True, "*fp32")]
+            if dtype == torch.float16:
+                roles.append(("d_weight32", True, False, "*fp32"))
+            for role, trans_a, accumulate, out in roles:
                 yield KernelConfig(
                     name=f"scaled_matmul[{ptr[1:]},{role},{name},{alignment}]", fn=scaled_matmul_kernel,
                     signature={arg: ptr if t == "IN" else out if t == "OUT" else t

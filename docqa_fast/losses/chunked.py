@@ -365,7 +365,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
     d_weight = torch.zeros((vocab, hidden_size) if need_weight else (0,), dtype=dtype, device=device)
     d_bias = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=device)
     if not (n_rows and runs and (need_hidden or need_weight or need_bias)):
-        return d_hidden, d_weight, d_bias.to(dtype) if need_bias else d_bias
+        return d_hidden, d_weight, d_bias.to(dtype)  # empty ones in the dtype too, as the op's fake says
     plan = plan_chunks(n_rows, vocab, hidden_size, dtype, chunk_budget(n_rows, vocab, dtype), tiles["CHUNK_COLUMNS"])
     chunks = list(column_chunks(runs, plan.columns))
     row_chunks = plan.row_chunks(n_rows)
@@ -426,7 +426,7 @@ def logit_stats_backward(hidden, weight, bias, labels, lse, coefs, ignore_index:
                 finish(part, part_grad[o0:o1])
         if need_total:
             finish(total, total_grad)
-    return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias
+    return d_hidden, d_weight, (d_bias * out_scale).to(dtype) if need_bias else d_bias.to(dtype)
 
 
 def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, grad_scale, need_hidden: bool,
@@ -523,6 +523,6 @@ def stats_and_grads(hidden, weight, bias, labels, ignore_index: int, coefs_of, g
     elif not fold:  # fp16: the fp32 gradients of the summed loss, scaled in place
         d_hidden.mul_(grad_scale)
         d_weight.mul_(grad_scale)
-    d_bias = (d_bias if fold else d_bias * grad_scale).to(out_dtype) if need_bias else d_bias
+    d_bias = (d_bias if fold else d_bias * grad_scale).to(out_dtype)  # empty: in the dtype too, as the fake says
     return lse, stats[3], stats[4], d_hidden, d_weight, d_bias
 

@@ -14,8 +14,8 @@ label_smoothing, z_loss, mean, need_hidden, need_weight, need_bias)`` returns (l
 d_weight, d_bias): the reduced loss (fp32, fp64 for fp64 inputs) and its gradients in the
 inputs' dtype (fp32 for fp16 inputs; empty (0,) where not needed); it is registered, with its
 fake, checks and reference, in ops.py, whose autograd.Function around it (_ForwardGradLoss)
-multiplies the gradients by the upstream scalar in the backward, in place; this module is its
-triton implementation.
+multiplies the gradients by the upstream scalar in the backward (in place; out of place for
+fp16's fp32 gradients and under torch.compile); this module is its triton implementation.
 
 Memory beyond inputs and gradients (chunked.forward_grad_plan): a chunk of rows x V 16-bit
 logits and rows x CHUNK_COLUMNS fp32 products, from a budget of half the rows' 16-bit logits
@@ -57,18 +57,11 @@ def cross_entropy_grads(hidden, weight, bias, labels, ignore_index, label_smooth
                                            need_weight, need_bias, tiles, chunk_rows)
         # Triton products (the tuned table's choice, or no fp32-output matmul in this torch): the
         # statistics pass, then the recomputing backward's pass, both now, on the loss's
-        # coefficients. Its gradients come in the inputs' dtype; fp16's are wanted in fp32
-        # (ops.gradients_dtype): formed for the summed loss divided by a power of two >= the
-        # rows (exact; a summed d_weight passes fp16's range) and multiplied back in fp32 -- still
-        # rounded to fp16 near the mean's size, which the library products avoid.
+        # coefficients, the gradients written in the route's dtype (fp32 for fp16).
         lse, label_logit, sum_logits, _ = kernels.logit_stats(h, weight, bias, y, ignore_index, 1.0)
-        sixteen_out = gradients_dtype(h.dtype) != h.dtype
-        shift = (h.shape[0] - 1).bit_length() if sixteen_out else 0
-        factor = 2.0 ** -shift if sixteen_out else scale
-        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs_of(lse, 0, h.shape[0]) * factor,
-                                             ignore_index, 1.0, need_hidden, need_weight, need_bias)
-        if sixteen_out:
-            grads = [g.float() * (scale * 2.0 ** shift) for g in grads]
+        grads = kernels.logit_stats_backward(h, weight, bias, y, lse, coefs_of(lse, 0, h.shape[0]) * scale,
+                                             ignore_index, 1.0, need_hidden, need_weight, need_bias,
+                                             out_dtype=gradients_dtype(h.dtype))
         return (lse, label_logit, sum_logits, *grads)
 
     lse, label_logit, sum_logits, d_hidden, d_weight, d_bias = fused.run_with_tiles(hidden.dtype, hidden.device, run)

@@ -366,7 +366,6 @@ def scaled_copy(source, factor, out) -> None:
         torch.mul(flat_source[r0:r0 + step], factor, out=flat_out[r0:r0 + step])
 
 
-
 GRADS = register_op(
     "linear_cross_entropy_grads",
     Implementation("triton", _grads_triton, eligible=_KERNEL_DTYPES),

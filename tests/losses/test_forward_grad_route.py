@@ -55,12 +55,12 @@ def test_matches_the_reference_in_several_row_chunks(backend, dtype, device, red
 @pytest.mark.parametrize("accumulator", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_both_ways_of_summing_d_weight(backend, device, monkeypatch, reduction, accumulator):
-    """d_weight summed in the 16-bit gradient itself (bf16's way while it takes at most 4 chunks:
-    the loss's own G, a rounding per chunk) and in the fp32 accumulator (the summed loss's G,
-    scaled and rounded once at the end), both forced here on fp16 -- the interpreter has no bf16 --
-    over 4 chunks of 64 rows, with a bias and the upstream gradient 3.7."""
+    """bf16's two ways, forced on fp16 (the interpreter has no bf16; fp16 made to keep gradients in
+    its own dtype, as bf16 does): d_weight summed in the 16-bit gradient itself (the loss's own G,
+    a rounding per chunk) and in the fp32 accumulator (the summed loss's G, scaled and rounded once
+    at the end), over 4 chunks of 64 rows, with a bias and the upstream gradient 3.7."""
     original = chunked.forward_grad_plan
-    seen = []
+    seen, into = [], []
 
     def forced(*args):
         plan = chunked.GradPlan(64, original(*args).columns, accumulator)
@@ -68,12 +68,16 @@ def test_both_ways_of_summing_d_weight(backend, device, monkeypatch, reduction, 
         return plan
 
     monkeypatch.setattr(chunked, "forward_grad_plan", forced)
+    monkeypatch.setattr(chunked, "gradients_dtype", lambda dtype: dtype)
+    original_into = chunked.Products.into
+    monkeypatch.setattr(chunked.Products, "into", lambda self, *args: into.append(1) or original_into(self, *args))
     hidden, weight, bias = random_head(203, 24, 200, torch.float16, device, bias=True)
     labels = random_labels((203,), 200, device, ignore="nowhere")
     check_by_rule(*_ce(labels, reduction=reduction, label_smoothing=0.1),
                   {"hidden": hidden, "weight": weight, "bias": bias},
                   grad_outputs=[torch.tensor(3.7, dtype=torch.float64)])
     assert seen and all(plan.accumulator == accumulator for plan in seen)
+    assert bool(into) != accumulator  # the 16-bit sums ran (or, with the accumulator, did not)
 
 
 @pytest.mark.backends("triton")
@@ -82,11 +86,12 @@ def test_several_column_chunks_and_lanes(backend, dtype, device, monkeypatch, ac
     """868 columns in chunks of 256 (the last 100 wide) and 32-column kernel tiles, so the
     statistics kernel runs several lanes, some of them without a column in the last chunk; 3 row
     chunks of 64; bias, label smoothing, z-loss, ignored labels; the 16-bit d_weight summed in the
-    gradient or in the fp32 accumulator (fp16 and fp32 have one way each: forced here)."""
+    gradient or in the fp32 accumulator (forced here; fp16 summed as bf16 is)."""
     tiles = {"PRODUCTS": 1, "CHUNK_COLUMNS": 256, "BLOCK_N": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 2}
     original = chunked.forward_grad_plan
     monkeypatch.setattr(chunked, "forward_grad_plan",
                         lambda *args: chunked.GradPlan(64, original(*args).columns, accumulator and dtype != torch.float32))
+    monkeypatch.setattr(chunked, "gradients_dtype", lambda d: d)  # fp16 summed as bf16 is (see above)
     hidden, weight, bias = random_head(150, 24, 868, dtype, device, bias=True)
     labels = random_labels((150,), 868, device)
     with tuning.override("losses_chunks", kernels.tile_key(dtype), tiles):
@@ -96,22 +101,29 @@ def test_several_column_chunks_and_lanes(backend, dtype, device, monkeypatch, ac
 
 
 @pytest.mark.backends("triton")
-def test_fp16_gradients_survive_a_loss_scale(backend, device):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("products", ["cublas", "triton"])
+def test_fp16_gradients_survive_a_loss_scale(backend, device, monkeypatch, products, reduction):
     """fp16 keeps the route's gradients in fp32 until the backward has the upstream gradient: a mean
     d_weight of ~1e-7 (small hidden states over 1,024 tokens), scaled by 1,024 as GradScaler does,
-    is as exact as the naive fp16 path's. Rounded to fp16 at the mean's size first, 42% of it was 0."""
+    is as exact as the naive fp16 path's, on either products ("sum": the same gradients x 1/1024).
+    Rounded to fp16 at the mean's size first, 42% of it was 0."""
+    monkeypatch.setenv(fused.PRODUCTS_ENV, products)
+    factor = 1024.0 if reduction == "mean" else 1.0
     hidden, weight, _ = random_head(1024, 16, 1000, torch.float16, device)
     hidden = (hidden.float() * 2e-4).half()
     labels = random_labels((1024,), 1000, device, ignore="nowhere")
 
     def weight_grad(loss_fn, w):
         w = w.clone().requires_grad_()
-        (loss_fn(w) * 1024.0).backward()
+        (loss_fn(w) * factor).backward()
         return w.grad.double()
 
-    exact = weight_grad(lambda w: linear_cross_entropy_ref(hidden.double(), w, labels), weight.double())
-    plain = weight_grad(lambda w: linear_cross_entropy_ref(hidden, w, labels, upcast=False), weight)
-    ours = weight_grad(lambda w: linear_cross_entropy(hidden, w, labels), weight)
+    exact = weight_grad(lambda w: linear_cross_entropy_ref(hidden.double(), w, labels, reduction=reduction),
+                        weight.double())
+    plain = weight_grad(lambda w: linear_cross_entropy_ref(hidden, w, labels, upcast=False, reduction=reduction),
+                        weight)
+    ours = weight_grad(lambda w: linear_cross_entropy(hidden, w, labels, reduction=reduction), weight)
     assert exact.abs().median() / 1024 < 1e-6  # the mean's own gradient is below fp16's normal range
     error = lambda g: float((g - exact).norm() / exact.norm())  # noqa: E731
     assert error(ours) <= 2 * error(plain), (error(ours), error(plain))
@@ -319,12 +331,15 @@ def test_real_vocabulary_size(backend, device, vocab):
     check_by_rule(*_ce(labels, label_smoothing=0.05), {"hidden": hidden, "weight": weight})
 
 
-def test_the_op_passes_opcheck(backend, device):
-    """Schema, fake and AOT tracing of linear_cross_entropy_grads (its autograd is an autograd.Function
-    around it, traced by test_torch_compile_traces_the_route)."""
-    hidden, weight, bias = random_head(6, 8, 20, torch.float32, device, bias=True)
+@pytest.mark.parametrize("dtype16", [torch.float32, torch.float16])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False)])
+def test_the_op_passes_opcheck(backend, device, dtype16, needs):
+    """Schema, fake (fp16's gradients fp32, empty ones included) and AOT tracing of
+    linear_cross_entropy_grads (its autograd is an autograd.Function around it, traced by
+    test_torch_compile_traces_the_route)."""
+    hidden, weight, bias = random_head(6, 8, 20, dtype16, device, bias=True)
     labels = random_labels((6,), 20, device)
-    args = (hidden, weight, bias, labels, -100, 0.1, 1e-3, True, True, True, True)
+    args = (hidden, weight, bias, labels, -100, 0.1, 1e-3, True, *needs)
     torch.library.opcheck(torch.ops.docqa_fast.linear_cross_entropy_grads, args)
 
 
@@ -398,8 +413,8 @@ def test_statistics_in_lanes_and_the_16_bit_copy(device):
 
 def test_chunk_rule_of_the_route():
     """The budget (half the bf16 logits, at most 4 GiB) sets the rows; bf16 d_weight sums in the
-    gradient over at most 4 chunks, else in a (V, H) fp32 accumulator; fp16 always in one; fp32
-    in its own gradient. Qwen2.5's head: hidden 3584, vocabulary 152,064."""
+    gradient over at most 4 chunks, else in a (V, H) fp32 accumulator; fp16 and fp32 in their
+    fp32 gradients. Qwen2.5's head: hidden 3584, vocabulary 152,064."""
     def plan(n_rows, dtype, chunk_rows=16384, vocab=152064, hidden_size=3584, need_weight=True):
         p = chunked.forward_grad_plan(n_rows, vocab, hidden_size, dtype, chunk_rows, 8192, need_weight)
         return p.rows, p.columns, p.accumulator
@@ -419,22 +434,25 @@ def test_chunk_rule_of_the_route():
 
 
 @pytest.mark.backends("triton")
-def test_torch_compile_traces_the_route(backend, device):
-    """The op's fake and autograd under torch.compile (fullgraph, symbolic token counts)."""
+@pytest.mark.parametrize("dtype16", [torch.float32, torch.float16])
+def test_torch_compile_traces_the_route(backend, device, dtype16):
+    """The op's fake and autograd under torch.compile (fullgraph, symbolic token counts; fp16's
+    gradients fp32 until the backward rounds them): the same loss and gradients as eager."""
     def step(hidden, weight, labels):
         return linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1, z_loss=1e-3)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", dynamic=True, fullgraph=True)
-    weight = random_head(1, 16, 90, torch.float32, device)[1].requires_grad_()
+    weight = random_head(1, 16, 90, dtype16, device)[1].requires_grad_()
     for n_rows in (13, 21):
-        hidden = random_head(n_rows, 16, 90, torch.float32, device)[0].requires_grad_()
+        hidden = random_head(n_rows, 16, 90, dtype16, device)[0].requires_grad_()
         labels = random_labels((n_rows,), 90, device)
         got = compiled(hidden, weight, labels)
         got_grads = torch.autograd.grad(got, (hidden, weight))
         expected = step(hidden, weight, labels)
         assert ROUTE_NODE in type(expected.grad_fn).__name__
         for a, b in zip((got, *got_grads), (expected, *torch.autograd.grad(expected, (hidden, weight)))):
+            assert a.dtype == b.dtype
             torch.testing.assert_close(a, b)
 
 
@@ -459,9 +477,9 @@ def test_memory_at_the_qwen_head_on_gpu(monkeypatch):
 
 @pytest.mark.backends("triton")
 def test_triton_products_fp16_mean_over_many_rows_stays_finite(backend, device, monkeypatch):
-    """The all-Triton products round the summed loss's gradients to fp16 before the backward's
-    1/count: 700 rows of one label with large hidden values put d_weight's label row at
-    700 x 100 (fp16 inf) where the mean's is -100. It was -inf; now it matches the reference."""
+    """The all-Triton products once rounded the summed loss's gradients to fp16 before the
+    backward's 1/count: 700 rows of one label with large hidden values put d_weight's label row
+    at 700 x 100 (fp16 inf) where the mean's is -100. It was -inf; now it matches the reference."""
     monkeypatch.setenv(fused.PRODUCTS_ENV, "triton")
     hidden = torch.full((700, 8), 100.0, device=device).half()
     weight = (torch.randn(16, 8, device=device) * 0.01).half()
