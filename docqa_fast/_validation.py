@@ -154,7 +154,7 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
     if not (values and value_checks_enabled()):
         return None
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    figures = cu_seqlens_figures(cu_seqlens, lengths)
+    figures = cu_seqlens_figures(cu_seqlens)
     # Every figure in one read (one host sync): the ends, the shortest and the longest sequence.
     read = dict(zip(figures, torch.stack(list(figures.values())).tolist()))
     check_cu_seqlens_figures(name, read, total, cu_seqlens, lengths, empty_sequences=empty_sequences,
@@ -165,12 +165,15 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, like: torch.Tensor, like
 _BOUNDARY_FIGURES = ("first", "last", "shortest", "longest")
 
 
-def cu_seqlens_figures(cu_seqlens: torch.Tensor, lengths: torch.Tensor, prefix: str = "") -> dict:
-    """What :func:`check_cu_seqlens` judges, as 0-dim device tensors (no host sync), so that a
-    caller reads them together with its other figures in one sync: the first and last boundary,
-    and, with a sequence or more, the shortest and longest of ``lengths`` (the differences of
-    ``cu_seqlens``). Keys: ``prefix`` + first, last, shortest, longest."""
-    figures = (cu_seqlens[0], cu_seqlens[-1]) + ((lengths.min(), lengths.max()) if lengths.numel() else ())
+def cu_seqlens_figures(cu_seqlens: torch.Tensor, prefix: str = "") -> dict:
+    """What :func:`check_cu_seqlens` judges, as 0-dim int64 device tensors (no host sync), so that
+    a caller reads them together with its other figures in one sync: the first and last boundary,
+    and, with a sequence or more, the shortest and longest sequence. The lengths are taken in
+    int64: int32 differences wrap (boundaries 2**31 - 1 then -2 gave a "length" of 2**31 - 1, and
+    a negative boundary passed). Keys: ``prefix`` + first, last, shortest, longest."""
+    wide = cu_seqlens.long()
+    lengths = wide[1:] - wide[:-1]
+    figures = (wide[0], wide[-1]) + ((lengths.min(), lengths.max()) if lengths.numel() else ())
     return {prefix + key: figure for key, figure in zip(_BOUNDARY_FIGURES, figures)}
 
 

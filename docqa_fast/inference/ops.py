@@ -374,7 +374,7 @@ def _check_paged_inputs(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seq
     lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     # The pages' figures assume valid key lengths: they are judged only after cu_seqlens_k passes.
-    figures = {**cu_seqlens_figures(cu_seqlens_q, lengths_q, "q_"), **cu_seqlens_figures(cu_seqlens_k, lengths_k, "k_"),
+    figures = {**cu_seqlens_figures(cu_seqlens_q, "q_"), **cu_seqlens_figures(cu_seqlens_k, "k_"),
                **pages_in_use_figures(block_table, lengths_k, page_size)}
     read = _read_at_once(figures)
     check_cu_seqlens_figures("cu_seqlens_q", read, q.shape[0], cu_seqlens_q, lengths_q, "q_",

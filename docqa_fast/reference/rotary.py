@@ -40,6 +40,8 @@ def apply_rotary_emb_ref(x, cos, sin, interleaved=False, seqlen_offsets=0, cu_se
         batch = x.shape[0]
         starts = [int(seqlen_offsets)] * batch if isinstance(seqlen_offsets, int) else \
             [int(o) for o in seqlen_offsets]
+        if batch == 0 or x.shape[1] == 0:  # nothing to rotate (torch.stack takes no empty list)
+            return x.clone()
         return torch.stack([_rotate_sequence(x[b], cos, sin, starts[b], interleaved) for b in range(batch)]).to(x.dtype)
     batch = len(cu_seqlens) - 1
     starts = [int(seqlen_offsets)] * batch if isinstance(seqlen_offsets, int) else [int(o) for o in seqlen_offsets]

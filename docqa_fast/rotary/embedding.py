@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import FLOAT_DTYPES, check_int, check_real, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_real, check_same_device, check_tensor
 from . import _rotate_in_place, apply_rotary_emb_kv_, apply_rotary_emb_qkv_
 
 __all__ = ["RotaryEmbedding"]
@@ -137,6 +137,9 @@ class RotaryEmbedding(nn.Module):
             if kv.dtype != qkv.dtype:
                 raise TypeError(f"expected kv of dtype {qkv.dtype} (the dtype of q), got {kv.dtype}")
             self._check_rotatable("kv", kv)
+            # kv's own layout before q is touched: q is rotated in place first.
+            check_last_dim_contiguous("kv", kv)
+            check_same_device((q_name, "kv"), (qkv, kv))
             if num_heads_q is not None:
                 raise ValueError(f"num_heads_q is for a packed qkv (B, S, Hq + 2 * Hk, D) without kv; got it "
                                  f"({num_heads_q!r}) with kv")
@@ -175,6 +178,7 @@ class RotaryEmbedding(nn.Module):
         if x.shape[-1] < self.dim:
             raise ValueError(f"expected {name} with a head dim of at least dim ({self.dim}, the rotary dim), "
                              f"got {tuple(x.shape)}")
-        if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        base = x._base if x._base is not None else x  # a view of a leaf is refused as the leaf is
+        if x.requires_grad and base.is_leaf and base.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} is rotated in place, which autograd refuses for a leaf tensor that requires "
                              f"grad: pass a tensor computed from it (a projection's output, or .clone())")

@@ -28,6 +28,10 @@ def check_tables(x, cos, sin, names=("x", "cos", "sin")) -> None:
     if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
         raise ValueError(f"expected {cos_name} of shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= "
                          f"{x.shape[-1]} ({x_name}'s head dim), got {tuple(cos.shape)}")
+    # No position at all: the positions' clamp (under value_checks(False)) would have no row to
+    # clamp into, and the kernel would read before the table.
+    if cos.shape[0] == 0 and x.numel():
+        raise ValueError(f"expected {cos_name} with at least one position (seqlen_ro >= 1), got {tuple(cos.shape)}")
 
 
 def _rotary_triton(x, cos, sin, positions, interleaved, conjugate):

@@ -102,6 +102,9 @@ PAGED_VARLEN_BAD = {
     "q longer than max_seqlen_q": (dict(max_seqlen_q=2), "max_seqlen_q >= every sequence length"),
     "k not starting at 0": (dict(cu_seqlens_k=_i32(1, 17, 17, 40)), "cu_seqlens_k to start at 0"),
     "k decreasing": (dict(cu_seqlens_k=_i32(0, 17, 10, 40)), "cu_seqlens_k to be non-decreasing"),
+    # int32 differences wrap: 2**31 - 1 then -2 once read as a length of 2**31 - 1 and passed.
+    "q wrapping int32": (dict(cu_seqlens_q=_i32(0, 2**31 - 1, -2, 5), max_seqlen_q=2**31 - 1),
+                         "cu_seqlens_q to be non-decreasing"),
     "k longer than max_seqlen_k": (dict(max_seqlen_k=20), "max_seqlen_k >= every sequence length"),
     "k past the capacity": (dict(cu_seqlens_k=_i32(0, 33, 33, 40), max_seqlen_k=1000),
                             r"key length \(cu_seqlens_k\) <= the block_table capacity 32"),

@@ -240,7 +240,29 @@ BAD = {
                                   dtype=torch.long)), ValueError, "seqlen_offset"),
     "zero-max-seqlen": (_call(None, _t(1, 3, 3, 2, 16), max_seqlen=0), ValueError, "max_seqlen"),
     "leaf-requires-grad": (_call(None, _t(1, 3, 3, 2, 16, requires_grad=True)), ValueError, "qkv"),
+    "view-of-a-leaf": (_call(None, lambda d: torch.randn(1, 3, 96, device=d, requires_grad=True).view(1, 3, 3, 2, 16)),
+                       ValueError, "qkv"),
 }
+
+
+def test_kv_is_checked_before_q_is_rotated(device):
+    """q is rotated in place first: a kv the kernels cannot take is refused before q changes."""
+    q = torch.randn(1, 4, 2, 32, device=device)
+    kv = torch.randn(1, 4, 2, 2, 32, device=device)[..., ::2]  # head dim 16, not contiguous
+    before = q.clone()
+    with pytest.raises(ValueError, match="kv"):
+        RotaryEmbedding(16, device=device)(q, kv)
+    assert torch.equal(q, before)
+
+
+@pytest.mark.parametrize("layout", ["packed", "kv"])
+def test_an_empty_sequence(backend, device, layout):
+    """S = 0 (and an empty batch): nothing to rotate, on every backend (the reference stacked no rows)."""
+    for batch, seqlen in ((1, 0), (0, 3)):
+        tensors = _inputs(layout, batch, seqlen, 2, 2, 16, torch.float32, device)
+        out = RotaryEmbedding(16, device=device)(*tensors, seqlen_offset=2)
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(o is t and o.numel() == 0 for o, t in zip(out, tensors))
 
 
 @pytest.mark.parametrize("call, error, message", BAD.values(), ids=BAD.keys())

@@ -23,6 +23,8 @@ BAD_TABLES = {
     "rotary dim past the head dim": (lambda cos, sin: (torch.ones(16, DIM).half(), torch.ones(16, DIM).half()),
                                      ValueError, r"0 < rotary_dim <= 8"),
     "rank": (lambda cos, sin: (cos[0], sin[0]), ValueError, "cos with 2 dimensions"),
+    # No row for value_checks(False)'s clamp to clamp into: the kernel would read before the table.
+    "no position": (lambda cos, sin: (cos[:0], sin[:0]), ValueError, "cos with at least one position"),
 }
 
 
