@@ -413,9 +413,10 @@ def test_what_reads_a_changed_choice_is_compiled_again_with_it_in_force(tmp_path
         ("D=b", (32, 16)), ("D=b", (32, 32)), ("dispatch", (32,))]
 
 
-def test_a_launch_that_did_not_report_what_it_read_is_compiled_again_after_any_change(tmp_path, monkeypatch):
-    """D=c's first compile was cut (its worker gave no answer): after D=a's change it is compiled
-    again, as what it reads is not known."""
+@pytest.mark.parametrize("how", ["lost", "failed"])
+def test_a_launch_that_did_not_report_what_it_read_is_compiled_again_after_any_change(tmp_path, monkeypatch, how):
+    """D=c's first compile was cut (its worker gave no answer) or failed (what it looked up
+    stops where it failed): after D=a's change it is compiled again, as what it reads is not known."""
     import concurrent.futures
 
     events = []
@@ -425,7 +426,10 @@ def test_a_launch_that_did_not_report_what_it_read_is_compiled_again_after_any_c
             future = super().submit(function, *args)
             if args[1] == 2 and not args[4]:  # D=c's, before any choice
                 future = concurrent.futures.Future()
-                future.set_exception(RuntimeError("lost"))
+                if how == "lost":
+                    future.set_exception(RuntimeError("lost"))
+                else:
+                    future.set_result(("skipped: compile error: CompilationError: at 1:2", (("merge_attention", "D=c"),)))
             return future
 
     pool = Losing(events)
@@ -437,6 +441,82 @@ def test_a_launch_that_did_not_report_what_it_read_is_compiled_again_after_any_c
     # D=b reads D=a's choice; the dispatched call reads D=b's, which stayed: not compiled again.
     assert [(name, index) for name, index, _, choices in _compiled(events) if choices] == [
         ("_precompile_one", 1), ("_precompile_one", 1), ("_precompile_one", 2), ("_precompile_one", 2)]
+
+
+def test_a_candidate_that_broke_a_workers_cuda_context_is_not_launched_here(tmp_path, monkeypatch):
+    """D=a's 32-row candidate broke its worker's CUDA context: it is not counted as compiled,
+    and this process does not launch it (it would break its own context, and every measurement
+    after it): it is listed as rejected with the reason."""
+    import concurrent.futures
+
+    events = []
+    broken = "skipped: broken CUDA context: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+    class Breaking(_InlinePool):
+        def submit(self, function, *args):
+            if function is tune._precompile_one and args[1:3] == (0, A32):
+                self.events.append(("compile", function.__name__, args))
+                future = concurrent.futures.Future()
+                future.set_result((broken, ()))
+                return future
+            return super().submit(function, *args)
+
+    pool = Breaking(events)
+    _fake_family(monkeypatch, events, {}, pool)
+    lines = []
+    path = tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=4, budget=None, log=lines.append,
+                    compiler=tune.Compiler(4, make_pool=lambda: pool))
+    assert lines[0] == "[merge_attention] compiled 6 of 7 launches (6 candidates, 1 dispatched calls) in 0 s"
+    assert [event[2] for event in events if event[:2] == ("run", "D=a")] == [(16,)] * 2  # checked, timed
+    entry = json.loads(path.read_text())["kernels"]["merge_attention"]["D=a"]
+    assert [c["status"] for c in entry["candidates"]] == [
+        "ok", "rejected: broken CUDA context: RuntimeError: CUDA error: an illegal memory access was encountered "
+              "(in a compile worker)"]
+    assert ("shutdown",) in events[:events.index(("setup", "D=a"))]  # its worker is not given another task
+
+
+def test_a_set_up_that_fails_ends_its_family_not_the_run(tmp_path, monkeypatch):
+    """A set-up that fails in this process (a CUDA context a launch broke fails every later
+    one): the family ends there, logged; what it measured before is written, its other variants
+    keep their entries; the next family is tuned. A run that measured nothing writes nothing."""
+    import dataclasses
+
+    def failing(device, quick):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    good = _fake_tunable(lambda block_r, x: x.clone())
+    merge = [dataclasses.replace(good, key="D=a"), dataclasses.replace(good, key="D=b", setup=failing),
+             dataclasses.replace(good, key="D=c")]
+    by_family = {"merge_attention": merge, "reward": [dataclasses.replace(good, key="D=r")]}
+    monkeypatch.setattr(tune_cases, "tunables", lambda families: [t for f in families for t in by_family[f]])
+    monkeypatch.setattr(tune_cases, "dispatch_cases", lambda families: [])
+    path = tmp_path / tuning.table_name(tune.device_arch(CPU), tuning.triton_version())
+    before = {"D=b": {"tiles": {"BLOCK_R": 64, "num_warps": 8}}, "D=c": {"tiles": {"BLOCK_R": 8, "num_warps": 4}}}
+    path.write_text(json.dumps({"kernels": {"merge_attention": before}}))
+    lines = []
+    tune.run(["merge_attention", "reward"], quick=False, out=tmp_path, jobs=1, budget=None, log=lines.append)
+    assert "[merge_attention] ended early: error: RuntimeError: CUDA error: an illegal memory access was " \
+           "encountered" in lines
+    kernels = json.loads(path.read_text())["kernels"]["merge_attention"]
+    assert sorted(kernels) == ["D=a", "D=b", "D=c", "D=r"]
+    assert {key: kernels[key] for key in before} == before
+    assert lines[-1] == f"wrote {path}"
+
+    written = path.read_text()
+    by_family["merge_attention"] = merge[1:]
+    lines = []
+    tune.run(["merge_attention"], quick=False, out=tmp_path, jobs=1, budget=None, log=lines.append)
+    assert lines == ["[merge_attention] ended early: error: RuntimeError: CUDA error: an illegal memory access "
+                     "was encountered"]
+    assert path.read_text() == written
+
+    # When this process's own context is broken, no later family could set up: the run stops.
+    monkeypatch.setattr(tune, "_context_error", lambda: "RuntimeError: CUDA error: an illegal memory access")
+    lines = []
+    tune.run(["merge_attention", "reward"], quick=False, out=tmp_path, jobs=1, budget=None, log=lines.append)
+    assert lines[1:] == ["this process's CUDA context is broken (RuntimeError: CUDA error: an illegal memory "
+                         "access): no other family is tuned"]
+    assert path.read_text() == written
 
 
 def test_nothing_is_set_up_or_compiled_once_the_budget_is_spent(tmp_path, monkeypatch):
@@ -477,29 +557,110 @@ def test_compile_waits_no_longer_than_the_budget_and_cancels_what_has_not_starte
     pool = Stalled()
     compiler = tune.Compiler(2, make_pool=lambda: pool)
     assert compiler.compile([(print, ()), (print, ())], deadline=0.0) == [None, None]
-    assert all(f.cancelled() for f in pool.futures)
+    assert len(pool.futures) == 2 and all(f.cancelled() for f in pool.futures)
 
 
-def test_a_worker_that_dies_is_replaced_at_the_next_compile():
-    import concurrent.futures
+class _ScriptedPool:
+    """A pool whose tasks' outcomes a test names: ``outcome(function, args)`` returns the task's
+    result or an exception to set; ``refuse`` (an exception) is raised by submit itself."""
 
+    def __init__(self, log, outcome=None, refuse=None):
+        self.log, self.outcome, self.refuse = log, outcome or (lambda function, args: function(*args)), refuse
+        log.append("new")
+
+    def submit(self, function, *args):
+        import concurrent.futures
+
+        if self.refuse is not None:
+            raise self.refuse
+        future = concurrent.futures.Future()
+        result = self.outcome(function, args)
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.log.append("shut")
+
+
+def test_tasks_lost_to_a_dead_worker_go_once_to_fresh_workers():
+    """A worker died (here: left over a broken CUDA context after reporting its task): the tasks
+    lost with it run in a new pool; a task lost twice is left to the timing process."""
     from concurrent.futures.process import BrokenProcessPool
 
     pools = []
+    broken = ("skipped: broken CUDA context: RuntimeError: CUDA error: an illegal memory access", ())
 
-    class Broken:
-        def submit(self, function, *args):
-            future = concurrent.futures.Future()
-            future.set_exception(BrokenProcessPool("a worker died"))
-            return future
+    def first(function, args):
+        return broken if args == (0,) else BrokenProcessPool("a worker died")
 
-        def shutdown(self, wait=True, cancel_futures=False):
-            pools.append("shut")
+    makers = iter([lambda: _ScriptedPool(pools, first), lambda: _ScriptedPool(pools)])
+    compiler = tune.Compiler(12, make_pool=lambda: next(makers)())
+    tasks = [(lambda i: ("ok", (i,)), (i,)) for i in range(5)]
+    assert compiler.compile(tasks) == [broken] + [("ok", (i,)) for i in range(1, 5)]
+    # The second pool took only the lost tasks; a broken context closes the pool even when no
+    # worker has left yet (an idle one would take the next compile's first task and leave).
+    assert pools == ["new", "shut", "new"]
 
-    compiler = tune.Compiler(2, make_pool=lambda: pools.append("new") or Broken())
+    pools.clear()
+    compiler = tune.Compiler(2, make_pool=lambda: _ScriptedPool(pools, lambda f, a: BrokenProcessPool("died")))
     assert compiler.compile([(print, ())]) == [None]
-    assert compiler.compile([(print, ())]) == [None]
-    assert pools == ["new", "shut", "new", "shut"]
+    assert pools == ["new", "shut", "new", "shut"]  # once again, not more
+    assert compiler.compile([(print, ())]) == [None]  # the next compile starts new workers
+    assert pools[4] == "new"
+
+
+def test_a_pool_that_refuses_tasks_is_replaced_once_then_the_timing_process_compiles():
+    """A worker that died while idle (the OOM killer) breaks the pool: its next submit raises.
+    The compile starts a new pool; when that one cannot take them either, nothing is compiled
+    ahead (the timing process compiles) and the run goes on."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    pools = []
+    makers = iter([lambda: _ScriptedPool(pools, refuse=BrokenProcessPool("a worker died")),
+                   lambda: _ScriptedPool(pools)])
+    compiler = tune.Compiler(2, make_pool=lambda: next(makers)())
+    assert compiler.compile([(lambda: ("ok", ()), ())] * 2) == [("ok", ())] * 2
+    assert pools == ["new", "shut", "new"]
+
+    for refusal in (BrokenProcessPool("a worker died"), RuntimeError("cannot schedule new futures after shutdown"),
+                    OSError(12, "Cannot allocate memory")):
+        pools.clear()
+        compiler = tune.Compiler(2, make_pool=lambda: _ScriptedPool(pools, refuse=refusal))
+        assert compiler.compile([(print, ())] * 3) == [None] * 3
+        assert pools == ["new", "shut", "new", "shut"]
+
+
+def test_a_real_worker_killed_while_idle_is_replaced():
+    """Real worker processes: the OOM killer's SIGKILL between two compiles."""
+    import os
+    import signal
+    import time
+
+    compiler = tune.Compiler(1)
+    try:
+        [pid] = compiler.compile([(os.getpid, ())])
+        os.kill(pid, signal.SIGKILL)
+        waited = time.monotonic() + 10
+        while not compiler._pool._broken and time.monotonic() < waited:  # the executor notices
+            time.sleep(0.05)
+        [new_pid] = compiler.compile([(os.getpid, ())])
+        assert new_pid not in (None, pid)
+    finally:
+        compiler.close()
+
+
+def _exit_status(process, within=5.0):
+    """The process's exit status, waiting up to ``within`` seconds: the executor's own thread may
+    reap the worker at the same time, and the first look then sees no status yet."""
+    import time
+
+    until = time.monotonic() + within
+    while process.exitcode is None and time.monotonic() < until:
+        time.sleep(0.05)
+    return process.exitcode
 
 
 def test_close_stops_a_worker_still_compiling_when_the_budget_is_spent():
@@ -511,5 +672,105 @@ def test_close_stops_a_worker_still_compiling_when_the_budget_is_spent():
     assert compiler.compile([(time.sleep, (60,))], deadline=tune._clock() + 1.0) == [None]
     processes = list(compiler._pool._processes.values())
     assert processes and all(p.is_alive() for p in processes)
+    started = time.monotonic()
     compiler.close()
-    assert [p.exitcode for p in processes] == [-signal.SIGTERM]
+    assert time.monotonic() - started < 30  # not the 60 s task
+    assert [_exit_status(p) for p in processes] == [-signal.SIGTERM]
+
+
+def test_close_stops_what_an_earlier_compile_left_running_and_kills_what_does_not_leave():
+    """The first compile's task is still running past its budget when a second compile ends:
+    close() still stops it (it is not forgotten by the second compile). A worker that has not
+    left 5 s after being stopped is killed rather than waited for."""
+    import concurrent.futures
+
+    calls = []
+
+    class Worker:
+        def __init__(self, name, stubborn):
+            self.name, self.stubborn, self.exitcode = name, stubborn, None
+
+        def terminate(self):
+            calls.append(("terminate", self.name))
+            self.exitcode = None if self.stubborn else -15
+
+        def join(self, timeout=None):
+            calls.append(("join", self.name, timeout))
+
+        def kill(self):
+            calls.append(("kill", self.name))
+            self.exitcode = -9
+
+    class Pool:
+        def __init__(self):
+            self._processes = {1: Worker("busy", stubborn=True), 2: Worker("idle", stubborn=False)}
+
+        def submit(self, function, *args):
+            future = concurrent.futures.Future()
+            if function is print:  # never finishes
+                future.set_running_or_notify_cancel()
+            else:
+                future.set_result(function(*args))
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            calls.append(("shutdown", wait))
+
+    compiler = tune.Compiler(2, make_pool=Pool)
+    assert compiler.compile([(print, ())], deadline=0.0) == [None]
+    assert compiler.compile([(abs, (-1,))]) == [1]
+    compiler.close()
+    assert [call[:2] for call in calls] == [("shutdown", False), ("terminate", "busy"), ("terminate", "idle"),
+                                            ("join", "busy"), ("join", "idle"), ("kill", "busy"), ("join", "busy")]
+    assert all(0 <= call[2] <= 5 for call in calls if call[0] == "join")  # never waited for without end
+
+
+def test_a_launch_that_breaks_the_cuda_context_is_reported_and_its_worker_takes_no_other(monkeypatch):
+    """A sticky CUDA error (an illegal address) leaves the worker's context unusable: the
+    synchronize after the failed launch fails too. The task is reported as such; the next task
+    given to that worker makes it leave (so the pool is replaced) instead of failing at once."""
+    import os
+
+    monkeypatch.setattr(tune, "_context_broken", False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+
+    def illegal(device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    # A launch that fails with the context intact (out of shared memory): reported, nothing more.
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    status, _ = tune._launch_once(lambda device: (_ for _ in ()).throw(OutOfResources(300000, 232448, "shared")))
+    assert status.startswith("skipped: out of resources") and not tune._context_broken
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: illegal(device))
+    status, _ = tune._launch_once(illegal)
+    assert status == "skipped: broken CUDA context: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+    class Left(BaseException):
+        pass
+
+    def leave(code):
+        raise Left(code)
+
+    monkeypatch.setattr(os, "_exit", leave)
+    ran = []
+    with pytest.raises(Left) as left:
+        tune._launch_once(lambda device: ran.append(1))
+    assert left.value.args == (tune.BROKEN_CONTEXT_EXIT,) and ran == []
+
+
+@pytest.mark.slow
+def test_a_real_worker_compiles_a_merge_candidate():
+    """A real spawned worker runs the precompile entry point on a real candidate (the
+    interpreter here) and reports what its launch looked up."""
+    from docqa_fast.kernels import merge_attention
+
+    tunable = tune_cases.tunables(["merge_attention"])[0]
+    compiler = tune.Compiler(1)
+    try:
+        [(status, read)] = compiler.compile([(tune._precompile_one,
+                                              ("merge_attention", 0, merge_attention.default_tiles(128), True))])
+    finally:
+        compiler.close()
+    assert status == "ok"
+    assert ("merge_attention", tunable.key_for(CPU)) in read

@@ -28,7 +28,10 @@ When a choice differs from the current one, the variants after it (and the dispa
 whose launches looked up that variant's tiles (the workers report what they looked up) launch
 kernels not built yet: they are compiled ahead the same way, with the choices in force.
 ``--budget``: no candidate, set-up or compile starts after it; what is left is reported "not
-measured" and the table keeps its entries.
+measured" and the table keeps its entries. A candidate whose launch breaks a worker's CUDA
+context is never launched in the timing process (it is reported rejected); tasks lost to a dead
+worker go once to fresh workers; a set-up that fails in the timing process ends its family, not
+the run.
 
 Then, with the family's new tiles in force, the implementations of its dispatched calls
 (``tune_cases.dispatch_cases``: training attention through our kernels against torch's cuDNN
@@ -149,6 +152,11 @@ def _poison(tensors) -> None:
             t.fill_(float("nan"))
 
 
+def _refusal(refused, what) -> str | None:
+    """Why ``what`` (tiles, a backend) is among ``refused`` [(what, why)], else None."""
+    return next((why for refused_what, why in refused if refused_what == what), None)
+
+
 def sweep_candidates(tunable, device, quick: bool) -> list[dict]:
     """The tiles ``sweep`` times, in order: the current choice (the table's, an override in force,
     or the built-in default), then the tunable's candidates."""
@@ -156,9 +164,11 @@ def sweep_candidates(tunable, device, quick: bool) -> list[dict]:
     return [current] + [c for c in tunable.candidates(quick) if c != current]
 
 
-def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=print) -> dict | None:
+def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=print, refused=()) -> dict | None:
     """Measure every candidate of one tunable; return its table entry (without writing it), or
-    None when no candidate could be measured (the table keeps what it had)."""
+    None when no candidate could be measured (the table keeps what it had). ``refused``:
+    [(tiles, why)] not to launch here at all -- a candidate whose launch broke a compile
+    worker's CUDA context would break this process's too, and every launch after it."""
     key = tunable.key_for(device)
     results = [{"tiles": tiles} for tiles in sweep_candidates(tunable, device, quick)]
     # Past the budget, not even set up: a full-size set-up allocates the inputs and launches
@@ -169,6 +179,10 @@ def sweep(tunable, device, *, quick: bool, deadline: float | None = None, log=pr
         tiles = record["tiles"]
         if state is None or _spent(deadline):
             record["status"] = NOT_MEASURED
+            continue
+        why_refused = _refusal(refused, tiles)
+        if why_refused is not None:
+            record["status"] = f"rejected: {why_refused}"
             continue
         try:
             with tuning.override(tunable.kernel, key, tiles):
@@ -206,10 +220,12 @@ def format_entry(tunable, key, results) -> str:
     return "\n".join(lines)
 
 
-def measure_dispatch(case, device, *, quick: bool, deadline: float | None = None, log=print) -> dict | None:
+def measure_dispatch(case, device, *, quick: bool, deadline: float | None = None, log=print,
+                     refused=()) -> dict | None:
     """Time each implementation ``case`` names for its op at its call; return the dispatch rule
     for the call's shape class (implementations fastest first, every one's status and time), or
-    None when none could be measured (the table keeps what it had)."""
+    None when none could be measured (the table keeps what it had). ``refused``: [(backend,
+    why)] not to run here (as ``sweep``'s)."""
     from .._backend import OPS
 
     op = OPS[case.op]
@@ -227,6 +243,10 @@ def measure_dispatch(case, device, *, quick: bool, deadline: float | None = None
         results.append(record)
         if _spent(deadline):
             record["status"] = NOT_MEASURED
+            continue
+        why_refused = _refusal(refused, backend)
+        if why_refused is not None:
+            record["status"] = f"rejected: {why_refused}"
             continue
         impl = op.implementation(backend)
         reason = op.why_not(impl, device, dtype, args)
@@ -308,10 +328,35 @@ def _reads():
         tuning.lookup = lookup
 
 
+# In a worker: set once a launch left this process's CUDA context broken (an illegal address is
+# sticky: every later launch here fails at once). The task that broke it is reported; the worker
+# then takes no other (see _launch_once), so the pool is replaced.
+_context_broken = False
+BROKEN_CONTEXT = "broken CUDA context"
+BROKEN_CONTEXT_EXIT = 70  # the exit status of a worker that leaves over a broken context
+
+
+def _context_error() -> str | None:
+    """Why this process's CUDA context cannot run anything any more, or None: after a failed
+    launch, a synchronize that fails too (a sticky error, such as an illegal address)."""
+    if not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the context is gone
+        return _status_of(exc).split(": ", 2)[-1]
+    return None
+
+
 def _launch_once(launch) -> tuple[str, tuple]:
     """Worker: ``launch(device)`` once, so the binaries it builds land in Triton's disk cache and
     the timing process only loads them. Returns ("ok" or why not (the timing process reports it
     again), the variants whose tiles it looked up)."""
+    global _context_broken
+    if _context_broken:
+        # Every launch here would fail at once and take the next task: leave, so that the pool
+        # breaks, and compile() gives this task and the others lost with it to fresh workers.
+        os._exit(BROKEN_CONTEXT_EXIT)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with _reads() as read:
         try:
@@ -320,8 +365,12 @@ def _launch_once(launch) -> tuple[str, tuple]:
             status = why or "ok"
         except Exception as exc:
             status = _status_of(exc)
+            broken = _context_error()
+            if broken is not None:
+                _context_broken = True
+                status = f"skipped: {BROKEN_CONTEXT}: {broken}"
         finally:
-            if device.type == "cuda":
+            if device.type == "cuda" and not _context_broken:
                 # The workers live for the whole run: the blocks their full-size inputs leave
                 # cached would hold GPU memory the timing process needs.
                 torch.cuda.empty_cache()
@@ -383,41 +432,78 @@ class Compiler:
     def compile(self, tasks, deadline: float | None = None) -> list:
         """Run ``tasks`` ([(worker function, args)]) in the workers and wait for them, at most
         until ``deadline``: nothing is timed after it, so what has not started then is cancelled.
-        Returns each task's result, None for one that did not finish."""
-        if not tasks:
-            return []
-        if self._pool is None:
-            self._pool = self._make_pool()
-        futures = [self._pool.submit(function, *args) for function, args in tasks]
-        timeout = None if deadline is None else max(0.0, deadline - _clock())
-        done, pending = concurrent.futures.wait(futures, timeout=timeout)
-        for future in pending:
-            future.cancel()
-        self._unfinished = [f for f in pending if not f.done()]
-        if any(isinstance(f.exception(), BrokenProcessPool) for f in done if not f.cancelled()):
-            # A worker died in a launch (the timing process reports that candidate itself); the
-            # next compile starts new workers.
-            self.close()
-        return [f.result() if f in done and not f.cancelled() and f.exception() is None else None for f in futures]
+        Returns each task's result, None for one that did not finish. Tasks lost to a worker
+        that died (a crash, the OOM killer, one leaving over a broken CUDA context) are given
+        once to fresh workers; the timing process compiles what is still lost."""
+        results: list = [None] * len(tasks)
+        todo = list(range(len(tasks)))
+        for attempt in range(2):
+            if not todo or (attempt and _spent(deadline)):  # (the caller checked the budget before the first)
+                break
+            futures = self._submit([tasks[i] for i in todo])
+            if futures is None:
+                break
+            timeout = None if deadline is None else max(0.0, deadline - _clock())
+            done, pending = concurrent.futures.wait(futures, timeout=timeout)
+            for future in pending:
+                future.cancel()
+            self._unfinished.extend(f for f in pending if not f.done())
+            lost = []
+            for i, future in zip(todo, futures):
+                if future not in done or future.cancelled():
+                    continue
+                if future.exception() is None:
+                    results[i] = future.result()
+                elif isinstance(future.exception(), BrokenProcessPool):
+                    lost.append(i)
+            broken = any(_broke_context(results[i]) for i in todo)
+            if lost or broken:
+                # A worker died, or one has a broken context (idle now: it would take a task of
+                # the next compile and leave): the next tasks go to new workers.
+                self.close()
+            todo = lost
+        return results
+
+    def _submit(self, tasks) -> list | None:
+        """The futures of ``tasks`` in the pool (started if need be), or None when no pool takes
+        them: one whose worker died while idle refuses new tasks, and so may a fresh one whose
+        processes cannot start (out of memory); one retry with a new pool."""
+        for _attempt in range(2):
+            try:
+                if self._pool is None:
+                    self._pool = self._make_pool()
+                return [self._pool.submit(function, *args) for function, args in tasks]
+            except (BrokenProcessPool, RuntimeError, OSError):
+                self.close()
+        return None
 
     def close(self) -> None:
         """End the workers. One still compiling when the budget was spent is stopped, not waited
-        for: what it builds would never be timed."""
+        for: what it builds would never be timed; one that does not leave in 5 s is killed."""
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        running = [f for f in self._unfinished if not f.done()]
+        running = any(not f.done() for f in self._unfinished)
         self._unfinished = []
-        if running and hasattr(pool, "terminate_workers"):  # Python 3.14
-            pool.terminate_workers()
-            return
-        # Before 3.14 ProcessPoolExecutor names no way to stop a busy worker but its processes.
-        processes = list((getattr(pool, "_processes", None) or {}).values()) if running else []
-        pool.shutdown(wait=not processes, cancel_futures=True)
+        # Python 3.11 names no way to stop a busy worker but its processes (3.14 has terminate_workers).
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        with contextlib.suppress(Exception):  # a broken pool may fail its own shutdown
+            pool.shutdown(wait=False, cancel_futures=True)
+        if running:
+            for process in processes:
+                process.terminate()
+        until = time.monotonic() + 5  # 5 s for them all, not each: a dozen stuck workers
         for process in processes:
-            process.terminate()
+            process.join(max(0.0, until - time.monotonic()))
         for process in processes:
-            process.join()
+            if process.exitcode is None:
+                process.kill()
+                process.join(5)
+
+
+def _broke_context(result) -> bool:
+    """Whether a worker's (status, read) result says its launch broke the worker's CUDA context."""
+    return isinstance(result, tuple) and str(result[0]).startswith(f"skipped: {BROKEN_CONTEXT}")
 
 
 def device_arch(device) -> str:
@@ -472,21 +558,34 @@ def run(families, *, quick: bool, out: Path, jobs: int, budget: float | None, ar
     dispatch: dict[str, list] = {}
     if compiler is None and device.type == "cuda" and jobs > 1:  # the interpreter compiles nothing
         compiler = Compiler(jobs)
+    written = False
     try:
         for family in families:
             if _spent(deadline):
                 log(f"[{family}] not tuned: time budget spent")
                 continue
-            _tune_family(family, device, quick=quick, deadline=deadline, compiler=compiler,
-                         entries=entries, dispatch=dispatch, log=log)
+            context_broken = None
+            try:
+                _tune_family(family, device, quick=quick, deadline=deadline, compiler=compiler,
+                             entries=entries, dispatch=dispatch, log=log)
+            except Exception as exc:  # noqa: BLE001 - one GPU lease per run: the other families go on
+                # A set-up (or a dispatched call's) that fails here, e.g. on a CUDA context a launch
+                # broke: the family ends, what it measured before stays, the rest keeps its entries.
+                log(f"[{family}] ended early: {_status_of(exc).removeprefix('skipped: ')}")
+                context_broken = _context_error()
             if entries or dispatch:
                 # After every family: a cut-short run keeps what it measured.
                 write_table(path, device, entries, argv, dispatch)
+                written = True
+            if context_broken is not None:  # every later set-up and launch here would fail too
+                log(f"this process's CUDA context is broken ({context_broken}): no other family is tuned")
+                break
     finally:
         if compiler is not None:
             compiler.close()
     tuning.reload()
-    log(f"wrote {path}")
+    if written:
+        log(f"wrote {path}")
     return path
 
 
@@ -498,22 +597,32 @@ def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch
 
     tunables = tune_cases.tunables([family])
     cases = tune_cases.dispatch_cases([family])
+    # (a dispatched call's?, index, tiles or backend, why): launches that broke a worker's CUDA context
+    refused: list = []
 
     def compile_ahead(tasks, what) -> list:
         if compiler is None or not tasks or _spent(deadline):
             return [None] * len(tasks)
         started = _clock()
         results = compiler.compile(tasks, deadline)
-        done = sum(r is not None for r in results)
+        done = sum(r is not None and r[0] == "ok" for r in results)  # a failed launch compiled nothing usable
         count = f"{done}" if done == len(tasks) else f"{done} of {len(tasks)}"
         log(f"[{family}] compiled {count} {what} in {_clock() - started:.0f} s")
+        for result, (function, args) in zip(results, tasks):
+            if _broke_context(result):  # (index, tiles or backend): not to be launched here
+                why = f"{result[0].removeprefix('skipped: ')} (in a compile worker)"
+                refused.append((function is _precompile_dispatch, args[1], args[2], why))
         return results
 
     def looked_up(results) -> set | None:
-        # None (read everything, to be safe) when a launch did not report.
-        if any(r is None for r in results):
+        # None (read everything, to be safe) when a launch did not report or failed: what a
+        # failed launch looked up stops where it failed.
+        if any(r is None or (r[0] != "ok" and not r[0].startswith("unavailable")) for r in results):
             return None
         return {variant for _, read in results for variant in read}
+
+    def refused_at(index, dispatched=False) -> list:
+        return [(what, why) for is_call, at, what, why in refused if (is_call, at) == (dispatched, index)]
 
     def stale(read) -> bool:
         """Whether launches that looked up ``read`` under the current choices launch something
@@ -548,7 +657,7 @@ def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch
             if stale(reads[index]):
                 compile_ahead(candidate_tasks(index, choices), f"candidates of {tunable.kernel}"
                               f"[{tunable.key_for(device)}] with the choices made")
-            entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log)
+            entry = sweep(tunable, device, quick=quick, deadline=deadline, log=log, refused=refused_at(index))
             if entry is None:
                 continue
             key = tunable.key_for(device)
@@ -560,8 +669,9 @@ def _tune_family(family, device, *, quick, deadline, compiler, entries, dispatch
         # Our kernels against the other implementations, with the tiles just chosen in force.
         if stale(calls_read):
             compile_ahead(dispatch_tasks(choices), "dispatched calls with the choices made")
-        for case in cases:
-            rule = measure_dispatch(case, device, quick=quick, deadline=deadline, log=log)
+        for index, case in enumerate(cases):
+            rule = measure_dispatch(case, device, quick=quick, deadline=deadline, log=log,
+                                    refused=refused_at(index, dispatched=True))
             if rule is not None:
                 dispatch.setdefault(case.op, []).append(rule)
 
