@@ -742,6 +742,18 @@ def test_a_launch_that_breaks_the_cuda_context_is_reported_and_its_worker_takes_
     status, _ = tune._launch_once(lambda device: (_ for _ in ()).throw(OutOfResources(300000, 232448, "shared")))
     assert status.startswith("skipped: out of resources") and not tune._context_broken
 
+    # An asynchronous error that is not sticky: the first synchronize raises it, the next passes.
+    raised = []
+
+    def once(device=None):
+        if not raised:
+            raised.append(1)
+            illegal(device)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", once)
+    status, _ = tune._launch_once(illegal)
+    assert status.startswith("skipped: error: RuntimeError") and not tune._context_broken
+
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: illegal(device))
     status, _ = tune._launch_once(illegal)
     assert status == "skipped: broken CUDA context: RuntimeError: CUDA error: an illegal memory access was encountered"

@@ -338,14 +338,17 @@ BROKEN_CONTEXT_EXIT = 70  # the exit status of a worker that leaves over a broke
 
 def _context_error() -> str | None:
     """Why this process's CUDA context cannot run anything any more, or None: after a failed
-    launch, a synchronize that fails too (a sticky error, such as an illegal address)."""
+    launch, a synchronize that fails twice (a sticky error, such as an illegal address, is
+    raised again; an asynchronous error that is not sticky is raised once, then cleared)."""
     if not torch.cuda.is_initialized():
         return None
-    try:
-        torch.cuda.synchronize()
-    except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the context is gone
-        return _status_of(exc).split(": ", 2)[-1]
-    return None
+    for _ in range(2):
+        try:
+            torch.cuda.synchronize()
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises
+            error = exc
+    return _status_of(error).split(": ", 2)[-1]
 
 
 def _launch_once(launch) -> tuple[str, tuple]:
