@@ -81,7 +81,7 @@ def test_both_ways_of_summing_d_weight(backend, device, monkeypatch, reduction, 
 
 
 @pytest.mark.backends("triton")
-@pytest.mark.parametrize("accumulator", [False, True])
+@pytest.mark.parametrize("accumulator", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_several_column_chunks_and_lanes(backend, dtype, device, monkeypatch, accumulator):
     """868 columns in chunks of 256 (the last 100 wide) and 32-column kernel tiles, so the
     statistics kernel runs several lanes, some of them without a column in the last chunk; 3 row
@@ -101,8 +101,8 @@ def test_several_column_chunks_and_lanes(backend, dtype, device, monkeypatch, ac
 
 
 @pytest.mark.backends("triton")
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("products", ["cublas", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", pytest.param("sum", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("products", ["cublas", pytest.param("triton", marks=pytest.mark.slow)])
 def test_fp16_gradients_survive_a_loss_scale(backend, device, monkeypatch, products, reduction):
     """fp16 keeps the route's gradients in fp32 until the backward has the upstream gradient: a mean
     d_weight of ~1e-7 (small hidden states over 1,024 tokens), scaled by 1,024 as GradScaler does,
